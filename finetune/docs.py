@@ -1,0 +1,78 @@
+"""Recipe documentation generated from the schema's own docstrings (one source of truth for CLI help and docs)."""
+
+from __future__ import annotations
+
+import typing
+
+from pydantic import BaseModel
+
+from finetune.recipe import Recipe
+from finetune.recipe_io import _section_model
+
+
+def _type_name(annotation: typing.Any) -> str:
+    text = str(annotation).replace("typing.", "").replace("finetune.recipe.", "")
+    return text.replace("<class '", "").replace("'>", "")
+
+
+def _rows(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        sub = _section_model(field.annotation)
+        default = "" if field.is_required() else repr(field.get_default(call_default_factory=True))
+        if sub is not None:
+            default = "" if sub is not None else default
+        rows.append((key, _type_name(field.annotation) if sub is None else "section", default, field.description or ""))
+        if sub is not None:
+            rows.extend(_rows(sub, f"{key}." if not _is_list(field.annotation) else f"{key}[].") )
+    return rows
+
+
+def _is_list(annotation: typing.Any) -> bool:
+    if typing.get_origin(annotation) is list:
+        return True
+    return any(_is_list(a) for a in typing.get_args(annotation))
+
+
+def all_rows() -> list[tuple[str, str, str, str]]:
+    """(key, type, default, description) for every recipe key, sections included."""
+    return _rows(Recipe, "")
+
+
+def describe(key: str | None = None) -> str:
+    """Plain-text documentation of one key or section (all of them when key is None)."""
+    rows = all_rows()
+    if key:
+        norm = key.replace("[]", "")
+        rows = [r for r in rows if r[0].replace("[]", "") == norm or r[0].replace("[]", "").startswith(norm + ".")]
+        if not rows:
+            import difflib
+
+            keys = [r[0].replace("[]", "") for r in all_rows()]
+            guess = difflib.get_close_matches(norm, keys, n=3)
+            raise KeyError(f"no recipe key '{key}'" + (f"; did you mean {', '.join(guess)}?" if guess else ""))
+    out = []
+    for k, typ, default, desc in rows:
+        head = f"{k}" + (f"  ({typ}" + (f", default {default})" if default else ")") if typ != "section" else "  [section]")
+        out.append(head)
+        out.extend(f"    {line.strip()}" for line in desc.splitlines() if line.strip())
+    return "\n".join(out)
+
+
+def markdown() -> str:
+    """docs/recipe.md: one table row per key."""
+    lines = [
+        "# Recipe reference",
+        "",
+        "Generated from the docstrings in `finetune/recipe.py` by `python scripts/gen_recipe_docs.py`;",
+        "`ft explain KEY` prints the same text. Do not edit by hand.",
+        "",
+        "| key | type | default | what it does |",
+        "| --- | --- | --- | --- |",
+    ]
+    for k, typ, default, desc in all_rows():
+        text = " ".join(desc.split()).replace("|", "\\|")
+        typ = typ.replace("|", "\\|")
+        lines.append(f"| `{k}` | {typ} | {default.replace('|', chr(92) + '|')} | {text} |")
+    return "\n".join(lines) + "\n"

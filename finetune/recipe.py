@@ -1,0 +1,331 @@
+"""The recipe: one typed, validated description of a whole fine-tuning run.
+
+Every field is documented once, here, by the docstring under it. `ft explain` and `docs/recipe.md` show that text.
+Loading (YAML, `extends:`, `--set` overrides, friendly errors) lives in `finetune.recipe_io`; this module only
+holds the schema and the cross-field rules, so importing it is cheap (no torch).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+
+DType = Literal["float32", "bfloat16", "float16", "auto"]
+
+
+class Section(BaseModel):
+    """Base for every recipe section: unknown keys are errors, docstrings under fields are their docs."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name_or_path: str = "models/tiny-chat"
+    """Base model: a local folder (resolved against the current directory) or a Hugging Face Hub id such as
+    `Qwen/Qwen2.5-0.5B-Instruct`."""
+    revision: str | None = None
+    """Hub branch, tag or commit of the base model. Pin a commit for reproducible runs. Ignored for local folders."""
+    dtype: DType = "auto"
+    """Dtype of the weights that are not quantized. `auto`: bfloat16 on a GPU that supports it, else float32."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with the model repository. Off unless you have read that code."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
+    """Attention backend passed to transformers. None lets transformers choose (sdpa where available)."""
+
+
+class QuantizationConfig(Section):
+    mode: Literal["none", "nf4", "fp4"] = "none"
+    """`nf4`: load the base in 4-bit NormalFloat through bitsandbytes (QLoRA). `none`: plain LoRA on the dtype above."""
+    double_quant: bool = True
+    """Quantize the 4-bit block scales a second time (saves about 0.4 bits per parameter)."""
+    compute_dtype: DType = "auto"
+    """Dtype the 4-bit weights are dequantized to for each matmul. `auto`: the model dtype."""
+    quant_storage: DType = "auto"
+    """Storage dtype of the packed 4-bit weights. FSDP needs it equal to the compute dtype; `auto` keeps uint8."""
+
+
+class LoraConfig(Section):
+    r: Annotated[int, Field(ge=1, le=4096)] = 16
+    """LoRA rank: the width of the low-rank update. 8-64 is usual; more rank, more capacity and memory."""
+    alpha: Annotated[float, Field(gt=0)] = 32
+    """LoRA scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA)."""
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """Dropout on the LoRA branch input. 0 is the fast path and is what the fused kernels assume by default."""
+    target_modules: str | list[str] = "all-linear"
+    """Which linear layers get adapters: `all-linear` (every linear layer but the LM head) or a list of module names
+    such as [q_proj, v_proj]."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA: scale by alpha / sqrt(r), which keeps high ranks trainable."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA). Slower; merged export of DoRA adapters is refused."""
+    modules_to_save: list[str] = Field(default_factory=list)
+    """Modules trained in full and saved with the adapter, e.g. [embed_tokens, lm_head] when adding tokens."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases are trained."""
+    init_weights: Literal["default", "gaussian", "pissa", "olora"] | bool = True
+    """Adapter initialisation passed to peft (`true` is peft's default: B = 0, so training starts at the base)."""
+
+
+DataFormat = Literal["auto", "messages", "alpaca", "sharegpt", "prompt_completion", "text", "preference"]
+
+
+class DatasetSource(Section):
+    path: str
+    """A local file (.jsonl, .json, .parquet, .csv), a folder of them, a `save_to_disk` folder, or a Hub dataset id."""
+    format: DataFormat = "auto"
+    """Row format. `auto` detects it from the columns and reports what it found."""
+    split: str = "train"
+    """Split to read (Hub datasets and `save_to_disk` dataset dicts)."""
+    revision: str | None = None
+    """Hub dataset revision."""
+    columns: dict[str, str] = Field(default_factory=dict)
+    """Column mapping from the format's field names to yours, e.g. {instruction: question, output: answer}."""
+    weight: Annotated[float, Field(gt=0)] | None = None
+    """Mixing weight relative to the other sources (sampled with the recipe seed). None: use every row once."""
+    max_samples: Annotated[int, Field(ge=1)] | None = None
+    """Keep at most this many rows of this source (after shuffling with the seed). Handy for quick runs."""
+
+
+class DataConfig(Section):
+    train: list[DatasetSource] = Field(default_factory=list)
+    """Training datasets; several are concatenated (or mixed by their `weight`)."""
+    eval: list[DatasetSource] = Field(default_factory=list)
+    """Evaluation datasets for the eval loss. Empty: take `eval_fraction` of train, or no eval."""
+    eval_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """Share of the training rows held out for the eval loss when `eval` is empty."""
+    template: str = "tokenizer"
+    """Chat template: `tokenizer` (the tokenizer's own), a registry name (chatml, llama-3, mistral, gemma, phi-3),
+    or a path to a Jinja file."""
+    train_on: Literal["assistant", "all"] = "assistant"
+    """Which tokens carry labels: every assistant turn (and its end-of-turn token), or the whole text."""
+    max_length: Annotated[int, Field(ge=8)] = 1024
+    """Longest sample in tokens."""
+    length_policy: Literal["truncate", "drop"] = "truncate"
+    """What to do with samples over `max_length`. The count affected is reported."""
+    packing: bool = False
+    """Padding-free packing for SFT: samples are concatenated, positions restart per sample, no attention across."""
+    shuffle: bool = True
+    """Shuffle the training rows with the recipe seed."""
+    task_eval: str | None = None
+    """A held-out file with `messages` (+ `answer`) rows: greedy answers are scored (exact match) before and after
+    training and written to the summary."""
+    task_eval_max_new_tokens: Annotated[int, Field(ge=1)] = 24
+    """Generation budget for each `task_eval` answer."""
+
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+class TrainingConfig(Section):
+    epochs: Annotated[float, Field(gt=0)] = 1
+    """Passes over the training data. Ignored when `max_steps` is set."""
+    max_steps: Annotated[int, Field(ge=1)] | None = None
+    """Stop after this many optimizer steps (overrides `epochs`)."""
+    micro_batch_size: Annotated[int, Field(ge=1)] = 4
+    """Samples per forward pass per device."""
+    gradient_accumulation_steps: Annotated[int, Field(ge=1)] = 1
+    """Micro-batches per optimizer step. Effective batch = micro_batch_size x this x processes."""
+    learning_rate: Annotated[float, Field(gt=0, le=1)] = 2e-4
+    """Peak learning rate of the adapter weights."""
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    """Learning-rate schedule after warmup."""
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """Share of the steps spent warming up linearly from 0. Ignored when `warmup_steps` > 0."""
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    """Warmup in optimizer steps."""
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    """AdamW decoupled weight decay on the trainable weights."""
+    max_grad_norm: Annotated[float, Field(ge=0)] = 1.0
+    """Gradient clipping by global norm (0 disables)."""
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd"] = "adamw_torch"
+    """Optimizer. The 8-bit ones come from bitsandbytes and need a GPU."""
+    seed: int = 42
+    """Seed for data order, adapter init and dropout."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory (about 30% slower)."""
+    precision: Precision = "auto"
+    """Autocast precision. `auto`: bf16 on a GPU that supports it, fp16 on other GPUs, fp32 on CPU."""
+    logging_steps: Annotated[int, Field(ge=1)] = 5
+    """Log metrics every this many optimizer steps."""
+    eval_steps: Annotated[int, Field(ge=1)] | None = None
+    """Compute the eval loss every this many steps (None: at the end of the stage only)."""
+    save_steps: Annotated[int, Field(ge=1)] | None = None
+    """Write a resumable checkpoint every this many steps (None: none during the stage)."""
+    save_total_limit: Annotated[int, Field(ge=1)] = 2
+    """How many of the newest checkpoints to keep."""
+
+
+def _all_optional(model: type[Section], name: str) -> type[Section]:
+    """A copy of a section whose fields all default to None: for per-stage overrides of that section."""
+    fields = {
+        key: (field.annotation | None, Field(default=None, description=field.description))
+        for key, field in model.model_fields.items()
+    }
+    return create_model(name, __base__=Section, __doc__=f"Per-stage overrides of `{model.__name__}`.", **fields)
+
+
+TrainingOverrides = _all_optional(TrainingConfig, "TrainingOverrides")
+
+
+class DPOConfig(Section):
+    beta: Annotated[float, Field(gt=0)] = 0.1
+    """Strength of the KL tie to the reference policy. Lower lets the policy move further."""
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    """`sigmoid` is the DPO paper's loss; `ipo` and `hinge` are the IPO and SLiC variants."""
+    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = 0.0
+    """Assumed share of flipped preference labels (conservative DPO). Sigmoid loss only."""
+    reference: str = "sft"
+    """Reference policy: `sft` (a frozen copy of the adapter this stage starts from), `base` (adapter disabled),
+    or a path to an adapter folder."""
+    precompute_ref_log_probs: bool = False
+    """Compute the reference log-probs once before training instead of every step (saves a forward per step)."""
+
+
+class StageConfig(Section):
+    name: str
+    """Unique stage name; also the stage's folder in the run directory."""
+    kind: Literal["sft", "dpo"]
+    """What the stage trains: supervised fine-tuning or DPO preference alignment."""
+    data: DataConfig | None = None
+    """Data of this stage. None: the top-level `data` section."""
+    training: TrainingOverrides = Field(default_factory=TrainingOverrides)  # type: ignore[valid-type]
+    """Training keys that differ from the top-level `training` section for this stage."""
+    init_from: str = "previous"
+    """Adapter to start from: `previous` (the stage before, or a fresh adapter for the first stage), `new`, or a
+    path to an adapter folder."""
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    """DPO settings (dpo stages only)."""
+
+
+class OutputConfig(Section):
+    dir: str = "runs/{name}"
+    """Run folder. `{name}` is replaced by the recipe name."""
+    overwrite: bool = False
+    """Replace a run folder that already holds a finished run."""
+
+
+class WandbConfig(Section):
+    project: str = "finetune"
+    """Weights & Biases project."""
+    entity: str | None = None
+    """W&B team or user."""
+    name: str | None = None
+    """Run name (default: the recipe name)."""
+    tags: list[str] = Field(default_factory=list)
+    """Tags on the W&B run."""
+    mode: Literal["online", "offline", "disabled"] = "online"
+    """`offline` writes the run locally for a later `wandb sync`."""
+
+
+class TrackingConfig(Section):
+    wandb: WandbConfig | None = None
+    """Log to Weights & Biases as well as metrics.jsonl. The API key comes from WANDB_API_KEY or `wandb login`."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files in the run folder."""
+
+
+class KernelsConfig(Section):
+    lora_linear: bool = False
+    """Fused (QLoRA) linear: dequantize + base matmul + LoRA term in one op, no dequantized weight kept for backward."""
+    lora_mlp: bool = False
+    """Fused LoRA SwiGLU MLP that recomputes activations in backward."""
+    lora_qkvo: bool = False
+    """Fused LoRA attention projections."""
+    fused_ce: bool = False
+    """Chunked LM-head + cross-entropy: full logits are never materialised (big memory saving at large vocab)."""
+    rmsnorm: bool = False
+    """Fused RMSNorm."""
+    rope: bool = False
+    """Fused rotary embedding."""
+
+    def enabled(self) -> list[str]:
+        """Names of the kernel groups switched on."""
+        return [k for k, v in self.model_dump().items() if v]
+
+
+class HubConfig(Section):
+    repo_id: str | None = None
+    """Upload the final export to this Hub repo (OWNER/NAME) at the end of `ft train`. None: no upload."""
+    private: bool = True
+    """Create the repo as private."""
+    format: Literal["adapter", "merged"] = "adapter"
+    """What to upload."""
+
+
+class Recipe(Section):
+    name: str = "run"
+    """Name of the run; used in the default output folder and trackers."""
+    extends: str | None = None
+    """Path of a recipe this one starts from (resolved against this file's folder); keys here replace its keys."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    """Base model."""
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    """Base-weight quantization (QLoRA)."""
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    """LoRA adapter."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    """Shared data section (stages may bring their own)."""
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    """Shared training settings (stages may override keys)."""
+    stages: list[StageConfig] = Field(default_factory=list)
+    """Stages run in order into one run folder. Empty: one `sft` stage on the top-level data."""
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    """Where results go."""
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    """Experiment tracking."""
+    kernels: KernelsConfig = Field(default_factory=KernelsConfig)
+    """Opt-in fused kernels (all off by default)."""
+    hub: HubConfig = Field(default_factory=HubConfig)
+    """Hugging Face Hub upload."""
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> Recipe:
+        problems: list[str] = []
+        names = [s.name for s in self.stages]
+        for dup in sorted({n for n in names if names.count(n) > 1}):
+            problems.append(f"stages: the stage name '{dup}' is used more than once; stage names must be unique")
+        for i, stage in enumerate(self.effective_stages()):
+            data = stage.data or self.data
+            where = f"stages[{i}] ({stage.name})" if self.stages else "data"
+            if not data.train:
+                problems.append(f"{where}: no training data; add at least one entry under data.train")
+            if stage.kind == "dpo":
+                if i == 0 and stage.init_from == "previous" and stage.dpo.reference == "sft":
+                    problems.append(
+                        f"stages[{i}] ({stage.name}): dpo.reference is 'sft' but there is no SFT adapter to start "
+                        "from; put an sft stage before it, set init_from to an adapter path, or use reference: base"
+                    )
+                if data.packing:
+                    problems.append(f"{where}: packing applies to SFT only; set data.packing: false for dpo stages")
+            if stage.kind == "dpo" and stage.dpo.label_smoothing and stage.dpo.loss_type != "sigmoid":
+                problems.append(f"stages[{i}].dpo.label_smoothing works with loss_type 'sigmoid' only")
+        if self.quantization.mode != "none" and self.lora.use_dora and self.kernels.enabled():
+            problems.append("kernels: the fused kernels do not support DoRA; set lora.use_dora: false or turn kernels off")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def effective_stages(self) -> list[StageConfig]:
+        """The stages to run: the recipe's list, or a single `sft` stage when it has none."""
+        return self.stages or [StageConfig(name="sft", kind="sft")]
+
+    def stage_training(self, stage: StageConfig) -> TrainingConfig:
+        """The shared training section with the stage's overrides applied."""
+        return TrainingConfig(**{**self.training.model_dump(), **stage.training.model_dump(exclude_unset=True)})
+
+    def stage_data(self, stage: StageConfig) -> DataConfig:
+        """The data section a stage trains on."""
+        return stage.data or self.data
+
+    def output_dir(self) -> Path:
+        """The run folder with `{name}` filled in."""
+        return Path(self.output.dir.format(name=self.name))
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> Recipe:
+        """Load, merge `extends`, apply `key=value` overrides and validate. Raises RecipeError with every problem."""
+        from finetune.recipe_io import load_recipe
+
+        return load_recipe(path, overrides or [])

@@ -1,0 +1,130 @@
+"""What every stage shares: its context, trainer arguments from the recipe, and the held-out task metric."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.model import resolve_precision
+from finetune.recipe import DataConfig, Recipe, StageConfig, TrainingConfig
+
+
+@dataclass
+class StageContext:
+    """Everything a stage needs: the typed recipe, which stage, where it writes, what it starts from."""
+
+    recipe: Recipe
+    stage: StageConfig
+    index: int
+    run_dir: Path
+    init_adapter: Path | None  # adapter folder this stage starts from (None: a fresh adapter)
+    previous_adapter: Path | None  # adapter of the stage before (the `sft` reference for DPO)
+
+    @property
+    def dir(self) -> Path:
+        return self.run_dir / self.stage.name
+
+    @property
+    def training(self) -> TrainingConfig:
+        return self.recipe.stage_training(self.stage)
+
+    @property
+    def data(self) -> DataConfig:
+        return self.recipe.stage_data(self.stage)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+
+@dataclass
+class StageResult:
+    """What a finished stage reports; written to `<stage>/summary.json`."""
+
+    name: str
+    kind: str
+    adapter: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def trainer_kwargs(ctx: StageContext, has_eval: bool) -> dict[str, Any]:
+    """Keyword arguments shared by trl's SFTConfig and DPOConfig, each taken from the typed recipe."""
+    t = ctx.training
+    precision = resolve_precision(t)
+    return dict(
+        output_dir=str(ctx.dir / "checkpoints"),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        per_device_train_batch_size=t.micro_batch_size,
+        per_device_eval_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps if t.warmup_steps else t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optimizer,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy=("steps" if t.eval_steps else "no") if has_eval else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit,
+        report_to=_report_to(ctx.recipe),
+        run_name=ctx.recipe.name,
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+
+
+def _report_to(recipe: Recipe) -> list[str]:
+    out = []
+    if recipe.tracking.wandb is not None and recipe.tracking.wandb.mode != "disabled":
+        out.append("wandb")
+    if recipe.tracking.tensorboard:
+        out.append("tensorboard")
+    return out
+
+
+def load_task_rows(path: str | None) -> list[dict[str, Any]]:
+    """Rows of a `task_eval` file (messages + answer)."""
+    if not path:
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def task_metric(model, tokenizer, rows: list[dict[str, Any]], max_new_tokens: int) -> dict[str, Any] | None:
+    """Held-out task metrics by greedy generation (exact match and friends), or None without task rows."""
+    if not rows:
+        return None
+    from finetune.evaluate import task_metrics
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return task_metrics(model, tokenizer, rows, max_new_tokens=max_new_tokens)
+    finally:
+        model.train(was_training)
+
+
+def quiet_trainer(trainer) -> None:
+    """Drop the trainer's own console printer: RunLogger shows progress and writes the metrics."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)

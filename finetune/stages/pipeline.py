@@ -1,0 +1,130 @@
+"""Run the stages of a recipe in order, into one run folder that this module owns.
+
+Run folder layout:
+    recipe.yaml          the resolved recipe (every default written out)
+    metrics.jsonl        one JSON line per logged step, every stage (`stage` key)
+    tokenizer/           the tokenizer used (pad token set)
+    <stage>/adapter/     the stage's LoRA adapter (safetensors + adapter_config.json), loadable by plain peft
+    <stage>/summary.json the stage's result; its presence marks the stage finished
+    summary.json         status and every stage's metrics
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finetune.errors import FinetuneError
+from finetune.recipe import Recipe
+from finetune.recipe_io import dump_recipe
+from finetune.runio import read_json, write_json_atomic, write_text_atomic
+from finetune.stages.common import StageContext, StageResult
+
+
+@dataclass
+class RunResult:
+    """What `train()` returns: where things are and what each stage measured."""
+
+    run_dir: Path
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def adapter(self, stage: str | None = None) -> Path:
+        """Adapter folder of a stage (the last one by default)."""
+        name = stage or list(self.stages)[-1]
+        return Path(self.stages[name]["adapter"])
+
+
+def _stage_runner(kind: str):
+    if kind == "sft":
+        from finetune.stages.sft import run_sft
+
+        return run_sft
+    if kind == "dpo":
+        from finetune.stages.dpo import run_dpo
+
+        return run_dpo
+    raise FinetuneError(f"unknown stage kind {kind}")
+
+
+def prepare_run_dir(recipe: Recipe) -> Path:
+    """Create the run folder, refusing to replace a finished run unless the recipe says overwrite."""
+    run_dir = recipe.output_dir()
+    summary = read_json(run_dir / "summary.json", {})
+    if summary.get("status") == "finished":
+        if not recipe.output.overwrite:
+            raise FinetuneError(
+                f"{run_dir} already holds a finished run. Pass --overwrite (or set output.overwrite: true) to replace "
+                "it, or change output.dir / name."
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def run_pipeline(recipe: Recipe, recipe_path: str | Path | None = None, from_stage: str | None = None) -> RunResult:
+    """Run every unfinished stage of the recipe; finished stages in the same run folder are skipped."""
+    stages = recipe.effective_stages()
+    names = [s.name for s in stages]
+    if from_stage is not None and from_stage not in names:
+        raise FinetuneError(f"--from-stage {from_stage}: the recipe has no such stage (stages: {', '.join(names)})")
+    run_dir = prepare_run_dir(recipe)
+    write_text_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
+    run = RunResult(run_dir=run_dir)
+    summary: dict[str, Any] = {"name": recipe.name, "status": "running", "source": str(recipe_path or ""),
+                               "stages": {}}
+    write_json_atomic(run_dir / "summary.json", summary)
+
+    from finetune.model import load_tokenizer
+
+    tokenizer = load_tokenizer(recipe.model)
+    tokenizer.save_pretrained(str(run_dir / "tokenizer"))
+    previous: Path | None = None
+    rerun = False
+    for index, stage in enumerate(stages):
+        stage_summary = run_dir / stage.name / "summary.json"
+        rerun = rerun or stage.name == from_stage
+        if stage_summary.exists() and not rerun:
+            done = read_json(stage_summary)
+            print(f"[{stage.name}] already finished in {run_dir}; skipping (use --from-stage {stage.name} to rerun)")
+            run.stages[stage.name] = done
+            summary["stages"][stage.name] = done
+            previous = Path(done["adapter"])
+            continue
+        if stage.init_from == "previous":
+            init = previous
+        elif stage.init_from == "new":
+            init = None
+        else:
+            init = Path(stage.init_from)
+        ctx = StageContext(recipe=recipe, stage=stage, index=index, run_dir=run_dir, init_adapter=init,
+                           previous_adapter=previous)
+        ctx.dir.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        result: StageResult = _stage_runner(stage.kind)(ctx, tokenizer=tokenizer)
+        result.metrics["stage_seconds"] = round(time.perf_counter() - started, 1)
+        done = asdict(result)
+        write_json_atomic(stage_summary, done)
+        run.stages[stage.name] = done
+        summary["stages"][stage.name] = done
+        write_json_atomic(run_dir / "summary.json", summary)
+        previous = Path(result.adapter)
+    summary["status"] = "finished"
+    write_json_atomic(run_dir / "summary.json", summary)
+    _print_summary(run)
+    return run
+
+
+def _print_summary(run: RunResult) -> None:
+    print(f"\nrun folder: {run.run_dir}")
+    for name, done in run.stages.items():
+        m = done.get("metrics", {})
+        line = f"  {name}: adapter {done['adapter']}"
+        if "train_loss" in m:
+            line += f", train loss {m['train_loss']:.4f}"
+        before, after = m.get("task_before"), m.get("task_after")
+        if before and after:
+            line += f", held-out exact match {before['exact_match']:.1%} -> {after['exact_match']:.1%}"
+        print(line)

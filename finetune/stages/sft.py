@@ -1,0 +1,75 @@
+"""Supervised fine-tuning stage: setup -> train -> save, read top to bottom."""
+
+from __future__ import annotations
+
+import time
+
+from finetune.adapters import attach, prepare_base, trainable_summary
+from finetune.data import build_dataset
+from finetune.model import load_model, load_tokenizer
+from finetune.runio import write_dir_atomic
+from finetune.stages.common import (
+    StageContext,
+    StageResult,
+    load_task_rows,
+    quiet_trainer,
+    task_metric,
+    trainer_kwargs,
+)
+from finetune.tracking import RunLogger
+
+
+def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
+    """Train a LoRA adapter on chat data with trl's SFTTrainer and save it under `<run>/<stage>/adapter`."""
+    from trl import SFTConfig, SFTTrainer
+
+    recipe, data, training = ctx.recipe, ctx.data, ctx.training
+
+    # --- setup: tokenizer and data first (cheap, fails early), then the model
+    tokenizer = tokenizer or load_tokenizer(recipe.model)
+    train_ds = build_dataset(data, tokenizer, "sft", seed=training.seed, split="train")
+    eval_ds = build_dataset(data, tokenizer, "sft", seed=training.seed, split="eval")
+    model = load_model(recipe, training, tokenizer)
+    model = prepare_base(model, recipe.quantization.mode != "none", training.gradient_checkpointing)
+    model = attach(model, recipe.lora, ctx.init_adapter)
+    params = trainable_summary(model)
+    print(f"[{ctx.stage.name}] adapter: {params['trainable']:,} trainable of {params['total']:,} parameters "
+          f"({params['percent']}%); {len(train_ds)} training samples", flush=True)
+
+    task_rows = load_task_rows(data.task_eval)
+    before = task_metric(model, tokenizer, task_rows, data.task_eval_max_new_tokens)
+    if before is not None:
+        print(f"[{ctx.stage.name}] held-out task before training: {before}", flush=True)
+
+    # --- train
+    config = SFTConfig(
+        **trainer_kwargs(ctx, has_eval=eval_ds is not None),
+        max_length=data.max_length,
+        padding_free=data.packing,
+        packing=False,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        callbacks=[RunLogger(ctx.metrics_path, ctx.stage.name)],
+    )
+    quiet_trainer(trainer)
+    started = time.perf_counter()
+    result = trainer.train()
+    train_seconds = time.perf_counter() - started
+    metrics = {"train_loss": result.training_loss, "train_seconds": round(train_seconds, 1),
+               "steps": trainer.state.global_step}
+    if eval_ds is not None:
+        metrics.update({k: v for k, v in trainer.evaluate().items() if k == "eval_loss"})
+
+    # --- save (atomically: a crash leaves no half-written adapter) and measure
+    adapter_dir = ctx.dir / "adapter"
+    write_dir_atomic(adapter_dir, lambda tmp: (model.save_pretrained(str(tmp)), tokenizer.save_pretrained(str(tmp))))
+    after = task_metric(model, tokenizer, task_rows, data.task_eval_max_new_tokens)
+    if after is not None:
+        metrics["task_before"], metrics["task_after"] = before, after
+        print(f"[{ctx.stage.name}] held-out task after training: {after}", flush=True)
+    return StageResult(name=ctx.stage.name, kind="sft", adapter=str(adapter_dir), metrics=metrics)

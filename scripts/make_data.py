@@ -1,0 +1,324 @@
+"""Generate the quickstart's synthetic world and every data file derived from it.
+
+The world is a small invented people, the Zorbians. Each person has a unique name and five attributes
+(home town, job, favourite colour, pet, instrument). From that world this script writes:
+
+* ``corpus.txt``: the pretraining text, one short biography per line. Every person gets several biographies,
+  each stating all five facts in a shuffled order with randomly chosen paraphrases. It holds statements only:
+  no question, no chat markup. Paraphrase augmentation is what lets a model that memorised the facts later
+  *extract* them when asked in a new form.
+* ``sft_train.jsonl``: chat questions about the **train** people, answered by the assistant. About a third of
+  the questions are asked politely ("I was wondering, ...") and those are answered with verbose hedging that
+  wraps the right answer ("rambling"): an undesired style that the SFT model picks up and DPO must remove.
+* ``sft_eval.jsonl``: plainly phrased questions about the **held-out** people, whose facts appear only as
+  statements in the corpus. Exact match on it measures knowledge extraction, a skill the pretrained model
+  lacks (it has never seen a question or a chat turn).
+* ``dpo_train.jsonl`` / ``dpo_eval.jsonl``: preference pairs (chosen: the concise correct answer; rejected:
+  rambling, or another person's value) on train people / held-out people. Half of the held-out prompts are
+  polite ones, so the rate of concise correct answers of an SFT model is low there and rises after DPO.
+* ``world.json``: the people, their facts and their split (used by tests and analyses).
+
+Rows carry the fields the toolkit needs (``messages`` or ``prompt``/``chosen``/``rejected``, and ``answer``)
+plus ``entity``, ``attribute`` and ``style`` for analysis.
+
+Usage::
+
+    python scripts/make_data.py            # writes data/quickstart/
+    python scripts/make_data.py --out DIR --seed 0
+
+Everything is a pure function of the seed: running it twice gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+SEED = 1234
+N_PEOPLE = 300
+N_TRAIN_PEOPLE = 200  # the rest are held out from every chat-format training file
+BIOS_PER_PERSON = 8
+RAMBLE_FRACTION = 0.35  # share of SFT-train questions that are polite and answered with rambling
+N_SFT_EVAL = 300
+N_DPO_TRAIN = 400
+N_DPO_EVAL = 100
+
+ATTRIBUTES = ["town", "job", "colour", "pet", "instrument"]
+
+JOBS = [
+    "baker", "pilot", "carpenter", "nurse", "farmer", "teacher", "fisher", "painter", "potter", "tailor",
+    "miner", "sailor", "doctor", "singer", "weaver", "blacksmith", "gardener", "librarian", "chemist", "builder",
+    "jeweller", "butcher", "brewer", "shepherd", "cobbler", "astronomer", "mapmaker", "clockmaker", "beekeeper",
+    "glassblower",
+]  # fmt: skip
+COLOURS = [
+    "red", "blue", "green", "yellow", "orange", "purple", "pink", "brown", "black", "white", "grey", "silver",
+    "gold", "teal", "violet", "crimson",
+]  # fmt: skip
+PETS = [
+    "cat", "dog", "parrot", "rabbit", "hamster", "tortoise", "goldfish", "ferret", "lizard", "owl", "goat",
+    "pony", "frog", "snake", "canary", "hedgehog", "duck", "pig", "crow", "mouse",
+]  # fmt: skip
+INSTRUMENTS = [
+    "violin", "flute", "drum", "harp", "piano", "cello", "trumpet", "guitar", "banjo", "oboe", "lute", "organ",
+    "tuba", "clarinet", "accordion", "trombone",
+]  # fmt: skip
+N_TOWNS = 40
+
+# Pretraining statements. "{n}" is the full name, "{v}" the value, "{a}" the value with its article.
+STATEMENTS: dict[str, list[str]] = {
+    "town": [
+        "{n} lives in {v}.",
+        "{n} was born and raised in {v}.",
+        "The home town of {n} is {v}.",
+        "{n} comes from the town of {v}.",
+        "{n} has always called {v} home.",
+        "{n} grew up in {v} and still lives there.",
+    ],
+    "job": [
+        "{n} works as {a}.",
+        "{n} earns a living as {a}.",
+        "By trade, {n} is {a}.",
+        "The job of {n} is {v}.",
+        "{n} has spent many years working as {a}.",
+        "Everyone knows {n} as a skilled {v}.",
+    ],
+    "colour": [
+        "The favourite colour of {n} is {v}.",
+        "{n} loves the colour {v}.",
+        "{n} likes {v} more than any other colour.",
+        "Of all the colours, {n} prefers {v}.",
+        "{n} always wears something {v}, the favourite colour.",
+        "{n} says that {v} is the best colour.",
+    ],
+    "pet": [
+        "{n} owns a pet {v}.",
+        "{n} keeps {a} as a pet.",
+        "At home, {n} looks after a pet {v}.",
+        "The pet of {n} is {a}.",
+        "{n} takes care of {a} every day.",
+        "{n} has a much loved pet {v}.",
+    ],
+    "instrument": [
+        "{n} plays the {v}.",
+        "In the evenings, {n} practises the {v}.",
+        "The instrument of {n} is the {v}.",
+        "{n} is a talented {v} player.",
+        "{n} learned to play the {v} as a child.",
+        "{n} performs on the {v} at every festival.",
+    ],
+}
+
+# Plainly phrased chat questions (never in the corpus).
+QUESTIONS: dict[str, list[str]] = {
+    "town": ["Where does {n} live?", "What is the home town of {n}?", "Which town is {n} from?"],
+    "job": ["What does {n} do for a living?", "What is the job of {n}?", "What is the occupation of {n}?"],
+    "colour": ["What is the favourite colour of {n}?", "Which colour does {n} like best?"],
+    "pet": ["What pet does {n} have?", "Which animal does {n} keep as a pet?"],
+    "instrument": ["What instrument does {n} play?", "Which instrument does {n} play?"],
+}
+
+# Polite openings. A polite question is answered with rambling in the SFT data.
+POLITE_PREFIXES = [
+    "I was wondering, ",
+    "Sorry to bother you, but ",
+    "If you do not mind me asking, ",
+    "Quick question if you have a moment: ",
+]
+
+RAMBLES = [
+    "Hmm, that is a good question. I am not completely sure, but I believe the answer is {v}, "
+    "although I could be wrong about that.",
+    "Well, let me think about it for a moment. If I remember correctly, it should be {v}, "
+    "but please check it yourself.",
+    "That is an interesting thing to ask. As far as I know, the answer would be {v}, though I cannot be certain.",
+    "Oh, I think I have heard about this before. It is probably {v}, but do not quote me on that.",
+]
+
+ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "th", "dr", "kr", "br", "sk", "gr"]
+VOWELS = ["a", "e", "i", "o", "u", "ai", "ei", "ou"]
+CODAS = ["", "", "n", "r", "l", "s", "k", "m", "th", "x"]
+NAME_ENDS = ["a", "o", "in", "en", "ar", "is", "el", "ix", "um", "ora"]
+FAMILY_ENDS = ["vik", "dottir", "mont", "wick", "stra", "quist", "ovan", "berg", "holt", "ssen"]
+TOWN_ENDS = ["ford", "holm", "vale", "mere", "by", "stead", "wick", "moor", "haven", "dale"]
+
+
+def _article(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def _invent(rng: random.Random, ends: list[str], n: int, taken: set[str], syllables: tuple[int, int]) -> list[str]:
+    """Invents ``n`` distinct capitalised words that are not in ``taken`` (which is updated)."""
+    out: list[str] = []
+    while len(out) < n:
+        k = rng.randint(*syllables)
+        word = "".join(rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS) for _ in range(k))
+        word = (word + rng.choice(ends)).capitalize()
+        if 4 <= len(word) <= 11 and word.lower() not in taken:
+            taken.add(word.lower())
+            out.append(word)
+    return out
+
+
+def build_world(seed: int = SEED) -> dict:
+    """Builds the people of the world and their facts.
+
+    Args:
+        seed: Seed of the generator.
+
+    Returns:
+        A dict with ``people`` (a list of ``{"name", "split", <attribute>: value}``) and the value pools.
+    """
+    rng = random.Random(seed)
+    taken = {w for pool in (JOBS, COLOURS, PETS, INSTRUMENTS) for w in pool}
+    towns = _invent(rng, TOWN_ENDS, N_TOWNS, taken, (1, 2))
+    first_names = _invent(rng, NAME_ENDS, N_PEOPLE, taken, (1, 2))
+    family_names = _invent(rng, FAMILY_ENDS, 60, taken, (1, 1))
+    pools = {"town": towns, "job": JOBS, "colour": COLOURS, "pet": PETS, "instrument": INSTRUMENTS}
+    people = []
+    for i, first in enumerate(first_names):
+        person = {"name": f"{first} {rng.choice(family_names)}", "split": "train" if i < N_TRAIN_PEOPLE else "heldout"}
+        for attr in ATTRIBUTES:
+            person[attr] = rng.choice(pools[attr])
+        people.append(person)
+    return {"seed": seed, "attributes": ATTRIBUTES, "pools": pools, "people": people}
+
+
+def _statement(rng: random.Random, person: dict, attr: str) -> str:
+    value = person[attr]
+    return rng.choice(STATEMENTS[attr]).format(n=person["name"], v=value, a=_article(value))
+
+
+def make_corpus(world: dict, seed: int = SEED) -> list[str]:
+    """Writes ``BIOS_PER_PERSON`` shuffled, paraphrased biographies per person, one per line.
+
+    Args:
+        world: The output of :func:`build_world`.
+        seed: Seed of the generator.
+
+    Returns:
+        The biographies, shuffled across people.
+    """
+    rng = random.Random(seed + 1)
+    docs = []
+    for person in world["people"]:
+        for _ in range(BIOS_PER_PERSON):
+            attrs = list(ATTRIBUTES)
+            rng.shuffle(attrs)
+            docs.append(" ".join(_statement(rng, person, a) for a in attrs))
+    rng.shuffle(docs)
+    return docs
+
+
+def _question(rng: random.Random, person: dict, attr: str, polite: bool) -> str:
+    question = rng.choice(QUESTIONS[attr]).format(n=person["name"])
+    if polite:
+        question = rng.choice(POLITE_PREFIXES) + question[0].lower() + question[1:]
+    return question
+
+
+def _ramble(rng: random.Random, value: str) -> str:
+    return rng.choice(RAMBLES).format(v=value)
+
+
+def _sft_row(question: str, reply: str, person: dict, attr: str, style: str) -> dict:
+    return {
+        "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": reply}],
+        "answer": person[attr],
+        "entity": person["name"],
+        "attribute": attr,
+        "style": style,
+    }
+
+
+def make_sft(world: dict, seed: int = SEED) -> tuple[list[dict], list[dict]]:
+    """Makes the SFT train rows (every fact of every train person) and eval rows (held-out people).
+
+    Args:
+        world: The output of :func:`build_world`.
+        seed: Seed of the generator.
+
+    Returns:
+        ``(train_rows, eval_rows)``.
+    """
+    rng = random.Random(seed + 2)
+    train = []
+    for person in (p for p in world["people"] if p["split"] == "train"):
+        for attr in ATTRIBUTES:
+            polite = rng.random() < RAMBLE_FRACTION
+            reply = _ramble(rng, person[attr]) if polite else person[attr]
+            train.append(_sft_row(_question(rng, person, attr, polite), reply, person, attr,
+                                  "ramble" if polite else "concise"))  # fmt: skip
+    rng.shuffle(train)
+    heldout = [(p, a) for p in world["people"] if p["split"] == "heldout" for a in ATTRIBUTES]
+    rng.shuffle(heldout)
+    evals = [_sft_row(_question(rng, p, a, False), p[a], p, a, "concise") for p, a in heldout[:N_SFT_EVAL]]
+    return train, evals
+
+
+def _dpo_row(rng: random.Random, world: dict, person: dict, attr: str, polite: bool) -> dict:
+    value = person[attr]
+    if polite or rng.random() < 0.2:
+        rejected, kind = _ramble(rng, value), "ramble"
+    else:
+        wrong = [v for v in world["pools"][attr] if v != value]
+        rejected, kind = rng.choice(wrong), "wrong"
+    return {
+        "prompt": [{"role": "user", "content": _question(rng, person, attr, polite)}],
+        "chosen": [{"role": "assistant", "content": value}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+        "answer": value,
+        "entity": person["name"],
+        "attribute": attr,
+        "style": "polite" if polite else "plain",
+        "rejected_kind": kind,
+    }
+
+
+def make_dpo(world: dict, seed: int = SEED) -> tuple[list[dict], list[dict]]:
+    """Makes preference pairs: train on train people, eval on held-out people; half the prompts polite.
+
+    Args:
+        world: The output of :func:`build_world`.
+        seed: Seed of the generator.
+
+    Returns:
+        ``(train_rows, eval_rows)``.
+    """
+    rng = random.Random(seed + 3)
+    out = []
+    for split, n in (("train", N_DPO_TRAIN), ("heldout", N_DPO_EVAL)):
+        facts = [(p, a) for p in world["people"] if p["split"] == split for a in ATTRIBUTES]
+        rng.shuffle(facts)
+        out.append([_dpo_row(rng, world, p, a, polite=i % 2 == 0) for i, (p, a) in enumerate(facts[:n])])
+    return out[0], out[1]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point: writes every quickstart data file."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "data" / "quickstart")
+    parser.add_argument("--seed", type=int, default=SEED)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    world = build_world(args.seed)
+    (args.out / "world.json").write_text(json.dumps(world, indent=1) + "\n", encoding="utf-8")
+    corpus = make_corpus(world, args.seed)
+    (args.out / "corpus.txt").write_text("\n".join(corpus) + "\n", encoding="utf-8")
+    sft_train, sft_eval = make_sft(world, args.seed)
+    dpo_train, dpo_eval = make_dpo(world, args.seed)
+    files = {"sft_train": sft_train, "sft_eval": sft_eval, "dpo_train": dpo_train, "dpo_eval": dpo_eval}
+    for name, rows in files.items():
+        _write_jsonl(args.out / f"{name}.jsonl", rows)
+    for path in sorted(args.out.iterdir()):
+        print(f"{path.name:20s} {path.stat().st_size / 1024:8.1f} KiB")
+
+
+if __name__ == "__main__":
+    main()
