@@ -1,0 +1,34 @@
+# One-command setup, quickstart and tests. Everything installs into .venv in the project root.
+#   make quickstart   set up, then fine-tune the tiny model on the quickstart task (CPU, a few minutes)
+#   make test         set up, then run the test suite
+# On a CUDA machine pick the torch build you want, e.g.:  make quickstart TORCH="torch==2.13.0"
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+TORCH  ?= torch==2.13.0
+
+.PHONY: setup quickstart test lint docs clean
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+quickstart: setup
+	$(BIN)/ft train recipes/quickstart.yaml --overwrite
+
+test: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+lint: setup
+	$(BIN)/ruff check finetune kernels scripts tests
+
+docs: setup
+	$(BIN)/python scripts/gen_recipe_docs.py
+
+clean:
+	rm -rf $(VENV) runs .cache

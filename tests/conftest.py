@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny models and data built once per test session (offline, CPU)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A character-level tokenizer + random 2-layer Llama, saved to a folder."""
+    from tinymodels import build_char_model
+
+    return build_char_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def addition_data(tmp_path_factory) -> dict[str, Path]:
+    """Train and eval chat files of the addition task."""
+    from tinymodels import write_addition_data
+
+    d = tmp_path_factory.mktemp("data")
+    return {"train": write_addition_data(d / "train.jsonl", 64), "eval": write_addition_data(d / "eval.jsonl", 16, 64)}
+
+
+@pytest.fixture
+def in_root(monkeypatch):
+    """Run the test from the project root (recipes use paths relative to it)."""
+    monkeypatch.chdir(ROOT)
+    return ROOT
