@@ -47,10 +47,10 @@ def _check_hub(repo_id: str, revision: str | None, key: str, repo_type: str) -> 
         return []
     what = "model" if repo_type == "model" else "dataset"
     return [
-        f"{key}: '{repo_id}' is a Hugging Face Hub {what} id, but the Hub cannot be reached ({reason}) and no copy is "
-        f"in the local cache. Download it where you have access (`hf download {repo_id}"
-        f"{' --repo-type dataset' if repo_type == 'dataset' else ''} --local-dir DIR`), copy DIR here, and set "
-        f"{key} to that folder."
+        f"{key}: '{repo_id}' is not a local path (looked in {Path.cwd()}); read as a Hugging Face Hub {what} id, "
+        f"the Hub cannot be reached ({reason}) and no copy is in the local cache. Download it where you have "
+        f"access (`hf download {repo_id}{' --repo-type dataset' if repo_type == 'dataset' else ''} --local-dir DIR`), "
+        f"copy DIR here, and set {key} to that folder."
     ]
 
 

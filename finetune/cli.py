@@ -85,7 +85,7 @@ def train(
 
 @app.command()
 def explain(
-    key: Annotated[str | None, typer.Argument(help="A section or key, e.g. `lora` or `training.learning_rate`.")] = None,
+    key: Annotated[str | None, typer.Argument(help="A section or key: `lora`, `training.learning_rate`...")] = None,
 ) -> None:
     """Show the documentation of recipe sections and keys (the same text as docs/recipe.md)."""
     from finetune.docs import describe

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 import typing
 
 from pydantic import BaseModel
@@ -11,21 +12,35 @@ from finetune.recipe_io import _section_model
 
 
 def _type_name(annotation: typing.Any) -> str:
-    text = str(annotation).replace("typing.", "").replace("finetune.recipe.", "")
-    return text.replace("<class '", "").replace("'>", "")
+    """A short readable type: `int`, `str | None`, `'nf4' | 'fp4'`."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(annotation))
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _type_name(args[0])
+    if isinstance(annotation, type) and not args:
+        return "None" if annotation is type(None) else annotation.__name__
+    return str(annotation).replace("typing.", "")
 
 
-def _rows(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str, str]]:
+def _rows(model: type[BaseModel], prefix: str, seen: dict[type, str]) -> list[tuple[str, str, str, str]]:
     rows = []
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         sub = _section_model(field.annotation)
-        default = "" if field.is_required() else repr(field.get_default(call_default_factory=True))
-        if sub is not None:
-            default = "" if sub is not None else default
-        rows.append((key, _type_name(field.annotation) if sub is None else "section", default, field.description or ""))
-        if sub is not None:
-            rows.extend(_rows(sub, f"{key}." if not _is_list(field.annotation) else f"{key}[].") )
+        if sub is None:
+            default = "" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            rows.append((key, _type_name(field.annotation), default, field.description or ""))
+            continue
+        kind = "list of sections" if _is_list(field.annotation) else "section"
+        if sub in seen:  # a section documented already (a stage's own `data`, `eval` sources...)
+            rows.append((key, kind, "", f"{field.description or ''} Same keys as `{seen[sub]}`."))
+            continue
+        seen[sub] = key
+        rows.append((key, kind, "", field.description or ""))
+        rows.extend(_rows(sub, f"{key}[]." if kind == "list of sections" else f"{key}.", seen))
     return rows
 
 
@@ -37,7 +52,7 @@ def _is_list(annotation: typing.Any) -> bool:
 
 def all_rows() -> list[tuple[str, str, str, str]]:
     """(key, type, default, description) for every recipe key, sections included."""
-    return _rows(Recipe, "")
+    return _rows(Recipe, "", {})
 
 
 def describe(key: str | None = None) -> str:
@@ -54,8 +69,10 @@ def describe(key: str | None = None) -> str:
             raise KeyError(f"no recipe key '{key}'" + (f"; did you mean {', '.join(guess)}?" if guess else ""))
     out = []
     for k, typ, default, desc in rows:
-        head = f"{k}" + (f"  ({typ}" + (f", default {default})" if default else ")") if typ != "section" else "  [section]")
-        out.append(head)
+        if "section" in typ:
+            out.append(f"{k}  [{typ}]")
+        else:
+            out.append(f"{k}  ({typ}" + (f", default {default})" if default else ")"))
         out.extend(f"    {line.strip()}" for line in desc.splitlines() if line.strip())
     return "\n".join(out)
 

@@ -160,7 +160,10 @@ class TrainingConfig(Section):
 def _all_optional(model: type[Section], name: str) -> type[Section]:
     """A copy of a section whose fields all default to None: for per-stage overrides of that section."""
     fields = {
-        key: (field.annotation | None, Field(default=None, description=field.description))
+        key: (
+            (Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation) | None,
+            Field(default=None, description=field.description),
+        )
         for key, field in model.model_fields.items()
     }
     return create_model(name, __base__=Section, __doc__=f"Per-stage overrides of `{model.__name__}`.", **fields)
@@ -302,7 +305,9 @@ class Recipe(Section):
             if stage.kind == "dpo" and stage.dpo.label_smoothing and stage.dpo.loss_type != "sigmoid":
                 problems.append(f"stages[{i}].dpo.label_smoothing works with loss_type 'sigmoid' only")
         if self.quantization.mode != "none" and self.lora.use_dora and self.kernels.enabled():
-            problems.append("kernels: the fused kernels do not support DoRA; set lora.use_dora: false or turn kernels off")
+            problems.append(
+                "kernels: the fused kernels do not support DoRA; set lora.use_dora: false or turn kernels off"
+            )
         if problems:
             raise ValueError("\n".join(problems))
         return self

@@ -176,6 +176,37 @@ def _dotted(loc: tuple) -> str:
     return out
 
 
+# Names users bring from other tools, mapped to ours.
+ALIASES = {
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "lr": "learning_rate",
+    "batch_size": "micro_batch_size",
+    "per_device_train_batch_size": "micro_batch_size",
+    "num_epochs": "epochs",
+    "num_train_epochs": "epochs",
+    "max_seq_length": "max_length",
+    "sequence_len": "max_length",
+    "base_model": "name_or_path",
+    "model_name_or_path": "name_or_path",
+    "load_in_4bit": "mode",
+    "datasets": "train",
+    "output_dir": "dir",
+}
+
+
+def _suggest(given: str, known: list[str]) -> list[str]:
+    """The closest known key: an alias from other tools, a close spelling, or a key the given one starts with."""
+    if ALIASES.get(given) in known:
+        return [ALIASES[given]]
+    close = difflib.get_close_matches(given, known, n=1, cutoff=0.6)
+    if close:
+        return close
+    return [k for k in known if given.startswith(k) or k.startswith(given)][:1]
+
+
 def _explain(err: dict[str, Any], lines: dict[tuple, int]) -> str:
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     # pydantic adds union member names ("str", "list[str]") to locations: drop them for a clean path.
@@ -187,7 +218,7 @@ def _explain(err: dict[str, Any], lines: dict[tuple, int]) -> str:
     if kind == "extra_forbidden":
         parent = _model_at(loc[:-1])
         known = list(parent.model_fields) if parent else []
-        guess = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.5)
+        guess = _suggest(str(loc[-1]), known)
         hint = f"; did you mean '{guess[0]}'?" if guess else ""
         allowed = f" Allowed keys here: {', '.join(known)}." if known else ""
         return f"{path}{at}: unknown key{hint}{allowed}"

@@ -63,7 +63,8 @@ class RunLogger(TrainerCallback):
             row["tokens_per_second"] = round((float(tokens) - self.last_tokens) / (now - self.last_time), 1)
             self.last_tokens, self.last_time = float(tokens), now
         self._write(row)
-        shown = {k: row[k] for k in ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_second") if k in row}
+        keys = ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_second")
+        shown = {k: row[k] for k in keys if k in row}
         if self.bar is not None:
             self.bar.set_postfix({k.replace("tokens_per_second", "tok/s"): _fmt(v) for k, v in shown.items()})
         else:

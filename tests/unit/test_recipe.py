@@ -1,0 +1,154 @@
+"""Recipe schema, loading, extends and overrides: accept what is right, reject what is not with a useful message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from finetune.recipe import Recipe
+from finetune.recipe_io import RecipeError, apply_override, load_recipe
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def problems(path: Path, overrides: list[str] | None = None) -> str:
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path, overrides or [])
+    return str(e.value)
+
+
+def test_defaults_are_safe():
+    r = Recipe(data={"train": [{"path": "x.jsonl"}]})
+    assert r.model.trust_remote_code is False
+    assert r.quantization.mode == "none"
+    assert r.kernels.enabled() == []
+    assert [s.kind for s in r.effective_stages()] == ["sft"]
+
+
+def test_minimal_recipe_loads(tmp_path):
+    r = load_recipe(write(tmp_path, "lora: {r: 8}\ndata: {train: [{path: x.jsonl}]}\n"))
+    assert r.lora.r == 8
+    assert r.data.train[0].path == "x.jsonl"
+
+
+def test_unknown_key_names_path_line_and_suggestion(tmp_path):
+    msg = problems(write(tmp_path, "lora:\n  r: 8\n  alpah: 16\n"))
+    assert "lora.alpah" in msg and "line 3" in msg and "did you mean 'alpha'" in msg
+
+
+def test_unknown_section_suggests(tmp_path):
+    msg = problems(write(tmp_path, "trainig:\n  epochs: 1\n"))
+    assert "trainig" in msg and "did you mean 'training'" in msg
+
+
+def test_wrong_type_and_range_name_the_path(tmp_path):
+    msg = problems(write(tmp_path, "lora: {r: 0}\ntraining: {micro_batch_size: many}\n"))
+    assert "lora.r" in msg and "greater than or equal to 1" in msg
+    assert "training.micro_batch_size" in msg and "'many'" in msg
+
+
+def test_literal_lists_allowed_values(tmp_path):
+    msg = problems(write(tmp_path, "quantization: {mode: int3}\n"))
+    assert "quantization.mode" in msg and "'nf4'" in msg
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    msg = problems(write(tmp_path, "lora: {r: -1, dropout: 2}\nfoo: 1\n"))
+    assert "3 problem(s)" in msg
+
+
+def test_yaml_syntax_error_has_line_and_column(tmp_path):
+    msg = problems(write(tmp_path, "lora:\n  r: [8\n  alpha: 3\n"))
+    assert "YAML syntax error" in msg and "line" in msg and "column" in msg
+
+
+def test_missing_file(tmp_path):
+    msg = problems(tmp_path / "nope.yaml")
+    assert "recipe file not found" in msg and "nope.yaml" in msg
+
+
+def test_extends_merges_and_overrides(tmp_path):
+    write(tmp_path, "name: base\ndata: {train: [{path: x}]}\nlora: {r: 8, alpha: 16}\ntraining: {learning_rate: 1.0e-4, epochs: 2}\n", "base.yaml")
+    child = write(tmp_path, "extends: base.yaml\nname: child\nlora: {r: 32}\n", "child.yaml")
+    r = load_recipe(child)
+    assert (r.name, r.lora.r, r.lora.alpha, r.training.epochs) == ("child", 32, 16, 2)
+
+
+def test_extends_cycle_is_refused(tmp_path):
+    write(tmp_path, "extends: b.yaml\n", "a.yaml")
+    write(tmp_path, "extends: a.yaml\n", "b.yaml")
+    assert "cycle" in problems(tmp_path / "a.yaml")
+
+
+def test_overrides_parse_yaml_values(tmp_path):
+    p = write(tmp_path, "lora: {r: 8}\n")
+    r = load_recipe(p, ["data.train=[{path: x}]", "training.learning_rate=1e-4", "lora.alpha=32", "lora.target_modules=[q_proj, v_proj]"])
+    assert r.training.learning_rate == pytest.approx(1e-4)
+    assert r.lora.alpha == 32 and r.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_override_unknown_key_is_an_error(tmp_path):
+    msg = problems(write(tmp_path, "lora: {r: 8}\n"), ["lora.rank=4"])
+    assert "lora.rank" in msg and "did you mean 'r'" in msg
+
+
+def test_override_addresses_stages_by_name():
+    data = {"stages": [{"name": "sft", "kind": "sft"}, {"name": "dpo", "kind": "dpo"}]}
+    apply_override(data, "stages.dpo.dpo.beta=0.3")
+    assert data["stages"][1]["dpo"]["beta"] == 0.3
+    with pytest.raises(RecipeError, match="no list item named 'rl'"):
+        apply_override(data, "stages.rl.dpo.beta=0.3")
+
+
+def test_override_without_equals(tmp_path):
+    assert "KEY=VALUE" in problems(write(tmp_path, "{}\n"), ["lora.r"])
+
+
+def test_stage_training_overrides_are_checked(tmp_path):
+    text = "data: {train: [{path: x}]}\nstages:\n  - {name: a, kind: sft, training: {learning_rate: 5, epohcs: 1}}\n"
+    msg = problems(write(tmp_path, text))
+    assert "stages[0].training.epohcs" in msg and "did you mean 'epochs'" in msg
+    assert "stages[0].training.learning_rate" in msg
+
+
+def test_stage_training_merges_with_shared():
+    r = Recipe(
+        training={"learning_rate": 1e-4, "epochs": 2},
+        data={"train": [{"path": "x"}]},
+        stages=[{"name": "a", "kind": "sft"}, {"name": "b", "kind": "dpo", "training": {"learning_rate": 5e-6}}],
+    )
+    assert r.stage_training(r.stages[0]).learning_rate == pytest.approx(1e-4)
+    b = r.stage_training(r.stages[1])
+    assert b.learning_rate == pytest.approx(5e-6) and b.epochs == 2
+
+
+def test_cross_field_rules(tmp_path):
+    text = (
+        "data: {train: [{path: x}]}\n"
+        "stages:\n  - {name: a, kind: dpo}\n  - {name: a, kind: sft}\n"
+    )
+    msg = problems(write(tmp_path, text))
+    assert "used more than once" in msg
+    assert "no SFT adapter to start from" in msg
+
+
+def test_no_training_data_is_reported(tmp_path):
+    assert "no training data" in problems(write(tmp_path, "lora: {r: 8}\n"))
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("**/*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path, in_root):
+    from finetune.checks import check_recipe_paths
+
+    recipe = load_recipe(path)
+    found = check_recipe_paths(recipe)
+    # Recipes for real models name Hub ids that cannot be reached offline; everything else must resolve.
+    hub_model = Path(recipe.model.name_or_path).parts[0] not in {"models", "data", "runs", ".", ".."}
+    assert [p for p in found if not (hub_model and p.startswith("model.name_or_path"))] == [], found
