@@ -7,6 +7,7 @@ holds the schema and the cross-field rules, so importing it is cheap (no torch).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -174,16 +175,23 @@ TrainingOverrides = _all_optional(TrainingConfig, "TrainingOverrides")
 
 class DPOConfig(Section):
     beta: Annotated[float, Field(gt=0)] = 0.1
-    """Strength of the KL tie to the reference policy. Lower lets the policy move further."""
+    """Strength of the KL tie to the reference policy. Lower lets the policy move further. The logged rewards are
+    beta x (policy - reference) log-probs of a whole answer."""
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     """`sigmoid` is the DPO paper's loss; `ipo` and `hinge` are the IPO and SLiC variants."""
     label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = 0.0
-    """Assumed share of flipped preference labels (conservative DPO). Sigmoid loss only."""
+    """Assumed share of flipped preference labels: conservative DPO, -(1-e) log s(z) - e log s(-z). Sigmoid loss
+    only."""
     reference: str = "sft"
-    """Reference policy: `sft` (a frozen copy of the adapter this stage starts from), `base` (adapter disabled),
-    or a path to an adapter folder."""
+    """Reference policy: `sft` (a frozen copy of the adapter this stage starts from, loaded as a second adapter on
+    the same base), `base` (the adapter disabled), or a path to an adapter folder (loaded frozen). Printed at the
+    start of the stage and recorded in its summary.json."""
     precompute_ref_log_probs: bool = False
-    """Compute the reference log-probs once before training instead of every step (saves a forward per step)."""
+    """Compute the reference log-probs of every pair once before training, then free the reference adapter (one
+    forward less per step)."""
+
+
+_STAGE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
 class StageConfig(Section):
@@ -294,8 +302,16 @@ class Recipe(Section):
             where = f"stages[{i}] ({stage.name})" if self.stages else "data"
             if not data.train:
                 problems.append(f"{where}: no training data; add at least one entry under data.train")
+            if not _STAGE_NAME.match(stage.name) or stage.name == "tokenizer":
+                problems.append(
+                    f"stages[{i}].name: '{stage.name}' must be a plain folder name (letters, digits, '-', '_') other "
+                    "than 'tokenizer'; it is the stage's folder in the run directory"
+                )
+            if stage.kind == "sft" and "dpo" in stage.model_fields_set:
+                problems.append(f"stages[{i}] ({stage.name}): the dpo settings apply to dpo stages only; remove them")
             if stage.kind == "dpo":
-                if i == 0 and stage.init_from == "previous" and stage.dpo.reference == "sft":
+                fresh = stage.init_from == "new" or (i == 0 and stage.init_from == "previous")
+                if fresh and stage.dpo.reference == "sft":
                     problems.append(
                         f"stages[{i}] ({stage.name}): dpo.reference is 'sft' but there is no SFT adapter to start "
                         "from; put an sft stage before it, set init_from to an adapter path, or use reference: base"

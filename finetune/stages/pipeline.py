@@ -5,7 +5,7 @@ Run folder layout:
     metrics.jsonl        one JSON line per logged step, every stage (`stage` key)
     tokenizer/           the tokenizer used (pad token set)
     <stage>/adapter/     the stage's LoRA adapter (safetensors + adapter_config.json), loadable by plain peft
-    <stage>/summary.json the stage's result; its presence marks the stage finished
+    <stage>/summary.json the stage's result and settings; its presence marks the stage finished
     summary.json         status and every stage's metrics
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import FinetuneError
-from finetune.recipe import Recipe
+from finetune.recipe import Recipe, StageConfig
 from finetune.recipe_io import dump_recipe
 from finetune.runio import read_json, write_json_atomic, write_text_atomic
 from finetune.stages.common import StageContext, StageResult
@@ -49,15 +49,44 @@ def _stage_runner(kind: str):
     raise FinetuneError(f"unknown stage kind {kind}")
 
 
-def prepare_run_dir(recipe: Recipe) -> Path:
-    """Create the run folder, refusing to replace a finished run unless the recipe says overwrite."""
+def stage_settings(recipe: Recipe, stage: StageConfig) -> dict[str, Any]:
+    """What a stage's result depends on, recorded in its summary so that a rerun can tell when it changed."""
+    return {
+        "model": recipe.model.model_dump(),
+        "quantization": recipe.quantization.model_dump(),
+        "lora": recipe.lora.model_dump(),
+        "stage": stage.model_dump(exclude={"training", "data"}),
+        "training": recipe.stage_training(stage).model_dump(),
+        "data": recipe.stage_data(stage).model_dump(),
+    }
+
+
+def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """`key: old -> new` for every leaf that differs (empty when `old` is empty: summaries of older versions)."""
+    if not old:
+        return []
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def prepare_run_dir(recipe: Recipe, from_stage: str | None = None) -> Path:
+    """Create the run folder, refusing to replace a finished run unless the recipe says overwrite.
+
+    With `from_stage`, a finished run is reopened: the stages before it are kept, it and the ones after run again.
+    """
     run_dir = recipe.output_dir()
     summary = read_json(run_dir / "summary.json", {})
-    if summary.get("status") == "finished":
+    if summary.get("status") == "finished" and (recipe.output.overwrite or from_stage is None):
         if not recipe.output.overwrite:
             raise FinetuneError(
-                f"{run_dir} already holds a finished run. Pass --overwrite (or set output.overwrite: true) to replace "
-                "it, or change output.dir / name."
+                f"{run_dir} already holds a finished run. Pass --from-stage NAME to rerun from a stage, --overwrite "
+                "(or output.overwrite: true) to replace the whole run, or change output.dir / name."
             )
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -70,7 +99,7 @@ def run_pipeline(recipe: Recipe, recipe_path: str | Path | None = None, from_sta
     names = [s.name for s in stages]
     if from_stage is not None and from_stage not in names:
         raise FinetuneError(f"--from-stage {from_stage}: the recipe has no such stage (stages: {', '.join(names)})")
-    run_dir = prepare_run_dir(recipe)
+    run_dir = prepare_run_dir(recipe, from_stage)
     write_text_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
     run = RunResult(run_dir=run_dir)
     summary: dict[str, Any] = {"name": recipe.name, "status": "running", "source": str(recipe_path or ""),
@@ -89,6 +118,10 @@ def run_pipeline(recipe: Recipe, recipe_path: str | Path | None = None, from_sta
         if stage_summary.exists() and not rerun:
             done = read_json(stage_summary)
             print(f"[{stage.name}] already finished in {run_dir}; skipping (use --from-stage {stage.name} to rerun)")
+            changed = _changed_keys(done.get("config", {}), stage_settings(recipe, stage))
+            if changed:
+                print(f"[{stage.name}] note: it finished with different settings ({'; '.join(changed[:5])}); its "
+                      f"adapter is reused as it is. Use --from-stage {stage.name} to retrain it.", flush=True)
             run.stages[stage.name] = done
             summary["stages"][stage.name] = done
             previous = Path(done["adapter"])
@@ -105,7 +138,7 @@ def run_pipeline(recipe: Recipe, recipe_path: str | Path | None = None, from_sta
         started = time.perf_counter()
         result: StageResult = _stage_runner(stage.kind)(ctx, tokenizer=tokenizer)
         result.metrics["stage_seconds"] = round(time.perf_counter() - started, 1)
-        done = asdict(result)
+        done = {**asdict(result), "config": stage_settings(recipe, stage)}
         write_json_atomic(stage_summary, done)
         run.stages[stage.name] = done
         summary["stages"][stage.name] = done
@@ -127,4 +160,7 @@ def _print_summary(run: RunResult) -> None:
         before, after = m.get("task_before"), m.get("task_after")
         if before and after:
             line += f", held-out exact match {before['exact_match']:.1%} -> {after['exact_match']:.1%}"
+        pairs = m.get("eval_after")
+        if pairs and "rewards/accuracies" in pairs:
+            line += f", held-out reward accuracy {pairs['rewards/accuracies']:.1%} (reference: {m.get('reference')})"
         print(line)

@@ -1,0 +1,109 @@
+"""DPO recipe rules and loss arguments: bad stage lists fail with the message a user needs, before any model load."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from finetune.recipe import DPOConfig
+from finetune.recipe_io import RecipeError, load_recipe
+
+DATA = "data: {train: [{path: x}]}\n"
+
+
+def problems(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "r.yaml"
+    path.write_text(DATA + text)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    return str(e.value)
+
+
+def load(tmp_path: Path, text: str):
+    path = tmp_path / "r.yaml"
+    path.write_text(DATA + text)
+    return load_recipe(path)
+
+
+def test_sft_then_dpo_is_valid_and_defaults_to_the_sft_reference(tmp_path):
+    r = load(tmp_path, "stages:\n  - {name: sft, kind: sft}\n  - {name: dpo, kind: dpo}\n")
+    dpo = r.stages[1]
+    assert (dpo.init_from, dpo.dpo.reference, dpo.dpo.loss_type) == ("previous", "sft", "sigmoid")
+
+
+def test_duplicate_stage_name_is_named(tmp_path):
+    msg = problems(tmp_path, "stages:\n  - {name: a, kind: sft}\n  - {name: a, kind: dpo}\n")
+    assert "the stage name 'a' is used more than once" in msg
+
+
+@pytest.mark.parametrize(
+    "stages",
+    [
+        "  - {name: dpo, kind: dpo}\n",  # first stage: nothing before it
+        "  - {name: sft, kind: sft}\n  - {name: dpo, kind: dpo, init_from: new}\n",  # fresh adapter
+    ],
+    ids=["first-stage", "init-new"],
+)
+def test_sft_reference_without_an_sft_adapter_is_refused(tmp_path, stages):
+    msg = problems(tmp_path, "stages:\n" + stages)
+    assert "dpo.reference is 'sft' but there is no SFT adapter to start from" in msg
+    assert "reference: base" in msg  # says what to do
+
+
+@pytest.mark.parametrize("extra", ["dpo: {reference: base}", "init_from: some/adapter"])
+def test_first_dpo_stage_is_fine_with_base_reference_or_an_adapter_path(tmp_path, extra):
+    r = load(tmp_path, f"stages:\n  - {{name: dpo, kind: dpo, {extra}}}\n")
+    assert r.stages[0].kind == "dpo"
+
+
+def test_label_smoothing_needs_the_sigmoid_loss(tmp_path):
+    msg = problems(
+        tmp_path,
+        "stages:\n  - {name: sft, kind: sft}\n  - {name: dpo, kind: dpo, dpo: {loss_type: ipo, label_smoothing: 0.1}}\n",
+    )
+    assert "stages[1].dpo.label_smoothing works with loss_type 'sigmoid' only" in msg
+
+
+def test_dpo_settings_on_an_sft_stage_are_refused(tmp_path):
+    msg = problems(tmp_path, "stages:\n  - {name: sft, kind: sft, dpo: {beta: 0.5}}\n")
+    assert "stages[0] (sft): the dpo settings apply to dpo stages only" in msg
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "tokenizer", ".hidden"])
+def test_stage_name_must_be_a_plain_folder_name(tmp_path, name):
+    msg = problems(tmp_path, f"stages:\n  - {{name: '{name}', kind: sft}}\n")
+    assert f"stages[0].name: '{name}' must be a plain folder name" in msg
+
+
+def test_unknown_loss_type_lists_the_choices(tmp_path):
+    msg = problems(tmp_path, "stages:\n  - {name: s, kind: sft}\n  - {name: d, kind: dpo, dpo: {loss_type: kto}}\n")
+    assert "stages[1].dpo.loss_type" in msg and "sigmoid" in msg and "ipo" in msg and "hinge" in msg
+
+
+def test_loss_terms_pass_the_loss_type_through():
+    from finetune.stages.dpo import loss_terms
+
+    for kind in ("sigmoid", "ipo", "hinge"):
+        assert loss_terms(DPOConfig(loss_type=kind)) == {"loss_type": [kind], "label_smoothing": 0.0}
+
+
+@pytest.mark.parametrize("e", [0.05, 0.2, 0.45])
+def test_conservative_dpo_is_rebuilt_exactly_from_trl_losses(e):
+    """trl ignores label_smoothing for sigmoid; our weighted sigmoid + robust pair must equal the cDPO formula."""
+    import torch
+    import torch.nn.functional as F
+
+    from finetune.stages.dpo import loss_terms
+
+    terms = loss_terms(DPOConfig(label_smoothing=e))
+    assert terms["loss_type"] == ["sigmoid", "robust"] and terms["label_smoothing"] == e
+    z = torch.linspace(-8, 8, 101, dtype=torch.float64)
+    # The two trl 1.x loss formulas (trl/trainer/dpo_trainer.py, `sigmoid` and `robust`), z = beta * margin
+    sigmoid = -F.logsigmoid(z)
+    robust = (-(1 - e) * F.logsigmoid(z) + e * F.logsigmoid(-z)) / (1 - 2 * e)
+    combined = terms["loss_weights"][0] * sigmoid + terms["loss_weights"][1] * robust
+    cdpo = -(1 - e) * F.logsigmoid(z) - e * F.logsigmoid(-z)
+    assert torch.allclose(combined, cdpo, atol=1e-12)
+    assert combined[50].item() == pytest.approx(math.log(2))  # z = 0: still ln 2
