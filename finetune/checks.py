@@ -8,10 +8,10 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+from finetune.data.templates import TEMPLATE_NAMES
 from finetune.recipe import Recipe
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-TEMPLATE_NAMES = {"tokenizer", "chatml", "llama-3", "mistral", "gemma", "phi-3"}
 
 
 def looks_like_hub_id(value: str) -> bool:

@@ -79,14 +79,19 @@ class DatasetSource(Section):
     """Row format. `auto` detects it from the columns and reports what it found."""
     split: str = "train"
     """Split to read (Hub datasets and `save_to_disk` dataset dicts)."""
+    subset: str | None = None
+    """Hub dataset configuration (subset) name, e.g. `main` for gsm8k."""
     revision: str | None = None
     """Hub dataset revision."""
     columns: dict[str, str] = Field(default_factory=dict)
     """Column mapping from the format's field names to yours, e.g. {instruction: question, output: answer}."""
     weight: Annotated[float, Field(gt=0)] | None = None
-    """Mixing weight relative to the other sources (sampled with the recipe seed). None: use every row once."""
+    """Share of this source in the training mix, relative to the other sources' weights (set it on all train
+    sources or none). The mix keeps the total row count; a source is subsampled or repeated to reach its share.
+    None: every row once."""
     max_samples: Annotated[int, Field(ge=1)] | None = None
-    """Keep at most this many rows of this source (after shuffling with the seed). Handy for quick runs."""
+    """Keep at most this many rows of this source (after shuffling with the seed): quick runs, or mixing by sample
+    count."""
 
 
 class DataConfig(Section):
@@ -95,25 +100,44 @@ class DataConfig(Section):
     eval: list[DatasetSource] = Field(default_factory=list)
     """Evaluation datasets for the eval loss. Empty: take `eval_fraction` of train, or no eval."""
     eval_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    """Share of the training rows held out for the eval loss when `eval` is empty."""
+    """Share of each training source's rows held out (chosen with the seed) for the eval loss when `eval` is
+    empty."""
     template: str = "tokenizer"
-    """Chat template: `tokenizer` (the tokenizer's own), a registry name (chatml, llama-3, mistral, gemma, phi-3),
-    or a path to a Jinja file."""
+    """Chat template: `tokenizer` (the tokenizer's own; a base model without one gets `chatml` or `plain`, with a
+    notice), a registry name (chatml, llama-3, mistral, gemma, phi-3, plain), or a path to a Jinja file."""
     train_on: Literal["assistant", "all"] = "assistant"
     """Which tokens carry labels: every assistant turn (and its end-of-turn token), or the whole text."""
     max_length: Annotated[int, Field(ge=8)] = 1024
-    """Longest sample in tokens."""
+    """Longest sample in tokens (and the length of a packed row with `packing`)."""
     length_policy: Literal["truncate", "drop"] = "truncate"
-    """What to do with samples over `max_length`. The count affected is reported."""
+    """What to do with samples over `max_length`: cut the end, or leave them out. The count affected is reported."""
     packing: bool = False
-    """Padding-free packing for SFT: samples are concatenated, positions restart per sample, no attention across."""
+    """Padding-free packing for SFT: whole samples share rows of up to `max_length` tokens, positions restart per
+    sample and no token attends across samples. `training.micro_batch_size` then counts packed rows."""
     shuffle: bool = True
     """Shuffle the training rows with the recipe seed."""
+    cache_dir: str | None = ".cache/finetune/data"
+    """Folder (relative to the current directory) where preprocessed datasets are cached, keyed by the data files'
+    content, the tokenizer, the template and this section. None: no cache."""
     task_eval: str | None = None
     """A held-out file with `messages` (+ `answer`) rows: greedy answers are scored (exact match) before and after
     training and written to the summary."""
     task_eval_max_new_tokens: Annotated[int, Field(ge=1)] = 24
     """Generation budget for each `task_eval` answer."""
+
+    @model_validator(mode="after")
+    def _data_rules(self) -> DataConfig:
+        problems = []
+        weighted = [src.weight is not None for src in self.train]
+        if any(weighted) and not all(weighted):
+            problems.append("data.train: set `weight` on every source or on none (weights are shares of the mix)")
+        if any(src.weight is not None for src in self.eval):
+            problems.append("data.eval: `weight` applies to training sources only")
+        if self.eval and self.eval_fraction:
+            problems.append("data: both `eval` sources and `eval_fraction` are set; keep one")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
 
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]

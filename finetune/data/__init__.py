@@ -1,72 +1,69 @@
-"""Data: read rows, turn them into conversations, tokenize with the chat template and label masks.
+"""Data: read rows, normalise their format, render them with the chat template, mask labels, pack, cache.
 
-The public entry point is `build_dataset`; stages never look at raw rows.
+Stages use two functions and never look at raw rows:
+
+    info = apply_template(tokenizer, data)                  # the recipe's chat template on the tokenizer
+    train = build_dataset(data, tokenizer, "sft", seed, "train")
+
+Modules: `readers` (files, folders, save_to_disk, Hub), `formats` (detection, column mapping, normalisation),
+`templates` (registry, apply_template), `encode` (ids and label masks), `packing`, `cache`, `build` (the steps in
+order), `preview` (`ft data preview`). Importing this package is cheap: datasets and transformers load on use.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
+from finetune.data.encode import IGNORE
+from finetune.data.templates import TEMPLATE_NAMES, TemplateInfo, apply_template
 from finetune.errors import FinetuneError
 from finetune.recipe import DataConfig, DatasetSource
 
-IGNORE = -100
+__all__ = ["IGNORE", "TEMPLATE_NAMES", "TemplateInfo", "apply_template", "build_dataset", "read_rows"]
 
 
-def read_rows(src: DatasetSource) -> list[dict[str, Any]]:
-    """Rows of a local .jsonl file. (Other sources come with the data module proper.)"""
-    path = Path(src.path)
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise FinetuneError(f"{path}: row {n} is not valid JSON ({e.msg})") from None
-    if src.max_samples:
-        rows = rows[: src.max_samples]
-    return rows
+def read_rows(src: DatasetSource, key: str = "data") -> list[dict[str, Any]]:
+    """The raw rows of one source (any supported kind of source), with its column mapping applied, in file order.
 
-
-def tokenize_messages(tokenizer, messages: list[dict[str, str]], train_on: str, max_length: int) -> dict[str, list]:
-    """Token ids and labels of one conversation.
-
-    Labels cover each assistant turn and its end-of-turn token (found by rendering the conversation up to the turn
-    with and without it); everything else is -100 unless `train_on` is `all`.
+    For tools that need the rows themselves (e.g. export verification); training goes through `build_dataset`.
     """
-    ids: list[int] = []
-    labels: list[int] = []
-    for i, msg in enumerate(messages):
-        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=True, return_dict=True)["input_ids"]
-        if msg["role"] == "assistant":
-            prompt = tokenizer.apply_chat_template(
-                messages[:i], tokenize=True, add_generation_prompt=True, return_dict=True
-            )["input_ids"]
-            if upto[: len(prompt)] != prompt or prompt[: len(ids)] != ids:
-                raise FinetuneError("the chat template does not render conversations prefix by prefix")
-            labels += [IGNORE] * (len(prompt) - len(ids)) + upto[len(prompt) :]
-        else:
-            if upto[: len(ids)] != ids:
-                raise FinetuneError("the chat template does not render conversations prefix by prefix")
-            new = upto[len(ids) :]
-            labels += list(new) if train_on == "all" else [IGNORE] * len(new)
-        ids = list(upto)
-    return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
+    from finetune.data.formats import apply_columns
+    from finetune.data.readers import read_source
+
+    table = read_source(src, key)
+    apply_columns(table, src.columns)
+    return table.rows[: src.max_samples] if src.max_samples else table.rows
 
 
-def build_dataset(data: DataConfig, tokenizer, kind: str, seed: int, split: str = "train"):
-    """A tokenized `datasets.Dataset` (input_ids, labels) for a stage, or None when the split has no data."""
-    from datasets import Dataset
+def build_dataset(data: DataConfig, tokenizer: Any, kind: str, seed: int, split: str = "train"):
+    """The preprocessed `datasets.Dataset` of a stage's split, or None when the split has no data.
 
-    sources = data.train if split == "train" else data.eval
-    if not sources:
+    Args:
+        data: The stage's data section.
+        tokenizer: The tokenizer, after `apply_template(tokenizer, data)`.
+        kind: `sft`: columns `input_ids` and `labels` (-100 where no loss), plus `seq_lengths` for packed training
+            rows (`data.packing`; train the dataset with trl's padding-free collator). `dpo`: trl's conversational
+            preference format, columns `prompt`, `chosen`, `rejected`, each a list of {role, content} messages.
+        seed: The recipe seed.
+        split: `train` or `eval`.
+
+    Raises:
+        FinetuneError: Bad or missing data (the message names the file, rows and fix), or a chat template that does
+            not end assistant turns with a token the model can learn to stop on.
+    """
+    from finetune.data.build import prepare
+
+    apply_template(tokenizer, data)  # idempotent; stages call it first themselves (before the model loads)
+    prepared = prepare(data, tokenizer, kind, seed, split)
+    if prepared is None:
         return None
-    rows = [r for src in sources for r in read_rows(src)]
-    if kind != "sft":
-        raise FinetuneError(f"{kind} data is not supported yet")
-    out = [tokenize_messages(tokenizer, r["messages"], data.train_on, data.max_length) for r in rows]
-    ds = Dataset.from_list(out)
-    return ds.shuffle(seed=seed) if data.shuffle and split == "train" else ds
+    report = prepared.report
+    print(report.summary(), flush=True)
+    if report.turns_without_eot:
+        raise FinetuneError(
+            f"data ({split}): {report.turns_without_eot} of {report.assistant_turns} assistant turns end without a "
+            f"trained end-of-turn token (template '{report.template}', end-of-turn "
+            f"{report.end_of_turn or 'not found'}): the model would never learn to stop. Use a template that closes "
+            "assistant turns with a special token (data.template: chatml, llama-3, ...). `ft data preview` shows it."
+        )
+    return prepared.dataset

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from finetune.adapters import attach, prepare_base, trainable_summary
-from finetune.data import build_dataset
+from finetune.data import apply_template, build_dataset
 from finetune.model import load_model, load_tokenizer
 from finetune.runio import write_dir_atomic
 from finetune.stages.common import (
@@ -27,6 +27,7 @@ def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
 
     # --- setup: tokenizer and data first (cheap, fails early), then the model
     tokenizer = tokenizer or load_tokenizer(recipe.model)
+    apply_template(tokenizer, data)  # the recipe's chat template (may add tokens: before the model loads)
     train_ds = build_dataset(data, tokenizer, "sft", seed=training.seed, split="train")
     eval_ds = build_dataset(data, tokenizer, "sft", seed=training.seed, split="eval")
     model = load_model(recipe, training, tokenizer)
@@ -44,7 +45,9 @@ def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
     # --- train
     config = SFTConfig(
         **trainer_kwargs(ctx, has_eval=eval_ds is not None),
-        max_length=data.max_length,
+        # Our data is already cut to max_length (and packed into rows of it); trl refuses max_length with
+        # padding_free unless it packs itself, so it gets None then.
+        max_length=None if data.packing else data.max_length,
         padding_free=data.packing,
         packing=False,
     )

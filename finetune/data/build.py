@@ -1,0 +1,195 @@
+"""From the recipe's data section to a `datasets.Dataset`: read, normalise, split, mix, tokenize, fit lengths, pack,
+and cache the result. Every step is deterministic given the recipe seed."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finetune.data import cache, formats
+from finetune.data.encode import IGNORE, Encoded, EncodeError, encode_messages, encode_text, fit_length
+from finetune.data.packing import pack
+from finetune.data.readers import Table, read_source
+from finetune.data.templates import TemplateInfo, applied_template
+from finetune.errors import FinetuneError
+from finetune.recipe import DataConfig, DatasetSource
+
+PROGRESS_FROM = 5000  # show a progress bar when tokenizing at least this many samples
+
+
+@dataclass
+class DataReport:
+    """What preprocessing did, for the console, `ft data preview` and the cache."""
+
+    kind: str
+    split: str
+    sources: list[dict[str, Any]] = field(default_factory=list)  # key, path, format, rows, used
+    samples: int = 0  # samples in the dataset (before packing)
+    rows: int = 0  # dataset rows (packed rows with packing)
+    truncated: int = 0
+    dropped_too_long: int = 0
+    dropped_fully_masked: int = 0
+    assistant_turns: int = 0
+    turns_without_eot: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    template: str = ""
+    end_of_turn: str | None = None
+    cache: str = "off"
+
+    def summary(self) -> str:
+        """One line for the console."""
+        what = ", ".join(f"{s['key']} {s['format']} {s['used']}/{s['rows']}" for s in self.sources)
+        line = f"data ({self.split}): {self.samples} samples [{what}]"
+        if self.kind == "sft":
+            share = self.trained_tokens / max(self.tokens, 1)
+            line += f", {self.tokens:,} tokens, {share:.1%} trained"
+            if self.rows != self.samples:
+                line += f", packed into {self.rows} rows"
+            line += (f"; {self.truncated} truncated, {self.dropped_too_long} dropped as too long, "
+                     f"{self.dropped_fully_masked} dropped as fully masked")
+        return f"{line}; cache: {self.cache}"
+
+
+@dataclass
+class Prepared:
+    """A preprocessed split and its report."""
+
+    dataset: Any  # datasets.Dataset
+    report: DataReport
+
+
+def split_sources(data: DataConfig, split: str) -> tuple[list[tuple[str, DatasetSource]], bool]:
+    """(keyed sources to read, whether the split is a held-out fraction of the train sources)."""
+    held_out = data.eval_fraction > 0 and not data.eval
+    if split == "train" or held_out:
+        return [(f"data.train[{i}]", s) for i, s in enumerate(data.train)], held_out
+    return [(f"data.eval[{i}]", s) for i, s in enumerate(data.eval)], False
+
+
+def prepare(data: DataConfig, tokenizer: Any, kind: str, seed: int, split: str = "train") -> Prepared | None:
+    """Preprocess one split of a stage's data (from the cache when it holds it). None when the split has no data.
+
+    Args:
+        data: The stage's data section.
+        tokenizer: A tokenizer prepared by `apply_template(tokenizer, data)`.
+        kind: `sft` (input_ids, labels[, seq_lengths]) or `dpo` (prompt, chosen, rejected message lists).
+        seed: The recipe seed (shuffling, mixing, eval hold-out, packing order).
+        split: `train` or `eval`.
+    """
+    if kind not in ("sft", "dpo"):
+        raise FinetuneError(f"unknown stage kind '{kind}' for data preparation")
+    sources, held_out = split_sources(data, split)
+    if not sources:
+        return None
+    template = applied_template(tokenizer, data)
+    key = root = None
+    if data.cache_dir:
+        root = Path(data.cache_dir)
+        key = cache.cache_key(data, sources, tokenizer, kind, split, seed)
+        hit = cache.load(root, key)
+        if hit is not None:
+            report = DataReport(**hit[1])
+            report.cache = f"hit {root / key}"
+            return Prepared(hit[0], report)
+    report = DataReport(kind=kind, split=split, template=template.source, end_of_turn=template.end_of_turn)
+    examples = _select(data, sources, kind, seed, split, held_out, report)
+    if kind == "dpo":
+        from datasets import Dataset
+
+        dataset = Dataset.from_list([ex for _, _, ex in examples])
+        report.samples = report.rows = len(dataset)
+    else:
+        dataset = _tokenize(data, tokenizer, template, examples, seed, split, report)
+    if root is not None and key is not None:
+        entry = cache.save(root, key, dataset, asdict(report))
+        report.cache = f"miss, saved to {entry}"
+    return Prepared(dataset, report)
+
+
+def _select(data: DataConfig, sources: list[tuple[str, DatasetSource]], kind: str, seed: int, split: str,
+            held_out: bool, report: DataReport) -> list[tuple[Table, int, dict[str, Any]]]:
+    """Normalised examples of the split as (table, row index, example), shuffled, capped, split and mixed."""
+    parts: list[tuple[Table, list[int], list[dict[str, Any]], DatasetSource]] = []
+    for key, src in sources:
+        table = read_source(src, key)
+        formats.apply_columns(table, src.columns)
+        fmt, notice = formats.resolve_format(table, src.format)
+        if notice:
+            print(f"data: {notice}", flush=True)
+        if kind == "dpo" and fmt != "preference":
+            raise FinetuneError(f"{key} '{src.path}': a dpo stage needs preference rows (prompt, chosen, rejected); "
+                                f"this source is '{fmt}'")
+        normalised = formats.normalize_preference(table) if kind == "dpo" else formats.normalize_sft(table, fmt)
+        order = list(range(len(table.rows)))
+        if data.shuffle:
+            random.Random(f"{seed}:{key}").shuffle(order)  # str seeds are hashed stably (not by PYTHONHASHSEED)
+        order = order[: src.max_samples] if src.max_samples else order
+        if held_out:  # the last eval_fraction of each source's rows is the eval split, the rest is train
+            n_eval = max(1, round(len(order) * data.eval_fraction)) if len(order) > 1 else 0
+            order = order[len(order) - n_eval :] if split == "eval" else order[: len(order) - n_eval]
+        parts.append((table, order, normalised, src))
+        report.sources.append({"key": key, "path": src.path, "format": fmt, "rows": len(table.rows),
+                               "used": len(order)})
+    if split == "train" and any(src.weight for *_, src in parts):
+        total = sum(len(order) for _, order, _, _ in parts)
+        weights = sum(src.weight or 0 for *_, src in parts)
+        for p, (table, order, normalised, src) in enumerate(parts):
+            target = round(total * (src.weight or 0) / weights)
+            parts[p] = (table, [order[i % len(order)] for i in range(target)] if order else [], normalised, src)
+            report.sources[p]["used"] = target
+    examples = [(table, i, normalised[i]) for table, order, normalised, _ in parts for i in order]
+    if data.shuffle and split == "train" and len(parts) > 1:
+        random.Random(f"{seed}:mix").shuffle(examples)
+    if not examples:
+        raise FinetuneError(f"data ({split}): no samples left after max_samples / eval_fraction / weights")
+    return examples
+
+
+def _tokenize(data: DataConfig, tokenizer: Any, template: TemplateInfo, examples: list, seed: int, split: str,
+              report: DataReport):
+    from datasets import Dataset
+    from tqdm.auto import tqdm
+
+    problems: dict[int, formats.Problems] = {}
+    ids: list[list[int]] = []
+    labels: list[list[int]] = []
+    for table, i, ex in tqdm(examples, desc=f"data: tokenizing ({split})", disable=len(examples) < PROGRESS_FROM,
+                             mininterval=2.0):
+        try:
+            sample: Encoded | None = (encode_text(tokenizer, ex["text"]) if "text" in ex
+                                      else encode_messages(tokenizer, ex["messages"], data.train_on, template))
+        except EncodeError as e:
+            problems.setdefault(id(table), formats.Problems(table)).add(str(e), i)
+            continue
+        report.assistant_turns += sample.assistant_turns
+        report.turns_without_eot += sample.turns_without_eot
+        fitted = fit_length(sample, data.max_length, data.length_policy)
+        if fitted is None:
+            report.dropped_too_long += 1
+            continue
+        report.truncated += fitted is not sample
+        if all(t == IGNORE for t in fitted.labels):
+            report.dropped_fully_masked += 1
+            continue
+        ids.append(fitted.input_ids)
+        labels.append(fitted.labels)
+        report.tokens += len(fitted.input_ids)
+        report.trained_tokens += sum(t != IGNORE for t in fitted.labels)
+    for p in problems.values():
+        p.raise_if_any("rows the chat template cannot encode")
+    if not ids:
+        raise FinetuneError(
+            f"data ({split}): all {len(examples)} samples were dropped ({report.dropped_too_long} longer than "
+            f"max_length {data.max_length} with length_policy drop, {report.dropped_fully_masked} with no trained "
+            "token: no assistant turn, or the prompt alone fills max_length). Raise data.max_length, use "
+            "length_policy: truncate, or check the data has assistant turns."
+        )
+    report.samples = len(ids)
+    columns: dict[str, list] = {"input_ids": ids, "labels": labels}
+    if data.packing and split == "train":
+        columns = pack(ids, labels, data.max_length, seed)
+    report.rows = len(columns["input_ids"])
+    return Dataset.from_dict(columns)

@@ -1,0 +1,88 @@
+"""On-disk cache of preprocessed datasets, keyed by everything the result depends on.
+
+Key: the content hash of every data file (or the Hub dataset's fingerprint), the tokenizer (vocabulary, special
+tokens, chat template), the data section of the recipe, the stage kind, split and seed, and `CACHE_VERSION` (bumped
+whenever the preprocessing code changes its output). A hit is loaded instead of reading and tokenizing again; a
+change to any input is a miss. Entries are written under a temporary name and renamed, so concurrent runs and
+crashes never leave a half-written entry behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from finetune.data.readers import fingerprint
+from finetune.recipe import DataConfig, DatasetSource
+
+CACHE_VERSION = 1
+_NOT_IN_KEY = {"task_eval", "task_eval_max_new_tokens", "cache_dir"}  # do not change the preprocessed data
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of what tokenization depends on: vocabulary and merges, added and special tokens, chat template."""
+    h = hashlib.blake2b(digest_size=16)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+             .encode())
+    specials = {k: str(getattr(tokenizer, k, None)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    h.update(json.dumps([type(tokenizer).__name__, specials, tokenizer.chat_template or ""]).encode())
+    return h.hexdigest()
+
+
+def cache_key(data: DataConfig, sources: list[tuple[str, DatasetSource]], tokenizer: Any, kind: str, split: str,
+              seed: int) -> str:
+    """The cache key of a preprocessed split (hex digest)."""
+    parts = {
+        "version": CACHE_VERSION,
+        "kind": kind,
+        "split": split,
+        "seed": seed,
+        "data": data.model_dump(mode="json", exclude=_NOT_IN_KEY),
+        "files": [fingerprint(src, key) for key, src in sources],
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+    }
+    return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=20).hexdigest()
+
+
+def load(root: Path, key: str) -> tuple[Any, dict[str, Any]] | None:
+    """(dataset, report) of a cached entry, or None on a miss. The dataset is read into memory, so trainers that
+    map over it never write files into the cache folder."""
+    entry = root / key
+    if not (entry / "report.json").exists():
+        return None
+    from datasets import load_from_disk
+
+    try:
+        return load_from_disk(str(entry), keep_in_memory=True), json.loads((entry / "report.json").read_text())
+    except Exception:  # an unreadable entry is a miss, not a failure; it is rewritten below
+        return None
+
+
+def save(root: Path, key: str, dataset: Any, report: dict[str, Any]) -> Path:
+    """Store an entry atomically; returns its folder. A concurrent writer of the same key wins, ours is dropped."""
+    entry = root / key
+    tmp = root / f".{key}.{os.getpid()}.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    quiet = are_progress_bars_disabled()
+    disable_progress_bars()  # a "Saving the dataset" bar per split is noise; our report says where it went
+    try:
+        dataset.save_to_disk(str(tmp))
+    finally:
+        if not quiet:
+            enable_progress_bars()
+    (tmp / "report.json").write_text(json.dumps(report, indent=1))
+    if entry.exists():  # a broken entry (load failed) or one written meanwhile by another run
+        shutil.rmtree(entry, ignore_errors=True)
+    try:
+        os.replace(tmp, entry)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return entry

@@ -1,0 +1,110 @@
+"""Token ids and labels of one sample: the chat template renders the text, label masks come from character spans.
+
+For each assistant turn the template is rendered twice: the conversation before it with the generation prompt
+(`head`), and the conversation up to and including it (`full`). The characters between the two are what the model
+must produce: the answer and its end-of-turn token, which is always trained (anything the template writes after
+that token, such as a newline, is not). The whole text is then tokenized once and a token carries a label when its
+last character falls inside a trained span, so the ids are exactly what `apply_chat_template` would give.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from finetune.data.templates import TemplateInfo, render
+
+IGNORE = -100
+
+PREFIX_PROBLEM = (
+    "rendered by the chat template differently once later turns are added (it does not render conversations "
+    "prefix by prefix, e.g. it rewrites earlier turns), so assistant turns cannot be located; use a registry "
+    "template (data.template: chatml, llama-3, ...) or data.train_on: all"
+)
+
+
+class EncodeError(ValueError):
+    """A sample that cannot be encoded; the message says why, as in '<n> rows: <message>'."""
+
+
+@dataclass
+class Encoded:
+    """One tokenized sample."""
+
+    input_ids: list[int]
+    labels: list[int]
+    assistant_turns: int = 0
+    turns_without_eot: int = 0  # assistant turns whose end-of-turn token carries no label
+
+
+def assistant_spans(tokenizer: Any, messages: list[dict[str, str]], eot: str | None) -> tuple[str, list[tuple]]:
+    """The rendered conversation and the (start, end) character spans that carry labels (one per assistant turn)."""
+    text, spans = "", []
+    try:
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            head = render(tokenizer, messages[:i], generation_prompt=True)
+            full = render(tokenizer, messages[: i + 1])
+            if not head.startswith(text) or not full.startswith(head):
+                raise EncodeError(PREFIX_PROBLEM)
+            body = full[len(head) :]
+            end = len(head) + body.rindex(eot) + len(eot) if eot and eot in body else len(full)
+            spans.append((len(head), end))
+            text = full
+        if messages[-1]["role"] != "assistant":
+            full = render(tokenizer, messages)
+            if not full.startswith(text):
+                raise EncodeError(PREFIX_PROBLEM)
+            text = full
+    except EncodeError:
+        raise
+    except Exception as e:  # jinja raises for conversations a template refuses (e.g. roles out of order)
+        raise EncodeError(f"refused by the chat template ({e})") from None
+    return text, spans
+
+
+def encode_messages(tokenizer: Any, messages: list[dict[str, str]], train_on: str, template: TemplateInfo) -> Encoded:
+    """Ids and labels of a conversation: assistant turns (with their end-of-turn token) trained, or everything."""
+    eot, eot_id = template.end_of_turn, template.end_of_turn_id
+    turns = sum(m["role"] == "assistant" for m in messages)
+    if train_on == "all":
+        try:
+            text = render(tokenizer, messages)
+        except Exception as e:
+            raise EncodeError(f"refused by the chat template ({e})") from None
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return Encoded(ids, list(ids), turns, max(0, turns - ids.count(eot_id)))
+    text, spans = assistant_spans(tokenizer, messages, eot)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = [IGNORE] * len(ids)
+    trained_eot = [False] * len(spans)
+    s = 0
+    for j, (_, end) in enumerate(offsets):
+        last = end - 1
+        while s < len(spans) and last >= spans[s][1]:
+            s += 1
+        if s < len(spans) and spans[s][0] <= last:
+            labels[j] = ids[j]
+            trained_eot[s] = trained_eot[s] or ids[j] == eot_id
+    return Encoded(ids, labels, turns, trained_eot.count(False))
+
+
+def encode_text(tokenizer: Any, text: str) -> Encoded:
+    """Ids and labels of plain text: every token trained, the tokenizer's bos (if it adds one) and eos at the end."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids = [*ids, eos]
+    return Encoded(ids, list(ids))
+
+
+def fit_length(sample: Encoded, max_length: int, policy: str) -> Encoded | None:
+    """The sample within `max_length` tokens: cut at the end (`truncate`) or None (`drop`). Unchanged if it fits."""
+    if len(sample.input_ids) <= max_length:
+        return sample
+    if policy == "drop":
+        return None
+    return Encoded(sample.input_ids[:max_length], sample.labels[:max_length], sample.assistant_turns,
+                   sample.turns_without_eot)

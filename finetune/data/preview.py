@@ -1,0 +1,135 @@
+"""`ft data preview`: what the model will be trained on, before any model is loaded.
+
+Shows rendered samples with trained tokens marked apart from masked ones (colour on a terminal, «guillemets»
+otherwise), token counts, the share of trained tokens, a length histogram, truncation counts, and checks that fail
+the command: end-of-turn tokens carry labels, pad differs from eos, no sample is fully masked.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from finetune.data.build import DataReport, Prepared
+from finetune.data.encode import IGNORE
+from finetune.data.packing import unpack
+from finetune.data.templates import TemplateInfo, render
+
+OPEN, CLOSE = "«", "»"
+
+
+def marked(tokenizer: Any, ids: list[int], labels: list[int], color: bool) -> str:
+    """The sample's text with trained tokens marked: green on a terminal, between « and » otherwise."""
+    import typer
+
+    out, start = [], 0
+    for j in range(1, len(ids) + 1):
+        if j == len(ids) or (labels[j] != IGNORE) != (labels[start] != IGNORE):
+            text = tokenizer.decode(ids[start:j], skip_special_tokens=False)
+            if labels[start] != IGNORE:
+                out.append(typer.style(text, fg=typer.colors.GREEN, bold=True) if color else f"{OPEN}{text}{CLOSE}")
+            else:
+                out.append(typer.style(text, dim=True) if color else text)
+            start = j
+    return "".join(out)
+
+
+def histogram(lengths: list[int], top: int, bins: int = 8, width: int = 40) -> list[str]:
+    """Text histogram of sample lengths over [0, top]."""
+    if not lengths:
+        return []
+    step = max(1, -(-top // bins))
+    counts = [0] * bins
+    for n in lengths:
+        counts[min(n // step, bins - 1)] += 1
+    peak = max(counts)
+    return [f"  {i * step:>6}-{min((i + 1) * step - 1, top):<6} {'#' * round(width * c / peak):<{width}} {c}"
+            for i, c in enumerate(counts)]
+
+
+def checks(report: DataReport, tokenizer: Any, template: TemplateInfo) -> list[tuple[bool, str]]:
+    """(passed, description) of each explicit check."""
+    out = []
+    if report.kind == "sft" and report.assistant_turns:
+        bad = report.turns_without_eot
+        out.append((bad == 0 and template.end_of_turn is not None,
+                    f"end-of-turn token {template.end_of_turn or '(none found)'} carries a label in every assistant "
+                    f"turn ({report.assistant_turns - bad}/{report.assistant_turns})"))
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    out.append((pad is not None and pad != eos and pad != template.end_of_turn_id,
+                f"pad token {tokenizer.pad_token} ({pad}) differs from eos {tokenizer.eos_token} ({eos}) and the "
+                "end-of-turn token"))
+    if report.kind == "sft":
+        n = report.dropped_fully_masked
+        out.append((n == 0, "no sample is fully masked" if n == 0 else
+                    f"{n} samples had no trained token and were left out (no assistant turn, or cut by max_length)"))
+    return out
+
+
+def preview_lines(prepared: Prepared, tokenizer: Any, template: TemplateInfo, n: int, max_length: int,
+                  color: bool) -> tuple[list[str], bool]:
+    """The preview's lines and whether every check passed."""
+    report, ds = prepared.report, prepared.dataset
+    lines = [f"template: {template.source} (end-of-turn {template.end_of_turn}); {report.summary()}", ""]
+    if report.kind == "dpo":
+        for i in range(min(n, len(ds))):
+            row = ds[i]
+            prompt = render(tokenizer, row["prompt"], generation_prompt=True)
+            lines.append(f"--- pair {i + 1} of {len(ds)}")
+            lines.append(prompt)
+            for side in ("chosen", "rejected"):
+                text = render(tokenizer, row["prompt"] + row[side])[len(prompt):]
+                count = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+                lines.append(f"  [{side}, {count} tokens] {text}")
+            lines.append("")
+    else:
+        samples = [s for row in ds for s in unpack(row)]
+        for i, (ids, labels) in enumerate(samples[:n]):
+            trained = sum(t != IGNORE for t in labels)
+            lines.append(f"--- sample {i + 1} of {len(samples)}: {len(ids)} tokens, {trained} trained "
+                         f"({trained / max(len(ids), 1):.1%})")
+            lines.append(marked(tokenizer, ids, labels, color))
+            lines.append("")
+        if not color:
+            lines.append(f"{OPEN}...{CLOSE} marks trained tokens (they carry labels); the rest is masked (-100).")
+        lines.append(f"lengths in tokens ({len(samples)} samples, max_length {max_length}):")
+        lines += histogram([len(ids) for ids, _ in samples], max_length)
+        lines.append(f"tokens: {report.tokens:,}, trained {report.trained_tokens:,} "
+                     f"({report.trained_tokens / max(report.tokens, 1):.1%}); {report.truncated} truncated, "
+                     f"{report.dropped_too_long} dropped as longer than max_length")
+    lines.append("checks:")
+    results = checks(report, tokenizer, template)
+    lines += [f"  {'ok  ' if ok else 'FAIL'} {text}" for ok, text in results]
+    return lines, all(ok for ok, _ in results)
+
+
+def run_preview(recipe: Any, n: int = 3, stage: str | None = None, split: str = "train",
+                color: bool | None = None) -> bool:
+    """Print the preview of one stage's data (the first stage by default); True when every check passed."""
+    import sys
+
+    import typer
+
+    from finetune.data.build import prepare
+    from finetune.data.templates import apply_template
+    from finetune.errors import FinetuneError
+    from finetune.model import load_tokenizer
+
+    stages = recipe.effective_stages()
+    chosen = next((s for s in stages if s.name == stage), None) if stage else stages[0]
+    if chosen is None:
+        raise FinetuneError(f"--stage {stage}: the recipe has no such stage (stages: "
+                            f"{', '.join(s.name for s in stages)})")
+    if split not in ("train", "eval"):
+        raise FinetuneError(f"--split {split}: choose train or eval")
+    data = recipe.stage_data(chosen)
+    tokenizer = load_tokenizer(recipe.model)
+    template = apply_template(tokenizer, data)
+    prepared = prepare(data, tokenizer, chosen.kind, recipe.stage_training(chosen).seed, split)
+    if prepared is None:
+        raise FinetuneError(f"stage {chosen.name} has no {split} data (set data.eval or data.eval_fraction)")
+    typer.echo(f"stage {chosen.name} ({chosen.kind}), {split} split")
+    color = sys.stdout.isatty() if color is None else color
+    lines, ok = preview_lines(prepared, tokenizer, template, n, data.max_length, color)
+    for line in lines:
+        typer.echo(line, color=color)  # click strips colour off a non-terminal unless told
+    return ok
