@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.adapters import attach, prepare_base, trainable_summary
-from finetune.data import build_dataset
+from finetune.data import apply_template, build_dataset
 from finetune.errors import FinetuneError
 from finetune.launch import is_main_process
 from finetune.model import load_model, load_tokenizer
@@ -38,6 +38,7 @@ from finetune.tracking import RunLogger
 
 REF = "ref"  # the adapter name trl's DPOTrainer switches to for the reference forward
 EVAL_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+TASK_KEYS = ("exact_match", "contains_answer", "concise_rate")
 
 
 def run_dpo(ctx: StageContext, tokenizer=None) -> StageResult:
@@ -47,6 +48,7 @@ def run_dpo(ctx: StageContext, tokenizer=None) -> StageResult:
 
     # --- setup: tokenizer and data first (cheap, fails early), then one model carrying policy and reference
     tokenizer = tokenizer or load_tokenizer(recipe.model)
+    apply_template(tokenizer, data)  # the recipe's chat template (may add tokens: before the model loads)
     train_ds = build_dataset(data, tokenizer, "dpo", seed=training.seed, split="train")
     eval_ds = build_dataset(data, tokenizer, "dpo", seed=training.seed, split="eval")
     trainer, reference = build_trainer(ctx, tokenizer, train_ds, eval_ds)
@@ -81,7 +83,9 @@ def run_dpo(ctx: StageContext, tokenizer=None) -> StageResult:
     task_after = task_metric(model, tokenizer, task_rows, data.task_eval_max_new_tokens)
     if task_after is not None:
         metrics["task_before"], metrics["task_after"] = task_before, task_after
-        print(f"[{name}] held-out task before -> after: {task_before} -> {task_after}", flush=True)
+        print(f"[{name}] held-out generation before -> after DPO: " + ", ".join(
+            f"{k.replace('_', ' ')} {task_before[k]:.1%} -> {task_after[k]:.1%}" for k in TASK_KEYS if k in task_after),
+            flush=True)
     return StageResult(name=name, kind="dpo", adapter=str(adapter_dir), metrics=metrics)
 
 
@@ -221,6 +225,5 @@ def held_out(trainer) -> dict[str, float]:
 
 
 def _fmt(m: dict[str, float]) -> str:
-    shown = {"loss": m.get("loss"), "reward accuracy": m.get("rewards/accuracies"),
-             "margin": m.get("rewards/margins")}
-    return ", ".join(f"{k} {v:.4f}" for k, v in shown.items() if v is not None and not math.isnan(v))
+    return (f"loss {m.get('loss', math.nan):.4f} (ln 2 = {math.log(2):.4f}), reward accuracy "
+            f"{m.get('rewards/accuracies', math.nan):.1%}, mean margin {m.get('rewards/margins', math.nan):+.4f}")

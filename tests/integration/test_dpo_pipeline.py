@@ -135,3 +135,24 @@ def test_rerun_after_a_crash_skips_the_finished_stage(run):
     assert "[sft] already finished" in result.output and "reference policy: sft" in result.output
     assert (d / "sft" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == sft_mtime
     assert (d / "dpo" / "summary.json").exists()
+
+
+def test_bad_preference_rows_are_counted_and_named(tiny_model, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    good = {"prompt": [{"role": "user", "content": "add 1 2"}], "chosen": [{"role": "assistant", "content": "3"}],
+            "rejected": [{"role": "assistant", "content": "4"}]}
+    rows = [good, {**good, "rejected": good["chosen"]}, {k: v for k, v in good.items() if k != "rejected"}, good,
+            {**good, "rejected": good["chosen"]}]
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+model: {{name_or_path: {tiny_model}, dtype: float32}}
+data: {{train: [{{path: {bad}, format: preference}}]}}
+stages: [{{name: dpo, kind: dpo, dpo: {{reference: base}}}}]
+output: {{dir: {tmp_path / 'run'}}}
+""")
+    result = train(str(recipe))
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    msg = " ".join(result.output.split())
+    assert str(bad) in msg and "2 rows" in msg and "1 row" in msg, msg
+    assert "identical" in msg and "rejected" in msg

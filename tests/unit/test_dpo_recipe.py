@@ -61,7 +61,8 @@ def test_first_dpo_stage_is_fine_with_base_reference_or_an_adapter_path(tmp_path
 def test_label_smoothing_needs_the_sigmoid_loss(tmp_path):
     msg = problems(
         tmp_path,
-        "stages:\n  - {name: sft, kind: sft}\n  - {name: dpo, kind: dpo, dpo: {loss_type: ipo, label_smoothing: 0.1}}\n",
+        "stages:\n  - {name: sft, kind: sft}\n"
+        "  - {name: dpo, kind: dpo, dpo: {loss_type: ipo, label_smoothing: 0.1}}\n",
     )
     assert "stages[1].dpo.label_smoothing works with loss_type 'sigmoid' only" in msg
 
