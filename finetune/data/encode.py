@@ -75,20 +75,38 @@ def encode_messages(tokenizer: Any, messages: list[dict[str, str]], train_on: st
             raise EncodeError(f"refused by the chat template ({e})") from None
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         return Encoded(ids, list(ids), turns, max(0, turns - ids.count(eot_id)))
+    import numpy as np  # here, not at the top: `ft validate` imports this package and should stay light
+
     text, spans = assistant_spans(tokenizer, messages, eot)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    labels = [IGNORE] * len(ids)
-    trained_eot = [False] * len(spans)
-    s = 0
-    for j, (_, end) in enumerate(offsets):
-        last = end - 1
-        while s < len(spans) and last >= spans[s][1]:
-            s += 1
-        if s < len(spans) and spans[s][0] <= last:
-            labels[j] = ids[j]
-            trained_eot[s] = trained_eot[s] or ids[j] == eot_id
-    return Encoded(ids, labels, turns, trained_eot.count(False))
+    ids, last = _ids_and_last_chars(tokenizer, text, spans)
+    if not spans:
+        return Encoded(ids, [IGNORE] * len(ids), turns, 0)
+    starts, ends = np.array([a for a, _ in spans]), np.array([b for _, b in spans])
+    span = np.searchsorted(starts, last, side="right") - 1  # the span each token's last character may be in
+    inside = (span >= 0) & (last < ends[np.maximum(span, 0)])
+    array = np.asarray(ids)
+    labels = np.where(inside, array, IGNORE).tolist()
+    with_eot = len(np.unique(span[inside & (array == eot_id)])) if eot_id is not None else 0
+    return Encoded(ids, labels, turns, len(spans) - with_eot)
+
+
+def _ids_and_last_chars(tokenizer: Any, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], Any]:
+    """Token ids of `text` and the index of each token's last character (a numpy array)."""
+    import numpy as np
+
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        # the transformers call, not the backend's: ids must be exactly what apply_chat_template gives
+        return enc["input_ids"], np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)[:, 1] - 1
+    except (NotImplementedError, ValueError, KeyError):
+        # Tokenizers without offsets (Python and mistral-common ones): tokenize piece by piece, cut at the span edges.
+        cuts = sorted({0, len(text), *(c for span in spans for c in span)})
+        ids, last = [], []
+        for a, b in zip(cuts, cuts[1:], strict=False):
+            piece = tokenizer(text[a:b], add_special_tokens=False)["input_ids"]
+            ids += piece
+            last += [b - 1] * len(piece)
+        return ids, np.asarray(last, dtype=np.int64)
 
 
 def encode_text(tokenizer: Any, text: str) -> Encoded:

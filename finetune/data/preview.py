@@ -37,7 +37,7 @@ def histogram(lengths: list[int], top: int, bins: int = 8, width: int = 40) -> l
     """Text histogram of sample lengths over [0, top]."""
     if not lengths:
         return []
-    step = max(1, -(-top // bins))
+    step = max(1, -(-(top + 1) // bins))  # buckets cover 0..top inclusive
     counts = [0] * bins
     for n in lengths:
         counts[min(n // step, bins - 1)] += 1

@@ -160,3 +160,27 @@ def test_auto_detection_is_reported_and_column_mapping_applies(tok, cfg, expect,
     ds = build_dataset(data, tok, "sft", seed=0)
     assert (ds[0]["input_ids"], ds[0]["labels"]) == expect(f"{S}user\nQ{E}{S}assistant\n«A{E}»")
     assert "detected format 'alpaca'" in capsys.readouterr().out
+
+
+def test_tokenizers_without_offsets_get_the_same_masks(cfg, tok, expect, write):
+    class NoOffsets:  # like Python or mistral-common tokenizers: no offset mapping
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, text, **kw):
+            if kw.get("return_offsets_mapping"):
+                raise ValueError("offsets are not supported")
+            return self.inner(text, **kw)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    from finetune.data.encode import encode_messages
+    from finetune.data.templates import applied_template
+
+    data = cfg("x.jsonl")
+    apply_template(tok, data)
+    sample = encode_messages(NoOffsets(tok), SYSTEM_CHAT, "assistant", applied_template(tok, data))
+    expected = f"{S}system\nBe brief{E}{S}user\nhi{E}{S}assistant\n«yo{E}»{S}user\nand?{E}{S}assistant\n«ok{E}»"
+    assert (sample.input_ids, sample.labels) == expect(expected)
+    assert sample.assistant_turns == 2 and sample.turns_without_eot == 0
