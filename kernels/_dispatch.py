@@ -87,6 +87,38 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
         return on_cuda and triton_available()
     if not triton_available():
         raise RuntimeError("backend 'triton' forced but the triton package is not installed (pip install triton)")
-    if not on_cuda and not interpreter_active():
+    if not on_cuda and not (interpreter_active() or triton_interpreted()):
         raise RuntimeError("backend 'triton' forced on CPU tensors: set TRITON_INTERPRET=1 before importing triton")
     return True
+
+
+def kernel_interpreted(kernel: object) -> bool:
+    """Returns whether a ``@triton.jit`` object was created under the interpreter (so runs on CPU via numpy)."""
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def triton_interpreted() -> bool:
+    """Returns whether this package's Triton kernels were built for the interpreter.
+
+    The decision is taken when the ``*_triton`` modules are first imported (``TRITON_INTERPRET`` read at
+    ``@triton.jit`` time), so a test harness may set the variable, import them, and unset it again.
+    """
+    if not triton_available():
+        return False
+    from finetune.kernels import nf4_triton
+
+    return kernel_interpreted(nf4_triton._dequant_kernel)
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """Returns the autocast dtype if autocast is enabled for ``device_type``, else None."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def cast_floating(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    """Casts a floating tensor to ``dtype`` (autograd-tracked); leaves None and non-float tensors alone."""
+    if t is None or dtype is None or not t.is_floating_point() or t.dtype == dtype:
+        return t
+    return t.to(dtype)

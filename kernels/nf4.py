@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-
 from finetune.kernels._dispatch import use_triton
 
 

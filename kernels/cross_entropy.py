@@ -1,0 +1,219 @@
+"""Chunked (fused linear) cross-entropy and per-token log-probabilities over an LM head.
+
+``nll[t] = logsumexp(h[t] @ W.T + b) - (h[t] @ W.T + b)[label[t]]`` (0 where ``label == ignore_index``) is
+computed ``chunk_size`` tokens at a time, so only a ``[chunk, vocab]`` float32 logits block exists at once
+instead of the full ``[tokens, vocab]`` logits (plus their float32 copy, softmax and gradient in eager
+PyTorch). Forward keeps only the per-token ``logsumexp``; backward recomputes each chunk's logits, turns them
+into ``softmax - onehot`` scaled by the incoming per-token gradient, and accumulates ``dh`` (and ``dW``/``db`` if
+the head is trainable) chunk by chunk. The cost is one extra ``[chunk, H] x [H, V]`` matmul per chunk.
+
+Logits are computed in the hidden states' dtype and upcast to float32, like transformers' ``ForCausalLMLoss``.
+Labels must already be shifted by the caller (``hidden[:, :-1]`` predicts ``labels[:, 1:]``).
+On CUDA the row-wise parts (logsumexp/target pick and the in-place gradient) are Triton kernels; the matmuls
+stay on cuBLAS.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from finetune.kernels._dispatch import autocast_dtype, cast_floating, use_triton
+
+IGNORE_INDEX = -100
+
+
+def default_chunk_size(n_tokens: int, hidden: int, vocab: int) -> int:
+    """Tokens per chunk so a chunk's float32 logits are about the size of the hidden states (Liger's rule)."""
+    ratio = max(1, math.ceil(vocab / max(hidden, 1)))
+    return max(1, min(n_tokens, 2 ** math.ceil(math.log2(max(1, math.ceil(n_tokens / ratio))))))
+
+
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(h, weight, bias).float()
+
+
+class ChunkedNLLFunction(torch.autograd.Function):
+    """Per-token negative log-likelihood over an LM head, chunked along tokens (see module docstring)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        labels: torch.Tensor,
+        chunk_size: int,
+        ignore_index: int,
+        triton: bool,
+    ) -> torch.Tensor:
+        n = hidden.shape[0]
+        nll = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        for start in range(0, n, chunk_size):
+            sl = slice(start, min(n, start + chunk_size))
+            logits = _chunk_logits(hidden[sl], weight, bias)
+            if triton:
+                from finetune.kernels.cross_entropy_triton import lse_and_nll
+
+                lse[sl], nll[sl] = lse_and_nll(logits, labels[sl], ignore_index)
+            else:
+                valid = labels[sl] != ignore_index
+                lse[sl] = torch.logsumexp(logits, dim=-1)
+                target = logits.gather(1, labels[sl].clamp(min=0).unsqueeze(1)).squeeze(1)
+                nll[sl] = torch.where(valid, lse[sl] - target, 0.0)
+            del logits
+        ctx.chunk_size, ctx.ignore_index, ctx.triton = chunk_size, ignore_index, triton
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        return nll
+
+    @staticmethod
+    def backward(ctx: Any, grad_nll: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        n = hidden.shape[0]
+        dh = torch.empty_like(hidden) if need_h else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        grad_nll = grad_nll.float()
+        for start in range(0, n, ctx.chunk_size):
+            sl = slice(start, min(n, start + ctx.chunk_size))
+            logits = _chunk_logits(hidden[sl], weight, bias)
+            if ctx.triton:
+                from finetune.kernels.cross_entropy_triton import nll_grad_
+
+                nll_grad_(logits, labels[sl], lse[sl], grad_nll[sl], ctx.ignore_index)
+                grad = logits
+            else:
+                valid = labels[sl] != ctx.ignore_index
+                scale = torch.where(valid, grad_nll[sl], 0.0).unsqueeze(1)
+                grad = logits.sub_(lse[sl].unsqueeze(1)).exp_()
+                grad.scatter_add_(1, labels[sl].clamp(min=0).unsqueeze(1), -torch.ones_like(scale))
+                grad.mul_(scale)
+            if need_b:
+                db += grad.sum(0)
+            g = grad.to(hidden.dtype)
+            del grad, logits
+            if need_h:
+                dh[sl] = g @ weight
+            if need_w:
+                dw.addmm_(g.t().float(), hidden[sl].float())
+        dw = dw.to(weight.dtype) if dw is not None else None
+        db = db.to(bias.dtype) if db is not None else None
+        return dh, dw, db, None, None, None, None
+
+
+def token_nll(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Per-token negative log-likelihood, chunked.
+
+    Args:
+        hidden: ``[..., H]`` hidden states (already aligned with ``labels``).
+        weight: ``[V, H]`` LM-head weight.
+        labels: ``[...]`` target ids; ``ignore_index`` entries give 0.
+        bias: Optional ``[V]`` LM-head bias.
+        chunk_size: Tokens per chunk (default: :func:`default_chunk_size`).
+        ignore_index: Label value to ignore.
+
+    Returns:
+        float32 ``[...]`` per-token NLL.
+    """
+    shape = labels.shape
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    lab = labels.reshape(-1).to(h2.device)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(h2.shape[0], h2.shape[1], weight.shape[0])
+    triton = use_triton(h2, weight)
+    dt = autocast_dtype(h2.device.type)
+    if dt is None:
+        nll = ChunkedNLLFunction.apply(h2, weight, bias, lab, int(chunk_size), ignore_index, triton)
+    else:  # the LM head runs in the autocast dtype, as in the model's own forward
+        h2, weight, bias = cast_floating(h2, dt), cast_floating(weight, dt), cast_floating(bias, dt)
+        with torch.autocast(h2.device.type, enabled=False):
+            nll = ChunkedNLLFunction.apply(h2, weight, bias, lab, int(chunk_size), ignore_index, triton)
+    return nll.reshape(shape)
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Fused LM-head + cross-entropy: mean over non-ignored tokens (or sum / ``num_items_in_batch``).
+
+    Matches transformers' ``ForCausalLMLoss`` given pre-shifted labels, without materialising the logits.
+    """
+    nll = token_nll(hidden, weight, labels, bias, chunk_size, ignore_index)
+    if num_items_in_batch is None:
+        denom = (labels != ignore_index).sum()
+        return nll.sum() / denom.to(nll.device)
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(nll.device)
+    return nll.sum() / num_items_in_batch
+
+
+def token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """``log p(label)`` per token (0 at ignored positions), float32, without the full logits."""
+    return -token_nll(hidden, weight, labels, bias, chunk_size, ignore_index)
+
+
+def sequence_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Sum of ``log p(label)`` per sequence (DPO's policy/reference log-probs): ``[B, S, H], [B, S] -> [B]``."""
+    return token_logprobs(hidden, weight, labels, bias, chunk_size, ignore_index).sum(-1)
+
+
+def cross_entropy_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Unfused: full logits, upcast to float32, ``F.cross_entropy`` (transformers' causal LM loss)."""
+    logits = F.linear(hidden, weight, bias).float()
+    logits = logits.reshape(-1, logits.shape[-1])
+    lab = labels.reshape(-1)
+    if num_items_in_batch is None:
+        return F.cross_entropy(logits, lab, ignore_index=ignore_index)
+    return F.cross_entropy(logits, lab, ignore_index=ignore_index, reduction="sum") / num_items_in_batch
+
+
+def token_logprobs_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Unfused per-token log-probs: full ``log_softmax`` then gather (0 at ignored positions)."""
+    logp = torch.log_softmax(F.linear(hidden, weight, bias).float(), dim=-1)
+    valid = labels != ignore_index
+    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, picked, 0.0)
