@@ -126,6 +126,114 @@ def data_preview(
         raise typer.Exit(1)
 
 
+def _choice(option: str, value: str | None, allowed: tuple[str, ...]) -> None:
+    if value is not None and value not in allowed:
+        raise _fail(f"{option} {value}: choose one of {', '.join(allowed)}")
+
+
+@app.command("export")
+def export_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder written by `ft train`.", show_default=False)],
+    format_: Annotated[str, typer.Option("--format", help="adapter (PEFT folder) or merged (plain transformers).")] = (
+        "adapter"),
+    stage: Annotated[str | None, typer.Option(help="Stage to export (default: the last finished one).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: RUN_DIR/export/STAGE-FORMAT).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="merged: bf16, fp16, fp32, or auto (the base's dtype).")] = None,
+    merge_into: Annotated[str | None, typer.Option(
+        help="merged QLoRA runs: dequantized (the 4-bit weights as training saw them, default) or original "
+             "(the full-precision base weights).")] = None,
+    verify: Annotated[bool, typer.Option(help="merged: compare with the trained model on held-out data.")] = True,
+    max_kl: Annotated[float | None, typer.Option(
+        help="merged: refuse the export above this mean KL per token (nats; default 0.01).")] = None,
+    compare: Annotated[bool, typer.Option(help="merged: also measure the other merge mode (not written).")] = False,
+    verify_samples: Annotated[int | None, typer.Option(help="merged: held-out conversations to compare on.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace the output folder if it exists.")] = False,
+) -> None:
+    """Export a finished stage: the LoRA adapter, or a merged model that is checked against the trained one."""
+    _choice("--format", format_, ("adapter", "merged"))
+    _choice("--dtype", dtype, ("auto", "bf16", "fp16", "fp32"))
+    _choice("--merge-into", merge_into, ("dequantized", "original"))
+    merged_only = {"--dtype": dtype, "--merge-into": merge_into, "--max-kl": max_kl, "--verify-samples": verify_samples,
+                   "--compare": compare or None, "--no-verify": None if verify else True}
+    if format_ == "adapter" and any(v is not None for v in merged_only.values()):
+        used = ", ".join(k for k, v in merged_only.items() if v is not None)
+        raise _fail(f"{used}: only for --format merged (an adapter export is the trained adapter, unchanged)")
+    from finetune.export import export_adapter, export_merged, open_run
+
+    try:
+        run = open_run(run_dir, stage)
+        if format_ == "adapter":
+            result = export_adapter(run, out, overwrite=overwrite)
+        else:
+            options = {"dtype": dtype, "merge_into": merge_into, "max_kl": max_kl, "verify_samples": verify_samples}
+            result = export_merged(run, out, verify=verify, compare=compare, overwrite=overwrite,
+                                   **{k: v for k, v in options.items() if v is not None})
+    except FinetuneError as e:
+        raise _fail(f"error: {e}", 1) from None
+    if result.format == "merged":
+        typer.echo(f"merged stage {result.stage} into the {result.merge_into} base weights, saved as {result.dtype}")
+        for mode, figures in result.figures.items():
+            from finetune.verify import Figures
+
+            mark = " (this export)" if mode == result.merge_into else " (not written)"
+            typer.echo(f"  {mode}{mark}: {Figures(**figures).line()}")
+        if result.adapter_effect:
+            typer.echo(f"  for scale, adapter vs base: mean KL {result.adapter_effect['mean_kl']:.3g}")
+        if result.figures:
+            typer.echo(f"  verified on {result.verification_source}")
+        else:
+            typer.echo("  not verified (--no-verify)")
+    typer.echo(f"{result.format} export of stage {result.stage}: {result.out}")
+
+
+@app.command()
+def push(
+    path: Annotated[Path, typer.Argument(help="Export folder to upload.", show_default=False)],
+    repo_id: Annotated[str, typer.Option(help="Hub repo OWNER/NAME (created if missing).", show_default=False)],
+    private: Annotated[bool, typer.Option(
+        "--private/--public", help="Visibility of a repo created now (existing repos keep theirs).")] = True,
+    revision: Annotated[str | None, typer.Option(help="Branch to upload to (created if missing; default main).")] = (
+        None),
+) -> None:
+    """Upload an export folder to the Hugging Face Hub in one commit. Token: HF_TOKEN or `hf auth login`."""
+    from finetune.hub import push as push_folder
+
+    try:
+        url = push_folder(path, repo_id, private=private, revision=revision)
+    except FinetuneError as e:
+        raise _fail(f"error: {e}", 1) from None
+    typer.echo(f"uploaded {path} to {url}")
+
+
+@app.command()
+def generate(
+    path: Annotated[Path, typer.Argument(help="Run folder, adapter folder or merged export.", show_default=False)],
+    prompt: Annotated[list[str] | None, typer.Option(help="User message (repeatable).")] = None,
+    prompts_file: Annotated[Path | None, typer.Option(help="Text file with one prompt per line.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer in tokens.")] = 128,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0: greedy; above 0: sampling.")] = 0.0,
+    system: Annotated[str | None, typer.Option(help="System message put before each prompt.")] = None,
+    stage: Annotated[str | None, typer.Option(help="Run folders: stage to load (default: the last finished).")] = None,
+    base: Annotated[str | None, typer.Option(help="Adapter folders: base model, if not the one it names.")] = None,
+) -> None:
+    """Load a run's adapter or an export, apply the chat template and stream the answers."""
+    from finetune.generate import generate as answer
+    from finetune.generate import load, read_prompts
+
+    try:
+        prompts = list(prompt or []) + (read_prompts(prompts_file) if prompts_file else [])
+        if not prompts:
+            raise _fail("give at least one --prompt or a --prompts-file")
+        loaded = load(path, stage=stage, base=base)
+        typer.echo(f"# {loaded.description}", err=True)
+        for text in prompts:
+            if len(prompts) > 1:
+                typer.echo(f"### {text}")
+            answer(loaded, text, max_new_tokens=max_new_tokens, temperature=temperature, system=system)
+    except FinetuneError as e:
+        raise _fail(f"error: {e}", 1) from None
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

@@ -281,12 +281,16 @@ class KernelsConfig(Section):
 
 
 class HubConfig(Section):
-    repo_id: str | None = None
-    """Upload the final export to this Hub repo (OWNER/NAME) at the end of `ft train`. None: no upload."""
+    repo_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")] | None = None
+    """Upload the final export to this Hub repo (OWNER/NAME) at the end of `ft train`. None: no upload.
+    The token comes from HF_TOKEN or `hf auth login`; it is never printed or written."""
     private: bool = True
-    """Create the repo as private."""
+    """Create the repo as private (an existing repo keeps its visibility)."""
     format: Literal["adapter", "merged"] = "adapter"
-    """What to upload."""
+    """What to upload: the adapter alone, or a merged model (verified against the trained model first). The export
+    is written to `<run>/export/<stage>-<format>` and stays there if the upload fails."""
+    revision: str | None = None
+    """Branch to upload to (created when missing). None: main."""
 
 
 class Recipe(Section):

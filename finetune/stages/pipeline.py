@@ -105,6 +105,11 @@ def run_pipeline(recipe: Recipe, recipe_path: str | Path | None = None, from_sta
     summary: dict[str, Any] = {"name": recipe.name, "status": "running", "source": str(recipe_path or ""),
                                "stages": {}}
     write_json_atomic(run_dir / "summary.json", summary)
+    if recipe.hub.repo_id:  # say now, not after hours of training, that the upload asked for will fail
+        from finetune.hub import preflight
+
+        if (warning := preflight(recipe)) is not None:
+            print(f"[hub] warning: {warning}", flush=True)
 
     from finetune.model import load_tokenizer
 
@@ -147,6 +152,10 @@ def run_pipeline(recipe: Recipe, recipe_path: str | Path | None = None, from_sta
     summary["status"] = "finished"
     write_json_atomic(run_dir / "summary.json", summary)
     _print_summary(run)
+    if recipe.hub.repo_id:  # export + upload (finetune.hub); if the upload fails, the export stays on disk
+        from finetune.hub import upload_run
+
+        print(f"[hub] uploaded: {upload_run(recipe, run_dir)}", flush=True)
     return run
 
 

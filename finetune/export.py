@@ -1,0 +1,282 @@
+"""Export a trained stage of a run: the adapter alone, or a merged plain transformers model that checks itself.
+
+Merged export of a QLoRA run merges, by default, into the base weights exactly as the adapter saw them in training:
+each 4-bit weight is dequantized with bitsandbytes, the LoRA delta is added in float32, and only then is the sum cast
+to the export dtype. Merging into the original full-precision weights instead (`merge_into="original"`) gives a model
+the adapter was never trained against; verification reports how far it lands from the trained model.
+
+Every merged export is loaded back from disk with plain transformers and compared with the trained model on held-out
+conversations (`finetune.verify`); it is refused when the mean KL per token exceeds `max_kl`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from finetune.errors import FinetuneError
+from finetune.recipe import Recipe, StageConfig
+from finetune.runio import read_json, write_json_atomic, write_text_atomic
+from finetune.verify import DEFAULT_MAX_KL, Figures
+
+MergeInto = Literal["dequantized", "original"]
+ExportDType = Literal["auto", "bf16", "fp16", "fp32"]
+_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+@dataclass
+class RunStage:
+    """A finished stage of a run folder: what `ft export` and `ft generate` start from."""
+
+    run_dir: Path
+    recipe: Recipe
+    stage: StageConfig
+    adapter: Path
+    summary: dict[str, Any]  # the run's summary.json
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.run_dir / "tokenizer"
+
+
+@dataclass
+class ExportResult:
+    """Where an export went and what its verification measured (`figures[mode]`, one or both merge modes)."""
+
+    out: Path
+    format: str
+    stage: str
+    merge_into: str | None = None
+    dtype: str | None = None
+    figures: dict[str, dict[str, Any]] = field(default_factory=dict)
+    adapter_effect: dict[str, Any] | None = None  # trained vs base without adapter: the scale of the figures
+    verification_source: str | None = None
+
+
+def open_run(run_dir: str | Path, stage: str | None = None) -> RunStage:
+    """The finished stage `stage` (default: the last finished one) of a run folder, with clear errors otherwise."""
+    from finetune.recipe_io import RecipeError, load_recipe
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FinetuneError(f"{run_dir} does not exist or is not a folder; pass the run folder `ft train` wrote")
+    if not (run_dir / "recipe.yaml").exists():
+        raise FinetuneError(
+            f"{run_dir} is not a run folder (no recipe.yaml); pass the folder `ft train` wrote "
+            "(the recipe's output.dir)"
+        )
+    try:
+        recipe = load_recipe(run_dir / "recipe.yaml", [])
+    except RecipeError as e:
+        raise FinetuneError(f"{run_dir}/recipe.yaml no longer validates:\n{e}") from None
+    stages = recipe.effective_stages()
+    names = [s.name for s in stages]
+    finished = [s for s in stages if (run_dir / s.name / "summary.json").exists()]
+    if stage is not None and stage not in names:
+        raise FinetuneError(f"{run_dir} has no stage '{stage}' (stages of its recipe: {', '.join(names)})")
+    if not finished:
+        raise FinetuneError(
+            f"{run_dir} has no finished stage yet (no <stage>/summary.json). Finish it with `ft train` on the same "
+            "recipe: finished stages are kept and the rest run."
+        )
+    if stage is None:
+        chosen = finished[-1]
+    else:
+        chosen = next(s for s in stages if s.name == stage)
+        if chosen not in finished:
+            raise FinetuneError(
+                f"stage '{stage}' of {run_dir} has not finished (finished: {', '.join(s.name for s in finished)})"
+            )
+    adapter = run_dir / chosen.name / "adapter"
+    if not (adapter / "adapter_config.json").exists():
+        raise FinetuneError(f"{adapter} holds no adapter (adapter_config.json missing); rerun that stage")
+    return RunStage(run_dir, recipe, chosen, adapter, read_json(run_dir / "summary.json", {}))
+
+
+def _prepare_out(out: Path, overwrite: bool) -> Path:
+    """A fresh temporary folder next to `out`; refuses an existing `out` unless `overwrite`."""
+    if out.exists() and not overwrite:
+        raise FinetuneError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
+    tmp = out.with_name(f".{out.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _finish_out(tmp: Path, out: Path) -> None:
+    """Move the finished export into place in one rename (an old export is replaced only now)."""
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def _copy_tokenizer(run: RunStage, dest: Path) -> None:
+    """The run's tokenizer files (with its chat template and pad token) into an export."""
+    for f in run.tokenizer_dir.iterdir():
+        if f.is_file():
+            shutil.copy2(f, dest / f.name)
+
+
+def default_out(run: RunStage, fmt: str) -> Path:
+    """`<run>/export/<stage>-<format>`."""
+    return run.run_dir / "export" / f"{run.stage.name}-{fmt}"
+
+
+def export_adapter(run: RunStage, out: Path | None = None, overwrite: bool = False,
+                   repo_id: str | None = None) -> ExportResult:
+    """A standard PEFT folder: the trained adapter (byte for byte), the tokenizer and chat template, a model card."""
+    out = Path(out or default_out(run, "adapter"))
+    tmp = _prepare_out(out, overwrite)
+    try:
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            if not (run.adapter / name).exists():
+                raise FinetuneError(f"{run.adapter}/{name} is missing; rerun stage '{run.stage.name}'")
+            shutil.copy2(run.adapter / name, tmp / name)
+        _copy_tokenizer(run, tmp)
+        result = ExportResult(out=out, format="adapter", stage=run.stage.name)
+        _write_card(run, result, tmp, repo_id)
+        _finish_out(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
+
+
+def check_mergeable(adapter_dir: Path) -> None:
+    """Refuse adapters a merged export cannot reproduce exactly, saying why and what to do instead."""
+    cfg = read_json(adapter_dir / "adapter_config.json", {})
+    hint = "Export it with --format adapter instead (load it on the base with peft)."
+    if cfg.get("peft_type") != "LORA":
+        raise FinetuneError(f"{adapter_dir}: a {cfg.get('peft_type')} adapter cannot be merged here; {hint}")
+    if cfg.get("use_dora"):
+        raise FinetuneError(
+            f"{adapter_dir}: merged export of DoRA adapters is refused. DoRA rescales each weight column by a norm "
+            "computed from the base weight, so a merge into NF4-dequantized weights would not reproduce training "
+            f"faithfully and we do not ship a merge we cannot verify. {hint}"
+        )
+    for key, what in (("lora_bias", "LoRA biases"), ("trainable_token_indices", "trainable token rows"),
+                      ("target_parameters", "LoRA on raw parameters")):
+        if cfg.get(key):
+            raise FinetuneError(
+                f"{adapter_dir}: adapters with {what} ({key}) are not supported by merged export; {hint}"
+            )
+
+
+def export_merged(
+    run: RunStage,
+    out: Path | None = None,
+    dtype: ExportDType = "auto",
+    merge_into: MergeInto = "dequantized",
+    verify: bool = True,
+    max_kl: float = DEFAULT_MAX_KL,
+    compare: bool = False,
+    verify_samples: int = 16,
+    overwrite: bool = False,
+    repo_id: str | None = None,
+) -> ExportResult:
+    """Merge the stage's adapter into the base and write a plain transformers model folder that verifies itself.
+
+    Args:
+        run: the finished stage to export (`open_run`).
+        out: destination folder (default `<run>/export/<stage>-merged`).
+        dtype: weight dtype of the export; `auto` keeps the base model's stored dtype.
+        merge_into: `dequantized` (QLoRA: the NF4 weights as training saw them) or `original` (the full-precision
+            base weights). A run without quantization always merges into the original weights.
+        verify: compare the export with the trained model on held-out conversations and refuse it above `max_kl`.
+        max_kl: ceiling on the mean KL(trained || export) per token, in nats.
+        compare: also measure the other merge mode (reported, never written).
+        verify_samples: how many held-out conversations to compare on.
+        overwrite: replace an existing `out`.
+        repo_id: Hub repo the card should name in its usage snippet.
+    """
+    import torch
+
+    from finetune.merge import build_reference, export_torch_dtype, merged_state_dict, save_plain_model
+    from finetune.model import load_tokenizer
+
+    check_mergeable(run.adapter)
+    quantized = run.recipe.quantization.mode != "none"
+    if not quantized and merge_into == "dequantized":
+        merge_into = "original"  # nothing was quantized: the weights training saw are the original ones
+    out = Path(out or default_out(run, "merged"))
+    tmp = _prepare_out(out, overwrite)
+    try:
+        tokenizer = load_tokenizer(run.recipe.model, str(run.tokenizer_dir))
+        torch_dtype = export_torch_dtype(run.recipe, dtype)
+        reference = build_reference(run.recipe, run.adapter, tokenizer)
+        modes: list[str] = [merge_into]
+        if compare and quantized:
+            modes.append("original" if merge_into == "dequantized" else "dequantized")
+        result = ExportResult(out=out, format="merged", stage=run.stage.name, merge_into=merge_into,
+                              dtype=str(torch_dtype).removeprefix("torch."))
+        inputs = None
+        if verify or compare:
+            from finetune.verify import adapter_effect, verification_inputs
+
+            inputs, result.verification_source = verification_inputs(run.recipe, run.stage, tokenizer,
+                                                                     count=verify_samples)
+            result.adapter_effect = adapter_effect(reference, inputs).as_dict()
+        for mode in modes:
+            folder = tmp if mode == merge_into else tmp.with_name(f".{out.name}.compare")
+            state = merged_state_dict(run.recipe, run.adapter, reference, tokenizer, mode)
+            save_plain_model(state, reference, folder, torch_dtype)
+            del state
+            if inputs is not None:
+                result.figures[mode] = _measure(reference, folder, inputs, torch_dtype).as_dict()
+            if folder != tmp:
+                shutil.rmtree(folder, ignore_errors=True)
+        del reference
+        if verify:
+            _check_threshold(result, max_kl)
+        _copy_tokenizer(run, tmp)
+        _write_card(run, result, tmp, repo_id, max_kl=max_kl if verify else None)
+        _finish_out(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return result
+
+
+def _measure(reference, folder: Path, inputs: list[list[int]], torch_dtype) -> Figures:
+    """Load the written folder back with plain transformers (no peft, no bitsandbytes) and compare it."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune.verify import compare_logits
+
+    device = next(reference.parameters()).device
+    exported = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype).to(device).eval()
+    try:
+        return compare_logits(reference, exported, inputs)
+    finally:
+        del exported
+
+
+def _check_threshold(result: ExportResult, max_kl: float) -> None:
+    figures = Figures(**result.figures[result.merge_into])
+    if figures.mean_kl <= max_kl:
+        return
+    why = (
+        "The original-weights merge gives a model the adapter was never trained against (training saw the 4-bit "
+        "weights), so some difference is expected: accept it with a higher --max-kl, or export with "
+        "--merge-into dequantized."
+        if result.merge_into == "original"
+        else "The merged weights do not reproduce the trained model; please report this with the run's recipe."
+    )
+    raise FinetuneError(
+        f"export refused: the merged model differs from the trained model above the threshold "
+        f"(mean KL {figures.mean_kl:.3g} > --max-kl {max_kl:g}); {figures.line()}. {why} Nothing was written."
+    )
+
+
+def _write_card(run: RunStage, result: ExportResult, folder: Path, repo_id: str | None,
+                max_kl: float | None = None) -> None:
+    from finetune.modelcard import export_metadata, render_card
+
+    write_text_atomic(folder / "README.md", render_card(run, result, repo_id=repo_id, max_kl=max_kl))
+    write_json_atomic(folder / "export.json", export_metadata(run, result))

@@ -1,0 +1,98 @@
+"""Bad input to `ft export` fails early (before any model load) with a message that says what to do."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from finetune.errors import FinetuneError
+from finetune.export import check_mergeable, open_run
+from finetune.modelcard import _scrub, public_path
+
+RECIPE = """
+name: r
+model: {name_or_path: models/none}
+data: {train: [{path: train.jsonl}]}
+stages:
+  - {name: sft, kind: sft}
+  - {name: dpo, kind: dpo}
+"""
+
+
+def make_run(tmp_path: Path, finished: tuple[str, ...] = ()) -> Path:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text(RECIPE)
+    for stage in finished:
+        (run / stage / "adapter").mkdir(parents=True)
+        (run / stage / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+        (run / stage / "summary.json").write_text("{}")
+    return run
+
+
+def test_not_a_run_folder(tmp_path):
+    with pytest.raises(FinetuneError, match="does not exist"):
+        open_run(tmp_path / "missing")
+    with pytest.raises(FinetuneError, match=r"not a run folder \(no recipe.yaml\)"):
+        open_run(tmp_path)
+
+
+def test_run_without_finished_stage(tmp_path):
+    with pytest.raises(FinetuneError, match="has no finished stage yet.*ft train"):
+        open_run(make_run(tmp_path))
+
+
+def test_unknown_and_unfinished_stage(tmp_path):
+    run = make_run(tmp_path, finished=("sft",))
+    with pytest.raises(FinetuneError, match=r"has no stage 'sfft' \(stages of its recipe: sft, dpo\)"):
+        open_run(run, "sfft")
+    with pytest.raises(FinetuneError, match=r"stage 'dpo' .* has not finished \(finished: sft\)"):
+        open_run(run, "dpo")
+
+
+def test_default_stage_is_last_finished(tmp_path):
+    run = make_run(tmp_path, finished=("sft", "dpo"))
+    assert open_run(run).stage.name == "dpo"
+    assert open_run(run, "sft").adapter == run / "sft" / "adapter"
+
+
+def test_existing_output_refused_before_any_model_load(tmp_path):
+    from finetune.export import export_adapter
+
+    run = open_run(make_run(tmp_path, finished=("sft",)))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FinetuneError, match="already exists; pass --overwrite"):
+        export_adapter(run, out)
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"peft_type": "LORA", "use_dora": True}, "DoRA.*--format adapter"),
+        ({"peft_type": "IA3"}, "IA3 adapter cannot be merged"),
+        ({"peft_type": "LORA", "lora_bias": True}, "LoRA biases"),
+    ],
+)
+def test_unmergeable_adapters_are_explained(tmp_path, config, message):
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(FinetuneError, match=message):
+        check_mergeable(tmp_path)
+
+
+def test_plain_lora_is_mergeable(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": False}))
+    check_mergeable(tmp_path)
+
+
+def test_published_paths_and_secrets(tmp_path):
+    assert public_path(str(tmp_path / "data" / "train.jsonl")) == "<local>/train.jsonl"
+    assert public_path("~/models/base") == "<local>/base"
+    assert public_path("data/quickstart/sft_train.jsonl") == "data/quickstart/sft_train.jsonl"
+    assert public_path("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
+    token = "hf_" + "a" * 30
+    assert _scrub({"a": [f"token {token}", str(tmp_path)]}) == {"a": ["token <redacted>", f"<local>/{tmp_path.name}"]}
