@@ -1,0 +1,111 @@
+"""finetune: LoRA / QLoRA fine-tuning of causal LMs (SFT, then DPO) from one recipe, from the shell or from Python.
+
+    from finetune import Recipe, train
+
+    run = train(Recipe.from_yaml("recipes/quickstart.yaml", ["training.max_steps=20"]))
+    run.adapter()                      # folder of the last stage's LoRA adapter
+    run.metrics()                      # every logged step: loss, learning rate, grad norm, eval loss...
+    run.stages["sft"]["metrics"]       # what the stage measured (train loss, held-out task before/after...)
+
+`train` runs the same code as `ft train`: the same checks before any model loads, the same run folder, the same
+result. Importing this package is cheap; torch and transformers load when `train` runs.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from finetune.errors import FinetuneError
+    from finetune.recipe import Recipe
+    from finetune.recipe_io import RecipeError
+    from finetune.stages.pipeline import RunResult
+
+__all__ = ["FinetuneError", "Recipe", "RecipeError", "RunResult", "train"]
+
+# Name -> module, imported on first use so that `import finetune` stays light (no torch).
+_LAZY = {
+    "Recipe": "finetune.recipe",
+    "RecipeError": "finetune.recipe_io",
+    "FinetuneError": "finetune.errors",
+    "RunResult": "finetune.stages.pipeline",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'finetune' has no attribute '{name}'")
+
+
+def train(
+    recipe: Recipe | str | Path,
+    overrides: list[str] | None = None,
+    *,
+    overwrite: bool | None = None,
+    from_stage: str | None = None,
+    nproc: int | None = None,
+) -> RunResult:
+    """Run every stage of a recipe into its run folder, exactly as `ft train` does, and return the run.
+
+    Args:
+        recipe: a `Recipe` (loaded with `Recipe.from_yaml` or built in Python) or the path of a recipe file.
+        overrides: `key=value` overrides, as `ft train --set` (`["training.max_steps=20", "lora.r=8"]`).
+        overwrite: replace a run folder that holds a finished run (None: as the recipe's `output.overwrite` says).
+        from_stage: rerun from this stage on, even if it finished.
+        nproc: train data-parallel in this many processes (`ft train --nproc`). They print to the terminal that
+            started Python (in Jupyter: the server's console), not to the notebook.
+
+    Returns:
+        The run: `run_dir`, `stages` (each stage's summary: adapter folder and metrics), `adapter()`, `metrics()`.
+
+    Raises:
+        RecipeError: the recipe is invalid or names files that do not exist (every problem listed).
+        FinetuneError: a problem found while running (bad data rows, a finished run in the way...).
+    """
+    from finetune.checks import check_recipe_paths
+    from finetune.recipe import Recipe
+    from finetune.recipe_io import RecipeError, apply_override, load_recipe, validate_data
+
+    recipe_path: Path | None = None
+    if isinstance(recipe, (str, Path)):
+        recipe_path = Path(recipe)
+        loaded = load_recipe(recipe_path, overrides or [])
+    elif isinstance(recipe, Recipe):
+        data = recipe.model_dump(mode="json", exclude_unset=True)
+        for assignment in overrides or []:
+            apply_override(data, assignment)
+        loaded = validate_data(data, "recipe") if overrides else recipe.model_copy(deep=True)
+    else:
+        raise TypeError(f"train() takes a Recipe or the path of a recipe file, not {type(recipe).__name__}")
+    if overwrite is not None:
+        loaded.output.overwrite = overwrite
+    source = str(recipe_path or "recipe")
+    if problems := check_recipe_paths(loaded):
+        raise RecipeError(source, problems)
+    if nproc is not None and nproc > 1:
+        return _train_in_processes(loaded, nproc, from_stage)
+
+    from finetune.stages.pipeline import run_pipeline
+
+    return run_pipeline(loaded, recipe_path=recipe_path, from_stage=from_stage)
+
+
+def _train_in_processes(recipe: Recipe, nproc: int, from_stage: str | None) -> RunResult:
+    """`ft train --nproc N` on the resolved recipe, written to a temporary file; the run is read back from disk."""
+    from finetune.launch import environment_problems, relaunch
+    from finetune.recipe_io import RecipeError, dump_recipe
+    from finetune.stages.pipeline import RunResult
+
+    if problems := environment_problems(recipe, nproc):
+        raise RecipeError("recipe", problems)
+    with tempfile.TemporaryDirectory(prefix="finetune-") as tmp:
+        path = Path(tmp) / f"{recipe.name}.yaml"
+        path.write_text(dump_recipe(recipe), encoding="utf-8")
+        args = ["train", str(path)] + (["--from-stage", from_stage] if from_stage else [])
+        relaunch(nproc, args + (["--overwrite"] if recipe.output.overwrite else []))
+    return RunResult.from_dir(recipe.output_dir())

@@ -102,4 +102,7 @@ def check_recipe_paths(recipe: Recipe) -> list[str]:
                     f"stages[{i}].dpo.reference: '{stage.dpo.reference}' is not 'sft', 'base' or an adapter folder "
                     "with adapter_config.json"
                 )
+    from finetune.launch import environment_problems  # deepspeed installed, launch config, batch split
+
+    problems += environment_problems(recipe)
     return problems

@@ -66,16 +66,34 @@ def validate(
 
 @app.command()
 def train(
+    ctx: typer.Context,
     recipe: RecipeArg,
     set_: SetOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a run folder that holds a finished run.")] = False,
     from_stage: Annotated[str | None, typer.Option(help="Rerun from this stage on, even if it finished.")] = None,
+    nproc: Annotated[int | None, typer.Option(
+        min=1, help="Train data-parallel in N processes through Accelerate: one per GPU (CPU processes without GPUs)."
+    )] = None,
 ) -> None:
     """Run every stage of a recipe (SFT, then DPO if asked) into one run folder."""
     loaded = _load(recipe, set_)
     if overwrite:
         loaded.output.overwrite = True
+    if nproc is not None and nproc > 1:  # validated once here, then the same command runs in each process
+        from finetune.launch import command_line, environment_problems, relaunch
+        from finetune.recipe_io import RecipeError
+
+        if problems := environment_problems(loaded, nproc):
+            raise _fail(str(RecipeError(str(recipe), problems)))
+        try:
+            relaunch(nproc, command_line(ctx))
+        except FinetuneError as e:
+            raise _fail(f"error: {e}", 1) from None
+        return
+    from finetune.launch import silence_other_processes
     from finetune.stages.pipeline import run_pipeline
+
+    silence_other_processes()
 
     try:
         run_pipeline(loaded, recipe_path=recipe, from_stage=from_stage)

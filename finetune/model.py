@@ -8,6 +8,7 @@ import torch
 
 from finetune.checks import hub_cached, hub_offline_reason, looks_like_hub_id
 from finetune.errors import FinetuneError
+from finetune.launch import quantized_device_map
 from finetune.recipe import ModelConfig, QuantizationConfig, Recipe, TrainingConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -104,6 +105,8 @@ def load_model(recipe: Recipe, training: TrainingConfig | None = None, tokenizer
         kwargs["attn_implementation"] = cfg.attn_implementation
     if quant is not None and not torch.cuda.is_available():
         kwargs["device_map"] = {"": "cpu"}
+    elif quant is not None and (device_map := quantized_device_map(recipe)) is not None:
+        kwargs["device_map"] = device_map  # DDP: each process loads its own 4-bit copy onto its own GPU
     model = AutoModelForCausalLM.from_pretrained(
         cfg.name_or_path, dtype=dtype, quantization_config=quant, use_safetensors=True, **kwargs
     )

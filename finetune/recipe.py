@@ -151,7 +151,8 @@ class TrainingConfig(Section):
     micro_batch_size: Annotated[int, Field(ge=1)] = 4
     """Samples per forward pass per device."""
     gradient_accumulation_steps: Annotated[int, Field(ge=1)] = 1
-    """Micro-batches per optimizer step. Effective batch = micro_batch_size x this x processes."""
+    """Micro-batches per optimizer step. Global batch = micro_batch_size x this, whatever the process count (the
+    split over processes is set by `distributed.keep_global_batch`)."""
     learning_rate: Annotated[float, Field(gt=0, le=1)] = 2e-4
     """Peak learning rate of the adapter weights."""
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
@@ -195,6 +196,65 @@ def _all_optional(model: type[Section], name: str) -> type[Section]:
 
 
 TrainingOverrides = _all_optional(TrainingConfig, "TrainingOverrides")
+
+
+class DistributedConfig(Section):
+    """How several processes share a run (`ft train --nproc N` or `accelerate launch`); one process ignores it."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    """`ddp`: every process holds the whole (4-bit) model and gradients are averaged; the fast choice whenever the
+    model fits on one GPU, which QLoRA makes true for 7-8B models on 24 GB. `fsdp`: PyTorch FSDP2 shards weights,
+    gradients and optimizer state over the GPUs. `deepspeed`: DeepSpeed ZeRO (needs the deepspeed package)."""
+    keep_global_batch: bool = True
+    """Keep the global batch (micro_batch_size x gradient_accumulation_steps) the same whatever the process count:
+    with N processes the accumulation steps are divided by N, then the micro batch if needed; a batch that N does not
+    divide is refused before training. False: each process runs the recipe's batch, so the global batch is N times
+    larger."""
+    find_unused_parameters: bool = False
+    """ddp: search each step for weights that got no gradient. Only for models with conditional branches; slower."""
+    fsdp_reshard_after_forward: bool = True
+    """fsdp: free the gathered weights after each layer's forward (least memory, ZeRO-3-like). False keeps them until
+    the backward (faster, more memory, ZeRO-2-like)."""
+    fsdp_cpu_offload: bool = False
+    """fsdp: keep the sharded weights and gradients in CPU memory between uses. Saves GPU memory, costs speed."""
+    deepspeed_stage: Literal[1, 2, 3] = 2
+    """deepspeed: ZeRO stage. 1 shards optimizer state, 2 also gradients, 3 also weights."""
+    deepspeed_config: str | None = None
+    """deepspeed: path of a complete DeepSpeed JSON config to use instead of the one built from `deepspeed_stage`.
+    Write `auto` for batch sizes, precision and clipping: the trainer fills them in from the recipe."""
+
+    def problems(self, recipe: Recipe) -> list[str]:
+        """Combinations that cannot work, each with the reason (cross-field rules of this section)."""
+        out: list[str] = []
+        owner = {"find_unused_parameters": "ddp", "fsdp_reshard_after_forward": "fsdp", "fsdp_cpu_offload": "fsdp",
+                 "deepspeed_stage": "deepspeed", "deepspeed_config": "deepspeed"}
+        # A resolved recipe (run folder's recipe.yaml) writes every key out: only values that differ from the
+        # default say the user meant another strategy.
+        changed = {k for k, field in type(self).model_fields.items() if getattr(self, k) != field.default}
+        for key in sorted(changed & owner.keys()):
+            if owner[key] != self.strategy:
+                out.append(f"distributed.{key} applies to strategy '{owner[key]}' only, and the recipe uses "
+                           f"'{self.strategy}'; remove the key or change distributed.strategy")
+        if self.deepspeed_config is not None and "deepspeed_stage" in changed:
+            out.append("distributed.deepspeed_stage is not used when distributed.deepspeed_config names a full "
+                       "DeepSpeed config; set the stage in that file and remove deepspeed_stage")
+        sharded = self.strategy == "fsdp" or (self.strategy == "deepspeed" and self.deepspeed_stage == 3)
+        q = recipe.quantization
+        if sharded and q.mode != "none":
+            how = "FSDP" if self.strategy == "fsdp" else "DeepSpeed ZeRO-3"
+            compute = q.compute_dtype if q.compute_dtype != "auto" else recipe.model.dtype
+            why = (f"QLoRA with {how} shards the 4-bit weights together with the other weights, so they must be stored "
+                   "in the compute dtype")
+            if compute == "auto":
+                out.append(f"quantization.compute_dtype: {why}; set quantization.compute_dtype (bfloat16 on recent "
+                           "GPUs) and quantization.quant_storage to the same dtype")
+            elif q.quant_storage != compute:
+                out.append(f"quantization.quant_storage is '{q.quant_storage}': {why}; set quantization.quant_storage: "
+                           f"{compute} (the compute dtype)")
+        if self.strategy == "fsdp" and recipe.kernels.enabled():
+            out.append("kernels: the fused kernels read LoRA weights that FSDP keeps sharded outside the kernel's "
+                       "module; turn kernels off with distributed.strategy fsdp, or use ddp")
+        return out
 
 
 class DPOConfig(Section):
@@ -308,6 +368,8 @@ class Recipe(Section):
     """Shared data section (stages may bring their own)."""
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     """Shared training settings (stages may override keys)."""
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    """Several processes or GPUs: DDP, FSDP or DeepSpeed, and how the batch is split."""
     stages: list[StageConfig] = Field(default_factory=list)
     """Stages run in order into one run folder. Empty: one `sft` stage on the top-level data."""
     output: OutputConfig = Field(default_factory=OutputConfig)
@@ -352,6 +414,7 @@ class Recipe(Section):
             problems.append(
                 "kernels: the fused kernels do not support DoRA; set lora.use_dora: false or turn kernels off"
             )
+        problems += self.distributed.problems(self)
         if problems:
             raise ValueError("\n".join(problems))
         return self

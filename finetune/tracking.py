@@ -41,7 +41,7 @@ class RunLogger(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = self.last_time = time.perf_counter()
         self.last_tokens = 0
-        if not self.plain:
+        if not self.plain and state.is_world_process_zero:  # one bar, not one per process
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=state.max_steps, desc=self.stage, unit="step", dynamic_ncols=True)

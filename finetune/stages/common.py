@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from finetune.launch import batch_plan, is_main_process, trainer_distributed_kwargs
 from finetune.model import resolve_precision
 from finetune.recipe import DataConfig, Recipe, StageConfig, TrainingConfig
 
@@ -55,13 +56,17 @@ def trainer_kwargs(ctx: StageContext, has_eval: bool) -> dict[str, Any]:
     """Keyword arguments shared by trl's SFTConfig and DPOConfig, each taken from the typed recipe."""
     t = ctx.training
     precision = resolve_precision(t)
+    batch = batch_plan(t, ctx.recipe.distributed)  # the same global batch whatever the process count
+    if batch.processes > 1 and is_main_process():
+        print(f"[{ctx.stage.name}] {batch}", flush=True)
     return dict(
         output_dir=str(ctx.dir / "checkpoints"),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
-        per_device_train_batch_size=t.micro_batch_size,
-        per_device_eval_batch_size=t.micro_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        per_device_train_batch_size=batch.micro_batch_size,
+        per_device_eval_batch_size=batch.micro_batch_size,
+        gradient_accumulation_steps=batch.accumulation,
+        **trainer_distributed_kwargs(ctx.recipe),
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_steps if t.warmup_steps else t.warmup_ratio,

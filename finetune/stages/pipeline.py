@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import FinetuneError
+from finetune.launch import is_main_process, wait_for_everyone
 from finetune.recipe import Recipe, StageConfig
 from finetune.recipe_io import dump_recipe
 from finetune.runio import read_json, write_json_atomic, write_text_atomic
@@ -35,6 +36,20 @@ class RunResult:
         """Adapter folder of a stage (the last one by default)."""
         name = stage or list(self.stages)[-1]
         return Path(self.stages[name]["adapter"])
+
+    def metrics(self, stage: str | None = None) -> list[dict[str, Any]]:
+        """The logged rows of metrics.jsonl (of one stage when given): step, loss, learning rate, eval loss..."""
+        from finetune.tracking import read_metrics
+
+        return [r for r in read_metrics(self.run_dir / "metrics.jsonl") if stage is None or r.get("stage") == stage]
+
+    @classmethod
+    def from_dir(cls, run_dir: str | Path) -> RunResult:
+        """The run recorded in a run folder (its summary.json), e.g. one trained by other processes."""
+        summary = read_json(Path(run_dir) / "summary.json", None)
+        if summary is None:
+            raise FinetuneError(f"{run_dir} holds no run (summary.json is missing)")
+        return cls(run_dir=Path(run_dir), stages=summary.get("stages", {}))
 
 
 def _stage_runner(kind: str):
@@ -99,13 +114,17 @@ def run_pipeline(recipe: Recipe, recipe_path: str | Path | None = None, from_sta
     names = [s.name for s in stages]
     if from_stage is not None and from_stage not in names:
         raise FinetuneError(f"--from-stage {from_stage}: the recipe has no such stage (stages: {', '.join(names)})")
-    run_dir = prepare_run_dir(recipe, from_stage)
-    write_text_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
+    main = is_main_process()  # with several processes only the main one writes the run folder (finetune.launch)
+    run_dir = prepare_run_dir(recipe, from_stage) if main else recipe.output_dir()
+    wait_for_everyone()  # the others look into the folder only once the main process has (re)made it
+    if main:
+        write_text_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
     run = RunResult(run_dir=run_dir)
     summary: dict[str, Any] = {"name": recipe.name, "status": "running", "source": str(recipe_path or ""),
                                "stages": {}}
-    write_json_atomic(run_dir / "summary.json", summary)
-    if recipe.hub.repo_id:  # say now, not after hours of training, that the upload asked for will fail
+    if main:
+        write_json_atomic(run_dir / "summary.json", summary)
+    if recipe.hub.repo_id and main:  # say now, not after hours of training, that the upload asked for will fail
         from finetune.hub import preflight
 
         if (warning := preflight(recipe)) is not None:
@@ -114,7 +133,8 @@ def run_pipeline(recipe: Recipe, recipe_path: str | Path | None = None, from_sta
     from finetune.model import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.model)
-    tokenizer.save_pretrained(str(run_dir / "tokenizer"))
+    if main:
+        tokenizer.save_pretrained(str(run_dir / "tokenizer"))
     previous: Path | None = None
     rerun = False
     for index, stage in enumerate(stages):
@@ -144,11 +164,15 @@ def run_pipeline(recipe: Recipe, recipe_path: str | Path | None = None, from_sta
         result: StageResult = _stage_runner(stage.kind)(ctx, tokenizer=tokenizer)
         result.metrics["stage_seconds"] = round(time.perf_counter() - started, 1)
         done = {**asdict(result), "config": stage_settings(recipe, stage)}
-        write_json_atomic(stage_summary, done)
         run.stages[stage.name] = done
         summary["stages"][stage.name] = done
-        write_json_atomic(run_dir / "summary.json", summary)
+        if main:
+            write_json_atomic(stage_summary, done)
+            write_json_atomic(run_dir / "summary.json", summary)
+        wait_for_everyone()  # the next stage may load this stage's adapter, saved by the main process
         previous = Path(result.adapter)
+    if not main:
+        return run
     summary["status"] = "finished"
     write_json_atomic(run_dir / "summary.json", summary)
     _print_summary(run)

@@ -6,6 +6,7 @@ import time
 
 from finetune.adapters import attach, prepare_base, trainable_summary
 from finetune.data import apply_template, build_dataset
+from finetune.launch import is_main_process
 from finetune.model import load_model, load_tokenizer
 from finetune.runio import write_dir_atomic
 from finetune.stages.common import (
@@ -70,7 +71,9 @@ def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
 
     # --- save (atomically: a crash leaves no half-written adapter) and measure
     adapter_dir = ctx.dir / "adapter"
-    write_dir_atomic(adapter_dir, lambda tmp: (model.save_pretrained(str(tmp)), tokenizer.save_pretrained(str(tmp))))
+    if is_main_process():  # several processes hold the same adapter; one writes it
+        write_dir_atomic(adapter_dir, lambda tmp: (model.save_pretrained(str(tmp)),
+                                                   tokenizer.save_pretrained(str(tmp))))
     after = task_metric(model, tokenizer, task_rows, data.task_eval_max_new_tokens)
     if after is not None:
         metrics["task_before"], metrics["task_after"] = before, after
