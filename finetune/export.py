@@ -38,6 +38,10 @@ class RunStage:
 
     @property
     def tokenizer_dir(self) -> Path:
+        """The tokenizer the stage trained with: saved next to its adapter after the recipe's chat template was
+        applied (which may add tokens and change eos); older runs only have `<run>/tokenizer`."""
+        if (self.adapter / "tokenizer_config.json").exists():
+            return self.adapter
         return self.run_dir / "tokenizer"
 
 
@@ -114,9 +118,10 @@ def _finish_out(tmp: Path, out: Path) -> None:
 
 
 def _copy_tokenizer(run: RunStage, dest: Path) -> None:
-    """The run's tokenizer files (with its chat template and pad token) into an export."""
+    """The stage's tokenizer files (with its chat template and pad token) into an export."""
+    adapter_files = {"adapter_config.json", "adapter_model.safetensors", "README.md"}
     for f in run.tokenizer_dir.iterdir():
-        if f.is_file():
+        if f.is_file() and f.name not in adapter_files:
             shutil.copy2(f, dest / f.name)
 
 
@@ -222,7 +227,7 @@ def export_merged(
         for mode in modes:
             folder = tmp if mode == merge_into else tmp.with_name(f".{out.name}.compare")
             state = merged_state_dict(run.recipe, run.adapter, reference, tokenizer, mode)
-            save_plain_model(state, reference, folder, torch_dtype)
+            save_plain_model(state, reference, folder, torch_dtype, tokenizer)
             del state
             if inputs is not None:
                 result.figures[mode] = _measure(reference, folder, inputs, torch_dtype).as_dict()

@@ -176,9 +176,13 @@ def merged_state_dict(recipe: Recipe, adapter: Path, reference, tokenizer, mode:
     return _original_merge(recipe, adapter, tokenizer, keys)
 
 
-def save_plain_model(state: dict[str, torch.Tensor], reference, folder: Path, dtype: torch.dtype,
+def save_plain_model(state: dict[str, torch.Tensor], reference, folder: Path, dtype: torch.dtype, tokenizer,
                      max_shard_size: str = "5GB") -> None:
-    """Safetensors shards (cast to `dtype`), config.json without quantization, generation_config.json."""
+    """Safetensors shards (cast to `dtype`), config.json without quantization, generation_config.json.
+
+    The generation config stops on the tokenizer's eos as well (a chat template may end turns with its own token)
+    and pads with its pad token.
+    """
     from huggingface_hub import save_torch_state_dict
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -187,6 +191,12 @@ def save_plain_model(state: dict[str, torch.Tensor], reference, folder: Path, dt
     config = plain_config(reference)
     config.dtype = dtype
     config.save_pretrained(str(folder))
-    generation = reference.get_base_model().generation_config
+    generation = copy.deepcopy(reference.get_base_model().generation_config)
     if generation is not None:
+        eos = generation.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+            eos.append(tokenizer.eos_token_id)
+        generation.eos_token_id = eos[0] if len(eos) == 1 else eos
+        generation.pad_token_id = tokenizer.pad_token_id
         generation.save_pretrained(str(folder))

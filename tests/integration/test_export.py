@@ -94,7 +94,10 @@ def test_dequantized_merge_reproduces_trained_model(qlora_run, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
     kinds = {type(m).__module__.split(".")[0] for m in model.modules()}
     assert kinds == {"transformers", "torch"}, kinds  # no bitsandbytes, no peft
-    assert (tmp_path / "merged" / "generation_config.json").exists()
+    generation = json.loads((tmp_path / "merged" / "generation_config.json").read_text())
+    tokenizer = json.loads((tmp_path / "merged" / "tokenizer_config.json").read_text())
+    eos = generation["eos_token_id"]
+    assert tokenizer["eos_token"] == "<|im_end|>" and 3 in (eos if isinstance(eos, list) else [eos])
     assert (tmp_path / "merged" / "chat_template.jinja").exists()
 
 

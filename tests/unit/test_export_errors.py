@@ -58,6 +58,13 @@ def test_default_stage_is_last_finished(tmp_path):
     assert open_run(run, "sft").adapter == run / "sft" / "adapter"
 
 
+def test_tokenizer_is_the_one_saved_with_the_adapter(tmp_path):
+    run = open_run(make_run(tmp_path, finished=("sft",)))
+    assert run.tokenizer_dir == run.run_dir / "tokenizer"  # runs that saved no tokenizer with the adapter
+    (run.adapter / "tokenizer_config.json").write_text("{}")
+    assert run.tokenizer_dir == run.adapter  # saved after the recipe's chat template was applied
+
+
 def test_existing_output_refused_before_any_model_load(tmp_path):
     from finetune.export import export_adapter
 
