@@ -100,8 +100,8 @@ class DataConfig(Section):
     eval: list[DatasetSource] = Field(default_factory=list)
     """Evaluation datasets for the eval loss. Empty: take `eval_fraction` of train, or no eval."""
     eval_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    """Share of each training source's rows held out (chosen with the seed) for the eval loss when `eval` is
-    empty."""
+    """Share of each training source's rows held out for the eval loss when `eval` is empty (drawn with the seed;
+    the last rows when `shuffle` is off)."""
     template: str = "tokenizer"
     """Chat template: `tokenizer` (the tokenizer's own; a base model without one gets `chatml` or `plain`, with a
     notice), a registry name (chatml, llama-3, mistral, gemma, phi-3, plain), or a path to a Jinja file."""
