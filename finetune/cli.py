@@ -190,6 +190,8 @@ def export_cmd(
         raise _fail(f"error: {e}", 1) from None
     if result.format == "merged":
         typer.echo(f"merged stage {result.stage} into the {result.merge_into} base weights, saved as {result.dtype}")
+        for note in result.notes:
+            typer.echo(f"  note: {note}")
         for mode, figures in result.figures.items():
             from finetune.verify import Figures
 

@@ -57,6 +57,7 @@ class ExportResult:
     figures: dict[str, dict[str, Any]] = field(default_factory=dict)
     adapter_effect: dict[str, Any] | None = None  # trained vs base without adapter: the scale of the figures
     verification_source: str | None = None
+    notes: list[str] = field(default_factory=list)  # what the user should know about choices made for them
 
 
 def open_run(run_dir: str | Path, stage: str | None = None) -> RunStage:
@@ -217,6 +218,9 @@ def export_merged(
             modes.append("original" if merge_into == "dequantized" else "dequantized")
         result = ExportResult(out=out, format="merged", stage=run.stage.name, merge_into=merge_into,
                               dtype=str(torch_dtype).removeprefix("torch."))
+        if not quantized:
+            result.notes.append("the base was not quantized, so the weights training saw are the original ones"
+                                + ("; --compare has no second merge mode to measure" if compare else ""))
         inputs = None
         if verify or compare:
             from finetune.verify import adapter_effect, verification_inputs
@@ -226,7 +230,7 @@ def export_merged(
             result.adapter_effect = adapter_effect(reference, inputs).as_dict()
         for mode in modes:
             folder = tmp if mode == merge_into else tmp.with_name(f".{out.name}.compare")
-            state = merged_state_dict(run.recipe, run.adapter, reference, tokenizer, mode)
+            state = merged_state_dict(run.recipe, run.adapter, reference, tokenizer, mode, torch_dtype)
             save_plain_model(state, reference, folder, torch_dtype, tokenizer)
             del state
             if inputs is not None:

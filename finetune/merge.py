@@ -6,8 +6,8 @@ Two merge modes (see `finetune.export`):
   B @ A * scale is added in float32, and nothing is requantized.
 - `original`: the base is loaded again without quantization, in float32, and peft's `merge_and_unload` merges the
   adapter into it.
-Either way the result is a float32 state dict with the key names of a plain transformers model, cast to the export
-dtype only when saved.
+Either way each weight is summed in float32 and only then cast to the export dtype, under the key names of a plain
+transformers model.
 """
 
 from __future__ import annotations
@@ -128,7 +128,11 @@ def _lora_delta(layer, adapter: str) -> torch.Tensor:
     return delta.T if getattr(layer, "fan_in_fan_out", False) else delta
 
 
-def _dequantized_merge(reference, keys: list[str]) -> dict[str, torch.Tensor]:
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(dtype).contiguous() if tensor.is_floating_point() else tensor
+
+
+def _dequantized_merge(reference, keys: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
 
@@ -147,11 +151,13 @@ def _dequantized_merge(reference, keys: list[str]) -> dict[str, torch.Tensor]:
                         tensor = tensor + _lora_delta(module, adapter).to(tensor.device)
         else:
             tensor = _full_precision(getattr(module, attr))
-        state[key] = tensor.cpu()
+        state[key] = _cast(tensor, dtype).cpu()  # summed in float32, cast per tensor: peak memory ~ the export
     return state
 
 
-def _original_merge(recipe: Recipe, adapter: Path, tokenizer, keys: list[str]) -> dict[str, torch.Tensor]:
+def _original_merge(recipe: Recipe, adapter: Path, tokenizer, keys: list[str], dtype: torch.dtype
+                    ) -> dict[str, torch.Tensor]:
+    # peft merges in the weights' dtype, so the base is loaded in float32 (memory: 4 bytes per parameter).
     from peft import PeftModel
 
     from finetune.model import load_model
@@ -165,15 +171,16 @@ def _original_merge(recipe: Recipe, adapter: Path, tokenizer, keys: list[str]) -
     missing = [k for k in keys if k not in state]
     if missing:
         raise FinetuneError(f"merge: the merged model lacks {missing[:3]}; this model type is not supported")
-    return {k: state[k].detach().float().cpu() if state[k].is_floating_point() else state[k].cpu() for k in keys}
+    return {k: _cast(state[k].detach(), dtype).cpu() for k in keys}
 
 
-def merged_state_dict(recipe: Recipe, adapter: Path, reference, tokenizer, mode: str) -> dict[str, torch.Tensor]:
-    """Float32 weights of base + adapter under plain transformers key names, merged as `mode` says."""
+def merged_state_dict(recipe: Recipe, adapter: Path, reference, tokenizer, mode: str,
+                      dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Weights of base + adapter under plain transformers key names, merged in float32 as `mode` says, then cast."""
     keys = plain_keys(plain_config(reference), recipe.model.trust_remote_code)
     if mode == "dequantized":
-        return _dequantized_merge(reference, keys)
-    return _original_merge(recipe, adapter, tokenizer, keys)
+        return _dequantized_merge(reference, keys, dtype)
+    return _original_merge(recipe, adapter, tokenizer, keys, dtype)
 
 
 def save_plain_model(state: dict[str, torch.Tensor], reference, folder: Path, dtype: torch.dtype, tokenizer,
@@ -186,7 +193,7 @@ def save_plain_model(state: dict[str, torch.Tensor], reference, folder: Path, dt
     from huggingface_hub import save_torch_state_dict
 
     folder.mkdir(parents=True, exist_ok=True)
-    cast = {k: v.to(dtype).contiguous() if v.is_floating_point() else v for k, v in state.items()}
+    cast = {k: _cast(v, dtype) for k, v in state.items()}
     save_torch_state_dict(cast, folder, max_shard_size=max_shard_size, metadata={"format": "pt"})
     config = plain_config(reference)
     config.dtype = dtype

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from finetune.errors import FinetuneError
-from finetune.recipe import Recipe, StageConfig
+from finetune.recipe import DatasetSource, Recipe, StageConfig
 
 DEFAULT_MAX_KL = 1e-2
 """Default ceiling on the mean KL per token (nats). On the test model a faithful merge into the dequantized base
@@ -48,33 +48,44 @@ class Figures:
         )
 
 
-def _conversation(row: dict[str, Any]) -> list[dict[str, str]] | None:
-    """A chat conversation from a data row (messages rows, or preference rows: prompt + chosen)."""
+def _conversation(row: dict[str, Any]) -> list[dict[str, str]] | str | None:
+    """What to run through the models for one normalised row: a conversation, a plain text, or None."""
     if isinstance(row.get("messages"), list):
         messages = list(row["messages"])
         if messages and messages[-1].get("role") != "assistant" and isinstance(row.get("answer"), str):
-            messages.append({"role": "assistant", "content": row["answer"]})
+            messages.append({"role": "assistant", "content": row["answer"]})  # task_eval rows: question + answer
         return messages or None
     prompt, chosen = row.get("prompt"), row.get("chosen")
-    if isinstance(prompt, list) and isinstance(chosen, list):
+    if isinstance(prompt, list) and isinstance(chosen, list):  # preference rows: the prompt and the chosen answer
         return prompt + chosen
-    return None
+    return row["text"] if isinstance(row.get("text"), str) else None
+
+
+def _normalised(src: DatasetSource, key: str) -> list[dict[str, Any]]:
+    """Rows of one source in any supported format, as the data module normalises them for training."""
+    from finetune.data import formats
+    from finetune.data.readers import read_source
+
+    table = read_source(src, key)
+    formats.apply_columns(table, src.columns)
+    fmt, _ = formats.resolve_format(table, src.format)
+    rows = formats.normalize_preference(table) if fmt == "preference" else formats.normalize_sft(table, fmt)
+    return rows[: src.max_samples] if src.max_samples else rows
 
 
 def _rows(recipe: Recipe, stage: StageConfig) -> tuple[list[dict[str, Any]], str]:
     """Held-out rows for verification and a short description of where they came from (no absolute paths)."""
-    from finetune.data import read_rows
     from finetune.stages.common import load_task_rows
 
     data = recipe.stage_data(stage)
     if data.task_eval:
         return load_task_rows(data.task_eval), f"data.task_eval ({Path(data.task_eval).name})"
     if data.eval:
-        rows = [r for src in data.eval for r in read_rows(src)]
+        rows = [r for i, src in enumerate(data.eval) for r in _normalised(src, f"data.eval[{i}]")]
         return rows, "data.eval (" + ", ".join(Path(s.path).name for s in data.eval) + ")"
-    # No held-out data: training rows still show whether the export computes what the trained model computes.
-    rows = [r for src in data.train for r in read_rows(src)]
-    return rows, "data.train (the recipe has no held-out data)"
+    # No eval file: training rows still show whether the export computes what the trained model computes.
+    rows = [r for i, src in enumerate(data.train) for r in _normalised(src, f"data.train[{i}]")]
+    return rows, "data.train (the recipe has no eval or task_eval file)"
 
 
 def verification_inputs(
@@ -91,15 +102,18 @@ def verification_inputs(
         messages = _conversation(row)
         if messages is None:
             continue
-        ids = tokenizer.apply_chat_template(
-            messages, tokenize=True, return_dict=True, add_generation_prompt=messages[-1]["role"] != "assistant"
-        )["input_ids"]
+        if isinstance(messages, str):  # text rows are trained without a chat template
+            ids = tokenizer(messages)["input_ids"]
+        else:
+            ids = tokenizer.apply_chat_template(
+                messages, tokenize=True, return_dict=True, add_generation_prompt=messages[-1]["role"] != "assistant"
+            )["input_ids"]
         inputs.append(list(ids)[:max_tokens])
         if len(inputs) == count:
             break
     if not inputs:
         raise FinetuneError(
-            f"verification: no usable conversation in {source} (rows need `messages`, or `prompt` + `chosen`). "
+            f"verification: no usable row in {source} (need messages, prompt + chosen, or text rows). "
             "Add data.task_eval or data.eval rows in that format, or skip verification with --no-verify."
         )
     return inputs, source
