@@ -29,6 +29,10 @@ def test_every_file_kind_reads_the_same_rows(tmp_path, write):
     paths = {"jsonl": write("a.jsonl", ROWS)}
     (tmp_path / "a.json").write_text(json.dumps(ROWS))
     paths["json"] = tmp_path / "a.json"
+    (tmp_path / "wrapped.json").write_text(json.dumps({"data": ROWS}))
+    paths["json {data: [...]}"] = tmp_path / "wrapped.json"
+    (tmp_path / "lines.json").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    paths["JSON Lines named .json"] = tmp_path / "lines.json"
     pq.write_table(pa.Table.from_pylist(ROWS), tmp_path / "a.parquet")
     paths["parquet"] = tmp_path / "a.parquet"
     with (tmp_path / "a.csv").open("w", newline="") as f:
@@ -71,6 +75,12 @@ def test_unreadable_files_name_file_and_line(tmp_path, content, message):
     (tmp_path / "bad.jsonl").write_bytes(content)
     with pytest.raises(FinetuneError, match=message):
         read_rows(DatasetSource(path=str(tmp_path / "bad.jsonl")))
+
+
+def test_corrupt_parquet_names_the_file(tmp_path):
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(FinetuneError, match=r"cannot read .*bad.parquet as parquet"):
+        read_rows(DatasetSource(path=str(tmp_path / "bad.parquet")))
 
 
 def test_unsupported_extension_and_empty_folder(tmp_path):
