@@ -116,6 +116,8 @@ def load_model(recipe: Recipe, training: TrainingConfig | None = None, tokenizer
         model.config.pad_token_id = tokenizer.pad_token_id
         if model.generation_config is not None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
+            # Stop generation where the chat template ends a turn (a registry template may change eos).
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
     if training is not None and training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
