@@ -90,19 +90,26 @@ def plain_config(reference):
     return config
 
 
-def plain_keys(config, trust_remote_code: bool = False) -> list[str]:
-    """State-dict keys a plain model of `config` saves: built on the meta device, tied weights listed once."""
+def plain_keys(config, trust_remote_code: bool = False) -> tuple[list[str], dict[str, str]]:
+    """State-dict keys of a plain model of `config` (built on the meta device), and its tied keys.
+
+    Returns:
+        The keys, each tied weight listed once, and {second name: first name} of the tied ones
+        (e.g. {"lm_head.weight": "model.embed_tokens.weight"}).
+    """
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    seen: set[int] = set()
-    keys = []
+    first: dict[int, str] = {}
+    keys, tied = [], {}
     for key, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) not in seen:  # a tied weight (lm_head = embed_tokens) is one object under two names
-            seen.add(id(tensor))
+        if id(tensor) in first:  # a tied weight (lm_head = embed_tokens) is one object under two names
+            tied[key] = first[id(tensor)]
+        else:
+            first[id(tensor)] = key
             keys.append(key)
-    return keys
+    return keys, tied
 
 
 def _full_precision(tensor: torch.Tensor) -> torch.Tensor:
@@ -176,11 +183,20 @@ def _original_merge(recipe: Recipe, adapter: Path, tokenizer, keys: list[str], d
 
 def merged_state_dict(recipe: Recipe, adapter: Path, reference, tokenizer, mode: str,
                       dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Weights of base + adapter under plain transformers key names, merged in float32 as `mode` says, then cast."""
-    keys = plain_keys(plain_config(reference), recipe.model.trust_remote_code)
+    """Weights of base + adapter under plain transformers key names, merged in float32 as `mode` says, then cast.
+
+    A tied weight appears once, unless training untied it (e.g. lm_head in lora.modules_to_save while the base ties
+    it to the input embeddings): then both names are kept and `save_plain_model` unties them in the config.
+    """
+    keys, tied = plain_keys(plain_config(reference), recipe.model.trust_remote_code)
     if mode == "dequantized":
-        return _dequantized_merge(reference, keys, dtype)
-    return _original_merge(recipe, adapter, tokenizer, keys, dtype)
+        state = _dequantized_merge(reference, keys + list(tied), dtype)
+    else:
+        state = _original_merge(recipe, adapter, tokenizer, keys + list(tied), dtype)
+    for second, first in tied.items():
+        if torch.equal(state[second], state[first]):
+            del state[second]
+    return state
 
 
 def save_plain_model(state: dict[str, torch.Tensor], reference, folder: Path, dtype: torch.dtype, tokenizer,
@@ -197,6 +213,8 @@ def save_plain_model(state: dict[str, torch.Tensor], reference, folder: Path, dt
     save_torch_state_dict(cast, folder, max_shard_size=max_shard_size, metadata={"format": "pt"})
     config = plain_config(reference)
     config.dtype = dtype
+    if any(second in state for second in plain_keys(config)[1]):
+        config.tie_word_embeddings = False  # the trained output layer differs from the input embeddings
     config.save_pretrained(str(folder))
     generation = copy.deepcopy(reference.get_base_model().generation_config)
     if generation is not None:
