@@ -69,16 +69,35 @@ def train(
     ctx: typer.Context,
     recipe: RecipeArg,
     set_: SetOpt = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace a run folder that holds a finished run.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the run in the run folder (finished or not).")] = False,
     from_stage: Annotated[str | None, typer.Option(help="Rerun from this stage on, even if it finished.")] = None,
+    resume: Annotated[bool, typer.Option(
+        help="Continue the unfinished stage from its last checkpoint. RECIPE may also be the run folder.")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        help="Load tokenizer, data and model, show samples, token counts, steps and memory; do not train.")] = False,
     nproc: Annotated[int | None, typer.Option(
         min=1, help="Train data-parallel in N processes through Accelerate: one per GPU (CPU processes without GPUs)."
     )] = None,
 ) -> None:
     """Run every stage of a recipe (SFT, then DPO if asked) into one run folder."""
+    run_folder = recipe if recipe.is_dir() and (recipe / "recipe.yaml").exists() else None
+    if run_folder is not None:  # `ft train RUN_DIR --resume`: the recipe the run was started with
+        recipe = run_folder / "recipe.yaml"
     loaded = _load(recipe, set_)
+    if run_folder is not None:
+        loaded.output.dir = str(run_folder)
+    if overwrite and resume:
+        raise _fail("--overwrite starts the run over and --resume continues it: pass one of them")
     if overwrite:
         loaded.output.overwrite = True
+    if dry_run:
+        from finetune.dryrun import dry_run as show_plan
+
+        try:
+            show_plan(loaded)
+        except FinetuneError as e:
+            raise _fail(f"error: {e}", 1) from None
+        return
     if nproc is not None and nproc > 1:  # validated once here, then the same command runs in each process
         from finetune.launch import command_line, environment_problems, relaunch
         from finetune.recipe_io import RecipeError
@@ -96,8 +115,12 @@ def train(
     silence_other_processes()
 
     try:
-        run_pipeline(loaded, recipe_path=recipe, from_stage=from_stage)
+        run_pipeline(loaded, recipe_path=recipe, from_stage=from_stage, resume=resume)
     except FinetuneError as e:
+        code = getattr(e, "exit_code", 1)  # RunInterrupted: 128 + signal number, like a shell reports it
+        if code != 1:
+            typer.secho(str(e), fg=typer.colors.YELLOW, err=True)
+            raise typer.Exit(code) from None
         raise _fail(f"error: {e}", 1) from None
 
 
@@ -250,6 +273,34 @@ def generate(
             if len(prompts) > 1:
                 typer.echo(f"### {text}")
             answer(loaded, text, max_new_tokens=max_new_tokens, temperature=temperature, system=system)
+    except FinetuneError as e:
+        raise _fail(f"error: {e}", 1) from None
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder written by `ft train`.", show_default=False)],
+) -> None:
+    """Draw a run's curves (loss, eval loss, learning rate, grad norm, tokens/s, DPO rewards): PNGs + one HTML page."""
+    from finetune.report import write_report
+
+    try:
+        page = write_report(run_dir)
+    except FinetuneError as e:
+        raise _fail(f"error: {e}", 1) from None
+    typer.echo(f"report: {page}")
+
+
+@app.command()
+def runs(
+    folder: Annotated[Path, typer.Argument(help="A folder of run folders, or one run folder.")] = Path("runs"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List runs: status, stage, last step, last loss and held-out metric (a run killed mid-way shows `crashed`)."""
+    from finetune.runs import list_runs
+
+    try:
+        typer.echo(list_runs(folder, as_json=as_json))
     except FinetuneError as e:
         raise _fail(f"error: {e}", 1) from None
 

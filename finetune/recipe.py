@@ -298,7 +298,8 @@ class OutputConfig(Section):
     dir: str = "runs/{name}"
     """Run folder. `{name}` is replaced by the recipe name."""
     overwrite: bool = False
-    """Replace a run folder that already holds a finished run."""
+    """Replace a run folder that already holds a run, finished or not (an unfinished one is otherwise continued with
+    `ft train --resume`)."""
 
 
 class WandbConfig(Section):

@@ -24,6 +24,8 @@ class StageContext:
     run_dir: Path
     init_adapter: Path | None  # adapter folder this stage starts from (None: a fresh adapter)
     previous_adapter: Path | None  # adapter of the stage before (the `sft` reference for DPO)
+    resume_from: Path | None = None  # checkpoint to continue from (`ft train --resume`); see finetune.resume
+    tracker: Any = None  # the run's finetune.tracking.Tracker (W&B), fed by the stage's RunLogger
 
     @property
     def dir(self) -> Path:
@@ -81,27 +83,19 @@ def trainer_kwargs(ctx: StageContext, has_eval: bool) -> dict[str, Any]:
         gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         logging_steps=t.logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # a NaN loss must reach the NaN guard, not be averaged away
         eval_strategy=("steps" if t.eval_steps else "no") if has_eval else "no",
         eval_steps=t.eval_steps,
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,
         save_total_limit=t.save_total_limit,
-        report_to=_report_to(ctx.recipe),
+        report_to=[],  # RunLogger feeds metrics.jsonl, W&B and TensorBoard itself (finetune.tracking)
         run_name=ctx.recipe.name,
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
         remove_unused_columns=False,
     )
-
-
-def _report_to(recipe: Recipe) -> list[str]:
-    out = []
-    if recipe.tracking.wandb is not None and recipe.tracking.wandb.mode != "disabled":
-        out.append("wandb")
-    if recipe.tracking.tensorboard:
-        out.append("tensorboard")
-    return out
 
 
 def load_task_rows(path: str | None) -> list[dict[str, Any]]:

@@ -6,7 +6,11 @@ Run folder layout:
     tokenizer/           the tokenizer used (pad token set)
     <stage>/adapter/     the stage's LoRA adapter (safetensors + adapter_config.json), loadable by plain peft
     <stage>/summary.json the stage's result and settings; its presence marks the stage finished
-    summary.json         status and every stage's metrics
+    <stage>/checkpoints/ resumable checkpoint-N folders, each complete or absent (finetune.checkpoints)
+    summary.json         status (running, finished, interrupted, failed) and every stage's metrics
+    manifest.json        lineage: recipe hash, data hashes, base model, versions, commit, seeds, hardware
+    .lock                held by the `ft train` writing the folder (finetune.runs)
+    wandb/, tensorboard/ tracker files when the recipe asks for them; report/ after `ft report`
 """
 
 from __future__ import annotations
@@ -19,10 +23,14 @@ from typing import Any
 
 from finetune.errors import FinetuneError
 from finetune.launch import is_main_process, wait_for_everyone
+from finetune.manifest import write_manifest
 from finetune.recipe import Recipe, StageConfig
 from finetune.recipe_io import dump_recipe
+from finetune.resume import check_run_dir, record_stop, resume_point
 from finetune.runio import read_json, write_json_atomic, write_text_atomic
+from finetune.runs import RunLock
 from finetune.stages.common import StageContext, StageResult
+from finetune.tracking import Tracker, open_tracker
 
 
 @dataclass
@@ -90,12 +98,15 @@ def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") ->
     return out
 
 
-def prepare_run_dir(recipe: Recipe, from_stage: str | None = None) -> Path:
+def prepare_run_dir(recipe: Recipe, from_stage: str | None = None, resume: bool = False) -> Path:
     """Create the run folder, refusing to replace a finished run unless the recipe says overwrite.
 
     With `from_stage`, a finished run is reopened: the stages before it are kept, it and the ones after run again.
+    Unfinished runs (resume, checkpoints, locks) follow `finetune.resume.check_run_dir`.
     """
     run_dir = recipe.output_dir()
+    check_run_dir(run_dir, dump_recipe(recipe), [s.name for s in recipe.effective_stages()],
+                  overwrite=recipe.output.overwrite, resume=resume, from_stage=from_stage)
     summary = read_json(run_dir / "summary.json", {})
     if summary.get("status") == "finished" and (recipe.output.overwrite or from_stage is None):
         if not recipe.output.overwrite:
@@ -108,17 +119,24 @@ def prepare_run_dir(recipe: Recipe, from_stage: str | None = None) -> Path:
     return run_dir
 
 
-def run_pipeline(recipe: Recipe, recipe_path: str | Path | None = None, from_stage: str | None = None) -> RunResult:
-    """Run every unfinished stage of the recipe; finished stages in the same run folder are skipped."""
+def run_pipeline(recipe: Recipe, recipe_path: str | Path | None = None, from_stage: str | None = None,
+                 resume: bool = False) -> RunResult:
+    """Run every unfinished stage of the recipe; finished stages in the same run folder are skipped.
+
+    With `resume`, the unfinished stage continues from its last checkpoint (see finetune.resume).
+    """
     stages = recipe.effective_stages()
     names = [s.name for s in stages]
     if from_stage is not None and from_stage not in names:
         raise FinetuneError(f"--from-stage {from_stage}: the recipe has no such stage (stages: {', '.join(names)})")
     main = is_main_process()  # with several processes only the main one writes the run folder (finetune.launch)
-    run_dir = prepare_run_dir(recipe, from_stage) if main else recipe.output_dir()
+    run_dir = prepare_run_dir(recipe, from_stage, resume) if main else recipe.output_dir()
     wait_for_everyone()  # the others look into the folder only once the main process has (re)made it
+    lock = RunLock(run_dir).acquire() if main else None  # one writer per run folder; released by the OS on kill -9
     if main:
         write_text_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
+        write_manifest(recipe, run_dir, recipe_path)
+    tracker = open_tracker(recipe, run_dir) if main else Tracker()
     run = RunResult(run_dir=run_dir)
     summary: dict[str, Any] = {"name": recipe.name, "status": "running", "source": str(recipe_path or ""),
                                "stages": {}}
@@ -129,6 +147,8 @@ def run_pipeline(recipe: Recipe, recipe_path: str | Path | None = None, from_sta
 
         if (warning := preflight(recipe)) is not None:
             print(f"[hub] warning: {warning}", flush=True)
+
+    from transformers import set_seed
 
     from finetune.model import load_tokenizer
 
@@ -158,10 +178,20 @@ def run_pipeline(recipe: Recipe, recipe_path: str | Path | None = None, from_sta
         else:
             init = Path(stage.init_from)
         ctx = StageContext(recipe=recipe, stage=stage, index=index, run_dir=run_dir, init_adapter=init,
-                           previous_adapter=previous)
+                           previous_adapter=previous, resume_from=resume_point(run_dir / stage.name, resume),
+                           tracker=tracker)
         ctx.dir.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        result: StageResult = _stage_runner(stage.kind)(ctx, tokenizer=tokenizer)
+        # Seed before the stage builds anything: the fresh adapter's random init is made before the trainer seeds.
+        set_seed(ctx.training.seed)
+        try:
+            result: StageResult = _stage_runner(stage.kind)(ctx, tokenizer=tokenizer)
+        except BaseException as error:  # Ctrl-C, NaN guard, crash: say so in summary.json, close the tracker
+            if main:
+                record_stop(run_dir, summary, stage.name, error)
+                tracker.finish(exit_code=1)
+                lock.release()
+            raise
         result.metrics["stage_seconds"] = round(time.perf_counter() - started, 1)
         done = {**asdict(result), "config": stage_settings(recipe, stage)}
         run.stages[stage.name] = done
@@ -175,6 +205,8 @@ def run_pipeline(recipe: Recipe, recipe_path: str | Path | None = None, from_sta
         return run
     summary["status"] = "finished"
     write_json_atomic(run_dir / "summary.json", summary)
+    tracker.finish()
+    lock.release()
     _print_summary(run)
     if recipe.hub.repo_id:  # export + upload (finetune.hub); if the upload fails, the export stays on disk
         from finetune.hub import upload_run

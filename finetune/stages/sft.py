@@ -8,6 +8,7 @@ from finetune.adapters import attach, prepare_base, trainable_summary
 from finetune.data import apply_template, build_dataset
 from finetune.launch import is_main_process
 from finetune.model import load_model, load_tokenizer
+from finetune.resume import guarded_train
 from finetune.runio import write_dir_atomic
 from finetune.stages.common import (
     StageContext,
@@ -62,7 +63,7 @@ def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
     )
     quiet_trainer(trainer)
     started = time.perf_counter()
-    result = trainer.train()
+    result = guarded_train(trainer, ctx)  # atomic checkpoints, --resume, Ctrl-C, NaN guard
     train_seconds = time.perf_counter() - started
     metrics = {"train_loss": result.training_loss, "train_seconds": round(train_seconds, 1),
                "steps": trainer.state.global_step}

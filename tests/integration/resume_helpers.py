@@ -1,0 +1,83 @@
+"""Helpers of the resume / interrupt tests: a tiny recipe, `ft train` in a subprocess or in-process, loss curves."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from finetune.cli import app
+
+MAX_STEPS = 16
+
+
+def write_recipe(folder: Path, model: Path, data: Path, name: str = "run", **training) -> Path:
+    """A tiny SFT recipe writing its run to `folder/runs/<name>`; `training` overrides keys of the training section."""
+    settings = {"max_steps": MAX_STEPS, "micro_batch_size": 4, "learning_rate": 1.0e-2, "logging_steps": 1,
+                "seed": 3, "save_total_limit": 2, **training}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.yaml"
+    path.write_text(
+        f"name: {name}\n"
+        f"model: {{name_or_path: {model}, dtype: float32}}\n"
+        "lora: {r: 4, alpha: 8}\n"
+        f"data: {{train: [{{path: {data}}}], max_length: 64, cache_dir: null}}\n"
+        f"training: {json.dumps(settings)}\n"
+        f"output: {{dir: {folder / 'runs' / name}}}\n"
+    )
+    return path
+
+
+def losses(run_dir: Path, stage: str = "sft") -> dict[int, float]:
+    """step -> training loss from metrics.jsonl (a step logged twice would show as a changed value, not a gap)."""
+    out: dict[int, float] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row.get("stage") == stage and "loss" in row:
+            assert row["step"] not in out, f"step {row['step']} logged twice"
+            out[row["step"]] = row["loss"]
+    return out
+
+
+def train_here(*args: str):
+    """`ft train ...` in this process (typer's runner); returns the result."""
+    return CliRunner().invoke(app, ["train", *args])
+
+
+def subprocess_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
+            "TOKENIZERS_PARALLELISM": "false"}
+
+
+def spawn(args: list[str], cwd: Path) -> subprocess.Popen:
+    """`ft ...` (through `python -m finetune`, i.e. the console script's main) in a child process."""
+    return subprocess.Popen([sys.executable, "-m", "finetune", *args], cwd=cwd, env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Block until metrics.jsonl shows `step` (fails if the process ends or the time runs out first)."""
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"ft train ended (code {proc.returncode}) before step {step}:\n{out}\n{err}")
+        if metrics.exists() and any(json.loads(line).get("step", 0) >= step
+                                    for line in metrics.read_text().splitlines() if line.endswith("}")):
+            return
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def assert_same_curve(resumed: dict[int, float], reference: dict[int, float], tol: float = 1e-4) -> None:
+    """Every step present once in both, losses equal within `tol` (threads may differ between the runs)."""
+    assert sorted(resumed) == sorted(reference) == list(range(1, MAX_STEPS + 1))
+    worst = max(abs(resumed[s] - reference[s]) for s in reference)
+    assert worst <= tol, {s: (resumed[s], reference[s]) for s in reference}

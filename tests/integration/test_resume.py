@@ -1,0 +1,125 @@
+"""Runs survive crashes and Ctrl-C: resumed loss curves match an uninterrupted run step for step.
+
+Each test starts a real `ft train` child process on the tiny fixture model, stops it (kill -9 mid-run, kill -9
+while a checkpoint is being written, Ctrl-C), then continues it with `ft train --resume` and compares the per-step
+losses with an uninterrupted run of the same recipe. The child runs with one thread and this process with the
+default; the tolerance (1e-4 on losses around 3-4) covers that and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import textwrap
+
+import pytest
+from resume_helpers import (
+    MAX_STEPS,
+    assert_same_curve,
+    losses,
+    spawn,
+    subprocess_env,
+    train_here,
+    wait_for_step,
+    write_recipe,
+)
+
+from finetune.checkpoints import last_checkpoint, list_checkpoints
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, addition_data, tmp_path_factory) -> dict[int, float]:
+    """The per-step losses of the uninterrupted run."""
+    folder = tmp_path_factory.mktemp("reference")
+    recipe = write_recipe(folder, tiny_model, addition_data["train"], save_steps=4)
+    result = train_here(str(recipe))
+    assert result.exit_code == 0, result.output
+    curve = losses(folder / "runs" / "run")
+    assert len(curve) == MAX_STEPS
+    return curve
+
+
+def test_kill_9_mid_run_then_resume_matches(reference, tiny_model, addition_data, tmp_path):
+    recipe = write_recipe(tmp_path, tiny_model, addition_data["train"], save_steps=4)
+    run_dir = tmp_path / "runs" / "run"
+    proc = spawn(["train", str(recipe)], cwd=tmp_path)
+    wait_for_step(run_dir, 6, proc)  # checkpoint-4 exists; steps 5-6 are work the kill throws away
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "running"  # nobody got to say otherwise
+    assert not (run_dir / "sft" / "summary.json").exists()
+    saved = last_checkpoint(run_dir / "sft" / "checkpoints")
+    assert saved is not None and saved.name in ("checkpoint-4", "checkpoint-8")
+
+    plain = train_here(str(recipe))  # the same command without --resume does not silently start over
+    assert plain.exit_code == 1 and "--resume" in plain.output
+
+    result = train_here(str(recipe), "--resume")
+    assert result.exit_code == 0, result.output
+    assert f"resuming from {saved}" in result.output
+    assert_same_curve(losses(run_dir), reference)
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+
+
+DIE_WHILE_SAVING = textwrap.dedent("""
+    import os, signal, sys
+    import transformers
+    write_rng = transformers.Trainer._save_rng_state
+
+    def die_at_step_8(self, output_dir):
+        # adapter, optimizer and scheduler of checkpoint-8 are on disk by now; the RNG and trainer state are not
+        if self.state.global_step == 8:
+            os.kill(os.getpid(), signal.SIGKILL)
+        write_rng(self, output_dir)
+
+    transformers.Trainer._save_rng_state = die_at_step_8
+    from finetune.cli import main
+    sys.argv = ["ft", *sys.argv[1:]]
+    main()
+""")
+
+
+def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(reference, tiny_model, addition_data, tmp_path):
+    import subprocess
+    import sys
+
+    recipe = write_recipe(tmp_path, tiny_model, addition_data["train"], save_steps=4)
+    run_dir = tmp_path / "runs" / "run"
+    root = run_dir / "sft" / "checkpoints"
+    proc = subprocess.run([sys.executable, "-c", DIE_WHILE_SAVING, "train", str(recipe)], cwd=tmp_path,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert (root / ".staging" / "checkpoint-8" / "optimizer.pt").exists()  # it died half-way through the write
+    assert [p.name for p in list_checkpoints(root)] == ["checkpoint-4"]
+    assert not (root / "checkpoint-8").exists()
+    state = json.loads((root / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+
+    result = train_here(str(run_dir), "--resume")  # the run folder stands for its recipe
+    assert result.exit_code == 0, result.output
+    assert_same_curve(losses(run_dir), reference)
+    assert not (root / ".staging").exists()
+    assert [p.name for p in list_checkpoints(root)] == ["checkpoint-12", "checkpoint-16"]  # save_total_limit 2
+
+
+def test_ctrl_c_finishes_the_step_saves_and_resumes(reference, tiny_model, addition_data, tmp_path):
+    recipe = write_recipe(tmp_path, tiny_model, addition_data["train"])  # no save_steps: only Ctrl-C saves
+    run_dir = tmp_path / "runs" / "run"
+    proc = spawn(["train", str(recipe)], cwd=tmp_path)
+    wait_for_step(run_dir, 3, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "SIGINT received: finishing the current step" in out
+    assert f"Continue with: ft train {run_dir} --resume" in err
+    saved = list_checkpoints(run_dir / "sft" / "checkpoints")
+    assert len(saved) == 1
+    stopped_at = json.loads((saved[0] / "trainer_state.json").read_text())["global_step"]
+    assert 3 <= stopped_at < MAX_STEPS and max(losses(run_dir)) == stopped_at  # that step was finished and saved
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["stopped_in"] == "sft"
+
+    result = train_here(str(recipe), "--resume")
+    assert result.exit_code == 0, result.output
+    assert_same_curve(losses(run_dir), reference)
