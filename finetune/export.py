@@ -275,7 +275,10 @@ def _check_threshold(result: ExportResult, max_kl: float) -> None:
         "weights), so some difference is expected: accept it with a higher --max-kl, or export with "
         "--merge-into dequantized."
         if result.merge_into == "original"
-        else "The merged weights do not reproduce the trained model; please report this with the run's recipe."
+        else "The merged weights do not reproduce the trained model"
+        + (f" (if rounding to {result.dtype} is the cause, --dtype fp32 shows it and a higher --max-kl accepts it)"
+           if result.dtype != "float32" else "; please report this with the run's recipe")
+        + "."
     )
     raise FinetuneError(
         f"export refused: the merged model differs from the trained model above the threshold "
@@ -285,7 +288,10 @@ def _check_threshold(result: ExportResult, max_kl: float) -> None:
 
 def _write_card(run: RunStage, result: ExportResult, folder: Path, repo_id: str | None,
                 max_kl: float | None = None) -> None:
-    from finetune.modelcard import export_metadata, render_card
+    from finetune.modelcard import export_metadata, public_manifest, render_card
 
     write_text_atomic(folder / "README.md", render_card(run, result, repo_id=repo_id, max_kl=max_kl))
     write_json_atomic(folder / "export.json", export_metadata(run, result))
+    manifest = public_manifest(run.run_dir)
+    if manifest is not None:
+        write_json_atomic(folder / "manifest.json", manifest)

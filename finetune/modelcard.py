@@ -1,9 +1,10 @@
 """The model card (README.md) and `export.json` written into every export.
 
 What a reader needs to trust and reuse the export: base model and revision, data, every stage's metrics, how it was
-merged and how well the merge reproduces the trained model, the resolved recipe and the package versions. Nothing
-local leaks: absolute paths are reduced to their last component, and anything shaped like a Hugging Face token is
-redacted (the token itself is never read here).
+merged and how well the merge reproduces the trained model, the resolved recipe, the run's lineage (manifest.json,
+copied into the export) and the package versions. Nothing local leaks: absolute paths, whole or inside a string,
+are reduced to their last component, and secrets are redacted (`finetune.runfiles.redact`; the token itself is
+never read here).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from finetune.checks import looks_like_hub_id
+from finetune.runfiles import redact
 
 if TYPE_CHECKING:
     from finetune.export import ExportResult, RunStage
@@ -24,6 +26,8 @@ if TYPE_CHECKING:
 PACKAGES = ("finetune", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets",
             "huggingface_hub", "safetensors")
 _TOKEN = re.compile(r"hf_[A-Za-z0-9]{20,}")
+# An absolute path inside a longer string (`--set model.name_or_path=/home/me/base`); not URLs, not `a/b` ratios.
+_EMBEDDED_PATH = re.compile(r"(?<![\w.:/~-])/(?:[\w.-]+/)+([\w.-]+)")
 
 
 def public_path(value: str) -> str:
@@ -33,15 +37,32 @@ def public_path(value: str) -> str:
     return value
 
 
+def public_text(text: str) -> str:
+    """`text` with absolute paths inside it shortened and secret-shaped strings (HF, OpenAI, W&B keys) redacted."""
+    return redact(_TOKEN.sub("<redacted>", _EMBEDDED_PATH.sub(r"<local>/\1", text)))
+
+
 def _scrub(value: Any) -> Any:
-    """`public_path` applied to every string of a nested structure."""
+    """A nested structure fit for publishing: secret-shaped values redacted, local paths shortened in every string.
+
+    Values are judged, not key names: names like `max_new_tokens` or `tokens` are not secrets (and the recipe has
+    no field that holds one).
+    """
     if isinstance(value, dict):
         return {k: _scrub(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_scrub(v) for v in value]
     if isinstance(value, str):
-        return _TOKEN.sub("<redacted>", public_path(value))
+        return public_text(public_path(value))
     return value
+
+
+def public_manifest(run_dir: Path) -> dict[str, Any] | None:
+    """The run's manifest.json (lineage: recipe hash, data hashes, base model commit, code, seeds), made public."""
+    from finetune.manifest import read_manifest
+
+    manifest = read_manifest(run_dir)
+    return _scrub(manifest) if manifest else None
 
 
 def package_versions() -> dict[str, str]:
@@ -199,7 +220,21 @@ def render_card(run: RunStage, result: ExportResult, repo_id: str | None = None,
         "| stage | metric | value |", "|---|---|---|", *_stage_rows(run), "",
         "## Recipe", "", "The resolved recipe (every default written out; local paths shortened):", "",
         "```yaml", recipe_yaml.strip(), "```", "",
-        "## Package versions", "",
+        *_lineage(run),
+        "## Package versions (export)", "",
         *(f"- {name} {version}" for name, version in package_versions().items()), "",
     ]
-    return _TOKEN.sub("<redacted>", "\n".join(lines))
+    return public_text("\n".join(lines))
+
+
+def _lineage(run: RunStage) -> list[str]:
+    from finetune.manifest import lineage_lines
+
+    manifest = public_manifest(run.run_dir)
+    if manifest is None:
+        return []
+    try:
+        lines = lineage_lines(manifest)
+    except (KeyError, TypeError):  # a manifest from another version of the toolkit: the copy is still there
+        lines = []
+    return ["## Lineage", "", "From the run's manifest.json (a copy is in this folder):", "", *lines, ""]

@@ -159,9 +159,12 @@ def test_model_card_content_and_no_local_paths_or_secrets(qlora_run, tmp_path, t
 
     for needed in ("library_name: transformers", "<local>/model", "dequantized", "NF4", "## Recipe", "r: 8",
                    f"{train_loss:.4g}", "eval_loss", f"transformers {transformers.__version__}",
-                   f"{result.figures['dequantized']['top1_agreement']:.2%}", "data.eval (eval.jsonl)"):
+                   f"{result.figures['dequantized']['top1_agreement']:.2%}", "data.eval (eval.jsonl)",
+                   "## Lineage", "- recipe sha256: `"):
         assert needed in card, needed
     assert meta["merge_into"] == "dequantized" and meta["verification"] == result.figures
+    manifest = json.loads((tmp_path / "card" / "manifest.json").read_text())
+    assert manifest["recipe"]["sha256"] == json.loads((qlora_run / "manifest.json").read_text())["recipe"]["sha256"]
     for path in tmp_path.joinpath("card").iterdir():
         text = path.read_text(errors="ignore")
         for secret_or_local in (FAKE_TOKEN, str(tiny_model), str(qlora_run), str(Path.home())):

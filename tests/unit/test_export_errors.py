@@ -9,7 +9,7 @@ import pytest
 
 from finetune.errors import FinetuneError
 from finetune.export import check_mergeable, open_run
-from finetune.modelcard import _scrub, public_path
+from finetune.modelcard import _scrub, public_path, public_text
 
 RECIPE = """
 name: r
@@ -103,3 +103,7 @@ def test_published_paths_and_secrets(tmp_path):
     assert public_path("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
     token = "hf_" + "a" * 30
     assert _scrub({"a": [f"token {token}", str(tmp_path)]}) == {"a": ["token <redacted>", f"<local>/{tmp_path.name}"]}
+    assert _scrub({"tokens": 436, "key": "sk-" + "b" * 30}) == {"tokens": 436, "key": "<redacted>"}
+    text = "ft train --set model.name_or_path=/home/me/models/base at https://huggingface.co/a/b, 3/4 nats/token"
+    assert public_text(text) == ("ft train --set model.name_or_path=<local>/base at https://huggingface.co/a/b, "
+                                 "3/4 nats/token")
