@@ -107,7 +107,7 @@ def train(
         try:
             relaunch(nproc, command_line(ctx))
         except FinetuneError as e:
-            raise _fail(f"error: {e}", 1) from None
+            raise _fail(f"error: {e}", getattr(e, "exit_code", 1)) from None  # 128 + signal when interrupted
         return
     from finetune.launch import silence_other_processes
     from finetune.stages.pipeline import run_pipeline

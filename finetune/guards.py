@@ -18,6 +18,7 @@ import torch
 from transformers import TrainerCallback
 
 from finetune.errors import FinetuneError
+from finetune.launch import any_process
 
 
 class RunInterrupted(FinetuneError):
@@ -40,7 +41,9 @@ class StopOnSignal(TrainerCallback):
         self.signum: int | None = None
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.signum is not None:
+        # Several processes: the signal may reach them in different steps; all stop at the first one that saw it.
+        if any_process(self.signum is not None):
+            self.signum = self.signum or signal.SIGTERM  # a process the signal did not reach stops the same way
             control.should_save = True
             control.should_training_stop = True
         return control

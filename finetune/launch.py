@@ -58,6 +58,23 @@ def wait_for_everyone() -> None:
     PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
 
 
+def any_process(flag: bool) -> bool:
+    """True when `flag` is true on at least one process (a collective: every process must call it at the same point).
+
+    Decisions that end or redirect training (a stop signal that reached one process first) must be the same on all of
+    them, or the processes that go on wait forever in the next gradient all-reduce.
+    """
+    if world_size() == 1:
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def silence_other_processes() -> None:
     """Send the stdout of every process but the main one to /dev/null: one copy of each progress line and summary.
 
@@ -262,8 +279,15 @@ def relaunch(nproc: int, ft_args: list[str]) -> None:
     argv = accelerate_args(nproc, ft_args)
     print(f"launching {nproc} processes: accelerate launch {' '.join(argv)}", flush=True)
     args = launch_command_parser().parse_args(argv)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from finetune.guards import RunInterrupted
+
     try:
         launch_command(args)
+    except SignalException as e:  # Ctrl-C / SIGTERM reached the launcher: it passed the signal on to the processes
+        raise RunInterrupted(f"{nproc}-process training stopped by {e.sigval.name}; the processes saved a checkpoint "
+                             "if they could (see above)", exit_code=128 + int(e.sigval)) from None
     except Exception as e:  # torchrun's ChildFailedError, or CalledProcessError: its table names rank and exit code
         failures = getattr(e, "failures", None)
         detail = ""

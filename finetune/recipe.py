@@ -398,7 +398,8 @@ class Recipe(Section):
                     f"stages[{i}].name: '{stage.name}' must be a plain folder name (letters, digits, '-', '_') other "
                     "than 'tokenizer'; it is the stage's folder in the run directory"
                 )
-            if stage.kind == "sft" and "dpo" in stage.model_fields_set:
+            # compared with the defaults, not "was the key written": a run folder's recipe.yaml writes every key
+            if stage.kind == "sft" and stage.dpo != DPOConfig():
                 problems.append(f"stages[{i}] ({stage.name}): the dpo settings apply to dpo stages only; remove them")
             if stage.kind == "dpo":
                 fresh = stage.init_from == "new" or (i == 0 and stage.init_from == "previous")

@@ -264,5 +264,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    """The fully resolved recipe as YAML (every default written out)."""
-    return yaml.safe_dump(recipe.model_dump(mode="json", exclude={"extends"}), sort_keys=False)
+    """The fully resolved recipe as YAML (every default written out), which loads back into the same recipe."""
+    data = recipe.model_dump(mode="json", exclude={"extends"})
+    # A stage's `training` holds overrides: only the keys it sets (None included) are written, or reading the file
+    # back would override every shared training key with None.
+    for stage, out in zip(recipe.stages, data["stages"]):
+        out["training"] = stage.training.model_dump(mode="json", exclude_unset=True)
+    return yaml.safe_dump(data, sort_keys=False)

@@ -171,9 +171,15 @@ def test_nproc_inside_a_launched_process_is_refused(monkeypatch):
 
 
 def test_a_resolved_recipe_with_every_key_written_loads_again(tmp_path):
+    """Each process of `ft train --nproc` and `ft train RUN --resume` read the resolved recipe back."""
     from finetune.recipe_io import dump_recipe
 
-    r = load_recipe(recipe_file(tmp_path, "distributed: {strategy: fsdp, fsdp_cpu_offload: true}\n"))
+    stages = ("stages:\n  - {name: sft, kind: sft, training: {learning_rate: 1.0e-3}}\n"
+              "  - {name: dpo, kind: dpo, training: {save_steps: null, max_steps: 3}}\n")
+    r = load_recipe(recipe_file(tmp_path, "distributed: {strategy: fsdp, fsdp_cpu_offload: true}\n"
+                                          "training: {save_steps: 5}\n" + stages))
     resolved = tmp_path / "resolved.yaml"
-    resolved.write_text(dump_recipe(r))  # every key of every strategy, at its default unless set
-    assert load_recipe(resolved).distributed == r.distributed
+    resolved.write_text(dump_recipe(r))  # every key of every section, at its default unless set
+    again = load_recipe(resolved)
+    assert again == r
+    assert [again.stage_training(s).save_steps for s in again.stages] == [5, None]  # None overrides too

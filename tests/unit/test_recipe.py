@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from finetune.recipe import Recipe
 from finetune.recipe_io import RecipeError, apply_override, load_recipe
@@ -143,12 +145,54 @@ def test_no_training_data_is_reported(tmp_path):
     assert "no training data" in problems(write(tmp_path, "lora: {r: 8}\n"))
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("**/*.yaml")), ids=lambda p: p.name)
+RECIPES = sorted((ROOT / "recipes").glob("**/*.yaml"))
+
+
+def _recipe_id(path: Path) -> str:
+    return str(path.relative_to(ROOT / "recipes"))
+
+
+def _offline_hub_id(problem: str) -> bool:
+    """A Hub model or dataset id that cannot be reached offline (never one of the project's own folders)."""
+    found = re.match(r"[\w.\[\]]+: '([^']+)' is not a local path.* the Hub cannot be reached", problem)
+    return bool(found) and Path(found.group(1)).parts[0] not in {"models", "data", "runs", ".", ".."}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=_recipe_id)
 def test_every_shipped_recipe_validates(path, in_root):
     from finetune.checks import check_recipe_paths
 
     recipe = load_recipe(path)
     found = check_recipe_paths(recipe)
-    # Recipes for real models name Hub ids that cannot be reached offline; everything else must resolve.
-    hub_model = Path(recipe.model.name_or_path).parts[0] not in {"models", "data", "runs", ".", ".."}
-    assert [p for p in found if not (hub_model and p.startswith("model.name_or_path"))] == [], found
+    # Recipes for real models name Hub ids (models, datasets) that cannot be reached offline; all else must resolve.
+    assert [p for p in found if not _offline_hub_id(p)] == [], found
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if p.parent.name != "base"], ids=_recipe_id)
+def test_every_shipped_recipe_says_how_to_launch_it_and_what_it_needs(path):
+    header = "\n".join(line for line in path.read_text().splitlines() if line.startswith("#"))
+    assert f"ft train {path.relative_to(ROOT)}" in header  # the launch command names this very file
+    assert "Sized for:" in header
+    if path.parent != ROOT / "recipes":  # the model recipes share their settings through a base
+        assert "extends" in yaml.safe_load(path.read_text())
+
+
+def test_recipe_datasets_rows_are_understood():
+    """The Hub datasets the model recipes name (UltraChat, UltraFeedback) have these row shapes."""
+    from finetune.data.formats import normalize_preference, normalize_sft, resolve_format
+    from finetune.data.readers import Table
+
+    chat = {"prompt": "Hi?", "prompt_id": "1", "messages": [{"role": "user", "content": "Hi?"},
+                                                            {"role": "assistant", "content": "Hello!"}]}
+    table = Table("data.train[0]", "HuggingFaceH4/ultrachat_200k", [chat], [("hub", "row 1")])
+    assert resolve_format(table, "auto")[0] == "messages"
+    assert normalize_sft(table, "messages") == [{"messages": chat["messages"]}]
+    pair = {"prompt": "2+2?", "prompt_id": "1", "score_chosen": 9.0, "score_rejected": 2.0,
+            "chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+            "rejected": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}],
+            "messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
+    table = Table("stages[1].data.train[0]", "HuggingFaceH4/ultrafeedback_binarized", [pair], [("hub", "row 1")])
+    assert resolve_format(table, "auto")[0] == "preference"
+    assert normalize_preference(table) == [{"prompt": [{"role": "user", "content": "2+2?"}],
+                                            "chosen": [{"role": "assistant", "content": "4"}],
+                                            "rejected": [{"role": "assistant", "content": "5"}]}]
