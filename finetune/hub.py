@@ -128,5 +128,8 @@ def upload_run(recipe: Recipe, run_dir: Path) -> str:
             print(f"[hub] merged export verified: mean KL {figures['mean_kl']:.3g}, "
                   f"top-1 agreement {figures['top1_agreement']:.2%}", flush=True)
     print(f"[hub] uploading {out} to {hub.repo_id}", flush=True)
-    return push(out, hub.repo_id, private=hub.private, revision=hub.revision,
-                commit_message=f"{recipe.name}: {run.stage.name} ({hub.format})")
+    try:
+        return push(out, hub.repo_id, private=hub.private, revision=hub.revision,
+                    commit_message=f"{recipe.name}: {run.stage.name} ({hub.format})")
+    except FinetuneError as e:
+        raise FinetuneError(f"training finished ({run_dir}), but the upload asked by hub.repo_id failed: {e}") from None

@@ -76,6 +76,16 @@ def test_upload_at_end_of_train_goes_through_hfapi(qlora_run, hub_calls, capsys)
     assert "token" not in create and "token" not in upload  # huggingface_hub finds the token itself
 
 
+def test_upload_failure_after_training_keeps_the_export(qlora_run, monkeypatch):
+    from finetune.hub import upload_run
+    from finetune.recipe_io import load_recipe
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FinetuneError, match=r"training finished .* upload .* failed: .*HF_HUB_OFFLINE is set"):
+        upload_run(load_recipe(qlora_run / "recipe.yaml"), qlora_run)
+    assert (qlora_run / "export" / "sft-adapter" / "adapter_model.safetensors").exists()
+
+
 def test_dequantized_merge_reproduces_trained_model(qlora_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
