@@ -25,10 +25,17 @@ from finetune.kernels._dispatch import autocast_dtype, cast_floating, use_triton
 IGNORE_INDEX = -100
 
 
+#: Chunks hold at least this many bytes of float32 logits (so small hidden sizes still get efficient GEMMs).
+MIN_CHUNK_BYTES = 32 * 2**20
+
+
 def default_chunk_size(n_tokens: int, hidden: int, vocab: int) -> int:
-    """Tokens per chunk so a chunk's float32 logits are about the size of the hidden states (Liger's rule)."""
+    """Tokens per chunk: a chunk's float32 logits about the size of the hidden states (Liger's rule), but at
+    least :data:`MIN_CHUNK_BYTES` of logits, and never more than the tokens there are."""
     ratio = max(1, math.ceil(vocab / max(hidden, 1)))
-    return max(1, min(n_tokens, 2 ** math.ceil(math.log2(max(1, math.ceil(n_tokens / ratio))))))
+    liger = 2 ** math.ceil(math.log2(max(1, math.ceil(n_tokens / ratio))))
+    budget = MIN_CHUNK_BYTES // (4 * max(vocab, 1))
+    return max(1, min(n_tokens, max(liger, budget)))
 
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -50,6 +50,13 @@ def _dense(weight: BaseWeight, dtype: torch.dtype) -> torch.Tensor:
     return weight.to(dtype)
 
 
+def _add_low_rank(out: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """``out + scale * u @ v``, in place (one GEMM, no ``[M, N]`` temporaries) when the dtypes agree."""
+    if u.dtype == out.dtype:
+        return out.addmm_(u, v, alpha=scale)
+    return out.add_(torch.mm(u, v).mul_(scale).to(out.dtype))
+
+
 def proj_forward(
     x2: torch.Tensor,
     xl2: torch.Tensor,
@@ -83,7 +90,7 @@ def proj_forward(
 
         return nf4_matmul(x2, weight, True, bias_c, (xa, b.to(ld).t(), scale)), xa
     out = F.linear(x2, _dense(weight, x2.dtype), bias_c)
-    return out + ((xa @ b.to(ld).t()) * scale).to(out.dtype), xa
+    return _add_low_rank(out, xa, b.to(ld).t(), scale), xa
 
 
 def proj_backward(
@@ -119,8 +126,8 @@ def proj_backward(
     ld = xa.dtype
     dyl = dy2.to(ld)
     dyb = dyl @ b.to(ld)
-    da = ((dyb.t() @ xl2.to(ld)) * scale).to(a.dtype) if need_da else None
-    db = ((dyl.t() @ xa) * scale).to(b.dtype) if need_db else None
+    da = (dyb.t() @ xl2.to(ld)).mul_(scale).to(a.dtype) if need_da else None
+    db = (dyl.t() @ xa).mul_(scale).to(b.dtype) if need_db else None
     dbias = dy2.sum(0) if need_dbias else None
     dx = dx_lora = None
     if need_dx or not lora_into_dx:
@@ -131,11 +138,10 @@ def proj_backward(
             dx = nf4_matmul(dy2, weight, False, None, low)
         else:
             dx = dy2 @ _dense(weight, dy2.dtype)
-            lora = ((dyb @ low[1]) * scale).to(dx.dtype)
             if lora_into_dx:
-                dx = dx + lora
+                dx = _add_low_rank(dx, dyb, low[1], scale)
             else:
-                dx_lora = lora
+                dx_lora = (dyb @ low[1]).mul_(scale).to(dx.dtype)
     return dx, dx_lora, da, db, dbias
 
 

@@ -70,6 +70,15 @@ def within_one_ulp(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert ((a - e).abs() <= ulp * 1.0001).all(), f"more than one bf16 ulp apart: {(a - e).abs().max()}"
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """One intra-op thread: these shapes are tiny, and on a busy 2-core machine threads only contend."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def assert_close() -> Callable[..., None]:
     """The :func:`close` checker."""

@@ -107,6 +107,7 @@ def test_logits_are_never_saved(measure_saved):
 
 
 def test_default_chunk_size():
-    assert default_chunk_size(4096, 4096, 32000) == 512
-    assert default_chunk_size(3, 64, 128) == 2
+    assert default_chunk_size(4096, 4096, 32000) == 512  # [512, 32000] fp32 logits per chunk (Liger's rule)
+    assert default_chunk_size(1024, 256, 32768) == 256  # small hidden: the 32 MiB floor decides
+    assert default_chunk_size(3, 64, 128) == 3
     assert default_chunk_size(1, 8, 10**6) == 1
