@@ -107,8 +107,8 @@ def test_loss_curve_matches_one_uninterrupted_process(runs, stage):
     # every step once: the rows the stopped run logged after its checkpoint were dropped on resume
     assert [s for s, _ in two] == list(range(1, STEPS[stage] + 1)) == [s for s, _ in one]
     # Same samples in every step; only the order of float additions differs (the all-reduce). Measured: within 5e-7
-    # (sft, fp32 adapters) and 1.4e-5 (dpo, whose adapters trl keeps in bf16) of each other.
-    assert [loss for _, loss in two] == pytest.approx([loss for _, loss in one], abs=1e-4)
+    # with fp32 adapters, 2e-4 with the bf16 adapters trl makes for 4-bit models.
+    assert [loss for _, loss in two] == pytest.approx([loss for _, loss in one], abs=5e-4)
 
 
 @pytest.mark.parametrize("stage", list(STEPS))
@@ -120,9 +120,9 @@ def test_adapters_match_one_process(runs, stage):
     assert two.keys() == one.keys()
     diff = sum(((two[k].float() - one[k].float()) ** 2).sum() for k in two) ** 0.5
     norm = sum((one[k].float() ** 2).sum() for k in one) ** 0.5
-    # Measured: 2e-7 (sft) and 0.2% (dpo: bf16 rounding flips a few Adam steps of near-zero gradients); another
-    # seed gives ~100%.
-    assert diff / norm < 0.01
+    # Measured: 2e-7 with fp32 adapters, 0.2-1.3% with bf16 ones (rounding flips a few Adam steps of near-zero
+    # gradients); another seed gives ~100%.
+    assert diff / norm < 0.03
 
 
 def test_only_the_main_process_wrote_and_printed(runs):
