@@ -13,6 +13,7 @@ from finetune.runio import write_dir_atomic
 from finetune.stages.common import (
     StageContext,
     StageResult,
+    adapters_in_compute_dtype,
     load_task_rows,
     quiet_trainer,
     task_metric,
@@ -62,6 +63,7 @@ def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
         callbacks=[RunLogger(ctx.metrics_path, ctx.stage.name)],
     )
     quiet_trainer(trainer)
+    adapters_in_compute_dtype(trainer, training)
     started = time.perf_counter()
     result = guarded_train(trainer, ctx)  # atomic checkpoints, --resume, Ctrl-C, NaN guard
     train_seconds = time.perf_counter() - started
