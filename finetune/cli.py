@@ -187,7 +187,8 @@ def export_cmd(
     max_kl: Annotated[float | None, typer.Option(
         help="merged: refuse the export above this mean KL per token (nats; default 0.01).")] = None,
     compare: Annotated[bool, typer.Option(help="merged: also measure the other merge mode (not written).")] = False,
-    verify_samples: Annotated[int | None, typer.Option(help="merged: held-out conversations to compare on.")] = None,
+    verify_samples: Annotated[int | None, typer.Option(
+        help="merged: held-out conversations to compare on (default 16).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace the output folder if it exists.")] = False,
 ) -> None:
     """Export a finished stage: the LoRA adapter, or a merged model that is checked against the trained one."""

@@ -88,7 +88,10 @@ def _load_adapter(path: Path, base: str | None) -> Loaded:
             f"{path}: the base model '{base}' named in adapter_config.json is not here; pass its folder with --base"
         )
     meta = read_json(path / "export.json", {})
-    quant = QuantizationConfig(**meta["quantization"]) if isinstance(meta.get("quantization"), dict) else None
+    try:
+        quant = QuantizationConfig(**meta["quantization"]) if isinstance(meta.get("quantization"), dict) else None
+    except ValueError as e:  # pydantic's ValidationError: an export.json from another version of the toolkit
+        raise FinetuneError(f"{path}/export.json: unreadable quantization section ({e})") from None
     dtype = resolve_dtype("auto")
     kwargs: dict[str, Any] = {"dtype": dtype}
     if quant is not None and quant.mode != "none":
