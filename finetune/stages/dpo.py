@@ -25,6 +25,7 @@ from finetune.errors import FinetuneError
 from finetune.launch import is_main_process
 from finetune.model import load_model, load_tokenizer
 from finetune.recipe import DPOConfig
+from finetune.resume import guarded_train
 from finetune.runio import write_dir_atomic
 from finetune.stages.common import (
     StageContext,
@@ -66,7 +67,7 @@ def run_dpo(ctx: StageContext, tokenizer=None) -> StageResult:
 
     # --- train
     started = time.perf_counter()
-    result = trainer.train()
+    result = guarded_train(trainer, ctx)  # atomic checkpoints, --resume, Ctrl-C, NaN guard
     metrics: dict[str, Any] = {"reference": dpo.reference, "reference_adapter": reference["adapter"],
                                "loss_type": dpo.loss_type, "beta": dpo.beta, "train_loss": result.training_loss,
                                "train_seconds": round(time.perf_counter() - started, 1),

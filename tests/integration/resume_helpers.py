@@ -81,3 +81,29 @@ def assert_same_curve(resumed: dict[int, float], reference: dict[int, float], to
     assert sorted(resumed) == sorted(reference) == list(range(1, MAX_STEPS + 1))
     worst = max(abs(resumed[s] - reference[s]) for s in reference)
     assert worst <= tol, {s: (resumed[s], reference[s]) for s in reference}
+
+
+def write_sft_dpo_recipe(folder: Path, model: Path, data: Path, name: str = "run") -> Path:
+    """SFT (4 steps) then DPO (8 steps, every step logged) on addition preference pairs; no scheduled checkpoints."""
+    pairs = folder / "pairs.jsonl"
+    folder.mkdir(parents=True, exist_ok=True)
+    with pairs.open("w") as f:
+        for i in range(32):
+            a, b = i % 8, (i * 3) % 8
+            f.write(json.dumps({"prompt": [{"role": "user", "content": f"add {a} {b}"}],
+                                "chosen": [{"role": "assistant", "content": str(a + b)}],
+                                "rejected": [{"role": "assistant", "content": str(a + b + 1)}]}) + "\n")
+    path = folder / f"{name}.yaml"
+    path.write_text(
+        f"name: {name}\n"
+        f"model: {{name_or_path: {model}, dtype: float32}}\n"
+        "lora: {r: 4, alpha: 8}\n"
+        f"data: {{train: [{{path: {data}}}], max_length: 64, cache_dir: null}}\n"
+        "training: {max_steps: 4, micro_batch_size: 4, learning_rate: 1.0e-2, logging_steps: 1, seed: 3}\n"
+        "stages:\n"
+        "  - {name: sft, kind: sft}\n"
+        f"  - {{name: dpo, kind: dpo, data: {{train: [{{path: {pairs}}}], max_length: 64, cache_dir: null}},\n"
+        "     training: {max_steps: 8, learning_rate: 5.0e-3}}\n"
+        f"output: {{dir: {folder / 'runs' / name}}}\n"
+    )
+    return path

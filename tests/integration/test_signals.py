@@ -1,4 +1,5 @@
-"""SIGTERM (what schedulers and `docker stop` send): the step finishes, a checkpoint is saved, exit code 143."""
+"""SIGTERM (what schedulers and `docker stop` send): the step finishes, a checkpoint is saved, exit code 143; a DPO
+stage stopped that way resumes to the same curve as an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import os
 import signal
 
 import pytest
-from resume_helpers import losses, write_recipe
+from resume_helpers import losses, write_recipe, write_sft_dpo_recipe
 from transformers import TrainerCallback
 
+import finetune.stages.dpo as dpo
 import finetune.stages.sft as sft
 from finetune.checkpoints import list_checkpoints
 from finetune.guards import RunInterrupted
@@ -49,3 +51,21 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tiny_model, addition_data, tmp
     assert sorted(losses(run_dir)) == [1, 2, 3]
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
     assert signal.getsignal(signal.SIGTERM) is before  # handlers are put back after training
+
+
+def test_dpo_stage_stopped_by_sigterm_resumes_to_the_same_curve(tiny_model, addition_data, tmp_path, monkeypatch):
+    reference_dir = tmp_path / "reference"
+    run_pipeline(load_recipe(write_sft_dpo_recipe(reference_dir, tiny_model, addition_data["train"])))
+    reference = losses(reference_dir / "runs" / "run", "dpo")
+    assert sorted(reference) == list(range(1, 9))
+
+    quiet = dpo.quiet_trainer
+    monkeypatch.setattr(dpo, "quiet_trainer", lambda trainer: (quiet(trainer), trainer.add_callback(TermAtStep(3))))
+    recipe = load_recipe(write_sft_dpo_recipe(tmp_path / "stopped", tiny_model, addition_data["train"]))
+    with pytest.raises(RunInterrupted, match="stopped by SIGTERM at step 3"):
+        run_pipeline(recipe)
+    monkeypatch.setattr(dpo, "quiet_trainer", quiet)
+    run_pipeline(recipe, resume=True)  # sft is finished and skipped; dpo continues from checkpoint-3
+    resumed = losses(tmp_path / "stopped" / "runs" / "run", "dpo")
+    assert sorted(resumed) == sorted(reference)
+    assert max(abs(resumed[s] - reference[s]) for s in reference) <= 1e-5, (resumed, reference)
