@@ -49,6 +49,7 @@ def train(
     overwrite: bool | None = None,
     from_stage: str | None = None,
     nproc: int | None = None,
+    resume: bool = False,
 ) -> RunResult:
     """Run every stage of a recipe into its run folder, exactly as `ft train` does, and return the run.
 
@@ -59,6 +60,7 @@ def train(
         from_stage: rerun from this stage on, even if it finished.
         nproc: train data-parallel in this many processes (`ft train --nproc`). They print to the terminal that
             started Python (in Jupyter: the server's console), not to the notebook.
+        resume: continue the run's unfinished stage from its last checkpoint (`ft train --resume`).
 
     Returns:
         The run: `run_dir`, `stages` (each stage's summary: adapter folder and metrics), `adapter()`, `metrics()`.
@@ -88,14 +90,14 @@ def train(
     if problems := check_recipe_paths(loaded):
         raise RecipeError(source, problems)
     if nproc is not None and nproc > 1:
-        return _train_in_processes(loaded, nproc, from_stage)
+        return _train_in_processes(loaded, nproc, from_stage, resume)
 
     from finetune.stages.pipeline import run_pipeline
 
-    return run_pipeline(loaded, recipe_path=recipe_path, from_stage=from_stage)
+    return run_pipeline(loaded, recipe_path=recipe_path, from_stage=from_stage, resume=resume)
 
 
-def _train_in_processes(recipe: Recipe, nproc: int, from_stage: str | None) -> RunResult:
+def _train_in_processes(recipe: Recipe, nproc: int, from_stage: str | None, resume: bool = False) -> RunResult:
     """`ft train --nproc N` on the resolved recipe, written to a temporary file; the run is read back from disk."""
     from finetune.launch import environment_problems, relaunch
     from finetune.recipe_io import RecipeError, dump_recipe
@@ -107,5 +109,6 @@ def _train_in_processes(recipe: Recipe, nproc: int, from_stage: str | None) -> R
         path = Path(tmp) / f"{recipe.name}.yaml"
         path.write_text(dump_recipe(recipe), encoding="utf-8")
         args = ["train", str(path)] + (["--from-stage", from_stage] if from_stage else [])
+        args += ["--resume"] if resume else []
         relaunch(nproc, args + (["--overwrite"] if recipe.output.overwrite else []))
     return RunResult.from_dir(recipe.output_dir())

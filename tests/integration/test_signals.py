@@ -11,6 +11,7 @@ import pytest
 from resume_helpers import losses, write_recipe, write_sft_dpo_recipe
 from transformers import TrainerCallback
 
+import finetune
 import finetune.stages.dpo as dpo
 import finetune.stages.sft as sft
 from finetune.checkpoints import list_checkpoints
@@ -65,7 +66,7 @@ def test_dpo_stage_stopped_by_sigterm_resumes_to_the_same_curve(tiny_model, addi
     with pytest.raises(RunInterrupted, match="stopped by SIGTERM at step 3"):
         run_pipeline(recipe)
     monkeypatch.setattr(dpo, "quiet_trainer", quiet)
-    run_pipeline(recipe, resume=True)  # sft is finished and skipped; dpo continues from checkpoint-3
+    finetune.train(recipe, resume=True)  # the Python API; sft is finished and skipped, dpo continues at step 3
     resumed = losses(tmp_path / "stopped" / "runs" / "run", "dpo")
     assert sorted(resumed) == sorted(reference)
     assert max(abs(resumed[s] - reference[s]) for s in reference) <= 1e-5, (resumed, reference)

@@ -10,8 +10,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from typer.testing import CliRunner
 
 from finetune import checkpoints
+from finetune.cli import app
 from finetune.errors import FinetuneError
 from finetune.resume import check_run_dir, check_writable, recipe_differences
 from finetune.runs import RunLock, is_locked, list_runs, run_info
@@ -113,6 +115,8 @@ def test_ft_runs_lists_status_step_loss_and_eval(tmp_path):
     assert lines[str(tmp_path / "b")][1:5] == ["running", "sft", "3", "2.7000"]
     assert "eval loss 2.5000" in table
     assert json.loads(list_runs(tmp_path, as_json=True))[0]["run"] in (str(tmp_path / "a"), str(tmp_path / "b"))
+    out = CliRunner().invoke(app, ["runs", str(tmp_path)])  # b's lock is released now: it died without a word
+    assert out.exit_code == 0 and "crashed" in out.output and "finished" in out.output
 
 
 class FakeTrainer:
