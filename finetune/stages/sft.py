@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from finetune import label_loss
 from finetune.adapters import attach, prepare_base, trainable_summary
 from finetune.data import apply_template, build_dataset
 from finetune.launch import is_main_process
@@ -46,15 +47,23 @@ def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
         print(f"[{ctx.stage.name}] held-out task before training: {before}", flush=True)
 
     # --- train
+    padding_free = data.packing or (data.padding_free and not recipe.model.trust_remote_code)
+    if data.padding_free and not padding_free:
+        print(f"[{ctx.stage.name}] padding-free batches off: trust_remote_code models may attend across samples",
+              flush=True)
     config = SFTConfig(
         **trainer_kwargs(ctx, has_eval=eval_ds is not None),
         # Our data is already cut to max_length (and packed into rows of it); trl refuses max_length with
         # padding_free unless it packs itself, so it gets None then.
-        max_length=None if data.packing else data.max_length,
-        padding_free=data.packing,
+        max_length=None if padding_free else data.max_length,
+        padding_free=padding_free,
         packing=False,
     )
-    trainer = SFTTrainer(
+    # The loss: the LM head on labelled positions only, chunked (finetune.label_loss), where the model allows it.
+    no_label_loss = label_loss.unsupported_reason(model)
+    print(f"[{ctx.stage.name}] loss: " + (f"trl's ({no_label_loss})" if no_label_loss else
+                                          "chunked LM head on labelled positions only"), flush=True)
+    trainer = (SFTTrainer if no_label_loss else label_loss.trainer_class())(
         model=model,
         args=config,
         train_dataset=train_ds,
@@ -64,6 +73,8 @@ def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
     )
     quiet_trainer(trainer)
     adapters_in_compute_dtype(trainer, training)
+    if not no_label_loss:
+        label_loss.install(trainer.model)  # last: the outermost per-instance forward patch
     started = time.perf_counter()
     result = guarded_train(trainer, ctx)  # atomic checkpoints, --resume, Ctrl-C, NaN guard
     train_seconds = time.perf_counter() - started

@@ -1,0 +1,111 @@
+"""SFT loss that runs the LM head only where a label is, chunked: the default fast path of the SFT stage.
+
+With a 32k+ vocabulary the LM head is a large share of a small or mid-size model's compute, and with the loss on
+assistant turns only, most positions (the prompts) carry no label. trl's SFTTrainer scores every position through its
+own chunked head (it keeps only the labelled ones on Triton devices) and also computes the entropy and top-1 of
+every position for its logs: on a CPU that is the largest single cost of a step, and the biggest memory peak
+(tiles of 4096 tokens x the vocabulary, in float32).
+
+Here the backbone runs as usual, the hidden states of the positions whose next token is labelled are gathered, and
+the chunked cross-entropy of `finetune.kernels.cross_entropy` (logits exist one chunk of tokens at a time, the
+backward recomputes them) gives the summed negative log-likelihood, divided like trl's loss (by the labelled tokens
+of the whole accumulated batch when the trainer passes `num_items_in_batch`). The loss is the same number trl
+computes; only the wasted work is gone. Logged metrics: loss (and the token count for tokens/s), not trl's
+entropy / mean token accuracy, which are what need the full-vocabulary pass on every position.
+
+The loss is computed inside the model's forward (a per-instance patch, like trl's own `fused_lm_head`) so that
+DDP and accelerate's autocast wrappers see an ordinary forward call.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+
+FLAG = "label_positions_loss"
+# Logit transforms the plain `hidden @ W.T` of the chunked loss would silently skip: such models keep trl's path.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                     "logits_scaling")
+_CHUNK_LOGITS = 2**24  # logits elements per chunk (64 MB in float32): big matmuls, bounded memory
+
+
+def unsupported_reason(model: Any) -> str | None:
+    """Why the label-positions loss cannot run on this (peft-wrapped) causal LM, or None when it can."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    head = lm.get_output_embeddings()
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor) or head.weight.requires_grad:
+        return "the LM head is missing, adapted or trained"
+    if type(head) is not torch.nn.Linear:
+        return f"the LM head is a {type(head).__name__}, not a plain Linear"
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(cfg, name, None)
+        if value not in (None, 1, 1.0):
+            return f"the model transforms its logits ({name}={value})"
+    if getattr(cfg, "output_router_logits", False) or getattr(cfg, "num_experts_per_tok", None):
+        return "mixture-of-experts models add a router loss"
+    if lm.config is not cfg:
+        return "multimodal models keep trl's loss"
+    return None
+
+
+def install(model: Any) -> None:
+    """Patch the causal LM instance inside `model`: `forward(..., label_positions_loss=True)` returns the loss only."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(lm, "_ft_label_loss", False):
+        return
+    original = lm.forward
+
+    def forward(self, *args, label_positions_loss: bool = False, **kwargs):
+        if not label_positions_loss:
+            return original(*args, **kwargs)
+        return _label_loss(self, **kwargs)
+
+    lm.forward = types.MethodType(forward, lm)
+    lm._ft_label_loss = True
+
+
+def _label_loss(lm: Any, labels: torch.Tensor, num_items_in_batch: Any = None, **kwargs: Any):
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from finetune.kernels.cross_entropy import token_nll
+
+    kwargs["use_cache"] = False
+    hidden = lm.base_model(**kwargs).last_hidden_state  # the decoder (LlamaModel, ...), not the peft wrapper
+    shifted = labels[:, 1:].to(hidden.device)
+    mask = shifted != -100
+    head = lm.get_output_embeddings()
+    picked = hidden[:, :-1][mask]  # [labelled tokens, H]: the only rows the loss needs
+    chunk = max(1, _CHUNK_LOGITS // head.weight.shape[0])
+    nll = token_nll(picked, head.weight, shifted[mask], head.bias, chunk_size=chunk)
+    denom = mask.sum() if num_items_in_batch is None else num_items_in_batch
+    loss = nll.sum() / torch.as_tensor(denom, device=nll.device).clamp(min=1)
+    return CausalLMOutputWithPast(loss=loss)
+
+
+def trainer_class():
+    """trl's SFTTrainer with the label-positions loss (call `install(model)` on the model first)."""
+    from trl import SFTTrainer
+
+    class LabelLossSFTTrainer(SFTTrainer):
+        """SFTTrainer whose loss comes from the model's label-positions forward (see the module docstring)."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            outputs = model(**inputs, num_items_in_batch=num_items_in_batch, **{FLAG: True})
+            loss = outputs.loss
+            # As trl: with num_items_in_batch counted over every process, DDP's gradient averaging needs this.
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+            if self.model.training:  # the token count trl logs as num_tokens (our tokens/s)
+                if "attention_mask" in inputs:
+                    n = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+                else:
+                    n = self.accelerator.gather_for_metrics(
+                        torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)).sum().item()
+                self._total_train_tokens += n // self.get_tp_size()
+                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            return (loss, outputs) if return_outputs else loss
+
+    return LabelLossSFTTrainer
