@@ -72,3 +72,26 @@ def test_bad_input_fails_before_any_model_loads(tmp_path):
 def test_run_result_from_a_folder_without_a_run(tmp_path):
     with pytest.raises(finetune.FinetuneError, match="summary.json is missing"):
         finetune.RunResult.from_dir(tmp_path)
+
+
+def test_train_in_several_processes_launches_the_resolved_recipe(tiny_model, addition_data, tmp_path, monkeypatch):
+    """`train(nproc=2)` hands `ft train` the recipe as resolved in Python, then reads the run back from its folder."""
+    from finetune import launch
+    from finetune.recipe_io import load_recipe
+    from finetune.runio import write_json_atomic
+
+    recipe = tiny_recipe(tiny_model, addition_data, tmp_path / "multi")
+    seen = {}
+
+    def fake_relaunch(nproc: int, args: list[str]) -> None:
+        seen.update(nproc=nproc, args=args, recipe=load_recipe(args[1]))  # the temporary file exists only now
+        write_json_atomic(tmp_path / "multi" / "summary.json", {"status": "finished", "stages": {"sft": {}}})
+
+    monkeypatch.setattr(launch, "relaunch", fake_relaunch)
+    run = train(recipe, ["lora.r=8"], nproc=2, from_stage="sft", overwrite=True)
+    assert seen["nproc"] == 2 and seen["args"][0] == "train" and seen["args"][2:] == ["--from-stage", "sft",
+                                                                                       "--overwrite"]
+    assert seen["recipe"].lora.r == 8 and seen["recipe"].model == recipe.model
+    assert run.run_dir == tmp_path / "multi" and list(run.stages) == ["sft"]
+    with pytest.raises(RecipeError, match="cannot be split evenly over 3 processes"):
+        train(recipe, nproc=3)  # micro batch 8 x 1: refused before anything starts
