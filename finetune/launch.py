@@ -190,6 +190,13 @@ def environment_problems(recipe: Recipe, processes: int | None = None) -> list[s
                 json.loads(path.read_text(encoding="utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 problems.append(f"distributed.deepspeed_config: '{path}' is not valid JSON ({e})")
+    n = processes or world_size()
+    if n > 1 and d.strategy != "ddp":  # torch is loaded anyway when several processes are launched
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append(f"distributed.strategy '{d.strategy}' needs GPUs: without CUDA, Accelerate would run the "
+                            f"{n} processes as plain DDP; use distributed.strategy: ddp on a CPU")
     launched = {"fsdp": os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true",
                 "deepspeed": os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"}
     for strategy, on in launched.items():

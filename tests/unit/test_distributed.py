@@ -183,3 +183,17 @@ def test_a_resolved_recipe_with_every_key_written_loads_again(tmp_path):
     again = load_recipe(resolved)
     assert again == r
     assert [again.stage_training(s).save_steps for s in again.stages] == [5, None]  # None overrides too
+
+
+def test_sharding_strategies_without_gpus_are_refused_for_several_processes(tmp_path, monkeypatch):
+    """Accelerate runs CPU processes as DDP whatever the FSDP settings: say so instead of pretending to shard."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(launch.importlib.util, "find_spec", lambda name: object())
+    for strategy in ("fsdp", "deepspeed"):
+        r = load_recipe(recipe_file(tmp_path, f"distributed: {{strategy: {strategy}}}\n"))
+        assert launch.environment_problems(r) == []  # one process: nothing is sharded anyway
+        found = " ".join(launch.environment_problems(r, processes=2))
+        assert f"strategy '{strategy}' needs GPUs" in found
+    assert launch.environment_problems(load_recipe(recipe_file(tmp_path, "")), processes=2) == []
