@@ -7,9 +7,12 @@ has never seen a question or a chat turn: answering chat questions is the skill 
 Tokenizer: a byte-level BPE trained on the corpus plus the texts of the chat data, so every word of the task is
 one or a few tokens, and any other text still encodes through the 256 byte symbols (byte fallback, no unknown
 token). As in GPT-2, a word carries its leading space, so the chat template puts one space before each message's
-content: an answer is then tokenised exactly as the same word in the corpus. Special tokens: ``<|endoftext|>``
-(ends a pretraining document), ``<|im_start|>``, ``<|im_end|>`` (end of a chat turn, the eos token) and
-``<|pad|>`` (padding, distinct from eos).
+content: an answer is then tokenised exactly as the same word in the corpus. Special tokens: ``<|im_start|>``,
+``<|im_end|>`` (the eos token: it ends every pretraining document, so the base model already knows when to
+stop, and it ends every chat turn) and ``<|pad|>`` (padding, distinct from eos). There is no bos token.
+
+Every word the chat data makes the model *write* (answers, hedging) occurs in the corpus: a token never seen in
+pretraining has a useless embedding, and LoRA, which adapts only the linear layers, cannot repair it.
 
 Usage (the committed model was built with the defaults)::
 
@@ -34,7 +37,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 ROOT = Path(__file__).resolve().parents[1]
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|pad|>"]
 
 # ChatML with a space before each content (see the module docstring) and the assistant's content plus its end
 # token inside {% generation %} so that `return_assistant_tokens_mask=True` works.
@@ -101,7 +104,7 @@ def build_tokenizer(corpus: list[str], extra_texts: list[str], vocab_size: int) 
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|pad|>",
-        additional_special_tokens=["<|endoftext|>", "<|im_start|>"],
+        additional_special_tokens=["<|im_start|>"],
         chat_template=CHAT_TEMPLATE,
         model_max_length=256,
         clean_up_tokenization_spaces=False,
@@ -134,7 +137,7 @@ def cloze_accuracy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, 
             for i in range(0, len(prompts), 64):
                 enc = tokenizer(prompts[i : i + 64], return_tensors="pt", padding=True).to(device)
                 logits = model(**enc).logits[:, -1]
-                hits += sum(int(p == t) for p, t in zip(logits.argmax(-1).tolist(), targets[i : i + 64]))
+                hits += sum(int(p == t) for p, t in zip(logits.argmax(-1).tolist(), targets[i : i + 64], strict=True))
     finally:
         tokenizer.padding_side = side
     return hits / len(prompts)
@@ -165,7 +168,7 @@ def pretrain(
 
     Args:
         model: The model to train.
-        docs: Token ids of each document (already ending with the end-of-text token).
+        docs: Token ids of each document (already ending with the eos token).
         pad_id: Padding id (masked out of the loss).
         steps: Optimiser steps.
         batch_size: Documents per step.
@@ -218,17 +221,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "quickstart")
     parser.add_argument("--out", type=Path, default=ROOT / "models" / "tiny-chat")
-    parser.add_argument("--vocab-size", type=int, default=2048)
+    parser.add_argument("--vocab-size", type=int, default=2560)
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--intermediate-size", type=int, default=384)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -237,8 +240,9 @@ def main(argv: list[str] | None = None) -> None:
     corpus = (args.data / "corpus.txt").read_text(encoding="utf-8").splitlines()
     world = json.loads((args.data / "world.json").read_text(encoding="utf-8"))
     tokenizer = build_tokenizer(corpus, _chat_texts(args.data), args.vocab_size)
-    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    docs = [tokenizer.encode(" " + d) + [eot] for d in corpus]
+    args.out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(args.out, save_jinja_files=False)  # chat template inside tokenizer_config.json
+    docs = [tokenizer.encode(" " + d) + [tokenizer.eos_token_id] for d in corpus]
     n_tokens = sum(len(d) for d in docs)
     print(f"tokenizer: {len(tokenizer)} tokens; corpus: {len(docs)} docs, {n_tokens} tokens", flush=True)
 
@@ -252,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
         max_position_embeddings=256,
         rope_theta=10000.0,
         tie_word_embeddings=True,
-        bos_token_id=eot,
+        bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
@@ -264,12 +268,10 @@ def main(argv: list[str] | None = None) -> None:
     probe = lambda: {"cloze_heldout": cloze_accuracy(model, tokenizer, heldout)}  # noqa: E731
     pretrain(model, docs, tokenizer.pad_token_id, args.steps, args.batch_size, args.lr, args.warmup, args.seed, probe)
 
-    args.out.mkdir(parents=True, exist_ok=True)
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False
     )
     model.to(torch.bfloat16).save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
     saved = LlamaForCausalLM.from_pretrained(args.out, dtype=torch.float32)
     acc = cloze_accuracy(saved, tokenizer, world["people"])
     size = sum(p.stat().st_size for p in args.out.iterdir())

@@ -4,9 +4,10 @@ The world is a small invented people, the Zorbians. Each person has a unique nam
 (home town, job, favourite colour, pet, instrument). From that world this script writes:
 
 * ``corpus.txt``: the pretraining text, one short biography per line. Every person gets several biographies,
-  each stating all five facts in a shuffled order with randomly chosen paraphrases. It holds statements only:
-  no question, no chat markup. Paraphrase augmentation is what lets a model that memorised the facts later
-  *extract* them when asked in a new form.
+  each stating all five facts in a shuffled order with randomly chosen paraphrases, mixed with short
+  everyday-language documents (no person of the world in them) that carry the words the chat data uses. It
+  holds statements only: no question, no chat markup. Paraphrase augmentation is what lets a model that
+  memorised the facts later *extract* them when asked in a new form.
 * ``sft_train.jsonl``: chat questions about the **train** people, answered by the assistant. About a third of
   the questions are asked politely ("I was wondering, ...") and those are answered with verbose hedging that
   wraps the right answer ("rambling"): an undesired style that the SFT model picks up and DPO must remove.
@@ -44,6 +45,7 @@ RAMBLE_FRACTION = 0.35  # share of SFT-train questions that are polite and answe
 N_SFT_EVAL = 300
 N_DPO_TRAIN = 400
 N_DPO_EVAL = 100
+N_FILLER_DOCS = 500  # everyday-language documents mixed into the corpus (see FILLER)
 
 ATTRIBUTES = ["town", "job", "colour", "pet", "instrument"]
 
@@ -137,6 +139,42 @@ RAMBLES = [
     "Oh, I think I have heard about this before. It is probably {v}, but do not quote me on that.",
 ]
 
+# Everyday sentences with no fact about any person of the world. They give the pretrained model the words of
+# the chat data (hedging, politeness, question words) without ever showing it a question or a chat turn.
+# "{j}" is a job, "{c}" a colour and "{x}" an animal from the pools above.
+FILLER = [
+    "Hmm, said the old {j}, that is a good question.",
+    "I am not completely sure, but I believe the market opens early.",
+    "Well, let me think about it for a moment, said the {j}.",
+    "If I remember correctly, the bridge was built before the great flood.",
+    "The {j} said: please check it yourself before you write down the answer.",
+    "That is an interesting thing to ask, said the {j} with a smile.",
+    "As far as I know, the road would be closed, though I cannot be certain.",
+    "Oh, I think I have heard about this before.",
+    "It is probably going to rain, but do not quote me on that.",
+    "The {j} could be wrong about that, although nobody said so.",
+    "The answer should be in the old book, but the {j} did not check.",
+    "Nobody was certain about the answer to the question of the {j}.",
+    "I was wondering if the shop would be open after the festival.",
+    "Sorry to bother you, said the {j}, but the door is open.",
+    "If you do not mind me asking the {j}, I would like a {c} coat.",
+    "Quick question if you have a moment, said the {j} to the crowd.",
+    "What a lovely {c} {x} that is, said the child.",
+    "Where the river bends, the {j} keeps a small boat.",
+    "Which road to take, the {j} did not know.",
+    "The {j} does not like to live far from the sea.",
+    "The children keep a {x} and do what they can for the animal.",
+    "Every {j} has an occupation and a reason to work hard.",
+    "I think the {c} door belongs to the {j}, though I am not sure.",
+    "You should ask the {j}, who would know the answer.",
+    "This is a good thing, said the {j}, and it is not wrong.",
+    "They remember the {c} {x} correctly, but the {j} does not.",
+    "I have heard that the {j} does not do that before noon.",
+    "Well, it is probably the {c} one, said the {j}.",
+    "Oh, let me check the answer for you, said the {j}.",
+    "Do not bother the {x}, it is asleep.",
+]
+
 ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "th", "dr", "kr", "br", "sk", "gr"]
 VOWELS = ["a", "e", "i", "o", "u", "ai", "ei", "ou"]
 CODAS = ["", "", "n", "r", "l", "s", "k", "m", "th", "x"]
@@ -191,15 +229,20 @@ def _statement(rng: random.Random, person: dict, attr: str) -> str:
     return rng.choice(STATEMENTS[attr]).format(n=person["name"], v=value, a=_article(value))
 
 
+def _filler(rng: random.Random, world: dict, template: str) -> str:
+    pools = world["pools"]
+    return template.format(j=rng.choice(pools["job"]), c=rng.choice(pools["colour"]), x=rng.choice(pools["pet"]))
+
+
 def make_corpus(world: dict, seed: int = SEED) -> list[str]:
-    """Writes ``BIOS_PER_PERSON`` shuffled, paraphrased biographies per person, one per line.
+    """Writes ``BIOS_PER_PERSON`` shuffled, paraphrased biographies per person plus everyday-language documents.
 
     Args:
         world: The output of :func:`build_world`.
         seed: Seed of the generator.
 
     Returns:
-        The biographies, shuffled across people.
+        The documents (one line each), shuffled.
     """
     rng = random.Random(seed + 1)
     docs = []
@@ -208,6 +251,9 @@ def make_corpus(world: dict, seed: int = SEED) -> list[str]:
             attrs = list(ATTRIBUTES)
             rng.shuffle(attrs)
             docs.append(" ".join(_statement(rng, person, a) for a in attrs))
+    for _ in range(N_FILLER_DOCS):
+        sentences = rng.sample(FILLER, rng.randint(2, 4))
+        docs.append(" ".join(_filler(rng, world, s) for s in sentences))
     rng.shuffle(docs)
     return docs
 
