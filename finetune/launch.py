@@ -140,7 +140,9 @@ def deepspeed_settings(distributed: DistributedConfig) -> dict[str, Any] | str:
         return distributed.deepspeed_config
     return {
         "zero_optimization": {"stage": distributed.deepspeed_stage, "overlap_comm": True,
-                              "contiguous_gradients": True},
+                              "contiguous_gradients": True,
+                              # ZeRO-3: let the adapter be gathered for saving (gathered_state_dict)
+                              "stage3_gather_16bit_weights_on_model_save": distributed.deepspeed_stage == 3},
         "train_micro_batch_size_per_gpu": "auto",
         "train_batch_size": "auto",
         "gradient_accumulation_steps": "auto",
@@ -160,6 +162,19 @@ def trainer_distributed_kwargs(recipe: Recipe) -> dict[str, Any]:
     if d.strategy == "deepspeed":
         return {"deepspeed": deepspeed_settings(d)}
     return {"ddp_find_unused_parameters": d.find_unused_parameters}
+
+
+def gathered_state_dict(trainer: Any) -> dict[str, Any] | None:
+    """The full weights of a model sharded over the processes (FSDP, DeepSpeed ZeRO-3), gathered from all of them.
+
+    A collective: every process calls it, then the main process saves with it (as the trainer's own save_model does).
+    None when every process holds the whole model (one process, DDP, ZeRO-1/2): save the model as it is.
+    """
+    if trainer.is_fsdp_enabled:
+        return trainer.accelerator.get_state_dict(trainer.model)
+    if trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
+        return trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    return None
 
 
 def quantized_device_map(recipe: Recipe) -> dict[str, Any] | None:

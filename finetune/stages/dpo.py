@@ -22,7 +22,7 @@ from typing import Any
 from finetune.adapters import attach, prepare_base, trainable_summary
 from finetune.data import apply_template, build_dataset
 from finetune.errors import FinetuneError
-from finetune.launch import is_main_process
+from finetune.launch import gathered_state_dict, is_main_process
 from finetune.model import load_model, load_tokenizer
 from finetune.recipe import DPOConfig
 from finetune.resume import guarded_train
@@ -78,9 +78,11 @@ def run_dpo(ctx: StageContext, tokenizer=None) -> StageResult:
 
     # --- save the policy adapter only (atomically), then measure what generation does now
     adapter_dir = ctx.dir / "adapter"
+    state = gathered_state_dict(trainer)  # FSDP / ZeRO-3: every process takes part in gathering the weights
     if is_main_process():  # several processes hold the same adapter; one writes it
-        write_dir_atomic(adapter_dir, lambda tmp: (model.save_pretrained(str(tmp), selected_adapters=["default"]),
-                                                   tokenizer.save_pretrained(str(tmp))))
+        write_dir_atomic(adapter_dir, lambda tmp: (
+            model.save_pretrained(str(tmp), selected_adapters=["default"], state_dict=state),
+            tokenizer.save_pretrained(str(tmp))))
     task_after = task_metric(model, tokenizer, task_rows, data.task_eval_max_new_tokens)
     if task_after is not None:
         metrics["task_before"], metrics["task_after"] = task_before, task_after

@@ -7,7 +7,7 @@ import time
 from finetune import label_loss
 from finetune.adapters import attach, prepare_base, trainable_summary
 from finetune.data import apply_template, build_dataset
-from finetune.launch import is_main_process
+from finetune.launch import gathered_state_dict, is_main_process
 from finetune.model import load_model, load_tokenizer
 from finetune.resume import guarded_train
 from finetune.runio import write_dir_atomic
@@ -85,8 +85,9 @@ def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
 
     # --- save (atomically: a crash leaves no half-written adapter) and measure
     adapter_dir = ctx.dir / "adapter"
+    state = gathered_state_dict(trainer)  # FSDP / ZeRO-3: every process takes part in gathering the weights
     if is_main_process():  # several processes hold the same adapter; one writes it
-        write_dir_atomic(adapter_dir, lambda tmp: (model.save_pretrained(str(tmp)),
+        write_dir_atomic(adapter_dir, lambda tmp: (model.save_pretrained(str(tmp), state_dict=state),
                                                    tokenizer.save_pretrained(str(tmp))))
     after = task_metric(model, tokenizer, task_rows, data.task_eval_max_new_tokens)
     if after is not None:

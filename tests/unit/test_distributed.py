@@ -197,3 +197,24 @@ def test_sharding_strategies_without_gpus_are_refused_for_several_processes(tmp_
         found = " ".join(launch.environment_problems(r, processes=2))
         assert f"strategy '{strategy}' needs GPUs" in found
     assert launch.environment_problems(load_recipe(recipe_file(tmp_path, "")), processes=2) == []
+
+
+def test_sharded_models_are_gathered_by_every_process_before_saving():
+    """Under FSDP and ZeRO-3 each process holds a shard: the save gathers them (a collective); otherwise nothing."""
+    from types import SimpleNamespace
+
+    calls = []
+    accelerator = SimpleNamespace(get_state_dict=lambda m: calls.append(m) or {"w": m},
+                                  state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)))
+
+    def trainer(fsdp: bool, deepspeed: bool):
+        return SimpleNamespace(is_fsdp_enabled=fsdp, is_deepspeed_enabled=deepspeed, accelerator=accelerator,
+                               model="fsdp-model", model_wrapped="deepspeed-engine")
+
+    assert launch.gathered_state_dict(trainer(False, False)) is None and calls == []  # DDP / one process
+    assert launch.gathered_state_dict(trainer(True, False)) == {"w": "fsdp-model"}
+    assert launch.gathered_state_dict(trainer(False, True)) == {"w": "deepspeed-engine"}
+    accelerator.state.deepspeed_plugin.zero_stage = 2  # ZeRO-2 keeps whole weights on every process
+    assert launch.gathered_state_dict(trainer(False, True)) is None
+    zero3 = launch.deepspeed_settings(DistributedConfig(strategy="deepspeed", deepspeed_stage=3))
+    assert zero3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
