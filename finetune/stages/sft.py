@@ -6,6 +6,7 @@ import time
 
 from finetune import label_loss
 from finetune.adapters import attach, prepare_base, trainable_summary
+from finetune.attention import use_per_sample_attention
 from finetune.data import apply_template, build_dataset
 from finetune.launch import gathered_state_dict, is_main_process
 from finetune.model import load_model, load_tokenizer
@@ -51,6 +52,8 @@ def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
     if data.padding_free and not padding_free:
         print(f"[{ctx.stage.name}] padding-free batches off: trust_remote_code models may attend across samples",
               flush=True)
+    if padding_free and use_per_sample_attention(model):
+        print(f"[{ctx.stage.name}] attention: per sample within padding-free rows (finetune.attention)", flush=True)
     config = SFTConfig(
         **trainer_kwargs(ctx, has_eval=eval_ds is not None),
         # Our data is already cut to max_length (and packed into rows of it); trl refuses max_length with
