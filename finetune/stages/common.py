@@ -129,16 +129,22 @@ def quiet_trainer(trainer) -> None:
     trainer.remove_callback(ProgressCallback)
 
 
-def adapters_in_compute_dtype(trainer, training: TrainingConfig) -> None:
+def adapters_in_compute_dtype(trainer, training: TrainingConfig) -> bool:
     """Keep the trainable (adapter) weights in float32 when training runs without autocast (fp32, e.g. any CPU).
 
     trl's trainers cast the adapter of a 4-bit model to bfloat16 (the QLoRA paper's choice for bf16 GPUs). With fp32
     activations every LoRA matmul then becomes a bfloat16 one: on a CPU without bf16 units that is 30-100x slower than
     fp32 (the LoRA branch dominated the step in our benchmark), and the updates are rounded to bf16. Under bf16/fp16
     autocast trl's choice is kept. Call after building the trainer, before `train()` creates the optimizer.
+
+    Returns:
+        True when weights were cast back (their values then carry trl's bf16 rounding).
     """
     if resolve_precision(training) != "fp32":
-        return
+        return False
+    cast = False
     for param in trainer.model.parameters():
         if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
             param.data = param.data.float()
+            cast = True
+    return cast

@@ -30,6 +30,7 @@ from finetune.runio import write_dir_atomic
 from finetune.stages.common import (
     StageContext,
     StageResult,
+    adapters_in_compute_dtype,
     load_task_rows,
     quiet_trainer,
     task_metric,
@@ -124,6 +125,13 @@ def build_trainer(ctx: StageContext, tokenizer, train_ds, eval_ds) -> tuple[Any,
         callbacks=[RunLogger(ctx.metrics_path, ctx.stage.name)],
     )
     quiet_trainer(trainer)
+    if adapters_in_compute_dtype(trainer, ctx.training) and ctx.init_adapter is not None:
+        # trl rounded the starting adapter to bf16 before it was cast back: reload its exact weights, so that the
+        # policy starts where the previous stage ended (and equals an `sft` reference bit for bit)
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        set_peft_model_state_dict(trainer.model, load_peft_weights(str(ctx.init_adapter)), adapter_name="default")
     install_reference(trainer.model, ref_folder)
     if dpo.precompute_ref_log_probs:
         precompute_reference(trainer)

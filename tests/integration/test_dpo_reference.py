@@ -76,6 +76,13 @@ def test_sft_reference_gives_ln2_and_zero_margins_at_step_0(tiny_model, sft_adap
     m = held_out(trainer)
     assert m["loss"] == pytest.approx(LN2, abs=1e-6)
     assert abs(m["rewards/margins"]) < 1e-6 and abs(m["rewards/chosen"]) < 1e-6 and abs(m["rewards/rejected"]) < 1e-6
+    # fp32 training: the policy starts from the SFT weights exactly (trl's bf16 cast of 4-bit adapters is undone)
+    from safetensors.torch import load_file
+
+    params = dict(trainer.model.named_parameters())
+    for key, value in load_file(str(sft_adapter / "adapter_model.safetensors")).items():
+        policy = params[f"{key.removesuffix('.weight')}.default.weight"]
+        assert policy.dtype == torch.float32 and torch.equal(policy.detach(), value), key
 
     trainer.train()
     first = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
