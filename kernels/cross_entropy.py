@@ -68,8 +68,10 @@ class ChunkedNLLFunction(torch.autograd.Function):
                 lse[sl], nll[sl] = lse_and_nll(logits, labels[sl], ignore_index)
             else:
                 valid = labels[sl] != ignore_index
-                lse[sl] = torch.logsumexp(logits, dim=-1)
                 target = logits.gather(1, labels[sl].clamp(min=0).unsqueeze(1)).squeeze(1)
+                row_max = logits.amax(dim=1, keepdim=True)
+                # logsumexp in place: no second [chunk, V] buffer
+                lse[sl] = row_max.squeeze(1) + logits.sub_(row_max).exp_().sum(dim=1).log_()
                 nll[sl] = torch.where(valid, lse[sl] - target, 0.0)
             del logits
         ctx.chunk_size, ctx.ignore_index, ctx.triton = chunk_size, ignore_index, triton
@@ -107,6 +109,7 @@ class ChunkedNLLFunction(torch.autograd.Function):
                 dh[sl] = g @ weight
             if need_w:
                 dw.addmm_(g.t().float(), hidden[sl].float())
+            del g  # before the next chunk's logits exist: one [chunk, V] buffer at a time
         dw = dw.to(weight.dtype) if dw is not None else None
         db = db.to(bias.dtype) if db is not None else None
         return dh, dw, db, None, None, None, None

@@ -24,12 +24,10 @@ def swiglu_torch(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu_backward_torch(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of ``silu(g) * u`` computed in float32, returned in ``g.dtype``."""
-    gf, uf, dhf = g.float(), u.float(), dh.float()
-    sig = torch.sigmoid(gf)
-    du = dhf * gf * sig
-    dg = dhf * uf * sig * (1.0 + gf * (1.0 - sig))
-    return dg.to(g.dtype), du.to(u.dtype)
+    """Gradients of ``silu(g) * u`` (PyTorch path): the same ops autograd runs, two ``[M, I]`` temporaries."""
+    du = F.silu(g).mul_(dh)
+    dg = torch.ops.aten.silu_backward(dh * u, g)
+    return dg, du
 
 
 def _swiglu(g: torch.Tensor, u: torch.Tensor, triton: bool) -> torch.Tensor:
@@ -83,7 +81,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         dx_u, _, u_da, u_dB, u_db = proj_backward(
             du, x2, xa_u, w[1], ua, uB, s[1], tri, (need[0], need[8], need[9], need[7])
         )
-        dx = (dx_g + dx_u).reshape(ctx.shape) if need[0] else None
+        dx = dx_g.add_(dx_u).reshape(ctx.shape) if need[0] else None
         bias_grads = [
             gr.to(dt) if gr is not None else None for gr, dt in zip((g_db, u_db, d_db), ctx.bias_dtypes, strict=True)
         ]
