@@ -17,10 +17,16 @@ pretraining has a useless embedding, and LoRA, which adapts only the linear laye
 Usage (the committed model was built with the defaults)::
 
     python scripts/make_data.py
-    python scripts/build_tiny_model.py            # ~8 minutes on 2 CPU cores
+    python scripts/build_tiny_model.py            # 800 steps; ~5 min of CPU time on one thread
 
-Pretraining is deterministic for a given seed, thread count and torch build. Progress (loss and the cloze
-accuracy of the model on the facts of held-out people) is printed as it goes.
+The committed model took 16 minutes of wall time (984 s) on a 2-core machine shared with other jobs (load ~9);
+on an idle machine expect about 4-5 minutes (estimated from 0.27 CPU-s per step, measured). One thread is the
+default because it is faster than two for a model this small. Pretraining is deterministic for a given seed,
+thread count and torch build. Progress (loss and the cloze accuracy on the facts of held-out people: 1.000
+from step 500 on) is printed as it goes.
+
+Result: 1.12M parameters (hidden 128, intermediate 384, 4 layers, 4 heads, vocabulary 2,106, tied
+embeddings), 2.3 MB on disk (bf16 weights; load with ``dtype=torch.float32``).
 """
 
 from __future__ import annotations
@@ -126,8 +132,7 @@ def cloze_accuracy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, 
     for person in people:
         for attr, cloze in CLOZES.items():
             prompts.append(" " + cloze.format(n=person["name"]))
-            value = person[attr] if attr != "pet" else person[attr]
-            targets.append(tokenizer.encode(" " + value)[0])
+            targets.append(tokenizer.encode(" " + person[attr])[0])
     hits = 0
     device = next(model.parameters()).device
     side = tokenizer.padding_side
@@ -236,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     corpus = (args.data / "corpus.txt").read_text(encoding="utf-8").splitlines()
     world = json.loads((args.data / "world.json").read_text(encoding="utf-8"))
     tokenizer = build_tokenizer(corpus, _chat_texts(args.data), args.vocab_size)
@@ -276,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     acc = cloze_accuracy(saved, tokenizer, world["people"])
     size = sum(p.stat().st_size for p in args.out.iterdir())
     print(f"saved to {args.out} ({size / 1e6:.2f} MB); cloze accuracy (all people, bf16 weights) {acc:.3f}")
-    print(f"total time {time.time() - t0:.0f}s")
+    print(f"total time {time.time() - t0:.0f}s wall, {time.process_time() - cpu0:.0f}s CPU")
 
 
 if __name__ == "__main__":

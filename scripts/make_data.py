@@ -19,6 +19,15 @@ The world is a small invented people, the Zorbians. Each person has a unique nam
   polite ones, so the rate of concise correct answers of an SFT model is low there and rises after DPO.
 * ``world.json``: the people, their facts and their split (used by tests and analyses).
 
+Measured with the committed ``models/tiny-chat`` (4-bit NF4 base, LoRA r=16/alpha=32 on all linear layers, lr
+3e-3 cosine, 3 epochs, micro-batch 16, loss on assistant tokens): held-out exact match 0.000 before SFT, 0.907
+after; on ``dpo_eval`` the SFT model answers concisely only 50% of the time (it rambles on every polite prompt),
+and a DPO pass (2 epochs, beta 0.1, lr 3e-4, plus an NLL term on the chosen answer, i.e. TRL's ``rpo_alpha=1``)
+brings exact match there from 0.45 to 0.85 and conciseness to 1.00 while keeping ``sft_eval`` at 0.907. Plain DPO
+at lr 1e-4 also works (0.45 -> 0.74) but costs a little knowledge (0.907 -> 0.877 on ``sft_eval``); at lr 3e-4
+without the NLL term it costs more (-> 0.733), since the rejected rambles contain the right answer and pushing
+them down also pushes down the answer.
+
 Rows carry the fields the toolkit needs (``messages`` or ``prompt``/``chosen``/``rejected``, and ``answer``)
 plus ``entity``, ``attribute`` and ``style`` for analysis.
 
