@@ -155,8 +155,8 @@ def _stage_plan(recipe: Recipe, stage: StageConfig, tokenizer, model, say) -> di
     say(f"  steps: {plan['rows']} rows / global batch {batch} (micro batch {training.micro_batch_size} x "
         f"{training.gradient_accumulation_steps} accumulation) = {per_epoch} steps per epoch -> {steps} steps "
         f"({epochs:.2f} epochs{', max_steps' if training.max_steps else ''})")
-    trained = f", {plan['trained']:,} trained" if "trained" in plan else ""
-    say(f"  tokens: {plan['tokens']:,} per epoch{trained}; about {plan['tokens_seen']:,} processed in training")
+    what = f", {plan['trained']:,} trained" if "trained" in plan else " (prompt + the longer answer of each pair)"
+    say(f"  tokens: {plan['tokens']:,} per epoch{what}; about {plan['tokens_seen']:,} processed in training")
     sequences = training.micro_batch_size * (2 if stage.kind == "dpo" else 1)  # DPO: chosen and rejected together
     seq_len = data.max_length if data.packing else min(max(lengths, default=1), data.max_length)
     from finetune.model import resolve_precision

@@ -137,6 +137,8 @@ def resume_point(stage_dir: Path, resume: bool) -> Path | None:
     found = checkpoints.last_checkpoint(Path(stage_dir) / "checkpoints")
     if found is not None:
         print(f"[{Path(stage_dir).name}] resuming from {found} (step {checkpoints.checkpoint_step(found)})", flush=True)
+    elif Path(stage_dir).exists():  # the stage had started: say why it starts over
+        print(f"[{Path(stage_dir).name}] no checkpoint was saved before it stopped; the stage starts over", flush=True)
     return found
 
 

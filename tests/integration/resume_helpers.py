@@ -4,16 +4,30 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from transformers import TrainerCallback
 from typer.testing import CliRunner
 
 from finetune.cli import app
 
 MAX_STEPS = 16
+
+
+class TermAtStep(TrainerCallback):
+    """Sends a signal to this process at the end of one step, as a scheduler or a Ctrl-C could at any moment."""
+
+    def __init__(self, step: int, signum: int = signal.SIGTERM):
+        self.step = step
+        self.signum = signum
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
 
 
 def write_recipe(folder: Path, model: Path, data: Path, name: str = "run", **training) -> Path:
@@ -83,8 +97,9 @@ def assert_same_curve(resumed: dict[int, float], reference: dict[int, float], to
     assert worst <= tol, {s: (resumed[s], reference[s]) for s in reference}
 
 
-def write_sft_dpo_recipe(folder: Path, model: Path, data: Path, name: str = "run") -> Path:
-    """SFT (4 steps) then DPO (8 steps, every step logged) on addition preference pairs; no scheduled checkpoints."""
+def write_dpo_recipe(folder: Path, model: Path, name: str = "run") -> Path:
+    """One DPO stage (8 steps, every step logged) on addition preference pairs, from a fresh adapter against the base
+    model as reference; no scheduled checkpoints."""
     pairs = folder / "pairs.jsonl"
     folder.mkdir(parents=True, exist_ok=True)
     with pairs.open("w") as f:
@@ -98,12 +113,9 @@ def write_sft_dpo_recipe(folder: Path, model: Path, data: Path, name: str = "run
         f"name: {name}\n"
         f"model: {{name_or_path: {model}, dtype: float32}}\n"
         "lora: {r: 4, alpha: 8}\n"
-        f"data: {{train: [{{path: {data}}}], max_length: 64, cache_dir: null}}\n"
-        "training: {max_steps: 4, micro_batch_size: 4, learning_rate: 1.0e-2, logging_steps: 1, seed: 3}\n"
-        "stages:\n"
-        "  - {name: sft, kind: sft}\n"
-        f"  - {{name: dpo, kind: dpo, data: {{train: [{{path: {pairs}}}], max_length: 64, cache_dir: null}},\n"
-        "     training: {max_steps: 8, learning_rate: 5.0e-3}}\n"
+        f"data: {{train: [{{path: {pairs}}}], max_length: 64, cache_dir: null}}\n"
+        "training: {max_steps: 8, micro_batch_size: 4, learning_rate: 5.0e-3, logging_steps: 1, seed: 3}\n"
+        "stages: [{name: dpo, kind: dpo, init_from: new, dpo: {reference: base}}]\n"
         f"output: {{dir: {folder / 'runs' / name}}}\n"
     )
     return path

@@ -4,12 +4,10 @@ stage stopped that way resumes to the same curve as an uninterrupted run."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 
 import pytest
-from resume_helpers import losses, write_recipe, write_sft_dpo_recipe
-from transformers import TrainerCallback
+from resume_helpers import TermAtStep, losses, write_dpo_recipe, write_recipe
 
 import finetune
 import finetune.stages.dpo as dpo
@@ -18,17 +16,6 @@ from finetune.checkpoints import list_checkpoints
 from finetune.guards import RunInterrupted
 from finetune.recipe_io import load_recipe
 from finetune.stages.pipeline import run_pipeline
-
-
-class TermAtStep(TrainerCallback):
-    """Sends SIGTERM to this process at the end of one step, like a cluster scheduler would at any moment."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_143(tiny_model, addition_data, tmp_path, monkeypatch):
@@ -54,19 +41,19 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tiny_model, addition_data, tmp
     assert signal.getsignal(signal.SIGTERM) is before  # handlers are put back after training
 
 
-def test_dpo_stage_stopped_by_sigterm_resumes_to_the_same_curve(tiny_model, addition_data, tmp_path, monkeypatch):
+def test_dpo_stage_stopped_by_sigterm_resumes_to_the_same_curve(tiny_model, tmp_path, monkeypatch):
     reference_dir = tmp_path / "reference"
-    run_pipeline(load_recipe(write_sft_dpo_recipe(reference_dir, tiny_model, addition_data["train"])))
+    run_pipeline(load_recipe(write_dpo_recipe(reference_dir, tiny_model)))
     reference = losses(reference_dir / "runs" / "run", "dpo")
     assert sorted(reference) == list(range(1, 9))
 
     quiet = dpo.quiet_trainer
     monkeypatch.setattr(dpo, "quiet_trainer", lambda trainer: (quiet(trainer), trainer.add_callback(TermAtStep(3))))
-    recipe = load_recipe(write_sft_dpo_recipe(tmp_path / "stopped", tiny_model, addition_data["train"]))
+    recipe = load_recipe(write_dpo_recipe(tmp_path / "stopped", tiny_model))
     with pytest.raises(RunInterrupted, match="stopped by SIGTERM at step 3"):
         run_pipeline(recipe)
     monkeypatch.setattr(dpo, "quiet_trainer", quiet)
-    finetune.train(recipe, resume=True)  # the Python API; sft is finished and skipped, dpo continues at step 3
+    finetune.train(recipe, resume=True)  # the Python API; dpo continues from its checkpoint at step 3
     resumed = losses(tmp_path / "stopped" / "runs" / "run", "dpo")
     assert sorted(resumed) == sorted(reference)
     assert max(abs(resumed[s] - reference[s]) for s in reference) <= 1e-5, (resumed, reference)
