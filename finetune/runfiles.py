@@ -14,7 +14,11 @@ from typing import Any
 
 from finetune.runio import write_text_atomic
 
-SECRET_KEY = re.compile(r"token|secret|passw|api_?key|credential", re.IGNORECASE)
+# Keys that hold credentials: `token`, `hf_token`, `hub_token`, `api_key`, `password`... but not counters or
+# tokenizer fields such as `tokens_per_second`, `pad_token` or `max_new_tokens`.
+SECRET_KEY = re.compile(
+    r"^(?:(?:hf|hub|access|auth|api|wandb|bearer|github)_)?token$|secret|passw|api_?key|credential", re.IGNORECASE
+)
 SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|wandb_v1_[A-Za-z0-9_]{20,})\b")
 
 

@@ -26,6 +26,8 @@ def test_redact_masks_secret_keys_and_token_shaped_values():
     out = redact(data)
     assert out["hub_token"] == out["api_key"] == out["nested"][0]["password"] == "<redacted>"
     assert out["name"] == "run <redacted>"
+    kept = {"tokens_per_second": 1.5, "pad_token": "<|pad|>", "task_eval_max_new_tokens": 24, "num_tokens": 9}
+    assert redact(kept) == kept  # counters and tokenizer fields are not secrets
     assert out["revision"] == data["revision"] and out["lr"] == 1e-4  # commit hashes and numbers stay
     assert out["token_budget"] is None  # nothing to hide
 
