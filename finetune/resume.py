@@ -30,8 +30,10 @@ from finetune.tracking import RunLogger
 
 
 def resume_command(run_dir: Path) -> str:
-    """The command that continues the run in `run_dir`."""
-    return f"ft train {run_dir} --resume"
+    """The command that continues the run in `run_dir` (with as many processes as this one was part of)."""
+    from finetune.launch import world_size
+
+    return f"ft train {run_dir} --resume" + (f" --nproc {world_size()}" if world_size() > 1 else "")
 
 
 # --------------------------------------------------------------------------------------------------------------

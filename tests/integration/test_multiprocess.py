@@ -93,6 +93,7 @@ output: {{dir: {out / 'two'}}}
 def test_sigterm_stops_both_processes_with_a_checkpoint(runs):
     assert runs["stop_code"] == 128 + signal.SIGTERM, runs["stopped"][-3000:]
     assert "[sft] SIGTERM received: finishing the current step and saving a checkpoint" in runs["stopped"]
+    assert "--resume --nproc 2" in runs["stopped"]  # the resume command it prints keeps the process count
     assert "global batch 4 = 2 processes x micro batch 2 x 1 accumulation steps" in runs["stopped"]
     resumed_from = [line for line in runs["resumed"].splitlines() if "[sft] resuming from" in line]
     assert len(resumed_from) == 1 and "checkpoint-" in resumed_from[0], runs["resumed"][-3000:]
