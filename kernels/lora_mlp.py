@@ -24,9 +24,12 @@ def swiglu_torch(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu_backward_torch(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of ``silu(g) * u`` (PyTorch path): the same ops autograd runs, two ``[M, I]`` temporaries."""
+    """Gradients of ``silu(g) * u`` (PyTorch path): the ops autograd runs, without extra ``[M, I]`` buffers.
+
+    ``dh`` is overwritten (it becomes ``dh * u``); callers pass a gradient they no longer need.
+    """
     du = F.silu(g).mul_(dh)
-    dg = torch.ops.aten.silu_backward(dh * u, g)
+    dg = torch.ops.aten.silu_backward(dh.mul_(u), g)
     return dg, du
 
 

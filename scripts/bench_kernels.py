@@ -17,6 +17,9 @@ Peak memory, honestly measured:
   ``/proc/self/status``: every byte the step made resident, tensors or not. Without ``clear_refs`` it falls back
   to ``ru_maxrss`` growth, a lower bound.
 
+Saved for backward: bytes of the storages autograd keeps from the forward (``saved_tensors_hooks``), inputs and
+weights excluded: the activation memory that piles up layer after layer in a real network.
+
 Outputs in --out (default runs/bench_kernels/): kernels.csv and kernels.png.
 """
 
@@ -156,6 +159,26 @@ def build(op: str, size: int, quick: bool, dtype: torch.dtype, device: str) -> d
     raise ValueError(op)
 
 
+def saved_for_backward(fn: Step) -> int:
+    """Bytes of activations the forward keeps for backward (storages created by the step, not inputs/weights).
+
+    This is what accumulates over a network's layers until the backward pass; the step peak is the transient
+    high-water of one op in isolation.
+    """
+    existing = {o.untyped_storage().data_ptr() for o in gc.get_objects() if isinstance(o, torch.Tensor)}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in existing:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
 def _status_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -255,7 +278,9 @@ def worker(op: str, size: int, impl: str, quick: bool, dtype: str, device: str, 
     torch.manual_seed(0)
     fn = build(op, size, quick, getattr(torch, dtype), device)[impl]
     times, peak, method = measure(fn, reps, warmup, device)
+    saved = saved_for_backward(fn)
     return {
+        "saved_for_backward_mb": saved / 2**20,
         "median_ms": statistics.median(times),
         "p20_ms": _percentile(times, 0.2),
         "p80_ms": _percentile(times, 0.8),
@@ -279,8 +304,9 @@ def plot(rows: list[dict], path: Path) -> None:
             xs = [r["size"] for r in sel]
             axes[i][0].plot(xs, [r["median_ms"] for r in sel], style, label=impl)
             axes[i][0].fill_between(xs, [r["p20_ms"] for r in sel], [r["p80_ms"] for r in sel], alpha=0.2)
-            axes[i][1].plot(xs, [r["peak_mem_mb"] for r in sel], style, label=impl)
-        for j, ylabel in enumerate(("step time (ms, median, p20-p80)", "peak memory (MiB)")):
+            axes[i][1].plot(xs, [r["peak_mem_mb"] for r in sel], style, label=f"{impl} step peak")
+            axes[i][1].plot(xs, [r["saved_for_backward_mb"] for r in sel], style[0] + ":", label=f"{impl} saved")
+        for j, ylabel in enumerate(("step time (ms, median, p20-p80)", "MiB: step peak / saved for bwd")):
             axes[i][j].set(xscale="log", xlabel=SIZES[op][0], ylabel=ylabel, title=op)
             axes[i][j].legend(fontsize=8)
     env = rows[0]
@@ -330,7 +356,7 @@ def main() -> None:
                 rows.append({"op": op, "impl": impl, "param": param, "size": size, **result, **env, "reps": args.reps})
                 print(
                     f"{op:12s} {param}={size:<6d} {impl:8s} median {result['median_ms']:9.2f} ms  "
-                    f"peak {result['peak_mem_mb']:9.1f} MiB",
+                    f"peak {result['peak_mem_mb']:9.1f} MiB  saved {result['saved_for_backward_mb']:8.1f} MiB",
                     flush=True,
                 )
     with open(args.out / "kernels.csv", "w", newline="") as f:
@@ -344,8 +370,9 @@ def main() -> None:
             fused, unfused = pairs[(size, "fused")], pairs[(size, "unfused")]
             saving = 1 - fused["peak_mem_mb"] / unfused["peak_mem_mb"] if unfused["peak_mem_mb"] else 0.0
             print(
-                f"{op} {SIZES[op][0]}={size}: peak {fused['peak_mem_mb']:.1f} vs {unfused['peak_mem_mb']:.1f} MiB "
-                f"({saving:+.0%} saved), time x{fused['median_ms'] / unfused['median_ms']:.2f}"
+                f"{op} {SIZES[op][0]}={size}: step peak {fused['peak_mem_mb']:.1f} vs {unfused['peak_mem_mb']:.1f} "
+                f"MiB ({saving:+.0%} saved); saved for backward {fused['saved_for_backward_mb']:.1f} vs "
+                f"{unfused['saved_for_backward_mb']:.1f} MiB; time x{fused['median_ms'] / unfused['median_ms']:.2f}"
             )
     print(f"wrote {args.out / 'kernels.csv'} and {args.out / 'kernels.png'}")
 
