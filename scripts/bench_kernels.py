@@ -289,6 +289,15 @@ def worker(op: str, size: int, impl: str, quick: bool, dtype: str, device: str, 
     }
 
 
+def _number(value: str) -> float | int | str:
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
 def plot(rows: list[dict], path: Path) -> None:
     """Time and peak memory against the swept size, fused vs unfused, one row of panels per op."""
     import matplotlib
@@ -299,13 +308,15 @@ def plot(rows: list[dict], path: Path) -> None:
     ops = list(dict.fromkeys(r["op"] for r in rows))
     fig, axes = plt.subplots(len(ops), 2, figsize=(10, 2.8 * len(ops)), squeeze=False)
     for i, op in enumerate(ops):
-        for impl, style in (("fused", "o-"), ("unfused", "s--")):
+        for impl, style, color in (("fused", "o-", "tab:blue"), ("unfused", "s--", "tab:orange")):
             sel = [r for r in rows if r["op"] == op and r["impl"] == impl]
             xs = [r["size"] for r in sel]
-            axes[i][0].plot(xs, [r["median_ms"] for r in sel], style, label=impl)
-            axes[i][0].fill_between(xs, [r["p20_ms"] for r in sel], [r["p80_ms"] for r in sel], alpha=0.2)
-            axes[i][1].plot(xs, [r["peak_mem_mb"] for r in sel], style, label=f"{impl} step peak")
-            axes[i][1].plot(xs, [r["saved_for_backward_mb"] for r in sel], style[0] + ":", label=f"{impl} saved")
+            axes[i][0].plot(xs, [r["median_ms"] for r in sel], style, color=color, label=impl)
+            axes[i][0].fill_between(xs, [r["p20_ms"] for r in sel], [r["p80_ms"] for r in sel], color=color, alpha=0.2)
+            axes[i][1].plot(xs, [r["peak_mem_mb"] for r in sel], style, color=color, label=f"{impl} step peak")
+            axes[i][1].plot(
+                xs, [r["saved_for_backward_mb"] for r in sel], style[0] + ":", color=color, label=f"{impl} saved"
+            )
         for j, ylabel in enumerate(("step time (ms, median, p20-p80)", "MiB: step peak / saved for bwd")):
             axes[i][j].set(xscale="log", xlabel=SIZES[op][0], ylabel=ylabel, title=op)
             axes[i][j].legend(fontsize=8)
@@ -324,8 +335,14 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("runs/bench_kernels"))
+    parser.add_argument("--replot", action="store_true", help="redraw kernels.png from the kernels.csv in --out")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.replot:
+        with open(args.out / "kernels.csv") as f:
+            rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        plot(rows, args.out / "kernels.png")
+        return
     if args.worker:
         spec = json.loads(args.worker)
         print(
