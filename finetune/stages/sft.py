@@ -75,7 +75,12 @@ def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
         callbacks=[RunLogger(ctx.metrics_path, ctx.stage.name)],
     )
     quiet_trainer(trainer)
-    adapters_in_compute_dtype(trainer, training)
+    if adapters_in_compute_dtype(trainer, training) and ctx.init_adapter is not None:
+        # trl rounded the starting adapter to bf16 before it was cast back: start from its exact weights (as DPO does)
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        set_peft_model_state_dict(trainer.model, load_peft_weights(str(ctx.init_adapter)), adapter_name="default")
     if not no_label_loss:
         label_loss.install(trainer.model)  # last: the outermost per-instance forward patch
     started = time.perf_counter()
