@@ -301,6 +301,7 @@ def _number(value: str) -> float | int | str:
 def plot(rows: list[dict], path: Path) -> None:
     """Time and peak memory against the swept size, fused vs unfused, one row of panels per op."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -320,9 +321,10 @@ def plot(rows: list[dict], path: Path) -> None:
         for j, ylabel in enumerate(("step time (ms, median, p20-p80)", "MiB: step peak / saved for bwd")):
             axes[i][j].set(xscale="log", xlabel=SIZES[op][0], ylabel=ylabel, title=op)
             axes[i][j].legend(fontsize=8)
+            axes[i][j].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     env = rows[0]
     fig.suptitle(f"{env['device_name']} | torch {env['torch']} | triton {env['triton']} | {env['dtype']}", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     fig.savefig(path, dpi=110)
 
 
