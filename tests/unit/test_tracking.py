@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,10 @@ def test_wandb_offline_writes_its_run_files_and_resumes_the_same_run(wandb_recip
     run_id = json.loads((run_dir / "tracking.json").read_text())["wandb_id"]
     files = list((run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
     assert len(files) == 1
+    # wandb's service process may still be flushing the offline file when finish() returns: give it time.
+    deadline = time.monotonic() + 30
+    while b"sft/loss" not in files[0].read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert b"sft/loss" in files[0].read_bytes()  # the metrics went into the W&B run, namespaced by stage
 
     again = open_tracker(wandb_recipe, run_dir)  # a resumed run continues the same W&B run
