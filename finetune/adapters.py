@@ -59,3 +59,23 @@ def trainable_summary(model) -> dict[str, int | float]:
     """Counts of trainable and total parameters (4-bit weights counted as their logical size)."""
     trainable, total = model.get_nb_trainable_parameters()
     return {"trainable": int(trainable), "total": int(total), "percent": round(100 * trainable / max(total, 1), 4)}
+
+
+def apply_recipe_kernels(model, recipe, stage: str) -> list[str]:
+    """Patch this model instance with the fused kernels the recipe switches on (`kernels:`); nothing when all off.
+
+    Unsupported architectures or adapter options fail with the reasons before any training step.
+    """
+    if not recipe.kernels.enabled():
+        return []
+    from finetune.patching import apply_kernels, check_kernel_support
+
+    base_config = getattr(model.get_base_model(), "config", None) if hasattr(model, "get_base_model") else None
+    model_type = getattr(base_config or model.config, "model_type", "")
+    problems = check_kernel_support(model_type, recipe.lora, recipe.kernels)
+    if problems:
+        raise FinetuneError("kernels: " + "; ".join(problems))
+    patched = apply_kernels(model, recipe.kernels)
+    for line in patched:
+        print(f"[{stage}] kernel: {line}", flush=True)
+    return patched

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from finetune import label_loss
-from finetune.adapters import attach, prepare_base, trainable_summary
+from finetune.adapters import apply_recipe_kernels, attach, prepare_base, trainable_summary
 from finetune.attention import use_per_sample_attention
 from finetune.data import apply_template, build_dataset
 from finetune.launch import gathered_state_dict, is_main_process
@@ -38,6 +38,7 @@ def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
     model = load_model(recipe, training, tokenizer)
     model = prepare_base(model, recipe.quantization.mode != "none", training.gradient_checkpointing)
     model = attach(model, recipe.lora, ctx.init_adapter)
+    apply_recipe_kernels(model, recipe, ctx.stage.name)
     params = trainable_summary(model)
     print(f"[{ctx.stage.name}] adapter: {params['trainable']:,} trainable of {params['total']:,} parameters "
           f"({params['percent']}%); {len(train_ds)} training samples", flush=True)
