@@ -85,6 +85,58 @@ def _label_loss(lm: Any, labels: torch.Tensor, num_items_in_batch: Any = None, *
     return CausalLMOutputWithPast(loss=loss)
 
 
+# The per-token fields trl's DPOTrainer (1.16) reads from its fused LM head: log-probs for the loss, the others for
+# its logged metrics (entropy, logits/chosen|rejected, mean token accuracy).
+DPO_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
+_VOCAB_CHUNK = 8192  # vocabulary columns per tile of trl's kernel (its own default is 32768: 4x the tile memory)
+
+
+def install_compact_fused_head(model: Any, outputs: tuple[str, ...] = DPO_OUTPUTS) -> None:
+    """Answer trl's `fused_lm_head=True` forwards from the labelled positions only, with trl's own kernel.
+
+    trl's fused head gathers the labelled positions before its chunked kernel on Triton devices only; elsewhere (CPU)
+    it scores every position, prompts and padding included, in tiles of 4096 tokens x 32768 vocabulary entries. This
+    per-instance patch (outermost, install it after the trainer is built) runs the backbone, gathers the positions
+    whose next token is labelled, and calls the same `trl.kernels.ChunkedLogProbFunction` on them, so the outputs
+    (zero at ignored positions, like trl's) and the gradients are the ones trl computes.
+    """
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(lm, "_ft_compact_head", False):
+        return
+    original = lm.forward
+
+    def forward(self, *args, fused_lm_head: bool = False, **kwargs):
+        if fused_lm_head and not args and kwargs.get("shift_labels") is None and "labels" in kwargs:
+            return _compact_fused(self, outputs, **kwargs)
+        if fused_lm_head:  # pre-shifted labels (context parallelism) and positional calls: trl's own path
+            kwargs["fused_lm_head"] = True
+        return original(*args, **kwargs)
+
+    lm.forward = types.MethodType(forward, lm)
+    lm._ft_compact_head = True
+
+
+def _compact_fused(lm: Any, outputs: tuple[str, ...], labels: torch.Tensor, num_items_in_batch: Any = None,
+                   shift_labels: None = None, **kwargs: Any):
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    kwargs["use_cache"] = False
+    hidden = lm.base_model(**kwargs).last_hidden_state[:, :-1]
+    shifted = labels[:, 1:].to(hidden.device)
+    mask = shifted != -100
+    head = lm.get_output_embeddings()
+    picked = ChunkedLogProbFunction.apply(hidden[mask], head.weight, head.bias, shifted[mask], 1.0, _VOCAB_CHUNK,
+                                          None, 1.0, outputs)
+    # back to [batch, seq - 1], zero where no label; masked_scatter keeps an all-masked batch differentiable
+    log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = (
+        None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x) for x in picked)
+    denom = mask.sum() if num_items_in_batch is None else num_items_in_batch
+    loss = -log_probs.sum() / torch.as_tensor(denom, device=log_probs.device).clamp(min=1)
+    return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=log_sum_sq_probs,
+                               mean_logits=mean_logits, is_top1=is_top1, label_mask=mask)
+
+
 def trainer_class():
     """trl's SFTTrainer with the label-positions loss (call `install(model)` on the model first)."""
     from trl import SFTTrainer

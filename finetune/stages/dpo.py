@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from finetune import label_loss
 from finetune.adapters import attach, prepare_base, trainable_summary
 from finetune.data import apply_template, build_dataset
 from finetune.errors import FinetuneError
@@ -132,6 +133,9 @@ def build_trainer(ctx: StageContext, tokenizer, train_ds, eval_ds) -> tuple[Any,
         from peft.utils import load_peft_weights
 
         set_peft_model_state_dict(trainer.model, load_peft_weights(str(ctx.init_adapter)), adapter_name="default")
+    if label_loss.unsupported_reason(trainer.model) is None:
+        # trl's fused LM head scores every position (prompts, padding) off Triton devices: labelled ones only here
+        label_loss.install_compact_fused_head(trainer.model)
     install_reference(trainer.model, ref_folder)
     if dpo.precompute_ref_log_probs:
         precompute_reference(trainer)

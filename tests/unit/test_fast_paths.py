@@ -1,4 +1,4 @@
-"""The SFT fast path computes what trl computes: label-positions loss, per-sample attention, float32 adapters."""
+"""The fast paths compute what trl computes: label-positions loss, per-sample attention, compact DPO head."""
 
 from __future__ import annotations
 
@@ -103,3 +103,42 @@ def test_per_sample_attention_matches_masked_sdpa(tiny_model, addition_data):
 
     eager = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="eager")
     assert not use_per_sample_attention(eager) and eager.config._attn_implementation == "eager"
+
+
+def test_compact_fused_head_matches_trl_dpo(tiny_model, tmp_path):
+    """DPO: trl's fused head on the labelled positions only gives trl's loss, metrics and gradients."""
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    rows = [{"prompt": [{"role": "user", "content": f"add {a} {b}" + " please" * a}],
+             "chosen": [{"role": "assistant", "content": str(a + b)}],
+             "rejected": [{"role": "assistant", "content": f"it is {a + b + 1} or so" * (1 + b % 2)}]}
+            for a, b in [(1, 2), (3, 4), (5, 1), (2, 2)]]
+    config = DPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], per_device_train_batch_size=4,
+                       gradient_checkpointing=False)
+    trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    batch = next(iter(trainer.get_train_dataloader()))
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+
+    def run():
+        trainer._metrics["train"].clear()
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if k != "num_tokens"}  # a running total
+        return loss.detach(), torch.autograd.grad(loss, params), metrics
+
+    ref_loss, ref_grads, ref_metrics = run()
+    assert batch["attention_mask"].sum() < batch["attention_mask"].numel()  # padding and prompts: positions to skip
+    label_loss.install_compact_fused_head(trainer.model)
+    loss, grads, metrics = run()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for g, ref in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-7)
+    assert metrics.keys() == ref_metrics.keys() and "entropy" in metrics
+    for key, value in metrics.items():
+        assert value == pytest.approx(ref_metrics[key], rel=1e-4, abs=1e-5), key
