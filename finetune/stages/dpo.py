@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune import label_loss
-from finetune.adapters import attach, prepare_base, trainable_summary
+from finetune.adapters import apply_recipe_kernels, attach, prepare_base, trainable_summary
 from finetune.data import apply_template, build_dataset
 from finetune.errors import FinetuneError
 from finetune.launch import gathered_state_dict, is_main_process
@@ -58,7 +58,7 @@ def run_dpo(ctx: StageContext, tokenizer=None) -> StageResult:
     model = trainer.model
     params = trainable_summary(model)
     print(f"[{name}] reference policy: {reference['description']}", flush=True)
-    print(f"[{name}] {dpo.loss_type} loss, beta {dpo.beta}; adapter: {params['trainable']:,} trainable parameters; "
+    print(f"[{name}] {describe_loss(dpo)}; adapter: {params['trainable']:,} trainable parameters; "
           f"{len(train_ds)} training pairs", flush=True)
 
     task_rows = load_task_rows(data.task_eval)
@@ -71,7 +71,7 @@ def run_dpo(ctx: StageContext, tokenizer=None) -> StageResult:
     started = time.perf_counter()
     result = guarded_train(trainer, ctx)  # atomic checkpoints, --resume, Ctrl-C, NaN guard
     metrics: dict[str, Any] = {"reference": dpo.reference, "reference_adapter": reference["adapter"],
-                               "loss_type": dpo.loss_type, "beta": dpo.beta, "train_loss": result.training_loss,
+                               "loss": describe_loss(dpo), "beta": dpo.beta, "train_loss": result.training_loss,
                                "train_seconds": round(time.perf_counter() - started, 1),
                                "steps": trainer.state.global_step}
     if eval_ds is not None:
@@ -108,6 +108,7 @@ def build_trainer(ctx: StageContext, tokenizer, train_ds, eval_ds) -> tuple[Any,
     model = load_model(recipe, ctx.training, tokenizer)
     model = prepare_base(model, recipe.quantization.mode != "none", ctx.training.gradient_checkpointing)
     model = attach(model, recipe.lora, ctx.init_adapter)
+    apply_recipe_kernels(model, recipe, ctx.stage.name)
     config = TrlDPOConfig(
         **trainer_kwargs(ctx, has_eval=eval_ds is not None),
         beta=dpo.beta,
@@ -171,16 +172,31 @@ def reference_folder(ctx: StageContext) -> Path | None:
 
 
 def loss_terms(dpo: DPOConfig) -> dict[str, Any]:
-    """trl DPOConfig loss arguments for the recipe's loss type and label smoothing.
+    """trl DPOConfig loss arguments (weighted sum of trl loss types) for the recipe's loss, smoothing and NLL term.
 
     trl 1.x ignores `label_smoothing` for its `sigmoid` loss. Conservative DPO (cDPO),
     L = -(1 - e) log s(z) - e log s(-z) with z = beta * margin, is rebuilt exactly from two trl losses:
     sigmoid S = -log s(z) and robust R = ((1 - e)(-log s(z)) + e log s(-z)) / (1 - 2e) give L = 2(1 - e) S - (1 - 2e) R.
+    `nll_weight` adds trl's `sft` loss (mean NLL of the chosen tokens) with that weight.
     """
     e = dpo.label_smoothing
     if dpo.loss_type == "sigmoid" and e > 0:
-        return {"loss_type": ["sigmoid", "robust"], "loss_weights": [2 * (1 - e), -(1 - 2 * e)], "label_smoothing": e}
-    return {"loss_type": [dpo.loss_type], "label_smoothing": e}
+        types, weights = ["sigmoid", "robust"], [2 * (1 - e), -(1 - 2 * e)]
+    else:
+        types, weights = [dpo.loss_type], [1.0]
+    if dpo.nll_weight > 0:
+        types, weights = [*types, "sft"], [*weights, dpo.nll_weight]
+    return {"loss_type": types, "loss_weights": weights, "label_smoothing": e}
+
+
+def describe_loss(dpo: DPOConfig) -> str:
+    """The loss in words, e.g. `sigmoid loss (beta 0.1), label smoothing 0.1, + 1.0 x NLL of the chosen answers`."""
+    text = f"{dpo.loss_type} loss (beta {dpo.beta})"
+    if dpo.label_smoothing:
+        text += f", label smoothing {dpo.label_smoothing} (conservative DPO)"
+    if dpo.nll_weight:
+        text += f", + {dpo.nll_weight} x NLL of the chosen answers"
+    return text
 
 
 def install_reference(model, folder: Path | None) -> None:

@@ -167,9 +167,15 @@ def run_pipeline(recipe: Recipe, recipe_path: str | Path | None = None, from_sta
             if changed:
                 print(f"[{stage.name}] note: it finished with different settings ({'; '.join(changed[:5])}); its "
                       f"adapter is reused as it is. Use --from-stage {stage.name} to retrain it.", flush=True)
+            # The adapter where it is now, not the path recorded in the summary: the run folder may have been moved.
+            adapter = run_dir / stage.name / "adapter"
+            if not (adapter / "adapter_config.json").exists():
+                raise FinetuneError(f"stage '{stage.name}' is marked finished in {run_dir} but {adapter} holds no "
+                                    f"adapter; rerun it with --from-stage {stage.name}")
+            done["adapter"] = str(adapter)
             run.stages[stage.name] = done
             summary["stages"][stage.name] = done
-            previous = Path(done["adapter"])
+            previous = adapter
             continue
         if stage.init_from == "previous":
             init = previous

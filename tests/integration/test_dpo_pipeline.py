@@ -156,3 +156,13 @@ output: {{dir: {tmp_path / 'run'}}}
     msg = " ".join(result.output.split())
     assert str(bad) in msg and "2 rows" in msg and "1 row" in msg, msg
     assert "identical" in msg and "rejected" in msg
+
+
+def test_a_copied_run_folder_uses_its_own_sft_adapter(run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run["dir"], copy)
+    result = train(str(run["recipe"]), "--from-stage", "dpo", "--set", f"output.dir={copy}")
+    assert result.exit_code == 0, result.output
+    assert Path(summary(copy, "dpo")["metrics"]["reference_adapter"]) == copy / "sft" / "adapter"

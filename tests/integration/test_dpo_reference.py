@@ -180,3 +180,16 @@ def test_precomputed_reference_matches_the_live_one(tiny_model, sft_adapter, tmp
         assert pre[key] == pytest.approx(live[key], abs=1e-5), key
     trainer.train()  # trains from the stored columns
     assert trainer.state.global_step == 2
+
+
+def test_nll_weight_adds_the_mean_nll_of_the_chosen_answers(tiny_model, sft_adapter, tmp_path):
+    """loss = ln 2 + w x (mean NLL per chosen token) at step 0 with the sft reference."""
+    w = 0.5
+    trainer, _ = make(tiny_model, tmp_path, sft_adapter, quant="none", reference="sft", nll_weight=w)
+    lengths = [len(ids) for ids in trainer.eval_dataset["chosen_ids"]]
+    n = min(lengths)  # keep pairs whose chosen answers have the same token count: per-token mean = sum / n
+    trainer.eval_dataset = trainer.eval_dataset.select([i for i, k in enumerate(lengths) if k == n])
+    out = trainer.evaluate()
+    nll = -out["eval_logps/chosen"] / n
+    assert nll > 0.1
+    assert out["eval_loss"] == pytest.approx(LN2 + w * nll, abs=1e-4)

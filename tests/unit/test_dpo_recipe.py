@@ -87,7 +87,17 @@ def test_loss_terms_pass_the_loss_type_through():
     from finetune.stages.dpo import loss_terms
 
     for kind in ("sigmoid", "ipo", "hinge"):
-        assert loss_terms(DPOConfig(loss_type=kind)) == {"loss_type": [kind], "label_smoothing": 0.0}
+        assert loss_terms(DPOConfig(loss_type=kind)) == {"loss_type": [kind], "loss_weights": [1.0],
+                                                          "label_smoothing": 0.0}
+
+
+def test_nll_weight_adds_the_chosen_nll_term():
+    from finetune.stages.dpo import loss_terms
+
+    assert loss_terms(DPOConfig(loss_type="ipo", nll_weight=0.5)) == {
+        "loss_type": ["ipo", "sft"], "loss_weights": [1.0, 0.5], "label_smoothing": 0.0}
+    terms = loss_terms(DPOConfig(label_smoothing=0.1, nll_weight=1.0))
+    assert terms["loss_type"] == ["sigmoid", "robust", "sft"] and terms["loss_weights"][2] == 1.0
 
 
 @pytest.mark.parametrize("e", [0.05, 0.2, 0.45])
