@@ -150,9 +150,11 @@ def run_pipeline(recipe: Recipe, recipe_path: str | Path | None = None, from_sta
 
     from transformers import set_seed
 
+    from finetune.data.templates import apply_template
     from finetune.model import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.model)
+    apply_template(tokenizer, recipe.stage_data(stages[0]))  # the saved tokenizer carries the template trained with
     if main:
         tokenizer.save_pretrained(str(run_dir / "tokenizer"))
     previous: Path | None = None
