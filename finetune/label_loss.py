@@ -1,4 +1,4 @@
-"""SFT loss that runs the LM head only where a label is, chunked: the default fast path of the SFT stage.
+"""The LM head only where a label is: the default fast path of the SFT loss and of trl's DPO log-probs.
 
 With a 32k+ vocabulary the LM head is a large share of a small or mid-size model's compute, and with the loss on
 assistant turns only, most positions (the prompts) carry no label. trl's SFTTrainer scores every position through its
@@ -15,6 +15,9 @@ entropy / mean token accuracy, which are what need the full-vocabulary pass on e
 
 The loss is computed inside the model's forward (a per-instance patch, like trl's own `fused_lm_head`) so that
 DDP and accelerate's autocast wrappers see an ordinary forward call.
+
+DPO (`install_compact_fused_head`): trl's DPOTrainer needs per-token log-probs and its own metrics from its fused
+head, so there the patch keeps trl's kernel and outputs and only gathers the labelled (completion) positions first.
 """
 
 from __future__ import annotations
