@@ -138,36 +138,6 @@ def explain(
         raise _fail(str(e.args[0])) from None
 
 
-data_app = typer.Typer(help="See what a recipe's data becomes before training.", no_args_is_help=True)
-app.add_typer(data_app, name="data")
-
-
-@data_app.command("preview")
-def data_preview(
-    recipe: RecipeArg,
-    n: Annotated[int, typer.Option("-n", "--samples", min=0, help="How many samples to show.")] = 3,
-    stage: Annotated[str | None, typer.Option(help="Stage whose data to show (default: the first).")] = None,
-    split: Annotated[str, typer.Option(help="train or eval.")] = "train",
-    color: Annotated[bool | None, typer.Option(
-        "--color/--no-color", help="Colour trained tokens (default: on a terminal; else they are marked «...»).")] = None,
-    set_: SetOpt = None,
-) -> None:
-    """Show rendered samples with trained tokens marked, token counts, a length histogram and data checks.
-
-    Loads the tokenizer only, never the model. Exit code 1 when a check fails (end-of-turn token not trained, pad
-    equal to eos, fully masked samples).
-    """
-    loaded = _load(recipe, set_)
-    from finetune.data.preview import run_preview
-
-    try:
-        ok = run_preview(loaded, n=n, stage=stage, split=split, color=color)
-    except FinetuneError as e:
-        raise _fail(f"error: {e}", 1) from None
-    if not ok:
-        raise typer.Exit(1)
-
-
 def _choice(option: str, value: str | None, allowed: tuple[str, ...]) -> None:
     if value is not None and value not in allowed:
         raise _fail(f"{option} {value}: choose one of {', '.join(allowed)}")
@@ -305,6 +275,36 @@ def runs(
         typer.echo(list_runs(folder, as_json=as_json))
     except FinetuneError as e:
         raise _fail(f"error: {e}", 1) from None
+
+
+data_app = typer.Typer(help="See what a recipe's data becomes before training.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("preview")
+def data_preview(
+    recipe: RecipeArg,
+    n: Annotated[int, typer.Option("-n", "--samples", min=0, help="How many samples to show.")] = 3,
+    stage: Annotated[str | None, typer.Option(help="Stage whose data to show (default: the first).")] = None,
+    split: Annotated[str, typer.Option(help="train or eval.")] = "train",
+    color: Annotated[bool | None, typer.Option(
+        "--color/--no-color", help="Colour trained tokens (default: on a terminal; else they are marked «...»).")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Show rendered samples with trained tokens marked, token counts, a length histogram and data checks.
+
+    Loads the tokenizer only, never the model. Exit code 1 when a check fails (end-of-turn token not trained, pad
+    equal to eos, fully masked samples).
+    """
+    loaded = _load(recipe, set_)
+    from finetune.data.preview import run_preview
+
+    try:
+        ok = run_preview(loaded, n=n, stage=stage, split=split, color=color)
+    except FinetuneError as e:
+        raise _fail(f"error: {e}", 1) from None
+    if not ok:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -129,16 +129,17 @@ def markdown(s: dict[str, Any]) -> str:
     extra = "held-out reward acc" if dpo else "MFU fp32 | MFU bf16"
     lines = [f"# Benchmark ({meta.get('mode', 'sft')}): {meta['preset']} preset, {meta['reps']} repetitions, medians",
              "", f"Command: `{meta['command']}`", "",
-             f"| side | {rate_name} | real tok/s | wall s | first step s | peak RSS MB (largest process) "
-             f"| process tree MB | padding | steps | label tokens | final train loss | held-out loss | {extra} |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if dpo else "---|---|")]
+             f"| side | {'pairs/s | ' if dpo else ''}real tok/s | wall s | first step s | peak RSS MB "
+             f"(largest process) | process tree MB | padding | steps | label tokens | final train loss | held-out loss "
+             f"| {extra} |", "|" + "---|" * 13]
     for name, v in s["sides"].items():
         cap = f" (capped at {v['capped_steps']} steps)" if v["capped_steps"] else ""
         cap += f" ({v['n_runs']} run)" if v["n_runs"] < meta["reps"] else ""
         tail = (_pct(v.get("heldout_reward_accuracy"), ".0%") if dpo
                 else f"{_pct(v['mfu']['float32'], '.1%')} | {_pct(v['mfu']['bfloat16'], '.0%')}")
         lines.append(
-            f"| {name}{cap} | {v[rate]:.2f} | {v['tokens_per_second']:.1f} | {v['wall_seconds']:.1f} "
+            f"| {name}{cap} | {f'{v[rate]:.3f} | ' if dpo else ''}{v['tokens_per_second']:.1f} "
+            f"| {v['wall_seconds']:.1f} "
             f"| {v['time_to_first_step']:.1f} | {v['peak_rss_mb']:.0f} | {v['tree_peak_rss_mb']:.0f} "
             f"| {v['padding_share']:.0%} | {v['steps']} | {v['tokens_labels']} | {_f(v['final_train_loss'], '.4f')} "
             f"| {_f(v['heldout_loss'], '.4f')} | {tail} |")
