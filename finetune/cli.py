@@ -288,7 +288,8 @@ def data_preview(
     stage: Annotated[str | None, typer.Option(help="Stage whose data to show (default: the first).")] = None,
     split: Annotated[str, typer.Option(help="train or eval.")] = "train",
     color: Annotated[bool | None, typer.Option(
-        "--color/--no-color", help="Colour trained tokens (default: on a terminal; else they are marked «...»).")] = None,
+        "--color/--no-color",
+        help="Colour trained tokens (default: on a terminal; else they are marked «...»).")] = None,
     set_: SetOpt = None,
 ) -> None:
     """Show rendered samples with trained tokens marked, token counts, a length histogram and data checks.

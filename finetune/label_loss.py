@@ -18,6 +18,10 @@ DDP and accelerate's autocast wrappers see an ordinary forward call.
 
 DPO (`install_compact_fused_head`): trl's DPOTrainer needs per-token log-probs and its own metrics from its fused
 head, so there the patch keeps trl's kernel and outputs and only gathers the labelled (completion) positions first.
+trl 1.16 has no padding-free DPO (its flag is switched off); with `padding_free=True` the patch also runs the
+right-padded chosen/rejected batch as one padding-free row (samples back to back, positions restarting, sample
+boundaries for per-sample attention) and maps the hidden states back to the batch's positions: no compute and no
+attention mask on padding, same log-probs.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import types
 from typing import Any
 
 import torch
+
+from finetune.attention import NAME as PER_SAMPLE_ATTENTION
 
 FLAG = "label_positions_loss"
 # Logit transforms the plain `hidden @ W.T` of the chunked loss would silently skip: such models keep trl's path.
@@ -94,7 +100,7 @@ DPO_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
 _VOCAB_CHUNK = 8192  # vocabulary columns per tile of trl's kernel (its own default is 32768: 4x the tile memory)
 
 
-def install_compact_fused_head(model: Any, outputs: tuple[str, ...] = DPO_OUTPUTS) -> None:
+def install_compact_fused_head(model: Any, outputs: tuple[str, ...] = DPO_OUTPUTS, padding_free: bool = False) -> None:
     """Answer trl's `fused_lm_head=True` forwards from the labelled positions only, with trl's own kernel.
 
     trl's fused head gathers the labelled positions before its chunked kernel on Triton devices only; elsewhere (CPU)
@@ -102,6 +108,9 @@ def install_compact_fused_head(model: Any, outputs: tuple[str, ...] = DPO_OUTPUT
     per-instance patch (outermost, install it after the trainer is built) runs the backbone, gathers the positions
     whose next token is labelled, and calls the same `trl.kernels.ChunkedLogProbFunction` on them, so the outputs
     (zero at ignored positions, like trl's) and the gradients are the ones trl computes.
+
+    `padding_free`: run right-padded batches as one padding-free row (see the module docstring); it needs an attention
+    that reads sample boundaries (`finetune.attention.use_per_sample_attention`), else it is ignored.
     """
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(lm, "_ft_compact_head", False):
@@ -110,7 +119,8 @@ def install_compact_fused_head(model: Any, outputs: tuple[str, ...] = DPO_OUTPUT
 
     def forward(self, *args, fused_lm_head: bool = False, **kwargs):
         if fused_lm_head and not args and kwargs.get("shift_labels") is None and "labels" in kwargs:
-            return _compact_fused(self, outputs, **kwargs)
+            pack = padding_free and getattr(self.config, "_attn_implementation", None) == PER_SAMPLE_ATTENTION
+            return _compact_fused(self, outputs, pack=pack, **kwargs)
         if fused_lm_head:  # pre-shifted labels (context parallelism) and positional calls: trl's own path
             kwargs["fused_lm_head"] = True
         return original(*args, **kwargs)
@@ -119,17 +129,48 @@ def install_compact_fused_head(model: Any, outputs: tuple[str, ...] = DPO_OUTPUT
     lm._ft_compact_head = True
 
 
+def _padding_free_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor] | None:
+    """A right-padded batch as one padding-free row: model kwargs, and each sample's offset in the row. None when the
+    batch is not plain right-padded token ids (left padding, embeddings, explicit positions, an empty sample)."""
+    ids, am = kwargs.get("input_ids"), kwargs.get("attention_mask")
+    if (ids is None or am is None or am.dim() != 2 or kwargs.get("inputs_embeds") is not None
+            or kwargs.get("position_ids") is not None):
+        return None
+    keep = am.bool()
+    lengths = keep.sum(1)
+    positions = torch.arange(am.shape[1], device=am.device).expand_as(keep)
+    if not torch.equal(keep, positions < lengths[:, None]) or bool((lengths == 0).any()):
+        return None
+    bounds = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    longest = int(lengths.max())
+    packed = {k: v for k, v in kwargs.items() if k != "attention_mask"}
+    packed.update(input_ids=ids[keep][None], position_ids=positions[keep][None], cu_seq_lens_q=bounds,
+                  cu_seq_lens_k=bounds, max_length_q=longest, max_length_k=longest)
+    return packed, bounds[:-1].long()
+
+
 def _compact_fused(lm: Any, outputs: tuple[str, ...], labels: torch.Tensor, num_items_in_batch: Any = None,
-                   shift_labels: None = None, **kwargs: Any):
+                   shift_labels: None = None, pack: bool = False, **kwargs: Any):
     from trl.kernels import ChunkedLogProbFunction
     from trl.trainer.utils import FusedCausalLMOutput
 
     kwargs["use_cache"] = False
-    hidden = lm.base_model(**kwargs).last_hidden_state[:, :-1]
-    shifted = labels[:, 1:].to(hidden.device)
+    shifted = labels[:, 1:]
     mask = shifted != -100
+    packed = _padding_free_kwargs(kwargs) if pack else None
+    if packed is None:
+        hidden = lm.base_model(**kwargs).last_hidden_state[:, :-1]
+        mask = mask.to(hidden.device)
+        picked_hidden = hidden[mask]
+    else:  # position t of sample b sits at offset[b] + t of the row; a labelled next token lies in the same sample
+        row_kwargs, offsets = packed
+        row = lm.base_model(**row_kwargs).last_hidden_state[0]
+        mask = mask.to(row.device)
+        at = offsets.to(row.device)[:, None] + torch.arange(mask.shape[1], device=row.device)
+        picked_hidden = row[at[mask]]
+    shifted = shifted.to(mask.device)
     head = lm.get_output_embeddings()
-    picked = ChunkedLogProbFunction.apply(hidden[mask], head.weight, head.bias, shifted[mask], 1.0, _VOCAB_CHUNK,
+    picked = ChunkedLogProbFunction.apply(picked_hidden, head.weight, head.bias, shifted[mask], 1.0, _VOCAB_CHUNK,
                                           None, 1.0, outputs)
     # back to [batch, seq - 1], zero where no label; masked_scatter keeps an all-masked batch differentiable
     log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = (

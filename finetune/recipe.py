@@ -154,11 +154,12 @@ class DataConfig(Section):
     """Padding-free packing for SFT: whole samples share rows of up to `max_length` tokens, positions restart per
     sample and no token attends across samples. `training.micro_batch_size` then counts packed rows."""
     padding_free: bool = True
-    """SFT micro-batches without padding: the batch's samples run back to back in one row, positions restarting per
-    sample, attention never crossing samples (transformers' packed-sequence masks, or varlen flash attention). Same
-    samples per step and same loss as padded batches, but no compute or memory spent on padding (half the slots of a
-    padded batch of log-normal lengths in our benchmark). Off for models loaded with `trust_remote_code`, whose
-    attention code may ignore the restarting positions. `packing` implies it."""
+    """Micro-batches without padding: the batch's samples (for DPO: the chosen and rejected sequences) run back to
+    back in one row, positions restarting per sample, attention never crossing samples (per-sample attention, or
+    varlen flash attention). Same samples per step and same loss as padded batches, but no compute or memory spent on
+    padding (a third to a half of the slots of padded batches of log-normal lengths in our benchmark). Off for models
+    loaded with `trust_remote_code`, whose attention code may ignore the restarting positions. `packing` (SFT)
+    implies it."""
     shuffle: bool = True
     """Shuffle the training rows with the recipe seed."""
     cache_dir: str | None = ".cache/finetune/data"

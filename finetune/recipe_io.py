@@ -268,6 +268,6 @@ def dump_recipe(recipe: Recipe) -> str:
     data = recipe.model_dump(mode="json", exclude={"extends"})
     # A stage's `training` holds overrides: only the keys it sets (None included) are written, or reading the file
     # back would override every shared training key with None.
-    for stage, out in zip(recipe.stages, data["stages"]):
+    for stage, out in zip(recipe.stages, data["stages"], strict=True):
         out["training"] = stage.training.model_dump(mode="json", exclude_unset=True)
     return yaml.safe_dump(data, sort_keys=False)

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 
-def _load(model_dir: str, adapter: Path, threads: int):
+def _load(model_dir: str, adapter: Path | None, threads: int):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -22,6 +22,8 @@ def _load(model_dir: str, adapter: Path, threads: int):
                                bnb_4bit_compute_dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, quantization_config=quant,
                                                 device_map={"": "cpu"})
+    if adapter is None:
+        return tok, base.eval()
     return tok, PeftModel.from_pretrained(base, str(adapter)).float().eval()
 
 
@@ -37,7 +39,7 @@ def _answer_logp(model, tok, messages: list[dict]) -> tuple[float, int]:
     return float(picked[mask].sum()), int(mask.sum())
 
 
-def sft_loss(model_dir: str, adapter: Path, eval_file: str, threads: int) -> dict[str, float]:
+def sft_loss(model_dir: str, adapter: Path | None, eval_file: str, threads: int) -> dict[str, float]:
     """Mean cross-entropy over the assistant tokens of the held-out chat rows."""
     import torch
 
@@ -69,3 +71,12 @@ def dpo_loss(model_dir: str, adapter: Path, eval_file: str, threads: int, beta: 
             losses.append(math.log1p(math.exp(-margin)) if margin > -30 else -margin)
             wins += margin > 0
     return {"heldout_loss": sum(losses) / len(losses), "heldout_reward_accuracy": wins / len(losses)}
+
+
+def untrained(mode: str, model_dir: str, eval_file: str, threads: int) -> dict[str, float]:
+    """The held-out measures before training: the base for SFT; for DPO the policy equals the reference (ln 2)."""
+    import math
+
+    if mode == "dpo":
+        return {"heldout_loss": math.log(2), "heldout_reward_accuracy": 0.0}
+    return sft_loss(model_dir, None, eval_file, threads)

@@ -19,7 +19,9 @@ model consumed / time from train begin to last optimizer step), wall time of the
 step (from launch), peak RSS (largest single process, from wait4; and the whole process tree, sampled), final train
 loss (mean of the last quarter of steps) and held-out loss (assistant tokens of held-out rows, computed by this
 script the same way for every side's saved adapter, first repetition). MFU against the float32 and bfloat16 matmul
-peaks measured here, with the same thread count, before and after the runs.
+peaks measured here, with the same thread count, before and after the runs. The held-out loss of the untrained model
+and of `ours` trained with `--noise-seeds` other data orders (the sides shuffle differently) say how much of a
+held-out difference is noise.
 
 Outputs in --out (default bench/): sft.json, sft.md, sft.png.
 """
@@ -175,8 +177,9 @@ def run_measured(cmd: list[str], env: dict, log: Path, poll: float = 0.2) -> dic
             "peak_rss_mb": usage.ru_maxrss / 1024, "tree_peak_rss_mb": tree_peak[0] / 2**20}
 
 
-def run_one(side: str, rep: int, args: argparse.Namespace, assets: dict, w: dict, probe_dir: Path) -> dict:
-    run = Path(args.work) / "runs" / f"{args.mode}-{side}-{rep}"
+def run_one(side: str, rep: int, args: argparse.Namespace, assets: dict, w: dict, probe_dir: Path,
+            label: str | None = None) -> dict:
+    run = Path(args.work) / "runs" / f"{args.mode}-{side}-{label or rep}"
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
     cap = args.cap.get(side)
@@ -240,6 +243,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="extra `ft train --set` override for the ours side (to measure an option)")
     ap.add_argument("--peak-budget", type=float, default=20.0, help="seconds per matmul-peak measurement")
     ap.add_argument("--no-heldout", action="store_true", help="skip the held-out loss evaluation")
+    ap.add_argument("--noise-seeds", type=int, default=2,
+                    help="extra ours runs with other data-order seeds: the held-out loss spread 'no worse' allows")
     ap.add_argument("--work", default=str(ROOT / "bench" / "work"), help="assets and run folders")
     ap.add_argument("--out", default=str(ROOT / "bench"), help="where sft.json / .md / .png go")
     ap.add_argument("--tag", default=None, help="output file stem (default: the mode)")
@@ -276,11 +281,26 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"[bench] {side}: held-out {json.dumps({k: v for k, v in result.items() if 'heldout' in k})}",
                       flush=True)
             runs.append(result)
+    heldout_noise = []
+    if "ours" in args.sides and not args.no_heldout:
+        # How much the held-out loss moves with the data order alone: ours again with other shuffling seeds. The
+        # sides shuffle differently, so "no worse" is judged against this spread.
+        first = next(r for r in runs if r["side"] == "ours")
+        heldout_noise.append({"seed": w["seed"], **{k: v for k, v in first.items() if k.startswith("heldout")}})
+        for i in range(1, args.noise_seeds + 1):
+            wk = {**w, "seed": w["seed"] + i}
+            result = run_one("ours", 0, args, assets, wk, probe_dir, label=f"seed{wk['seed']}")
+            result.update(heldout("ours", Path(result["run_dir"]), assets, wk, args.threads))
+            heldout_noise.append({"seed": wk["seed"], **{k: v for k, v in result.items() if k.startswith("heldout")}})
+            print(f"[bench] ours, seed {wk['seed']}: held-out {heldout_noise[-1]}", flush=True)
+    heldout_before = (bench_heldout.untrained(args.mode, assets["model"], assets["eval"], args.threads)
+                      if not args.no_heldout else None)
     peaks.append(matmul_peaks(args.threads, args.peak_budget))
     meta = {"command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else " ".join(argv),
             "mode": args.mode, "preset": args.preset, "work": w, "threads": args.threads, "reps": args.reps,
             "sides": args.sides, "caps": args.cap, "once": args.once, "ours_set": args.ours_set, "assets": assets,
-            "load_average": {"before": load_before, "after": os.getloadavg()}, "cpus": os.cpu_count()}
+            "load_average": {"before": load_before, "after": os.getloadavg()}, "cpus": os.cpu_count(),
+            "heldout_noise": heldout_noise, "heldout_before": heldout_before}
     summary = summarize(runs, peaks, assets, w, meta)
     write_reports(summary, Path(args.out), args.tag)
     return summary

@@ -21,6 +21,7 @@ from typing import Any
 
 from finetune import label_loss
 from finetune.adapters import apply_recipe_kernels, attach, prepare_base, trainable_summary
+from finetune.attention import use_per_sample_attention
 from finetune.data import apply_template, build_dataset
 from finetune.errors import FinetuneError
 from finetune.launch import gathered_state_dict, is_main_process
@@ -135,8 +136,14 @@ def build_trainer(ctx: StageContext, tokenizer, train_ds, eval_ds) -> tuple[Any,
 
         set_peft_model_state_dict(trainer.model, load_peft_weights(str(ctx.init_adapter)), adapter_name="default")
     if label_loss.unsupported_reason(trainer.model) is None:
-        # trl's fused LM head scores every position (prompts, padding) off Triton devices: labelled ones only here
-        label_loss.install_compact_fused_head(trainer.model)
+        # trl's fused LM head scores every position (prompts, padding) off Triton devices: labelled ones only here;
+        # and trl 1.16 has no padding-free DPO: the head's forward runs each padded batch as one padding-free row
+        padding_free = (ctx.data.padding_free and not recipe.model.trust_remote_code
+                        and use_per_sample_attention(trainer.model))
+        label_loss.install_compact_fused_head(trainer.model, padding_free=padding_free)
+        if padding_free:
+            print(f"[{ctx.stage.name}] batches: padding-free rows, attention per sample (finetune.attention)",
+                  flush=True)
     install_reference(trainer.model, ref_folder)
     if dpo.precompute_ref_log_probs:
         precompute_reference(trainer)

@@ -30,7 +30,8 @@ def bench():
 def test_ours_side_end_to_end(bench, tmp_path):
     out = tmp_path / "out"
     summary = bench.main(["--preset", "tiny", "--reps", "1", "--sides", "ours", "--micro-batch", "2",
-                          "--peak-budget", "1", "--work", str(tmp_path / "work"), "--out", str(out)])
+                          "--peak-budget", "1", "--noise-seeds", "1", "--work", str(tmp_path / "work"),
+                          "--out", str(out)])
     ours, data = summary["sides"]["ours"], summary["dataset"]
     # every real token of the dataset went through the model once, none of them padding (padding-free batches),
     # and exactly the assistant tokens carried labels: the objective trl's assistant_only_loss trains
@@ -40,6 +41,10 @@ def test_ours_side_end_to_end(bench, tmp_path):
     assert 0 < ours["time_to_first_step"] < ours["wall_seconds"] and ours["peak_rss_mb"] > 100
     # a random model of a 512-word vocabulary: about ln(512) = 6.24 nats per token, before and after 2 steps
     assert abs(ours["heldout_loss"] - math.log(512)) < 0.5 and abs(ours["final_train_loss"] - math.log(512)) < 0.5
+    # the noise estimate: ours again with another data order, and the untrained model's held-out loss
+    noise, before = summary["meta"]["heldout_noise"], summary["meta"]["heldout_before"]
+    assert [n["seed"] for n in noise] == [42, 43] and noise[0]["heldout_loss"] == ours["heldout_loss"]
+    assert abs(before["heldout_loss"] - math.log(512)) < 0.5
     assert 0 < ours["mfu"]["float32"] < 1
     assert json.loads((out / "sft.json").read_text())["sides"]["ours"]["steps"] == ours["steps"]
     assert "| ours |" in (out / "sft.md").read_text() and (out / "sft.png").stat().st_size > 1000

@@ -105,8 +105,10 @@ def test_per_sample_attention_matches_masked_sdpa(tiny_model, addition_data):
     assert not use_per_sample_attention(eager) and eager.config._attn_implementation == "eager"
 
 
-def test_compact_fused_head_matches_trl_dpo(tiny_model, tmp_path):
-    """DPO: trl's fused head on the labelled positions only gives trl's loss, metrics and gradients."""
+@pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "padding-free"])
+def test_compact_fused_head_matches_trl_dpo(tiny_model, tmp_path, padding_free, monkeypatch):
+    """DPO: trl's fused head on the labelled positions only (and, padding-free, the padded batch run as one row of
+    samples with per-sample attention) gives trl's loss, metrics and gradients."""
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -134,8 +136,18 @@ def test_compact_fused_head_matches_trl_dpo(tiny_model, tmp_path):
 
     ref_loss, ref_grads, ref_metrics = run()
     assert batch["attention_mask"].sum() < batch["attention_mask"].numel()  # padding and prompts: positions to skip
-    label_loss.install_compact_fused_head(trainer.model)
+    if padding_free:
+        assert use_per_sample_attention(trainer.model)
+        calls = []
+        real = label_loss._padding_free_kwargs
+        monkeypatch.setattr(label_loss, "_padding_free_kwargs", lambda kw: calls.append(real(kw)) or calls[-1])
+    label_loss.install_compact_fused_head(trainer.model, padding_free=padding_free)
     loss, grads, metrics = run()
+    if padding_free:
+        # the policy and the reference forward each ran one row holding exactly the batch's real tokens
+        assert len(calls) == 2 and all(c is not None for c in calls)
+        row = calls[0][0]["input_ids"]
+        assert row.shape == (1, int(batch["attention_mask"].sum()))
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     for g, ref in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-7)

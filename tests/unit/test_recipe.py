@@ -77,7 +77,8 @@ def test_missing_file(tmp_path):
 
 
 def test_extends_merges_and_overrides(tmp_path):
-    write(tmp_path, "name: base\ndata: {train: [{path: x}]}\nlora: {r: 8, alpha: 16}\ntraining: {learning_rate: 1.0e-4, epochs: 2}\n", "base.yaml")
+    write(tmp_path, "name: base\ndata: {train: [{path: x}]}\nlora: {r: 8, alpha: 16}\n"
+          "training: {learning_rate: 1.0e-4, epochs: 2}\n", "base.yaml")
     child = write(tmp_path, "extends: base.yaml\nname: child\nlora: {r: 32}\n", "child.yaml")
     r = load_recipe(child)
     assert (r.name, r.lora.r, r.lora.alpha, r.training.epochs) == ("child", 32, 16, 2)
@@ -91,7 +92,8 @@ def test_extends_cycle_is_refused(tmp_path):
 
 def test_overrides_parse_yaml_values(tmp_path):
     p = write(tmp_path, "lora: {r: 8}\n")
-    r = load_recipe(p, ["data.train=[{path: x}]", "training.learning_rate=1e-4", "lora.alpha=32", "lora.target_modules=[q_proj, v_proj]"])
+    r = load_recipe(p, ["data.train=[{path: x}]", "training.learning_rate=1e-4", "lora.alpha=32",
+                        "lora.target_modules=[q_proj, v_proj]"])
     assert r.training.learning_rate == pytest.approx(1e-4)
     assert r.lora.alpha == 32 and r.lora.target_modules == ["q_proj", "v_proj"]
 
