@@ -102,7 +102,10 @@ def check_recipe_paths(recipe: Recipe) -> list[str]:
                     f"stages[{i}].dpo.reference: '{stage.dpo.reference}' is not 'sft', 'base' or an adapter folder "
                     "with adapter_config.json"
                 )
+    from finetune.kernel_support import recipe_kernel_problems
     from finetune.launch import environment_problems  # deepspeed installed, launch config, batch split
+
+    problems += recipe_kernel_problems(recipe)
 
     problems += environment_problems(recipe)
     return problems

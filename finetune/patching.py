@@ -23,66 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from finetune.kernel_support import KERNEL_FIELDS, SUPPORTED_MODEL_TYPES, check_kernel_support
 from finetune.kernels import hf_forwards as hf
 from finetune.kernels.cross_entropy import sequence_logprobs
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
-KERNEL_FIELDS = ("lora_linear", "lora_mlp", "lora_qkvo", "fused_ce", "rmsnorm", "rope")
-_LORA_KERNELS = ("lora_linear", "lora_mlp", "lora_qkvo")
-
-
-def _get(cfg: Any, names: tuple[str, ...], default: Any = None) -> Any:
-    """Reads the first present attribute (or dict key) of ``names``."""
-    for name in names:
-        value = cfg.get(name) if isinstance(cfg, dict) else getattr(cfg, name, None)
-        if value is not None:
-            return value
-    return default
-
-
-def check_kernel_support(model_type: str, lora_cfg: Any, kernels_cfg: Any = None) -> list[str]:
-    """Returns the reasons the requested kernels cannot run on this model/adapter (empty when all is fine).
-
-    Args:
-        model_type: ``config.model_type`` of the base model (e.g. ``"llama"``).
-        lora_cfg: The LoRA settings (any object or dict with peft-like names: ``use_dora``, ``lora_bias``,
-            ``fan_in_fan_out``, ``target_modules``); None when there is no adapter.
-        kernels_cfg: Object with the boolean fields of :data:`KERNEL_FIELDS`; None checks as if all were on.
-
-    Returns:
-        Human-readable error messages.
-    """
-    enabled = [f for f in KERNEL_FIELDS if kernels_cfg is None or bool(getattr(kernels_cfg, f, False))]
-    if not enabled:
-        return []
-    errors: list[str] = []
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        errors.append(
-            f"kernels ({', '.join(enabled)}): model_type {model_type!r} is not supported; the fused kernels "
-            f"support {', '.join(SUPPORTED_MODEL_TYPES)}. Turn the kernels off for this model."
-        )
-    lora_on = [f for f in enabled if f in _LORA_KERNELS]
-    if lora_on and lora_cfg is None and kernels_cfg is not None:
-        errors.append(f"kernels ({', '.join(lora_on)}) need a LoRA adapter; there is none. Turn them off.")
-    if lora_cfg is None:
-        return errors
-    if lora_on and _get(lora_cfg, ("use_dora", "dora"), False):
-        errors.append(
-            f"kernels ({', '.join(lora_on)}): DoRA (use_dora) is not supported by the fused LoRA kernels; "
-            "set use_dora: false or turn those kernels off."
-        )
-    if lora_on and _get(lora_cfg, ("lora_bias",), False):
-        errors.append(f"kernels ({', '.join(lora_on)}): lora_bias=True (a bias on lora_B) is not supported.")
-    if lora_on and _get(lora_cfg, ("fan_in_fan_out",), False):
-        errors.append(f"kernels ({', '.join(lora_on)}): fan_in_fan_out=True (Conv1D weights) is not supported.")
-    targets = _get(lora_cfg, ("target_modules", "targets"), ()) or ()
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    if "fused_ce" in enabled and "lm_head" in targets:
-        errors.append(
-            "kernels.fused_ce: a LoRA adapter on lm_head is not supported (the chunked loss reads "
-            "lm_head.weight directly); remove lm_head from target_modules or turn fused_ce off."
-        )
-    return errors
+__all__ = ["KERNEL_FIELDS", "SUPPORTED_MODEL_TYPES", "apply_kernels", "check_kernel_support", "sequence_logps"]
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:

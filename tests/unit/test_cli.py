@@ -55,6 +55,20 @@ def test_validate_missing_data_file(tmp_path):
     assert out.exit_code == 2 and "data.train[0].path" in out.output
 
 
+def test_validate_refuses_kernels_the_model_cannot_run(tmp_path):
+    """Kernel support is checked from the model's config.json before anything loads (no torch)."""
+    body = "model: {name_or_path: MODEL}\ndata: {train: [{path: DATA}]}\nkernels: {lora_mlp: true}\n"
+    p = recipe(tmp_path, body)
+    (tmp_path / "config.json").write_text('{"model_type": "gemma2"}')
+    out = runner.invoke(app, ["validate", str(p)])
+    assert out.exit_code == 2 and "kernels" in out.output and "'gemma2' is not supported" in out.output
+    assert "Turn the kernels off" in out.output
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    assert runner.invoke(app, ["validate", str(p)]).exit_code == 0
+    out = runner.invoke(app, ["validate", str(p), "--set", "lora.use_dora=true"])
+    assert out.exit_code == 2 and "DoRA" in out.output and "use_dora: false" in out.output
+
+
 def test_hub_id_offline_says_how_to_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -77,7 +91,7 @@ def test_explain_shows_field_docs():
 
 
 def test_help_and_validate_do_not_import_torch(tmp_path):
-    p = recipe(tmp_path, "model: {name_or_path: MODEL}\ndata: {train: [{path: DATA}]}\n")
+    p = recipe(tmp_path, "model: {name_or_path: MODEL}\ndata: {train: [{path: DATA}]}\nkernels: {rope: true}\n")
     code = (
         "import sys\nfrom typer.testing import CliRunner\nfrom finetune.cli import app\n"
         f"r = CliRunner()\nassert r.invoke(app, ['--help']).exit_code == 0\n"
