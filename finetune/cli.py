@@ -118,11 +118,15 @@ def train(
     try:
         run_pipeline(loaded, recipe_path=recipe, from_stage=from_stage, resume=resume)
     except FinetuneError as e:
+        from finetune.launch import rank, world_size
+
+        # every process of a multi-process run reports its own failure: say which one speaks
+        who = f"[rank {rank()}] " if world_size() > 1 else ""
         code = getattr(e, "exit_code", 1)  # RunInterrupted: 128 + signal number, like a shell reports it
         if code != 1:
-            typer.secho(str(e), fg=typer.colors.YELLOW, err=True)
+            typer.secho(f"{who}{e}", fg=typer.colors.YELLOW, err=True)
             raise typer.Exit(code) from None
-        raise _fail(f"error: {e}", 1) from None
+        raise _fail(f"{who}error: {e}", 1) from None
 
 
 @app.command()

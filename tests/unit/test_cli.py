@@ -107,3 +107,24 @@ def test_recipe_docs_are_up_to_date():
 
     doc = Path(__file__).resolve().parents[2] / "docs" / "recipe.md"
     assert doc.read_text() == markdown(), "run `python scripts/gen_recipe_docs.py` to regenerate docs/recipe.md"
+
+
+def test_train_error_in_a_worker_process_names_its_rank(tmp_path, monkeypatch):
+    """In a multi-process run every process reports its own failure, prefixed by its rank."""
+    from finetune.errors import FinetuneError
+    from finetune.stages import pipeline
+
+    def fail(*args, **kwargs):
+        raise FinetuneError("data.train[0]: row 3 has no assistant turn")
+
+    monkeypatch.setattr(pipeline, "run_pipeline", fail)
+    monkeypatch.setattr("finetune.launch.silence_other_processes", lambda: None)
+    p = recipe(tmp_path, "model: {name_or_path: MODEL}\ndata: {train: [{path: DATA}]}\n")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    out = runner.invoke(app, ["train", str(p)])
+    assert out.exit_code == 1 and "[rank 1] error: data.train[0]: row 3" in out.output
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("RANK")
+    out = runner.invoke(app, ["train", str(p)])
+    assert out.exit_code == 1 and out.output.startswith("error: data.train[0]") and "rank" not in out.output
