@@ -158,6 +158,7 @@ def _compact_fused(lm: Any, outputs: tuple[str, ...], labels: torch.Tensor, num_
     shifted = labels[:, 1:]
     mask = shifted != -100
     packed = _padding_free_kwargs(kwargs) if pack else None
+    lm._ft_ran_padding_free = packed is not None  # read by the benchmark probe (finetune.perf): slots computed
     if packed is None:
         hidden = lm.base_model(**kwargs).last_hidden_state[:, :-1]
         mask = mask.to(hidden.device)

@@ -157,8 +157,10 @@ class _Timeline:
                                      "steps": [], "losses": [], "micro_batches": 0, "rows": 0, "tokens_real": 0,
                                      "tokens_slots": 0, "tokens_labels": 0}
 
-    def count(self, inputs: Any) -> None:
-        """Tokens of one micro-batch: real (non-padding) tokens, tensor slots (with padding), label tokens."""
+    def count(self, inputs: Any, padding_free: bool = False) -> None:
+        """Tokens of one micro-batch: real (non-padding) tokens, tensor slots (with padding), label tokens.
+
+        `padding_free`: the model ran the padded batch without its padding (our DPO head), so slots = real tokens."""
         d = self.data
         ids = inputs.get("input_ids")
         if ids is None:  # preference batches: prompt + chosen + rejected tensors
@@ -172,6 +174,8 @@ class _Timeline:
             mask = inputs.get("attention_mask")
             real = int(mask.sum()) if mask is not None else slots
             rows = int(ids.shape[0])
+        if padding_free:
+            slots = real
         labels = inputs.get("labels")
         d["micro_batches"] += 1
         d["rows"] += rows
@@ -219,8 +223,12 @@ def _patch_trainer(module: Any, timeline: _Timeline) -> None:
         self.add_callback(ProbeCallback())
 
     def training_step(self, model, inputs, *args, **kwargs):
-        timeline.count(inputs)
-        return original_step(self, model, inputs, *args, **kwargs)
+        counted = dict(inputs)  # the trainer may move or pop keys
+        out = original_step(self, model, inputs, *args, **kwargs)
+        lm = getattr(model, "module", model)  # DDP wrapper
+        lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+        timeline.count(counted, padding_free=bool(getattr(lm, "_ft_ran_padding_free", False)))
+        return out
 
     trainer_cls.__init__ = __init__
     trainer_cls.training_step = training_step

@@ -50,6 +50,20 @@ def test_ours_side_end_to_end(bench, tmp_path):
     assert "| ours |" in (out / "sft.md").read_text() and (out / "sft.png").stat().st_size > 1000
 
 
+def test_ours_side_dpo_mode(bench, tmp_path):
+    out = tmp_path / "out"
+    summary = bench.main(["--mode", "dpo", "--preset", "tiny", "--reps", "1", "--sides", "ours", "--micro-batch", "2",
+                          "--peak-budget", "1", "--noise-seeds", "0", "--work", str(tmp_path / "work"),
+                          "--out", str(out)])
+    ours, data = summary["sides"]["ours"], summary["dataset"]
+    # chosen and rejected of every pair went through the model once, padding-free, labels on the answers only
+    assert ours["rows"] == data["samples"] and ours["tokens_real"] == ours["tokens_slots"] == data["tokens"]
+    assert ours["tokens_labels"] == data["label_tokens"] and ours["pairs_per_second"] > 0
+    assert summary["meta"]["heldout_before"]["heldout_loss"] == pytest.approx(math.log(2))
+    assert 0 < ours["heldout_loss"] < 1 and 0 <= ours["heldout_reward_accuracy"] <= 1
+    assert "| ours |" in (out / "dpo.md").read_text() and (out / "dpo.png").stat().st_size > 1000
+
+
 @pytest.mark.parametrize("mode", ["sft", "dpo"])
 @pytest.mark.parametrize("side", ["trl-default", "trl-best"])
 def test_trl_configs_parse(bench, tmp_path, mode, side):

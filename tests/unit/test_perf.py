@@ -57,5 +57,8 @@ def test_probe_counts_real_padded_and_label_tokens(tmp_path):
     assert (d["micro_batches"], d["rows"]) == (3, 2 + 1 + 4)
     assert d["tokens_real"] == 7 + 7 + 12 and d["tokens_slots"] == 10 + 7 + 12
     assert d["tokens_labels"] == 4 + 4 + 8
+    # a padded batch the model ran without its padding (our padding-free DPO head): no padding slots
+    t.count(padded, padding_free=True)
+    assert d["tokens_real"] == 26 + 7 and d["tokens_slots"] == 29 + 7
     t.write()
     assert (tmp_path / "p.json").read_text().startswith("{")
