@@ -143,12 +143,30 @@ def export_adapter(run: RunStage, out: Path | None = None, overwrite: bool = Fal
             shutil.copy2(run.adapter / name, tmp / name)
         _copy_tokenizer(run, tmp)
         result = ExportResult(out=out, format="adapter", stage=run.stage.name)
+        _name_public_base(run, tmp / "adapter_config.json", result)
         _write_card(run, result, tmp, repo_id)
         _finish_out(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return result
+
+
+def _name_public_base(run: RunStage, config_path: Path, result: ExportResult) -> None:
+    """adapter_config.json names the base by its Hub id when one is known (peft wrote the folder training loaded)."""
+    from finetune.modelcard import public_base
+
+    config = read_json(config_path, {})
+    hub = public_base(run)
+    if hub is not None:
+        if config.get("base_model_name_or_path") != hub:
+            config["base_model_name_or_path"] = hub
+            write_json_atomic(config_path, config)
+    else:
+        result.notes.append(
+            f"adapter_config.json names the base '{config.get('base_model_name_or_path')}', a local folder: the "
+            "adapter finds it from here only. Before uploading, set model.hub_id (the Hub id that folder is a copy "
+            "of) and export again, or users of the upload must pass the base model themselves")
 
 
 def check_mergeable(adapter_dir: Path) -> None:

@@ -76,11 +76,22 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def _base_model(run: RunStage) -> tuple[str, str]:
+def public_base(run: RunStage) -> str | None:
+    """The Hub id of the run's base model: `model.name_or_path` when it is one, else `model.hub_id` (None: only a
+    local folder is known)."""
     name = run.recipe.model.name_or_path
-    if looks_like_hub_id(name):
-        return name, run.recipe.model.revision or "main (not pinned)"
-    return public_path(name), "local folder"
+    if looks_like_hub_id(name) and not Path(name).exists():
+        return name
+    return run.recipe.model.hub_id
+
+
+def _base_model(run: RunStage) -> tuple[str, str]:
+    hub = public_base(run)
+    if hub is not None and hub == run.recipe.model.name_or_path:
+        return hub, run.recipe.model.revision or "main (not pinned)"
+    if hub is not None:
+        return hub, f"local copy ({public_path(run.recipe.model.name_or_path)}); revision not recorded"
+    return public_path(run.recipe.model.name_or_path), "local folder"
 
 
 def export_metadata(run: RunStage, result: ExportResult) -> dict[str, Any]:
@@ -198,8 +209,8 @@ def render_card(run: RunStage, result: ExportResult, repo_id: str | None = None,
     kinds = [s.kind for s in run.recipe.effective_stages()]
     tags = ["finetune", "lora"] + (["qlora"] if run.recipe.quantization.mode != "none" else []) + sorted(set(kinds))
     front: dict[str, Any] = {"library_name": "peft" if result.format == "adapter" else "transformers"}
-    if looks_like_hub_id(run.recipe.model.name_or_path):
-        front["base_model"] = run.recipe.model.name_or_path
+    if public_base(run) is not None:
+        front["base_model"] = public_base(run)
     front.update({"pipeline_tag": "text-generation", "tags": tags})
     from finetune.recipe_io import dump_recipe
 

@@ -67,6 +67,9 @@ class ModelConfig(Section):
     `Qwen/Qwen2.5-0.5B-Instruct`."""
     revision: str | None = None
     """Hub branch, tag or commit of the base model. Pin a commit for reproducible runs. Ignored for local folders."""
+    hub_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")] | None = None
+    """When `name_or_path` is a local copy of a Hub model: its Hub id (OWNER/NAME). Exports then name it as their base
+    (adapter_config.json, model card) instead of the local folder, so that an uploaded adapter loads anywhere."""
     dtype: DType = "auto"
     """Dtype of the weights that are not quantized. `auto`: bfloat16 on a GPU that supports it, else float32."""
     trust_remote_code: bool = False

@@ -159,6 +159,25 @@ def test_adapter_export_loads_with_plain_peft(qlora_run, tmp_path, tiny_model):
     assert "library_name: peft" in (out / "README.md").read_text()
 
 
+def test_adapter_export_names_the_hub_base_of_a_local_copy(qlora_run, tmp_path, tiny_model):
+    """A local base folder is no base for an uploaded adapter: with model.hub_id the export names the Hub model
+    (adapter_config.json, model card, export.json) and no file names the local folder; without it, a note says so."""
+    run = open_run(qlora_run)
+    plain = export_adapter(run, tmp_path / "local")
+    assert json.loads((plain.out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model)
+    assert any("model.hub_id" in note for note in plain.notes)
+
+    run.recipe = run.recipe.model_copy(update={"model": run.recipe.model.model_copy(update={"hub_id": "someone/tiny"})})
+    named = export_adapter(run, tmp_path / "named")
+    assert named.notes == []
+    assert json.loads((named.out / "adapter_config.json").read_text())["base_model_name_or_path"] == "someone/tiny"
+    assert "base_model: someone/tiny" in (named.out / "README.md").read_text()
+    assert json.loads((named.out / "export.json").read_text())["base_model"] == "someone/tiny"
+    for path in named.out.iterdir():
+        if path.is_file():
+            assert str(tiny_model) not in path.read_text(errors="ignore"), path.name
+
+
 def test_model_card_content_and_no_local_paths_or_secrets(qlora_run, tmp_path, tiny_model, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     result = export_merged(open_run(qlora_run), tmp_path / "card", dtype="fp32")
