@@ -148,3 +148,22 @@ def adapters_in_compute_dtype(trainer, training: TrainingConfig) -> bool:
             param.data = param.data.float()
             cast = True
     return cast
+
+
+def build_stage_trainer(trainer_cls: Any, ctx: StageContext, model, config, tokenizer, train_ds, eval_ds):
+    """A stage's trl trainer: our metrics logger, a quiet console, and the starting adapter's exact weights.
+
+    trl casts QLoRA adapters to bf16 in its constructor; when training runs in the adapters' own dtype they are cast
+    back (`adapters_in_compute_dtype`), and an adapter the stage starts from is reloaded so that it starts where the
+    previous stage ended (in DPO it then equals an `sft` reference bit for bit)."""
+    from finetune.tracking import RunLogger
+
+    trainer = trainer_cls(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
+                          processing_class=tokenizer, callbacks=[RunLogger(ctx.metrics_path, ctx.stage.name)])
+    quiet_trainer(trainer)
+    if adapters_in_compute_dtype(trainer, ctx.training) and ctx.init_adapter is not None:
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        set_peft_model_state_dict(trainer.model, load_peft_weights(str(ctx.init_adapter)), adapter_name="default")
+    return trainer

@@ -32,13 +32,11 @@ from finetune.runio import write_dir_atomic
 from finetune.stages.common import (
     StageContext,
     StageResult,
-    adapters_in_compute_dtype,
+    build_stage_trainer,
     load_task_rows,
-    quiet_trainer,
     task_metric,
     trainer_kwargs,
 )
-from finetune.tracking import RunLogger
 
 REF = "ref"  # the adapter name trl's DPOTrainer switches to for the reference forward
 EVAL_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
@@ -119,22 +117,7 @@ def build_trainer(ctx: StageContext, tokenizer, train_ds, eval_ds) -> tuple[Any,
         # them inside its constructor, with its own copy of the policy as reference).
         precompute_ref_log_probs=False,
     )
-    trainer = DPOTrainer(
-        model=model,
-        args=config,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        callbacks=[RunLogger(ctx.metrics_path, ctx.stage.name)],
-    )
-    quiet_trainer(trainer)
-    if adapters_in_compute_dtype(trainer, ctx.training) and ctx.init_adapter is not None:
-        # trl rounded the starting adapter to bf16 before it was cast back: reload its exact weights, so that the
-        # policy starts where the previous stage ended (and equals an `sft` reference bit for bit)
-        from peft import set_peft_model_state_dict
-        from peft.utils import load_peft_weights
-
-        set_peft_model_state_dict(trainer.model, load_peft_weights(str(ctx.init_adapter)), adapter_name="default")
+    trainer = build_stage_trainer(DPOTrainer, ctx, model, config, tokenizer, train_ds, eval_ds)
     if label_loss.unsupported_reason(trainer.model) is None:
         # trl's fused LM head scores every position (prompts, padding) off Triton devices: labelled ones only here;
         # and trl 1.16 has no padding-free DPO: the head's forward runs each padded batch as one padding-free row

@@ -15,13 +15,11 @@ from finetune.runio import write_dir_atomic
 from finetune.stages.common import (
     StageContext,
     StageResult,
-    adapters_in_compute_dtype,
+    build_stage_trainer,
     load_task_rows,
-    quiet_trainer,
     task_metric,
     trainer_kwargs,
 )
-from finetune.tracking import RunLogger
 
 
 def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
@@ -67,21 +65,8 @@ def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
     no_label_loss = label_loss.unsupported_reason(model)
     print(f"[{ctx.stage.name}] loss: " + (f"trl's ({no_label_loss})" if no_label_loss else
                                           "chunked LM head on labelled positions only"), flush=True)
-    trainer = (SFTTrainer if no_label_loss else label_loss.trainer_class())(
-        model=model,
-        args=config,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        callbacks=[RunLogger(ctx.metrics_path, ctx.stage.name)],
-    )
-    quiet_trainer(trainer)
-    if adapters_in_compute_dtype(trainer, training) and ctx.init_adapter is not None:
-        # trl rounded the starting adapter to bf16 before it was cast back: start from its exact weights (as DPO does)
-        from peft import set_peft_model_state_dict
-        from peft.utils import load_peft_weights
-
-        set_peft_model_state_dict(trainer.model, load_peft_weights(str(ctx.init_adapter)), adapter_name="default")
+    trainer = build_stage_trainer(SFTTrainer if no_label_loss else label_loss.trainer_class(), ctx, model, config,
+                                  tokenizer, train_ds, eval_ds)
     if not no_label_loss:
         label_loss.install(trainer.model)  # last: the outermost per-instance forward patch
     started = time.perf_counter()

@@ -116,10 +116,10 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(reference, tiny_
 
 
 def test_ctrl_c_finishes_the_step_saves_and_resumes(reference, tiny_model, addition_data, tmp_path, monkeypatch):
-    import finetune.stages.sft as sft
+    import finetune.stages.common as common
 
-    quiet = sft.quiet_trainer  # Ctrl-C arrives at the end of step 3 (in this process: `ft train` through typer)
-    monkeypatch.setattr(sft, "quiet_trainer", lambda t: (quiet(t), t.add_callback(TermAtStep(3, signal.SIGINT))))
+    quiet = common.quiet_trainer  # Ctrl-C arrives at the end of step 3 (in this process: `ft train` through typer)
+    monkeypatch.setattr(common, "quiet_trainer", lambda t: (quiet(t), t.add_callback(TermAtStep(3, signal.SIGINT))))
     recipe = write_recipe(tmp_path, tiny_model, addition_data["train"])  # no save_steps: only Ctrl-C saves
     run_dir = tmp_path / "runs" / "run"
     result = train_here(str(recipe))
@@ -131,7 +131,7 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes(reference, tiny_model, addit
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["stopped_in"] == "sft"
 
-    monkeypatch.setattr(sft, "quiet_trainer", quiet)
+    monkeypatch.setattr(common, "quiet_trainer", quiet)
     result = train_here(str(recipe), "--resume")
     assert result.exit_code == 0, result.output
     assert_same_curve(losses(run_dir), reference, tol=1e-6)

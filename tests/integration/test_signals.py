@@ -10,8 +10,7 @@ import pytest
 from resume_helpers import TermAtStep, losses, write_dpo_recipe, write_recipe
 
 import finetune
-import finetune.stages.dpo as dpo
-import finetune.stages.sft as sft
+import finetune.stages.common as common
 from finetune.checkpoints import list_checkpoints
 from finetune.guards import RunInterrupted
 from finetune.recipe_io import load_recipe
@@ -19,13 +18,13 @@ from finetune.stages.pipeline import run_pipeline
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_143(tiny_model, addition_data, tmp_path, monkeypatch):
-    quiet = sft.quiet_trainer
+    quiet = common.quiet_trainer
 
     def quiet_and_terminated(trainer):
         quiet(trainer)
         trainer.add_callback(TermAtStep(3))
 
-    monkeypatch.setattr(sft, "quiet_trainer", quiet_and_terminated)
+    monkeypatch.setattr(common, "quiet_trainer", quiet_and_terminated)
     before = signal.getsignal(signal.SIGTERM)
     recipe = load_recipe(write_recipe(tmp_path, tiny_model, addition_data["train"], save_steps=10))
     with pytest.raises(RunInterrupted) as caught:
@@ -47,12 +46,12 @@ def test_dpo_stage_stopped_by_sigterm_resumes_to_the_same_curve(tiny_model, tmp_
     reference = losses(reference_dir / "runs" / "run", "dpo")
     assert sorted(reference) == list(range(1, 9))
 
-    quiet = dpo.quiet_trainer
-    monkeypatch.setattr(dpo, "quiet_trainer", lambda trainer: (quiet(trainer), trainer.add_callback(TermAtStep(3))))
+    quiet = common.quiet_trainer
+    monkeypatch.setattr(common, "quiet_trainer", lambda trainer: (quiet(trainer), trainer.add_callback(TermAtStep(3))))
     recipe = load_recipe(write_dpo_recipe(tmp_path / "stopped", tiny_model))
     with pytest.raises(RunInterrupted, match="stopped by SIGTERM at step 3"):
         run_pipeline(recipe)
-    monkeypatch.setattr(dpo, "quiet_trainer", quiet)
+    monkeypatch.setattr(common, "quiet_trainer", quiet)
     finetune.train(recipe, resume=True)  # the Python API; dpo continues from its checkpoint at step 3
     resumed = losses(tmp_path / "stopped" / "runs" / "run", "dpo")
     assert sorted(resumed) == sorted(reference)
