@@ -3,9 +3,12 @@
 ``nll[t] = logsumexp(h[t] @ W.T + b) - (h[t] @ W.T + b)[label[t]]`` (0 where ``label == ignore_index``) is
 computed ``chunk_size`` tokens at a time, so only a ``[chunk, vocab]`` float32 logits block exists at once
 instead of the full ``[tokens, vocab]`` logits (plus their float32 copy, softmax and gradient in eager
-PyTorch). Forward keeps only the per-token ``logsumexp``; backward recomputes each chunk's logits, turns them
-into ``softmax - onehot`` scaled by the incoming per-token gradient, and accumulates ``dh`` (and ``dW``/``db`` if
-the head is trainable) chunk by chunk. The cost is one extra ``[chunk, H] x [H, V]`` matmul per chunk.
+PyTorch). With a trainable head, forward keeps only the per-token ``logsumexp``; backward recomputes each chunk's
+logits, turns them into ``softmax - onehot`` scaled by the incoming per-token gradient, and accumulates ``dh``,
+``dW`` and ``db`` chunk by chunk (one extra ``[chunk, H] x [H, V]`` matmul per chunk). With a frozen head (LoRA),
+the gradient of each token's loss with respect to its hidden state, ``softmax @ W - W[label]``, is formed in the
+forward while the chunk's softmax exists and kept (``[T, H]``, the size of the hidden states); backward only scales
+it by the incoming per-token gradient: no recomputed logits.
 
 Logits are computed in the hidden states' dtype and upcast to float32, like transformers' ``ForCausalLMLoss``.
 Labels must already be shifted by the caller (``hidden[:, :-1]`` predicts ``labels[:, 1:]``).
@@ -59,6 +62,12 @@ class ChunkedNLLFunction(torch.autograd.Function):
         n = hidden.shape[0]
         nll = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        # Frozen head (the LoRA case): d nll[t] / d h[t] = softmax[t] @ W - W[label[t]] needs nothing from the
+        # backward but the per-token scale, so it is formed here while the chunk's softmax exists, and the backward
+        # neither recomputes the logits nor touches a [chunk, V] buffer.
+        unit_grad = (not triton and hidden.requires_grad and not weight.requires_grad
+                     and (bias is None or not bias.requires_grad))
+        dh_unit = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if unit_grad else None
         for start in range(0, n, chunk_size):
             sl = slice(start, min(n, start + chunk_size))
             logits = _chunk_logits(hidden[sl], weight, bias)
@@ -68,18 +77,33 @@ class ChunkedNLLFunction(torch.autograd.Function):
                 lse[sl], nll[sl] = lse_and_nll(logits, labels[sl], ignore_index)
             else:
                 valid = labels[sl] != ignore_index
-                target = logits.gather(1, labels[sl].clamp(min=0).unsqueeze(1)).squeeze(1)
+                label = labels[sl].clamp(min=0)
+                target = logits.gather(1, label.unsqueeze(1)).squeeze(1)
                 row_max = logits.amax(dim=1, keepdim=True)
                 # logsumexp in place: no second [chunk, V] buffer
-                lse[sl] = row_max.squeeze(1) + logits.sub_(row_max).exp_().sum(dim=1).log_()
+                sum_exp = logits.sub_(row_max).exp_().sum(dim=1)
+                lse[sl] = row_max.squeeze(1) + sum_exp.log()
                 nll[sl] = torch.where(valid, lse[sl] - target, 0.0)
+                if unit_grad:
+                    probs = logits.div_(sum_exp.unsqueeze(1)).to(hidden.dtype)
+                    unit = (probs @ weight).float().sub_(weight[label].float())
+                    dh_unit[sl] = unit.mul_(valid.unsqueeze(1))
+                    del probs
             del logits
         ctx.chunk_size, ctx.ignore_index, ctx.triton = chunk_size, ignore_index, triton
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.unit_grad, ctx.hidden_dtype = unit_grad, hidden.dtype
+        if unit_grad:
+            ctx.save_for_backward(dh_unit)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, labels, lse)
         return nll
 
     @staticmethod
     def backward(ctx: Any, grad_nll: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if ctx.unit_grad:
+            (dh_unit,) = ctx.saved_tensors
+            dh = (dh_unit * grad_nll.float().unsqueeze(1)).to(ctx.hidden_dtype)
+            return dh, None, None, None, None, None, None
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         n = hidden.shape[0]
