@@ -8,8 +8,9 @@ every position for its logs: on a CPU that is the largest single cost of a step,
 
 Here the backbone runs as usual, the hidden states of the positions whose next token is labelled are gathered, and
 the chunked cross-entropy of `finetune.kernels.cross_entropy` (logits exist one chunk of tokens at a time; with the
-frozen head of LoRA the gradient for the hidden states is formed in that same pass) gives the summed negative log-likelihood, divided like trl's loss (by the labelled tokens
-of the whole accumulated batch when the trainer passes `num_items_in_batch`). The loss is the same number trl
+frozen head of LoRA the gradient for the hidden states is formed in that same pass) gives the summed negative
+log-likelihood, divided like trl's loss (by the labelled tokens of the whole accumulated batch when the trainer
+passes `num_items_in_batch`). The loss is the same number trl
 computes; only the wasted work is gone. Logged metrics: loss (and the token count for tokens/s), not trl's
 entropy / mean token accuracy, which are what need the full-vocabulary pass on every position.
 

@@ -22,13 +22,6 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}"
-    "{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-SPECIAL = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
 ROLES = ["system", "user", "assistant"]
 TURN_OVERHEAD = 6  # <|im_start|> role ... <|im_end|> for each of the two turns
 
@@ -77,22 +70,13 @@ def _words(n: int) -> list[str]:
 
 def build_tokenizer(out: Path, vocab_size: int):
     """A word-level tokenizer of exactly `vocab_size` tokens with the ChatML template; saved to `out`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import decoders, pre_tokenizers
+
+    from finetune.tiny import SPECIAL, word_level_chat_tokenizer
 
     words = _words(vocab_size - len(SPECIAL) - len(ROLES))
-    vocab = {t: i for i, t in enumerate(SPECIAL + ROLES + words)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<|pad|>",
-        eos_token="<|im_end|>",
-        unk_token="<unk>",
-        additional_special_tokens=["<|im_start|>", "<|endoftext|>"],
-    )
-    tok.chat_template = CHATML
+    # one token per whitespace-separated word; WordPiece's decoder joins words with spaces
+    tok = word_level_chat_tokenizer(ROLES + words, pre_tokenizers.WhitespaceSplit(), decoders.WordPiece(prefix="##"))
     tok.save_pretrained(str(out))
     return tok, words
 

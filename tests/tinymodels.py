@@ -1,6 +1,6 @@
 """Tiny models and data the tests build themselves, in seconds, offline.
 
-`build_char_model` makes a character-level tokenizer with a ChatML template (pad distinct from eos) and a random
+`build_char_model` makes a character-level tokenizer (`finetune.tiny`: ChatML, pad distinct from eos) and a random
 2-layer Llama; `write_addition_data` a small chat dataset (user asks for a sum, assistant answers).
 """
 
@@ -9,38 +9,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}"
-    "{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-SPECIAL = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
-
 
 def build_char_model(out: Path, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
     """Write a tokenizer + random Llama to `out` and return it."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tokenizers import decoders, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from finetune.tiny import SPECIAL, word_level_chat_tokenizer
 
     chars = [chr(i) for i in range(32, 127)] + ["\n"]
-    vocab = {t: i for i, t in enumerate(SPECIAL + chars)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<|pad|>",
-        eos_token="<|im_end|>",
-        unk_token="<unk>",
-        additional_special_tokens=["<|im_start|>", "<|endoftext|>"],
-    )
-    tok.chat_template = CHATML
+    tok = word_level_chat_tokenizer(chars, pre_tokenizers.Split(pattern="", behavior="isolated"), decoders.Fuse())
     out.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(str(out))
     cfg = LlamaConfig(
-        vocab_size=len(vocab),
+        vocab_size=len(SPECIAL) + len(chars),
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
