@@ -209,8 +209,8 @@ def render_card(run: RunStage, result: ExportResult, repo_id: str | None = None,
     kinds = [s.kind for s in run.recipe.effective_stages()]
     tags = ["finetune", "lora"] + (["qlora"] if run.recipe.quantization.mode != "none" else []) + sorted(set(kinds))
     front: dict[str, Any] = {"library_name": "peft" if result.format == "adapter" else "transformers"}
-    if public_base(run) is not None:
-        front["base_model"] = public_base(run)
+    if (hub := public_base(run)) is not None:
+        front["base_model"] = hub
     front.update({"pipeline_tag": "text-generation", "tags": tags})
     from finetune.recipe_io import dump_recipe
 

@@ -150,6 +150,16 @@ def adapters_in_compute_dtype(trainer, training: TrainingConfig) -> bool:
     return cast
 
 
+def padding_free_batches(ctx: StageContext) -> bool:
+    """`data.padding_free`, except for models loaded with `trust_remote_code` (their attention code may ignore the
+    restarting positions), which is then said."""
+    if ctx.data.padding_free and ctx.recipe.model.trust_remote_code:
+        print(f"[{ctx.stage.name}] padding-free batches off: trust_remote_code models may attend across samples",
+              flush=True)
+        return False
+    return ctx.data.padding_free
+
+
 def build_stage_trainer(trainer_cls: Any, ctx: StageContext, model, config, tokenizer, train_ds, eval_ds):
     """A stage's trl trainer: our metrics logger, a quiet console, and the starting adapter's exact weights.
 

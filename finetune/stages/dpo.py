@@ -34,6 +34,7 @@ from finetune.stages.common import (
     StageResult,
     build_stage_trainer,
     load_task_rows,
+    padding_free_batches,
     task_metric,
     trainer_kwargs,
 )
@@ -121,8 +122,7 @@ def build_trainer(ctx: StageContext, tokenizer, train_ds, eval_ds) -> tuple[Any,
     if label_loss.unsupported_reason(trainer.model) is None:
         # trl's fused LM head scores every position (prompts, padding) off Triton devices: labelled ones only here;
         # and trl 1.16 has no padding-free DPO: the head's forward runs each padded batch as one padding-free row
-        padding_free = (ctx.data.padding_free and not recipe.model.trust_remote_code
-                        and use_per_sample_attention(trainer.model))
+        padding_free = padding_free_batches(ctx) and use_per_sample_attention(trainer.model)
         label_loss.install_compact_fused_head(trainer.model, padding_free=padding_free)
         if padding_free:
             print(f"[{ctx.stage.name}] batches: padding-free rows, attention per sample (finetune.attention)",

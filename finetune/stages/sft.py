@@ -17,6 +17,7 @@ from finetune.stages.common import (
     StageResult,
     build_stage_trainer,
     load_task_rows,
+    padding_free_batches,
     task_metric,
     trainer_kwargs,
 )
@@ -47,10 +48,7 @@ def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
         print(f"[{ctx.stage.name}] held-out task before training: {before}", flush=True)
 
     # --- train
-    padding_free = data.packing or (data.padding_free and not recipe.model.trust_remote_code)
-    if data.padding_free and not padding_free:
-        print(f"[{ctx.stage.name}] padding-free batches off: trust_remote_code models may attend across samples",
-              flush=True)
+    padding_free = data.packing or padding_free_batches(ctx)
     if padding_free and use_per_sample_attention(model):
         print(f"[{ctx.stage.name}] attention: per sample within padding-free rows (finetune.attention)", flush=True)
     config = SFTConfig(
