@@ -128,10 +128,6 @@ def _f(v: Any, fmt: str = ".1f") -> str:
     return "n/a" if v is None else format(v, fmt)
 
 
-def _pct(v: float | None, fmt: str) -> str:
-    return "n/a" if v is None else format(v, fmt)
-
-
 def markdown(s: dict[str, Any]) -> str:
     meta, ds, fl = s["meta"], s["dataset"], s["flops_per_token"]
     dpo = meta.get("mode") == "dpo"
@@ -147,9 +143,9 @@ def markdown(s: dict[str, Any]) -> str:
     for name, v in s["sides"].items():
         cap = f" (capped at {v['capped_steps']} steps)" if v["capped_steps"] else ""
         cap += f" ({v['n_runs']} run)" if v["n_runs"] < meta["reps"] else ""
-        tail = (_pct(v.get("heldout_reward_accuracy"), ".0%") if dpo
-                else f"{_pct(v['mfu']['float32'], '.1%')}"
-                + (f" | {_pct(v['mfu']['bfloat16'], '.0%')}" if bf16_native else ""))
+        tail = (_f(v.get("heldout_reward_accuracy"), ".0%") if dpo
+                else f"{_f(v['mfu']['float32'], '.1%')}"
+                + (f" | {_f(v['mfu']['bfloat16'], '.0%')}" if bf16_native else ""))
         lines.append(
             f"| {name}{cap} | {f'{v[rate]:.3f} | ' if dpo else ''}{v['tokens_per_second']:.1f} "
             f"| {v['wall_seconds']:.1f} "
