@@ -290,8 +290,8 @@ def main(argv: list[str] | None = None) -> dict:
         for i in range(1, args.noise_seeds + 1):
             wk = {**w, "seed": w["seed"] + i}
             result = run_one("ours", 0, args, assets, wk, probe_dir, label=f"seed{wk['seed']}")
-            result.update(heldout("ours", Path(result["run_dir"]), assets, wk, args.threads))
-            heldout_noise.append({"seed": wk["seed"], **{k: v for k, v in result.items() if k.startswith("heldout")}})
+            heldout_noise.append({"seed": wk["seed"], **heldout("ours", Path(result["run_dir"]), assets, wk,
+                                                                 args.threads)})
             print(f"[bench] ours, seed {wk['seed']}: held-out {heldout_noise[-1]}", flush=True)
     heldout_before = (bench_heldout.untrained(args.mode, assets["model"], assets["eval"], args.threads)
                       if not args.no_heldout else None)
