@@ -19,16 +19,16 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from finetune.errors import FinetuneError
-    from finetune.recipe import Recipe
-    from finetune.recipe_io import RecipeError
+    from finetune.recipe.loading import RecipeError
+    from finetune.recipe.schema import Recipe
     from finetune.stages.pipeline import RunResult
 
 __all__ = ["FinetuneError", "Recipe", "RecipeError", "RunResult", "train"]
 
 # Name -> module, imported on first use so that `import finetune` stays light (no torch).
 _LAZY = {
-    "Recipe": "finetune.recipe",
-    "RecipeError": "finetune.recipe_io",
+    "Recipe": "finetune.recipe.schema",
+    "RecipeError": "finetune.recipe.loading",
     "FinetuneError": "finetune.errors",
     "RunResult": "finetune.stages.pipeline",
 }
@@ -69,9 +69,9 @@ def train(
         RecipeError: the recipe is invalid or names files that do not exist (every problem listed).
         FinetuneError: a problem found while running (bad data rows, a finished run in the way...).
     """
-    from finetune.checks import check_recipe_paths
-    from finetune.recipe import Recipe
-    from finetune.recipe_io import RecipeError, apply_override, load_recipe, validate_data
+    from finetune.recipe.loading import RecipeError, apply_override
+    from finetune.recipe.schema import Recipe, load_recipe, validate_data
+    from finetune.stages.preflight import check_recipe_paths
 
     recipe_path: Path | None = None
     if isinstance(recipe, (str, Path)):
@@ -86,25 +86,48 @@ def train(
         raise TypeError(f"train() takes a Recipe or the path of a recipe file, not {type(recipe).__name__}")
     if overwrite is not None:
         loaded.output.overwrite = overwrite
-    source = str(recipe_path or "recipe")
     if problems := check_recipe_paths(loaded):
-        raise RecipeError(source, problems)
-    if nproc is not None and nproc > 1:
-        return _train_in_processes(loaded, nproc, from_stage, resume)
+        raise RecipeError(str(recipe_path or "recipe"), problems)
+    return run_recipe(loaded, recipe_path=recipe_path, from_stage=from_stage, resume=resume, nproc=nproc)
 
+
+def run_recipe(recipe: Recipe, *, recipe_path: str | Path | None = None, from_stage: str | None = None,
+               resume: bool = False, nproc: int | None = None, launch_args: list[str] | None = None) -> RunResult:
+    """The one orchestration behind `ft train` and `train()`, on a recipe already loaded and checked.
+
+    With `nproc` > 1 it starts that many processes, each running `ft launch_args` (default: `ft train` on the resolved
+    recipe written to a temporary file), and reads the run back from disk. Otherwise it runs the stages here, then,
+    when the recipe names `hub.repo_id`, exports the last stage and uploads it (the export stays on disk if the
+    upload fails).
+    """
+    from finetune.distributed.process import is_main_process, silence_other_processes
     from finetune.stages.pipeline import run_pipeline
 
-    return run_pipeline(loaded, recipe_path=recipe_path, from_stage=from_stage, resume=resume)
+    if nproc is not None and nproc > 1:
+        return _train_in_processes(recipe, nproc, from_stage, resume, launch_args)
+    silence_other_processes()
+    run = run_pipeline(recipe, recipe_path=recipe_path, from_stage=from_stage, resume=resume)
+    if recipe.hub.repo_id and is_main_process():
+        from finetune.export.hub import upload_run
+
+        print(f"[hub] uploaded: {upload_run(recipe, run.run_dir)}", flush=True)
+    return run
 
 
-def _train_in_processes(recipe: Recipe, nproc: int, from_stage: str | None, resume: bool = False) -> RunResult:
-    """`ft train --nproc N` on the resolved recipe, written to a temporary file; the run is read back from disk."""
-    from finetune.launch import environment_problems, relaunch
-    from finetune.recipe_io import RecipeError, dump_recipe
+def _train_in_processes(recipe: Recipe, nproc: int, from_stage: str | None, resume: bool,
+                        launch_args: list[str] | None) -> RunResult:
+    """`ft train --nproc N`: checked once here, then the same command runs in each process; the run is read back."""
+    from finetune.distributed.launch import relaunch
+    from finetune.distributed.plan import environment_problems
+    from finetune.recipe.loading import RecipeError, dump_recipe
     from finetune.stages.pipeline import RunResult
 
     if problems := environment_problems(recipe, nproc):
         raise RecipeError("recipe", problems)
+    if launch_args is not None:  # `ft train --nproc N`: each process runs the same command line, minus --nproc
+        relaunch(nproc, launch_args)
+        summary = recipe.output_dir() / "summary.json"
+        return RunResult.from_dir(recipe.output_dir()) if summary.exists() else RunResult(run_dir=recipe.output_dir())
     with tempfile.TemporaryDirectory(prefix="finetune-") as tmp:
         path = Path(tmp) / f"{recipe.name}.yaml"
         path.write_text(dump_recipe(recipe), encoding="utf-8")

@@ -4,6 +4,8 @@ so `ft --help`, `ft validate` and `ft explain` answer quickly."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -32,9 +34,27 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """A FinetuneError ends the command with its message and exit code 1 (128 + signal when interrupted), not a
+    traceback. In a multi-process run every process reports its own failure, so the message says which one speaks."""
+    try:
+        yield
+    except FinetuneError as e:
+        from finetune.distributed.process import rank, world_size
+
+        who = f"[rank {rank()}] " if world_size() > 1 else ""
+        code = getattr(e, "exit_code", 1)  # RunInterrupted: 128 + signal number, like a shell reports it
+        if code != 1:
+            typer.secho(f"{who}{e}", fg=typer.colors.YELLOW, err=True)
+            raise typer.Exit(code) from None
+        raise _fail(f"{who}error: {e}", 1) from None
+
+
 def _load(recipe_path: Path, overrides: list[str] | None, check_paths: bool = True):
-    from finetune.checks import check_recipe_paths
-    from finetune.recipe_io import RecipeError, load_recipe
+    from finetune.recipe.loading import RecipeError
+    from finetune.recipe.schema import load_recipe
+    from finetune.stages.preflight import check_recipe_paths
 
     try:
         recipe = load_recipe(recipe_path, overrides or [])
@@ -57,7 +77,7 @@ def validate(
 
     Exit code 0 when valid, 2 when not.
     """
-    from finetune.recipe_io import dump_recipe
+    from finetune.recipe.loading import dump_recipe
 
     resolved = _load(recipe, set_)
     if not quiet:
@@ -92,41 +112,21 @@ def train(
     if overwrite:
         loaded.output.overwrite = True
     if dry_run:
-        from finetune.dryrun import dry_run as show_plan
+        from finetune.stages.dryrun import dry_run as show_plan
 
-        try:
+        with _user_errors():
             show_plan(loaded)
-        except FinetuneError as e:
-            raise _fail(f"error: {e}", 1) from None
         return
-    if nproc is not None and nproc > 1:  # validated once here, then the same command runs in each process
-        from finetune.launch import command_line, environment_problems, relaunch
-        from finetune.recipe_io import RecipeError
+    from finetune import run_recipe
+    from finetune.distributed.launch import command_line
+    from finetune.recipe.loading import RecipeError
 
-        if problems := environment_problems(loaded, nproc):
-            raise _fail(str(RecipeError(str(recipe), problems)))
-        try:
-            relaunch(nproc, command_line(ctx))
-        except FinetuneError as e:
-            raise _fail(f"error: {e}", getattr(e, "exit_code", 1)) from None  # 128 + signal when interrupted
-        return
-    from finetune.launch import silence_other_processes
-    from finetune.stages.pipeline import run_pipeline
-
-    silence_other_processes()
-
-    try:
-        run_pipeline(loaded, recipe_path=recipe, from_stage=from_stage, resume=resume)
-    except FinetuneError as e:
-        from finetune.launch import rank, world_size
-
-        # every process of a multi-process run reports its own failure: say which one speaks
-        who = f"[rank {rank()}] " if world_size() > 1 else ""
-        code = getattr(e, "exit_code", 1)  # RunInterrupted: 128 + signal number, like a shell reports it
-        if code != 1:
-            typer.secho(f"{who}{e}", fg=typer.colors.YELLOW, err=True)
-            raise typer.Exit(code) from None
-        raise _fail(f"{who}error: {e}", 1) from None
+    try:  # with --nproc: checked once here, then this same command runs in each process
+        with _user_errors():
+            run_recipe(loaded, recipe_path=recipe, from_stage=from_stage, resume=resume, nproc=nproc,
+                       launch_args=command_line(ctx) if nproc is not None and nproc > 1 else None)
+    except RecipeError as e:
+        raise _fail(str(RecipeError(str(recipe), e.problems))) from None
 
 
 @app.command()
@@ -134,7 +134,7 @@ def explain(
     key: Annotated[str | None, typer.Argument(help="A section or key: `lora`, `training.learning_rate`...")] = None,
 ) -> None:
     """Show the documentation of recipe sections and keys (the same text as docs/recipe.md)."""
-    from finetune.docs import describe
+    from finetune.recipe.docs import describe
 
     try:
         typer.echo(describe(key))
@@ -175,9 +175,10 @@ def export_cmd(
     if format_ == "adapter" and any(v is not None for v in merged_only.values()):
         used = ", ".join(k for k, v in merged_only.items() if v is not None)
         raise _fail(f"{used}: only for --format merged (an adapter export is the trained adapter, unchanged)")
-    from finetune.export import export_adapter, export_merged, open_run
+    from finetune.export.exports import export_adapter, export_merged
+    from finetune.export.runstage import open_run
 
-    try:
+    with _user_errors():
         run = open_run(run_dir, stage)
         if format_ == "adapter":
             result = export_adapter(run, out, overwrite=overwrite)
@@ -185,24 +186,8 @@ def export_cmd(
             options = {"dtype": dtype, "merge_into": merge_into, "max_kl": max_kl, "verify_samples": verify_samples}
             result = export_merged(run, out, verify=verify, compare=compare, overwrite=overwrite,
                                    **{k: v for k, v in options.items() if v is not None})
-    except FinetuneError as e:
-        raise _fail(f"error: {e}", 1) from None
-    if result.format == "merged":
-        typer.echo(f"merged stage {result.stage} into the {result.merge_into} base weights, saved as {result.dtype}")
-        for note in result.notes:
-            typer.echo(f"  note: {note}")
-        for mode, figures in result.figures.items():
-            from finetune.verify import Figures
-
-            mark = " (this export)" if mode == result.merge_into else " (not written)"
-            typer.echo(f"  {mode}{mark}: {Figures(**figures).line()}")
-        if result.adapter_effect:
-            typer.echo(f"  for scale, adapter vs base: mean KL {result.adapter_effect['mean_kl']:.3g}")
-        if result.figures:
-            typer.echo(f"  verified on {result.verification_source}")
-        else:
-            typer.echo("  not verified (--no-verify)")
-    typer.echo(f"{result.format} export of stage {result.stage}: {result.out}")
+    for line in result.report_lines():
+        typer.echo(line)
 
 
 @app.command()
@@ -215,12 +200,10 @@ def push(
         None),
 ) -> None:
     """Upload an export folder to the Hugging Face Hub in one commit. Token: HF_TOKEN or `hf auth login`."""
-    from finetune.hub import push as push_folder
+    from finetune.export.hub import push as push_folder
 
-    try:
+    with _user_errors():
         url = push_folder(path, repo_id, private=private, revision=revision)
-    except FinetuneError as e:
-        raise _fail(f"error: {e}", 1) from None
     typer.echo(f"uploaded {path} to {url}")
 
 
@@ -236,10 +219,10 @@ def generate(
     base: Annotated[str | None, typer.Option(help="Adapter folders: base model, if not the one it names.")] = None,
 ) -> None:
     """Load a run's adapter or an export, apply the chat template and stream the answers."""
-    from finetune.generate import generate as answer
-    from finetune.generate import load, read_prompts
+    from finetune.export.generate import generate as answer
+    from finetune.export.generate import load, read_prompts
 
-    try:
+    with _user_errors():
         prompts = list(prompt or []) + (read_prompts(prompts_file) if prompts_file else [])
         if not prompts:
             raise _fail("give at least one --prompt or a --prompts-file")
@@ -249,8 +232,6 @@ def generate(
             if len(prompts) > 1:
                 typer.echo(f"### {text}")
             answer(loaded, text, max_new_tokens=max_new_tokens, temperature=temperature, system=system)
-    except FinetuneError as e:
-        raise _fail(f"error: {e}", 1) from None
 
 
 @app.command()
@@ -258,12 +239,10 @@ def report(
     run_dir: Annotated[Path, typer.Argument(help="Run folder written by `ft train`.", show_default=False)],
 ) -> None:
     """Draw a run's curves (loss, eval loss, learning rate, grad norm, tokens/s, DPO rewards): PNGs + one HTML page."""
-    from finetune.report import write_report
+    from finetune.run.report import write_report
 
-    try:
+    with _user_errors():
         page = write_report(run_dir)
-    except FinetuneError as e:
-        raise _fail(f"error: {e}", 1) from None
     typer.echo(f"report: {page}")
 
 
@@ -273,12 +252,10 @@ def runs(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """List runs: status, stage, last step, last loss and held-out metric (a run killed mid-way shows `crashed`)."""
-    from finetune.runs import list_runs
+    from finetune.run.listing import list_runs
 
-    try:
+    with _user_errors():
         typer.echo(list_runs(folder, as_json=as_json))
-    except FinetuneError as e:
-        raise _fail(f"error: {e}", 1) from None
 
 
 data_app = typer.Typer(help="See what a recipe's data becomes before training.", no_args_is_help=True)
@@ -302,12 +279,10 @@ def data_preview(
     equal to eos, fully masked samples).
     """
     loaded = _load(recipe, set_)
-    from finetune.data.preview import run_preview
+    from finetune.stages.preflight import run_preview
 
-    try:
+    with _user_errors():
         ok = run_preview(loaded, n=n, stage=stage, split=split, color=color)
-    except FinetuneError as e:
-        raise _fail(f"error: {e}", 1) from None
     if not ok:
         raise typer.Exit(1)
 

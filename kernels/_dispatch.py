@@ -6,8 +6,8 @@ backward pass uses the same backend even if it runs outside a :func:`force_backe
 Selection order:
 
 1. a :func:`force_backend` context (used by tests), else
-2. the ``FINETUNE_KERNELS_BACKEND`` environment variable (``auto``, ``torch`` or ``triton``), else
-3. ``auto``: Triton when every tensor is on CUDA and ``triton`` is importable, the PyTorch path otherwise.
+2. the `FINETUNE_KERNELS_BACKEND` environment variable (`auto`, `torch` or `triton`), else
+3. `auto`: Triton when every tensor is on CUDA and `triton` is importable, the PyTorch path otherwise.
 """
 
 from __future__ import annotations
@@ -27,17 +27,17 @@ _forced: list[str] = []
 
 @functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
-    """Returns whether the ``triton`` package can be imported (without importing it)."""
+    """Returns whether the `triton` package can be imported (without importing it)."""
     return importlib.util.find_spec("triton") is not None
 
 
 def interpreter_active() -> bool:
-    """Returns whether ``TRITON_INTERPRET`` is set, i.e. Triton kernels run on CPU through numpy."""
+    """Returns whether `TRITON_INTERPRET` is set, i.e. Triton kernels run on CPU through numpy."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "no")
 
 
 def current_backend() -> str:
-    """Returns the requested backend: ``auto``, ``torch`` or ``triton``."""
+    """Returns the requested backend: `auto`, `torch` or `triton`."""
     if _forced:
         return _forced[-1]
     value = os.environ.get(_ENV_VAR, "auto").lower()
@@ -51,8 +51,8 @@ def force_backend(name: str) -> Iterator[None]:
     """Forces a backend for the ops called inside the block.
 
     Args:
-        name: ``auto``, ``torch`` or ``triton``. Forcing ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1``
-            set before ``triton`` was first used.
+        name: `auto`, `torch` or `triton`. Forcing `triton` on CPU tensors needs `TRITON_INTERPRET=1`
+            set before `triton` was first used.
 
     Yields:
         Nothing; the previous choice is restored on exit.
@@ -70,13 +70,13 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
     """Decides whether an op on these tensors runs its Triton kernel.
 
     Args:
-        *tensors: The op's tensor inputs (``None`` entries are ignored).
+        *tensors: The op's tensor inputs (`None` entries are ignored).
 
     Returns:
         True for the Triton path, False for the PyTorch path.
 
     Raises:
-        RuntimeError: If ``triton`` was forced but cannot run here.
+        RuntimeError: If `triton` was forced but cannot run here.
     """
     mode = current_backend()
     if mode == "torch":
@@ -93,15 +93,15 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
 
 
 def kernel_interpreted(kernel: object) -> bool:
-    """Returns whether a ``@triton.jit`` object was created under the interpreter (so runs on CPU via numpy)."""
+    """Returns whether a `@triton.jit` object was created under the interpreter (so runs on CPU via numpy)."""
     return type(kernel).__name__ == "InterpretedFunction"
 
 
 def triton_interpreted() -> bool:
     """Returns whether this package's Triton kernels were built for the interpreter.
 
-    The decision is taken when the ``*_triton`` modules are first imported (``TRITON_INTERPRET`` read at
-    ``@triton.jit`` time), so a test harness may set the variable, import them, and unset it again.
+    The decision is taken when the `*_triton` modules are first imported (`TRITON_INTERPRET` read at
+    `@triton.jit` time), so a test harness may set the variable, import them, and unset it again.
     """
     if not triton_available():
         return False
@@ -111,14 +111,14 @@ def triton_interpreted() -> bool:
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """Returns the autocast dtype if autocast is enabled for ``device_type``, else None."""
+    """Returns the autocast dtype if autocast is enabled for `device_type`, else None."""
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 
 
 def cast_floating(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
-    """Casts a floating tensor to ``dtype`` (autograd-tracked); leaves None and non-float tensors alone."""
+    """Casts a floating tensor to `dtype` (autograd-tracked); leaves None and non-float tensors alone."""
     if t is None or dtype is None or not t.is_floating_point() or t.dtype == dtype:
         return t
     return t.to(dtype)

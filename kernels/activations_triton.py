@@ -1,13 +1,13 @@
-"""Triton kernels for SwiGLU (``silu(g) * u``) and its backward, computed in float32.
+"""Triton kernels for SwiGLU (`silu(g) * u`) and its backward, computed in float32.
 
-The forward rounds ``silu(g)`` to the storage dtype before multiplying by ``u``, like PyTorch's
-``act_fn(gate) * up`` on half-precision tensors. The backward recomputes ``silu`` from ``g`` rather than
+The forward rounds `silu(g)` to the storage dtype before multiplying by `u`, like PyTorch's
+`act_fn(gate) * up` on half-precision tensors. The backward recomputes `silu` from `g` rather than
 reading a saved activation.
 
-Kernels here call only Triton builtins (``tl.reduce`` with local combine functions instead of ``tl.sum``/``tl.max``,
-an explicit sigmoid): Triton's own ``@jit`` helpers are compiled for the mode in force when ``triton`` was first
-imported, so avoiding them lets the kernels run under ``TRITON_INTERPRET=1`` even if another library imported
-``triton`` earlier in the process (as bitsandbytes, transformers and peft do).
+Kernels here call only Triton builtins (`tl.reduce` with local combine functions instead of `tl.sum`/`tl.max`,
+an explicit sigmoid): Triton's own `@jit` helpers are compiled for the mode in force when `triton` was first
+imported, so avoiding them lets the kernels run under `TRITON_INTERPRET=1` even if another library imported
+`triton` earlier in the process (as bitsandbytes, transformers and peft do).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from finetune.kernels.triton_utils import is_bf16, round_bf16
 
 _BLOCK = 1024
@@ -55,7 +56,7 @@ def _swiglu_bwd_kernel(dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, BF16: tl.constex
 
 
 def swiglu_forward(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Returns ``silu(g) * u`` (contiguous inputs of equal shape and dtype)."""
+    """Returns `silu(g) * u` (contiguous inputs of equal shape and dtype)."""
     h = torch.empty_like(g)
     n = g.numel()
     _swiglu_fwd_kernel[(triton.cdiv(n, _BLOCK),)](g, u, h, n, BF16=is_bf16(h), BLOCK=_BLOCK)
@@ -63,7 +64,7 @@ def swiglu_forward(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``(dL/dg, dL/du)`` given ``dL/dh`` for ``h = silu(g) * u``."""
+    """Returns `(dL/dg, dL/du)` given `dL/dh` for `h = silu(g) * u`."""
     dg = torch.empty_like(g)
     du = torch.empty_like(u)
     n = g.numel()

@@ -1,17 +1,17 @@
 """Chunked (fused linear) cross-entropy and per-token log-probabilities over an LM head.
 
-``nll[t] = logsumexp(h[t] @ W.T + b) - (h[t] @ W.T + b)[label[t]]`` (0 where ``label == ignore_index``) is
-computed ``chunk_size`` tokens at a time, so only a ``[chunk, vocab]`` float32 logits block exists at once
-instead of the full ``[tokens, vocab]`` logits (plus their float32 copy, softmax and gradient in eager
-PyTorch). With a trainable head, forward keeps only the per-token ``logsumexp``; backward recomputes each chunk's
-logits, turns them into ``softmax - onehot`` scaled by the incoming per-token gradient, and accumulates ``dh``,
-``dW`` and ``db`` chunk by chunk (one extra ``[chunk, H] x [H, V]`` matmul per chunk). With a frozen head (LoRA),
-the gradient of each token's loss with respect to its hidden state, ``softmax @ W - W[label]``, is formed in the
-forward while the chunk's softmax exists and kept (``[T, H]``, the size of the hidden states); backward only scales
+`nll[t] = logsumexp(h[t] @ W.T + b) - (h[t] @ W.T + b)[label[t]]` (0 where `label == ignore_index`) is
+computed `chunk_size` tokens at a time, so only a `[chunk, vocab]` float32 logits block exists at once
+instead of the full `[tokens, vocab]` logits (plus their float32 copy, softmax and gradient in eager
+PyTorch). With a trainable head, forward keeps only the per-token `logsumexp`; backward recomputes each chunk's
+logits, turns them into `softmax - onehot` scaled by the incoming per-token gradient, and accumulates `dh`,
+`dW` and `db` chunk by chunk (one extra `[chunk, H] x [H, V]` matmul per chunk). With a frozen head (LoRA),
+the gradient of each token's loss with respect to its hidden state, `softmax @ W - W[label]`, is formed in the
+forward while the chunk's softmax exists and kept (`[T, H]`, the size of the hidden states); backward only scales
 it by the incoming per-token gradient: no recomputed logits.
 
-Logits are computed in the hidden states' dtype and upcast to float32, like transformers' ``ForCausalLMLoss``.
-Labels must already be shifted by the caller (``hidden[:, :-1]`` predicts ``labels[:, 1:]``).
+Logits are computed in the hidden states' dtype and upcast to float32, like transformers' `ForCausalLMLoss`.
+Labels must already be shifted by the caller (`hidden[:, :-1]` predicts `labels[:, 1:]`).
 On CUDA the row-wise parts (logsumexp/target pick and the in-place gradient) are Triton kernels; the matmuls
 stay on cuBLAS.
 """
@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
 from finetune.kernels._dispatch import autocast_dtype, cast_floating, use_triton
 
 IGNORE_INDEX = -100
@@ -150,15 +151,15 @@ def token_nll(
     """Per-token negative log-likelihood, chunked.
 
     Args:
-        hidden: ``[..., H]`` hidden states (already aligned with ``labels``).
-        weight: ``[V, H]`` LM-head weight.
-        labels: ``[...]`` target ids; ``ignore_index`` entries give 0.
-        bias: Optional ``[V]`` LM-head bias.
+        hidden: `[..., H]` hidden states (already aligned with `labels`).
+        weight: `[V, H]` LM-head weight.
+        labels: `[...]` target ids; `ignore_index` entries give 0.
+        bias: Optional `[V]` LM-head bias.
         chunk_size: Tokens per chunk (default: :func:`default_chunk_size`).
         ignore_index: Label value to ignore.
 
     Returns:
-        float32 ``[...]`` per-token NLL.
+        float32 `[...]` per-token NLL.
     """
     shape = labels.shape
     h2 = hidden.reshape(-1, hidden.shape[-1])
@@ -185,9 +186,9 @@ def chunked_cross_entropy(
     chunk_size: int | None = None,
     ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
-    """Fused LM-head + cross-entropy: mean over non-ignored tokens (or sum / ``num_items_in_batch``).
+    """Fused LM-head + cross-entropy: mean over non-ignored tokens (or sum / `num_items_in_batch`).
 
-    Matches transformers' ``ForCausalLMLoss`` given pre-shifted labels, without materialising the logits.
+    Matches transformers' `ForCausalLMLoss` given pre-shifted labels, without materialising the logits.
     """
     nll = token_nll(hidden, weight, labels, bias, chunk_size, ignore_index)
     if num_items_in_batch is None:
@@ -206,7 +207,7 @@ def token_logprobs(
     chunk_size: int | None = None,
     ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
-    """``log p(label)`` per token (0 at ignored positions), float32, without the full logits."""
+    """`log p(label)` per token (0 at ignored positions), float32, without the full logits."""
     return -token_nll(hidden, weight, labels, bias, chunk_size, ignore_index)
 
 
@@ -218,7 +219,7 @@ def sequence_logprobs(
     chunk_size: int | None = None,
     ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
-    """Sum of ``log p(label)`` per sequence (DPO's policy/reference log-probs): ``[B, S, H], [B, S] -> [B]``."""
+    """Sum of `log p(label)` per sequence (DPO's policy/reference log-probs): `[B, S, H], [B, S] -> [B]`."""
     return token_logprobs(hidden, weight, labels, bias, chunk_size, ignore_index).sum(-1)
 
 
@@ -230,7 +231,7 @@ def cross_entropy_reference(
     num_items_in_batch: int | torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
-    """Unfused: full logits, upcast to float32, ``F.cross_entropy`` (transformers' causal LM loss)."""
+    """Unfused: full logits, upcast to float32, `F.cross_entropy` (transformers' causal LM loss)."""
     logits = F.linear(hidden, weight, bias).float()
     logits = logits.reshape(-1, logits.shape[-1])
     lab = labels.reshape(-1)
@@ -246,7 +247,7 @@ def token_logprobs_reference(
     bias: torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
-    """Unfused per-token log-probs: full ``log_softmax`` then gather (0 at ignored positions)."""
+    """Unfused per-token log-probs: full `log_softmax` then gather (0 at ignored positions)."""
     logp = torch.log_softmax(F.linear(hidden, weight, bias).float(), dim=-1)
     valid = labels != ignore_index
     picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)

@@ -1,12 +1,12 @@
 """Triton row kernels for the chunked cross-entropy: logsumexp + target pick, and the in-place gradient.
 
-Each program owns one row of a float32 ``[chunk, V]`` logits block and streams it in ``BLOCK_V`` slices with
+Each program owns one row of a float32 `[chunk, V]` logits block and streams it in `BLOCK_V` slices with
 an online max/sum, so any vocabulary size works with bounded registers.
 
-Kernels here call only Triton builtins (``tl.reduce`` with local combine functions instead of ``tl.sum``/``tl.max``,
-an explicit sigmoid): Triton's own ``@jit`` helpers are compiled for the mode in force when ``triton`` was first
-imported, so avoiding them lets the kernels run under ``TRITON_INTERPRET=1`` even if another library imported
-``triton`` earlier in the process (as bitsandbytes, transformers and peft do).
+Kernels here call only Triton builtins (`tl.reduce` with local combine functions instead of `tl.sum`/`tl.max`,
+an explicit sigmoid): Triton's own `@jit` helpers are compiled for the mode in force when `triton` was first
+imported, so avoiding them lets the kernels run under `TRITON_INTERPRET=1` even if another library imported
+`triton` earlier in the process (as bitsandbytes, transformers and peft do).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _block_v(v: int) -> int:
 
 
 def lse_and_nll(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row logsumexp and NLL of a contiguous float32 ``[n, V]`` logits block."""
+    """Per-row logsumexp and NLL of a contiguous float32 `[n, V]` logits block."""
     n, v = logits.shape
     lse = torch.empty(n, dtype=torch.float32, device=logits.device)
     nll = torch.empty(n, dtype=torch.float32, device=logits.device)
@@ -84,7 +84,7 @@ def lse_and_nll(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -
 def nll_grad_(
     logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad_nll: torch.Tensor, ignore_index: int
 ) -> None:
-    """Overwrites ``logits`` with ``(softmax - onehot(label)) * grad_nll[row]`` (0 rows where ignored)."""
+    """Overwrites `logits` with `(softmax - onehot(label)) * grad_nll[row]` (0 rows where ignored)."""
     n, v = logits.shape
     if n:
         _nll_grad_kernel[(n,)](

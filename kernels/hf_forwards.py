@@ -1,8 +1,8 @@
-"""Replacement ``forward`` methods for transformers/peft module instances (bound by ``finetune.patching``).
+"""Replacement `forward` methods for transformers/peft module instances (bound by `finetune.model.kernels`).
 
 Each one checks, on every call, that its fast path applies (adapter active and unmerged, a single adapter, no
 DoRA or LoRA bias, a plain or NF4 base layer, ...) and otherwise calls the module's original forward, stored
-under :data:`ORIG`. ``lora_linear_forward`` supports LoRA dropout (peft's convention, same RNG call order);
+under :data:`ORIG`. `lora_linear_forward` supports LoRA dropout (peft's convention, same RNG call order);
 the fused MLP and Q/K/V paths require it to be inactive and fall back to per-projection calls otherwise.
 """
 
@@ -12,6 +12,8 @@ import sys
 from typing import Any
 
 import torch
+from torch import nn
+
 from finetune.kernels.cross_entropy import IGNORE_INDEX, chunked_cross_entropy
 from finetune.kernels.lora_linear import LoRAParams, lora_linear
 from finetune.kernels.lora_mlp import lora_mlp
@@ -19,9 +21,8 @@ from finetune.kernels.lora_qkvo import lora_qkv
 from finetune.kernels.nf4 import nf4_weight_of
 from finetune.kernels.rmsnorm import rms_norm
 from finetune.kernels.rope import apply_rope
-from torch import nn
 
-#: Attribute under which a patched module keeps its original bound ``forward``.
+#: Attribute under which a patched module keeps its original bound `forward`.
 ORIG = "_finetune_orig_forward"
 
 

@@ -1,16 +1,16 @@
 """LoRA linear layer over a frozen (optionally NF4-quantised) base weight, forward and backward.
 
-``y = x @ W.T + bias + scale * (x_lora @ A.T) @ B.T`` with peft's shapes (``A = lora_A.weight`` is ``[r, in]``,
-``B = lora_B.weight`` is ``[out, r]``) and peft's dropout convention (``x_lora = dropout(x)``, the base branch
-sees ``x``). Gradients flow to ``x``, ``A``, ``B`` (and the bias if it is trainable); the base weight is
+`y = x @ W.T + bias + scale * (x_lora @ A.T) @ B.T` with peft's shapes (`A = lora_A.weight` is `[r, in]`,
+`B = lora_B.weight` is `[out, r]`) and peft's dropout convention (`x_lora = dropout(x)`, the base branch
+sees `x`). Gradients flow to `x`, `A`, `B` (and the bias if it is trainable); the base weight is
 frozen. The dense weight is never saved for backward: backward dequantises the 4-bit weight again (on CUDA the
-Triton kernel even dequantises tile by tile inside the matmul). Saved: ``x`` (and ``x_lora`` when dropout made a
-distinct tensor) and the small ``[M, r]`` product ``x_lora @ A.T``.
+Triton kernel even dequantises tile by tile inside the matmul). Saved: `x` (and `x_lora` when dropout made a
+distinct tensor) and the small `[M, r]` product `x_lora @ A.T`.
 
-The LoRA branch is computed in ``promote_types(x.dtype, A.dtype)`` (peft casts the input to the adapter's
-dtype), the base branch in ``x.dtype`` (bitsandbytes' compute dtype follows the input).
+The LoRA branch is computed in `promote_types(x.dtype, A.dtype)` (peft casts the input to the adapter's
+dtype), the base branch in `x.dtype` (bitsandbytes' compute dtype follows the input).
 
-Dropout is supported here by passing ``x_lora`` (the caller applies ``nn.Dropout``, whose mask autograd keeps);
+Dropout is supported here by passing `x_lora` (the caller applies `nn.Dropout`, whose mask autograd keeps);
 the fused MLP/QKV blocks require it to be inactive and the patcher falls back to this op when it is not.
 """
 
@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+
 from finetune.kernels._dispatch import autocast_dtype, cast_floating, use_triton
 from finetune.kernels.nf4 import NF4Weight, dequantize_nf4, dequantize_nf4_reference
 
@@ -51,7 +52,7 @@ def _dense(weight: BaseWeight, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _add_low_rank(out: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """``out + scale * u @ v``, in place (one GEMM, no ``[M, N]`` temporaries) when the dtypes agree."""
+    """`out + scale * u @ v`, in place (one GEMM, no `[M, N]` temporaries) when the dtypes agree."""
     if u.dtype == out.dtype:
         return out.addmm_(u, v, alpha=scale)
     return out.add_(torch.mm(u, v).mul_(scale).to(out.dtype))
@@ -70,17 +71,17 @@ def proj_forward(
     """One LoRA projection on 2-D inputs, without autograd.
 
     Args:
-        x2: ``[M, K]`` input of the base branch.
-        xl2: ``[M, K]`` input of the LoRA branch (``x2`` itself without dropout).
-        weight: Frozen ``[N, K]`` base weight (dense or 4-bit).
-        bias: Optional ``[N]`` bias.
-        a: ``[r, K]`` LoRA A.
-        b: ``[N, r]`` LoRA B.
+        x2: `[M, K]` input of the base branch.
+        xl2: `[M, K]` input of the LoRA branch (`x2` itself without dropout).
+        weight: Frozen `[N, K]` base weight (dense or 4-bit).
+        bias: Optional `[N]` bias.
+        a: `[r, K]` LoRA A.
+        b: `[N, r]` LoRA B.
         scale: LoRA scaling.
         triton: Whether to use the Triton kernels.
 
     Returns:
-        ``([M, N] output in x2.dtype, [M, r] x_lora @ A.T in the LoRA dtype)``.
+        `([M, N] output in x2.dtype, [M, r] x_lora @ A.T in the LoRA dtype)`.
     """
     ld = _lora_dtype(x2, a)
     xa = xl2.to(ld) @ a.to(ld).t()
@@ -108,19 +109,19 @@ def proj_backward(
     """Gradients of one LoRA projection.
 
     Args:
-        dy2: ``[M, N]`` output gradient.
-        xl2: ``[M, K]`` LoRA-branch input.
-        xa: ``[M, r]`` saved ``xl2 @ A.T``.
+        dy2: `[M, N]` output gradient.
+        xl2: `[M, K]` LoRA-branch input.
+        xa: `[M, r]` saved `xl2 @ A.T`.
         weight: The frozen base weight (re-dequantised here).
         a: LoRA A.
         b: LoRA B.
         scale: LoRA scaling.
         triton: Whether to use the Triton kernels.
-        needs: Whether ``(dx, dA, dB, dbias)`` are needed.
-        lora_into_dx: Add the LoRA-branch input gradient into ``dx`` (False: return it separately).
+        needs: Whether `(dx, dA, dB, dbias)` are needed.
+        lora_into_dx: Add the LoRA-branch input gradient into `dx` (False: return it separately).
 
     Returns:
-        ``(dx, dx_lora, dA, dB, dbias)``; ``dx_lora`` is None when folded into ``dx``.
+        `(dx, dx_lora, dA, dB, dbias)`; `dx_lora` is None when folded into `dx`.
     """
     need_dx, need_da, need_db, need_dbias = needs
     ld = xa.dtype
@@ -199,19 +200,19 @@ def lora_linear(
     bias: torch.Tensor | None = None,
     x_lora: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Fused LoRA linear: ``x @ W.T + bias + scale * x_lora @ A.T @ B.T``.
+    """Fused LoRA linear: `x @ W.T + bias + scale * x_lora @ A.T @ B.T`.
 
     Args:
-        x: ``[..., K]`` input.
-        weight: Frozen ``[N, K]`` base weight, dense or :class:`NF4Weight`.
-        a: ``[r, K]`` ``lora_A.weight``.
-        b: ``[N, r]`` ``lora_B.weight``.
-        scale: peft's ``scaling[adapter]``.
+        x: `[..., K]` input.
+        weight: Frozen `[N, K]` base weight, dense or :class:`NF4Weight`.
+        a: `[r, K]` `lora_A.weight`.
+        b: `[N, r]` `lora_B.weight`.
+        scale: peft's `scaling[adapter]`.
         bias: Optional base-layer bias (gets a gradient if it requires one).
-        x_lora: ``dropout(x)`` for the LoRA branch; None means no dropout (the branch uses ``x``).
+        x_lora: `dropout(x)` for the LoRA branch; None means no dropout (the branch uses `x`).
 
     Returns:
-        ``[..., N]`` output in ``x.dtype``.
+        `[..., N]` output in `x.dtype`.
     """
     _check_frozen(weight)
     dense = weight if isinstance(weight, torch.Tensor) else weight.packed

@@ -1,8 +1,8 @@
-"""LoRA SwiGLU MLP (Llama/Qwen2/Mistral): ``down(silu(gate(x)) * up(x))`` with a LoRA on each projection.
+"""LoRA SwiGLU MLP (Llama/Qwen2/Mistral): `down(silu(gate(x)) * up(x))` with a LoRA on each projection.
 
-One autograd op for the whole block. Saved for backward: ``x``, the pre-activations ``g = gate(x)`` and
-``u = up(x)`` and the three small ``[M, r]`` LoRA products; ``h = silu(g) * u`` and ``silu(g)`` are recomputed
-in backward instead of being stored (eager PyTorch keeps ``silu(g)`` and ``h`` as well). Base weights are
+One autograd op for the whole block. Saved for backward: `x`, the pre-activations `g = gate(x)` and
+`u = up(x)` and the three small `[M, r]` LoRA products; `h = silu(g) * u` and `silu(g)` are recomputed
+in backward instead of being stored (eager PyTorch keeps `silu(g)` and `h` as well). Base weights are
 re-dequantised in backward, never saved.
 
 LoRA dropout must be inactive (p = 0 or eval mode); the patcher composes :func:`lora_linear` ops otherwise.
@@ -14,19 +14,20 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
 from finetune.kernels._dispatch import autocast_dtype, cast_floating, use_triton
 from finetune.kernels.lora_linear import LoRAParams, _check_frozen, lora_linear_reference, proj_backward, proj_forward
 
 
 def swiglu_torch(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """``silu(g) * u`` in the tensors' dtype (PyTorch path)."""
+    """`silu(g) * u` in the tensors' dtype (PyTorch path)."""
     return F.silu(g) * u
 
 
 def swiglu_backward_torch(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of ``silu(g) * u`` (PyTorch path): the ops autograd runs, without extra ``[M, I]`` buffers.
+    """Gradients of `silu(g) * u` (PyTorch path): the ops autograd runs, without extra `[M, I]` buffers.
 
-    ``dh`` is overwritten (it becomes ``dh * u``); callers pass a gradient they no longer need.
+    `dh` is overwritten (it becomes `dh * u`); callers pass a gradient they no longer need.
     """
     du = F.silu(g).mul_(dh)
     dg = torch.ops.aten.silu_backward(dh.mul_(u), g)
@@ -42,7 +43,7 @@ def _swiglu(g: torch.Tensor, u: torch.Tensor, triton: bool) -> torch.Tensor:
 
 
 class LoRAMLPFunction(torch.autograd.Function):
-    """Autograd op for :func:`lora_mlp`. Tensor arguments after ``triton``: (bias, A, B) for gate, up, down."""
+    """Autograd op for :func:`lora_mlp`. Tensor arguments after `triton`: (bias, A, B) for gate, up, down."""
 
     @staticmethod
     def forward(
@@ -95,13 +96,13 @@ def lora_mlp(x: torch.Tensor, gate: LoRAParams, up: LoRAParams, down: LoRAParams
     """Fused LoRA SwiGLU MLP (no dropout on the LoRA branches).
 
     Args:
-        x: ``[..., hidden]`` input.
-        gate: ``gate_proj`` parameters (``[inter, hidden]`` base weight).
-        up: ``up_proj`` parameters.
-        down: ``down_proj`` parameters (``[hidden, inter]`` base weight).
+        x: `[..., hidden]` input.
+        gate: `gate_proj` parameters (`[inter, hidden]` base weight).
+        up: `up_proj` parameters.
+        down: `down_proj` parameters (`[hidden, inter]` base weight).
 
     Returns:
-        ``[..., hidden]`` output.
+        `[..., hidden]` output.
     """
     for p in (gate, up, down):
         _check_frozen(p.weight)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
 from finetune.kernels._dispatch import autocast_dtype, cast_floating, use_triton
 from finetune.kernels.lora_linear import (
     LoRAParams,
@@ -24,7 +25,7 @@ from finetune.kernels.lora_linear import (
 
 
 class LoRASharedInputFunction(torch.autograd.Function):
-    """Several LoRA projections of one input. Tensor arguments after ``triton``: (bias, A, B) per projection."""
+    """Several LoRA projections of one input. Tensor arguments after `triton`: (bias, A, B) per projection."""
 
     @staticmethod
     def forward(
@@ -87,7 +88,7 @@ def lora_shared_input(x: torch.Tensor, projs: tuple[LoRAParams, ...]) -> tuple[t
 
 
 def lora_qkv(x: torch.Tensor, q: LoRAParams, k: LoRAParams, v: LoRAParams) -> tuple[torch.Tensor, ...]:
-    """Fused LoRA Q/K/V projections of ``x``; returns ``(q, k, v)`` shaped ``[..., out_i]``."""
+    """Fused LoRA Q/K/V projections of `x`; returns `(q, k, v)` shaped `[..., out_i]`."""
     return lora_shared_input(x, (q, k, v))
 
 

@@ -1,13 +1,13 @@
 """NF4 (bitsandbytes 4-bit) weights: layout, reference dequantisation and dispatch.
 
-bitsandbytes stores a ``[out, in]`` weight flattened row-major and packed two values per byte: element ``2i``
-in the high nibble of byte ``i``, element ``2i + 1`` in the low nibble. Each run of ``blocksize`` consecutive
-elements shares one scale ``absmax[j]``; a value is ``code[nibble] * absmax[element // blocksize]`` computed in
-float32 and then rounded to the storage dtype. With double quantisation (``quant_state.nested``) the scales are
-themselves 8-bit: ``absmax = state2.code[absmax_q] * state2.absmax[j // state2.blocksize] + offset``, again in
+bitsandbytes stores a `[out, in]` weight flattened row-major and packed two values per byte: element `2i`
+in the high nibble of byte `i`, element `2i + 1` in the low nibble. Each run of `blocksize` consecutive
+elements shares one scale `absmax[j]`; a value is `code[nibble] * absmax[element // blocksize]` computed in
+float32 and then rounded to the storage dtype. With double quantisation (`quant_state.nested`) the scales are
+themselves 8-bit: `absmax = state2.code[absmax_q] * state2.absmax[j // state2.blocksize] + offset`, again in
 float32 as two separately rounded operations (which is what makes a bit-exact reimplementation possible).
 
-The same formula holds for FP4 (only the 16-entry ``code`` table differs), so these helpers accept both.
+The same formula holds for FP4 (only the 16-entry `code` table differs), so these helpers accept both.
 """
 
 from __future__ import annotations
@@ -16,25 +16,26 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
 from finetune.kernels._dispatch import use_triton
 
 
 @dataclass(frozen=True, eq=False)
 class NF4Weight:
-    """Tensors of one 4-bit weight, unpacked from a bitsandbytes ``QuantState``.
+    """Tensors of one 4-bit weight, unpacked from a bitsandbytes `QuantState`.
 
     Attributes:
-        packed: Packed nibbles, ``uint8``, ``ceil(out * in / 2)`` elements (any shape, contiguous).
-        absmax: Per-block scales: ``uint8`` codes when nested, else ``float32``.
-        code: The 16-entry ``float32`` value table (NF4 or FP4).
+        packed: Packed nibbles, `uint8`, `ceil(out * in / 2)` elements (any shape, contiguous).
+        absmax: Per-block scales: `uint8` codes when nested, else `float32`.
+        code: The 16-entry `float32` value table (NF4 or FP4).
         blocksize: Elements per scale block.
-        shape: ``(out_features, in_features)``.
-        dtype: Dtype the weight dequantises to (``quant_state.dtype``).
-        nested_absmax: ``float32`` scales of the scales (double quantisation), else None.
-        nested_code: 256-entry ``float32`` table of the nested 8-bit quantisation, else None.
+        shape: `(out_features, in_features)`.
+        dtype: Dtype the weight dequantises to (`quant_state.dtype`).
+        nested_absmax: `float32` scales of the scales (double quantisation), else None.
+        nested_code: 256-entry `float32` table of the nested 8-bit quantisation, else None.
         nested_blocksize: Block size of the nested quantisation (0 when not nested).
-        offset: 1-element ``float32`` tensor added to the dequantised scales (nested only), else None.
-        quant_state: The original ``QuantState`` (used to call bitsandbytes' own dequantisation on CPU).
+        offset: 1-element `float32` tensor added to the dequantised scales (nested only), else None.
+        quant_state: The original `QuantState` (used to call bitsandbytes' own dequantisation on CPU).
     """
 
     packed: torch.Tensor
@@ -71,11 +72,11 @@ class NF4Weight:
 
     @classmethod
     def from_quant_state(cls, packed: torch.Tensor, quant_state: Any) -> NF4Weight:
-        """Builds the view from a packed weight and its ``bitsandbytes.functional.QuantState``.
+        """Builds the view from a packed weight and its `bitsandbytes.functional.QuantState`.
 
         Args:
-            packed: ``Params4bit`` data (``uint8``; a ``[n, 1]`` column in bitsandbytes).
-            quant_state: Its ``QuantState``.
+            packed: `Params4bit` data (`uint8`; a `[n, 1]` column in bitsandbytes).
+            quant_state: Its `QuantState`.
 
         Returns:
             The unpacked description.
@@ -111,7 +112,7 @@ class NF4Weight:
 
 
 def nf4_weight_of(module: torch.nn.Module) -> NF4Weight | None:
-    """Returns the 4-bit weight of a ``bitsandbytes.nn.Linear4bit`` (or None for anything else).
+    """Returns the 4-bit weight of a `bitsandbytes.nn.Linear4bit` (or None for anything else).
 
     Args:
         module: A linear layer.
@@ -146,7 +147,7 @@ def dequantize_nf4_reference(w: NF4Weight) -> torch.Tensor:
         w: The 4-bit weight.
 
     Returns:
-        The ``[out, in]`` weight in ``w.dtype``.
+        The `[out, in]` weight in `w.dtype`.
     """
     n = w.shape[0] * w.shape[1]
     data = w.packed.reshape(-1)
@@ -170,11 +171,11 @@ def dequantize_nf4(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tens
 
     Args:
         w: The 4-bit weight.
-        dtype: Dtype of the result; defaults to ``w.dtype``. Values are rounded to ``w.dtype`` first, like
-            ``bnb.matmul_4bit`` does.
+        dtype: Dtype of the result; defaults to `w.dtype`. Values are rounded to `w.dtype` first, like
+            `bnb.matmul_4bit` does.
 
     Returns:
-        A new ``[out, in]`` tensor.
+        A new `[out, in]` tensor.
     """
     if use_triton(w.packed):
         from finetune.kernels import nf4_triton

@@ -2,15 +2,15 @@
 
 Imported lazily (only when a Triton path runs). The dequantisation kernel reproduces bitsandbytes bit for bit:
 float32 multiply, then float32 add of the double-quantisation offset, then float32 multiply, then one rounding
-to the output dtype; it is launched with ``enable_fp_fusion=False`` so the compiler cannot contract the
+to the output dtype; it is launched with `enable_fp_fusion=False` so the compiler cannot contract the
 multiply-add into an FMA (which would round once and differ in the last bit).
 
-The fused kernel computes ``C = A @ op(W) [+ s * U @ V] [+ bias]`` where ``W`` is the 4-bit ``[N, K]`` weight,
-``op(W)`` is ``W.T`` (forward, ``trans=True``) or ``W`` (input gradient, ``trans=False``): each ``[BQ, BP]``
-tile of ``op(W)`` is dequantised in registers from the packed nibbles, so no dense weight is ever written.
+The fused kernel computes `C = A @ op(W) [+ s * U @ V] [+ bias]` where `W` is the 4-bit `[N, K]` weight,
+`op(W)` is `W.T` (forward, `trans=True`) or `W` (input gradient, `trans=False`): each `[BQ, BP]`
+tile of `op(W)` is dequantised in registers from the packed nibbles, so no dense weight is ever written.
 
 The Triton interpreter (CPU, tests) has no bfloat16 arithmetic and truncates float32 -> bfloat16 casts: bf16
-dots are done in float32 there (``DOT_FP32``), and bf16 values are rounded explicitly (``round_bf16``), so the
+dots are done in float32 there (`DOT_FP32`), and bf16 values are rounded explicitly (`round_bf16`), so the
 bf16 dequantisation is bit-exact on the interpreter as well as on a GPU.
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from finetune.kernels._dispatch import kernel_interpreted
 from finetune.kernels.nf4 import NF4Weight
 from finetune.kernels.triton_utils import is_bf16, round_bf16
@@ -38,7 +39,7 @@ def _nf4_tile(
     BS2: tl.constexpr,
     NESTED: tl.constexpr,
 ):
-    """float32 values of the elements at flat indices ``flat`` (0 where ``mask`` is false)."""
+    """float32 values of the elements at flat indices `flat` (0 where `mask` is false)."""
     byte = tl.load(packed_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
     nibble = tl.where((flat & 1) == 0, byte >> 4, byte & 15)
     block = flat // BLOCKSIZE
@@ -86,11 +87,11 @@ def _scale_args(w: NF4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
 
 
 def dequantize(w: NF4Weight, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Dequantises ``w`` into a new (or given) ``[out, in]`` tensor of dtype ``w.dtype``.
+    """Dequantises `w` into a new (or given) `[out, in]` tensor of dtype `w.dtype`.
 
     Args:
         w: The 4-bit weight.
-        out: Optional destination (contiguous, ``w.shape``).
+        out: Optional destination (contiguous, `w.shape`).
 
     Returns:
         The dense weight.
@@ -227,17 +228,17 @@ def nf4_matmul(
     bias: torch.Tensor | None = None,
     lowrank: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
-    """Fused ``a @ op(W) + s * U @ V + bias`` with ``W`` dequantised tile by tile.
+    """Fused `a @ op(W) + s * U @ V + bias` with `W` dequantised tile by tile.
 
     Args:
-        a: ``[M, Q]`` activations (the compute dtype; ``W`` tiles are rounded to it before the dot).
-        w: The 4-bit ``[N, K]`` weight.
-        trans: True for ``a @ W.T`` (Q = K, P = N), False for ``a @ W`` (Q = N, P = K).
-        bias: Optional ``[P]`` bias.
-        lowrank: Optional ``(U [M, R], V [R, P], s)`` low-rank term, accumulated in float32.
+        a: `[M, Q]` activations (the compute dtype; `W` tiles are rounded to it before the dot).
+        w: The 4-bit `[N, K]` weight.
+        trans: True for `a @ W.T` (Q = K, P = N), False for `a @ W` (Q = N, P = K).
+        bias: Optional `[P]` bias.
+        lowrank: Optional `(U [M, R], V [R, P], s)` low-rank term, accumulated in float32.
 
     Returns:
-        ``[M, P]`` in ``a.dtype``.
+        `[M, P]` in `a.dtype`.
     """
     n_out, n_in = w.shape
     m, q = a.shape

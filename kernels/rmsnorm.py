@@ -1,8 +1,8 @@
-"""RMSNorm, Llama convention: ``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)`` with float32 statistics.
+"""RMSNorm, Llama convention: `weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)` with float32 statistics.
 
-The fused op saves only ``x`` and the per-row ``rstd`` (float32, one value per row); eager PyTorch keeps the
-float32 upcast of ``x`` and the normalised float32 activations as well. Backward recomputes the normalised
-activations from ``x`` and ``rstd``. The weight gets a gradient only if it requires one (frozen under LoRA).
+The fused op saves only `x` and the per-row `rstd` (float32, one value per row); eager PyTorch keeps the
+float32 upcast of `x` and the normalised float32 activations as well. Backward recomputes the normalised
+activations from `x` and `rstd`. The weight gets a gradient only if it requires one (frozen under LoRA).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
 from finetune.kernels._dispatch import use_triton
 
 
@@ -56,18 +57,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Fused RMSNorm over the last dimension (Llama/Qwen2/Mistral semantics).
 
     Args:
-        x: ``[..., N]`` input.
-        weight: ``[N]`` scale.
+        x: `[..., N]` input.
+        weight: `[N]` scale.
         eps: Variance epsilon.
 
     Returns:
-        Normalised tensor in ``promote_types(weight.dtype, x.dtype)``.
+        Normalised tensor in `promote_types(weight.dtype, x.dtype)`.
     """
     return RMSNormFunction.apply(x, weight, float(eps), use_triton(x, weight))
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' ``LlamaRMSNorm.forward``."""
+    """transformers' `LlamaRMSNorm.forward`."""
     input_dtype = x.dtype
     h = x.to(torch.float32)
     variance = h.pow(2).mean(-1, keepdim=True)

@@ -1,12 +1,12 @@
 """Triton RMSNorm forward/backward, one row per program, float32 statistics.
 
 The weight gradient is reduced in two steps: each program accumulates its rows into a float32 partial row,
-and the ``[programs, N]`` partials are summed by PyTorch.
+and the `[programs, N]` partials are summed by PyTorch.
 
-Kernels here call only Triton builtins (``tl.reduce`` with local combine functions instead of ``tl.sum``/``tl.max``,
-``tl.full`` instead of ``tl.zeros``): Triton's own ``@jit`` helpers are compiled for the mode in force when
-``triton`` was first imported, so avoiding them lets the kernels run under ``TRITON_INTERPRET=1`` even if another
-library imported ``triton`` earlier in the process (as bitsandbytes, transformers and peft do).
+Kernels here call only Triton builtins (`tl.reduce` with local combine functions instead of `tl.sum`/`tl.max`,
+`tl.full` instead of `tl.zeros`): Triton's own `@jit` helpers are compiled for the mode in force when
+`triton` was first imported, so avoiding them lets the kernels run under `TRITON_INTERPRET=1` even if another
+library imported `triton` earlier in the process (as bitsandbytes, transformers and peft do).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from finetune.kernels.triton_utils import is_bf16, round_bf16
 
 
@@ -84,7 +85,7 @@ def _bwd_kernel(
 def rmsnorm_forward(
     x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``(y, rstd)`` for a contiguous ``[M, N]`` input."""
+    """Returns `(y, rstd)` for a contiguous `[M, N]` input."""
     m, n = x.shape
     y = torch.empty((m, n), dtype=out_dtype, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
@@ -98,7 +99,7 @@ def rmsnorm_forward(
 def rmsnorm_backward(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, need_dw: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Returns ``(dx, dweight or None)``."""
+    """Returns `(dx, dweight or None)`."""
     m, n = x.shape
     dx = torch.empty_like(x)
     rows = max(1, triton.cdiv(m, 256))

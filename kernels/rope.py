@@ -1,9 +1,9 @@
-"""Rotary position embedding, Llama convention (``rotate_half``), on ``[B, heads, S, D]`` queries and keys.
+"""Rotary position embedding, Llama convention (`rotate_half`), on `[B, heads, S, D]` queries and keys.
 
-``y = x * cos + rotate_half(x) * sin`` with ``cos``/``sin`` shaped ``[B or 1, S, D]`` as produced by
-transformers' ``LlamaRotaryEmbedding`` (``unsqueeze_dim=1``). The two halves of ``cos``/``sin`` are not assumed
-equal. The op saves nothing but ``cos``/``sin`` (shared by all layers); backward applies the transposed
-rotation ``dx = dy * cos + rotate_half^T(dy * sin)`` with ``rotate_half^T(z) = cat(z2, -z1)``, accumulated
+`y = x * cos + rotate_half(x) * sin` with `cos`/`sin` shaped `[B or 1, S, D]` as produced by
+transformers' `LlamaRotaryEmbedding` (`unsqueeze_dim=1`). The two halves of `cos`/`sin` are not assumed
+equal. The op saves nothing but `cos`/`sin` (shared by all layers); backward applies the transposed
+rotation `dx = dy * cos + rotate_half^T(dy * sin)` with `rotate_half^T(z) = cat(z2, -z1)`, accumulated
 in place.
 """
 
@@ -12,11 +12,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
 from finetune.kernels._dispatch import use_triton
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """``cat(-x2, x1)`` over the last dimension."""
+    """`cat(-x2, x1)` over the last dimension."""
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
@@ -72,16 +73,16 @@ def _check(q: torch.Tensor, cos: torch.Tensor) -> None:
 def apply_rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused rotary embedding of queries and keys (no gradient to ``cos``/``sin``).
+    """Fused rotary embedding of queries and keys (no gradient to `cos`/`sin`).
 
     Args:
-        q: ``[B, Hq, S, D]`` queries (any strides, e.g. the transposed projection view).
-        k: ``[B, Hk, S, D]`` keys.
-        cos: ``[B or 1, S, D]`` cosines.
-        sin: ``[B or 1, S, D]`` sines.
+        q: `[B, Hq, S, D]` queries (any strides, e.g. the transposed projection view).
+        k: `[B, Hk, S, D]` keys.
+        cos: `[B or 1, S, D]` cosines.
+        sin: `[B or 1, S, D]` sines.
 
     Returns:
-        ``(q_embed, k_embed)``.
+        `(q_embed, k_embed)`.
     """
     _check(q, cos)
     return RopeFunction.apply(q, k, cos, sin, use_triton(q, k, cos))
@@ -90,6 +91,6 @@ def apply_rope(
 def apply_rope_reference(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """transformers' ``apply_rotary_pos_emb`` with ``unsqueeze_dim=1``."""
+    """transformers' `apply_rotary_pos_emb` with `unsqueeze_dim=1`."""
     c, s = cos.unsqueeze(1), sin.unsqueeze(1)
     return q * c + rotate_half(q) * s, k * c + rotate_half(k) * s

@@ -1,7 +1,7 @@
 """Triton rotary embedding: one program per (batch, position), all heads at once, float32 arithmetic.
 
-Strided inputs are read in place (the ``[B, S, H, D] -> [B, H, S, D]`` transpose of the projections needs no
-copy); the output has the same strides as the input. ``BACKWARD`` applies the transposed rotation.
+Strided inputs are read in place (the `[B, S, H, D] -> [B, H, S, D]` transpose of the projections needs no
+copy); the output has the same strides as the input. `BACKWARD` applies the transposed rotation.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from finetune.kernels.triton_utils import is_bf16, round_bf16
 
 
@@ -65,7 +66,7 @@ def _rope_kernel(
 
 
 def rope_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
-    """Rotates ``x`` ``[B, H, S, D]`` (last dim contiguous) by ``cos``/``sin`` ``[B or 1, S, D]``."""
+    """Rotates `x` `[B, H, S, D]` (last dim contiguous) by `cos`/`sin` `[B or 1, S, D]`."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     bsz, heads, seq, dim = x.shape

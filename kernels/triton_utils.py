@@ -1,4 +1,4 @@
-"""Small Triton device helpers shared by the ``*_triton`` kernel modules (imported lazily, like them)."""
+"""Small Triton device helpers shared by the `*_triton` kernel modules (imported lazily, like them)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import triton.language as tl
 def round_bf16(x):
     """Rounds float32 values to the nearest bfloat16 (ties to even), returned as float32.
 
-    A later ``.to(tl.bfloat16)`` is then exact whatever rounding the cast uses: GPUs round to nearest, but the
+    A later `.to(tl.bfloat16)` is then exact whatever rounding the cast uses: GPUs round to nearest, but the
     Triton interpreter truncates, so without this bf16 results would differ by one ulp on CPU.
     """
     bits = x.to(tl.uint32, bitcast=True)
@@ -20,5 +20,5 @@ def round_bf16(x):
 
 
 def is_bf16(t: torch.Tensor) -> bool:
-    """Host-side flag for the ``BF16`` constexpr of the kernels."""
+    """Host-side flag for the `BF16` constexpr of the kernels."""
     return t.dtype == torch.bfloat16

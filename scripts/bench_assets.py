@@ -70,9 +70,8 @@ def _words(n: int) -> list[str]:
 
 def build_tokenizer(out: Path, vocab_size: int):
     """A word-level tokenizer of exactly `vocab_size` tokens with the ChatML template; saved to `out`."""
+    from tiny_tokenizer import SPECIAL, word_level_chat_tokenizer
     from tokenizers import decoders, pre_tokenizers
-
-    from finetune.tiny import SPECIAL, word_level_chat_tokenizer
 
     words = _words(vocab_size - len(SPECIAL) - len(ROLES))
     # one token per whitespace-separated word; WordPiece's decoder joins words with spaces

@@ -55,6 +55,7 @@ Step = Callable[[], None]
 
 def _nf4(out_f: int, in_f: int, dtype: torch.dtype, device: str):
     import bitsandbytes.functional as bnbf
+
     from finetune.kernels.nf4 import NF4Weight
 
     packed, qs = bnbf.quantize_4bit(

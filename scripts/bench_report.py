@@ -20,9 +20,8 @@ def heldout_spread(meta: dict[str, Any]) -> float | None:
 
 def dataset_stats(model_dir: str, train_file: str) -> dict[str, Any]:
     """Lengths (template included) and label share of the training rows, with the tokenizer's assistant mask."""
+    from bench_probe import causal_context
     from transformers import AutoTokenizer
-
-    from finetune.perf import causal_context
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     lengths, labelled = [], 0
@@ -41,9 +40,8 @@ def dataset_stats(model_dir: str, train_file: str) -> dict[str, Any]:
 
 
 def summarize(runs: list[dict], peaks: list[dict], assets: dict, work: dict, meta: dict) -> dict[str, Any]:
+    from bench_probe import mfu, train_flops_per_token
     from transformers import AutoConfig
-
-    from finetune.perf import mfu, train_flops_per_token
 
     stats = dataset_stats(assets["model"], assets["train"])
     config = AutoConfig.from_pretrained(assets["model"])
@@ -183,7 +181,7 @@ def markdown(s: dict[str, Any]) -> str:
     ]
     if not dpo:
         lines.append(
-            f"FLOPs per real token (finetune/perf.py): base linears {fl['base_linear'] / 1e6:.1f}M + LM head on "
+            f"FLOPs per real token (scripts/bench_probe.py): base linears {fl['base_linear'] / 1e6:.1f}M + LM head on "
             f"labelled positions {fl['lm_head'] / 1e6:.1f}M + attention {fl['attention'] / 1e6:.1f}M + LoRA "
             f"{fl['lora'] / 1e6:.1f}M = {fl['total'] / 1e6:.1f}M.")
     lines += [

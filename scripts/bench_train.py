@@ -14,7 +14,7 @@ padded batches), `trl-best` (its fastest flags that run here: no bf16 autocast, 
 padding-free batches), `trl-packed` (`--packing`, best-fit-decreasing bins of max_length; rows per step instead of
 samples per step, so it is reported but never called "same work").
 
-Measured per run (see `finetune.perf` for the probe and the FLOPs formula): real tokens/s (non-padding tokens the
+Measured per run (see `bench_probe.py` for the probe and the FLOPs formula): real tokens/s (non-padding tokens the
 model consumed / time from train begin to last optimizer step), wall time of the command, time to first optimizer
 step (from launch), peak RSS (largest single process, from wait4; and the whole process tree, sampled), final train
 loss (mean of the last quarter of steps) and held-out loss (assistant tokens of held-out rows, computed by this
@@ -208,8 +208,7 @@ def run_one(side: str, rep: int, args: argparse.Namespace, assets: dict, w: dict
 
 def matmul_peaks(threads: int, budget: float) -> dict:
     import torch
-
-    from finetune.perf import measure_matmul_peak
+    from bench_probe import measure_matmul_peak
 
     torch.set_num_threads(threads)
     return {"float32": measure_matmul_peak("float32", budget_seconds=budget),
@@ -221,8 +220,9 @@ def write_probe_hook(work: Path) -> Path:
     d = work / "probe"
     d.mkdir(parents=True, exist_ok=True)
     (d / "sitecustomize.py").write_text(
-        "import os\nif os.environ.get('FT_BENCH_PROBE'):\n"
-        "    from finetune.perf import install_probe\n    install_probe(os.environ['FT_BENCH_PROBE'])\n")
+        "import os, sys\nif os.environ.get('FT_BENCH_PROBE'):\n"
+        f"    sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+        "    from bench_probe import install_probe\n    install_probe(os.environ['FT_BENCH_PROBE'])\n")
     return d
 
 

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from finetune.docs import markdown
+from finetune.recipe.docs import markdown
 
 out = Path(__file__).resolve().parents[1] / "docs" / "recipe.md"
 out.write_text(markdown())

@@ -1,7 +1,7 @@
 """Tiny models and data the tests build themselves, in seconds, offline.
 
-`build_char_model` makes a character-level tokenizer (`finetune.tiny`: ChatML, pad distinct from eos) and a random
-2-layer Llama; `write_addition_data` a small chat dataset (user asks for a sum, assistant answers).
+`build_char_model` makes a character-level tokenizer (`scripts/tiny_tokenizer.py`: ChatML, pad distinct from
+eos) and a random 2-layer Llama; `write_addition_data` a small chat dataset (user asks for a sum, assistant answers).
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ from pathlib import Path
 def build_char_model(out: Path, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
     """Write a tokenizer + random Llama to `out` and return it."""
     import torch
+    from tiny_tokenizer import SPECIAL, word_level_chat_tokenizer
     from tokenizers import decoders, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from finetune.tiny import SPECIAL, word_level_chat_tokenizer
 
     chars = [chr(i) for i in range(32, 127)] + ["\n"]
     tok = word_level_chat_tokenizer(chars, pre_tokenizers.Split(pattern="", behavior="isolated"), decoders.Fuse())

@@ -7,7 +7,8 @@ Stages use two functions and never look at raw rows:
 
 Modules: `readers` (files, folders, save_to_disk, Hub), `formats` (detection, column mapping, normalisation),
 `templates` (registry, apply_template), `encode` (ids and label masks), `packing`, `cache`, `build` (the steps in
-order), `preview` (`ft data preview`). Importing this package is cheap: datasets and transformers load on use.
+order), `preview` (the lines `ft data preview` prints). Importing this package is cheap: datasets and transformers load
+on use. May import `finetune.recipe` and `finetune.distributed`; knows no model.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 from finetune.data.encode import IGNORE
 from finetune.data.templates import TEMPLATE_NAMES, TemplateInfo, apply_template
 from finetune.errors import FinetuneError
-from finetune.recipe import DataConfig, DatasetSource
+from finetune.recipe.schema import DataConfig, DatasetSource
 
 __all__ = ["IGNORE", "TEMPLATE_NAMES", "TemplateInfo", "apply_template", "build_dataset", "read_rows"]
 

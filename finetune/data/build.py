@@ -14,7 +14,7 @@ from finetune.data.packing import pack
 from finetune.data.readers import Table, read_source
 from finetune.data.templates import TemplateInfo, applied_template
 from finetune.errors import FinetuneError
-from finetune.recipe import DataConfig, DatasetSource
+from finetune.recipe.schema import DataConfig, DatasetSource
 
 PROGRESS_FROM = 5000  # show a progress bar when tokenizing at least this many samples
 

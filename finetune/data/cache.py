@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.data.readers import fingerprint
-from finetune.recipe import DataConfig, DatasetSource
+from finetune.recipe.schema import DataConfig, DatasetSource
 
 CACHE_VERSION = 1
 _NOT_IN_KEY = {"task_eval", "task_eval_max_new_tokens", "cache_dir"}  # do not change the preprocessed data

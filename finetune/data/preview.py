@@ -100,36 +100,3 @@ def preview_lines(prepared: Prepared, tokenizer: Any, template: TemplateInfo, n:
     results = checks(report, tokenizer, template)
     lines += [f"  {'ok  ' if ok else 'FAIL'} {text}" for ok, text in results]
     return lines, all(ok for ok, _ in results)
-
-
-def run_preview(recipe: Any, n: int = 3, stage: str | None = None, split: str = "train",
-                color: bool | None = None) -> bool:
-    """Print the preview of one stage's data (the first stage by default); True when every check passed."""
-    import sys
-
-    import typer
-
-    from finetune.data.build import prepare
-    from finetune.data.templates import apply_template
-    from finetune.errors import FinetuneError
-    from finetune.model import load_tokenizer
-
-    stages = recipe.effective_stages()
-    chosen = next((s for s in stages if s.name == stage), None) if stage else stages[0]
-    if chosen is None:
-        raise FinetuneError(f"--stage {stage}: the recipe has no such stage (stages: "
-                            f"{', '.join(s.name for s in stages)})")
-    if split not in ("train", "eval"):
-        raise FinetuneError(f"--split {split}: choose train or eval")
-    data = recipe.stage_data(chosen)
-    tokenizer = load_tokenizer(recipe.model)
-    template = apply_template(tokenizer, data)
-    prepared = prepare(data, tokenizer, chosen.kind, recipe.stage_training(chosen).seed, split)
-    if prepared is None:
-        raise FinetuneError(f"stage {chosen.name} has no {split} data (set data.eval or data.eval_fraction)")
-    typer.echo(f"stage {chosen.name} ({chosen.kind}), {split} split")
-    color = sys.stdout.isatty() if color is None else color
-    lines, ok = preview_lines(prepared, tokenizer, template, n, data.max_length, color)
-    for line in lines:
-        typer.echo(line, color=color)  # click strips colour off a non-terminal unless told
-    return ok

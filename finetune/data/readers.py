@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import FinetuneError
-from finetune.recipe import DatasetSource
+from finetune.recipe.schema import DatasetSource
 
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _SAVED_MARKERS = ("dataset_dict.json", "state.json")
@@ -156,7 +156,7 @@ def _load_saved(path: Path, src: DatasetSource, key: str):
 
 
 def _load_hub(src: DatasetSource, key: str):
-    from finetune.checks import hub_offline_reason, looks_like_hub_id
+    from finetune.recipe.checks import hub_offline_reason, looks_like_hub_id
 
     if not looks_like_hub_id(src.path):
         raise FinetuneError(f"{key}: '{src.path}' does not exist (resolved against {Path.cwd()})")

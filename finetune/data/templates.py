@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import FinetuneError
-from finetune.recipe import DataConfig
+from finetune.recipe.schema import DataConfig
 
 
 @dataclass(frozen=True)

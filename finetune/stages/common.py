@@ -9,9 +9,10 @@ from typing import Any
 
 import torch
 
-from finetune.launch import batch_plan, is_main_process, trainer_distributed_kwargs
-from finetune.model import resolve_precision
-from finetune.recipe import DataConfig, Recipe, StageConfig, TrainingConfig
+from finetune.distributed.plan import batch_plan, trainer_distributed_kwargs
+from finetune.distributed.process import is_main_process
+from finetune.model.loading import resolve_precision
+from finetune.recipe.schema import DataConfig, Recipe, StageConfig, TrainingConfig
 
 
 @dataclass
@@ -24,8 +25,8 @@ class StageContext:
     run_dir: Path
     init_adapter: Path | None  # adapter folder this stage starts from (None: a fresh adapter)
     previous_adapter: Path | None  # adapter of the stage before (the `sft` reference for DPO)
-    resume_from: Path | None = None  # checkpoint to continue from (`ft train --resume`); see finetune.resume
-    tracker: Any = None  # the run's finetune.tracking.Tracker (W&B), fed by the stage's RunLogger
+    resume_from: Path | None = None  # checkpoint to continue from (`ft train --resume`); see finetune.run.resume
+    tracker: Any = None  # the run's finetune.run.tracking.Tracker (W&B), fed by the stage's RunLogger
 
     @property
     def dir(self) -> Path:
@@ -89,7 +90,7 @@ def trainer_kwargs(ctx: StageContext, has_eval: bool) -> dict[str, Any]:
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,
         save_total_limit=t.save_total_limit,
-        report_to=[],  # RunLogger feeds metrics.jsonl, W&B and TensorBoard itself (finetune.tracking)
+        report_to=[],  # RunLogger feeds metrics.jsonl, W&B and TensorBoard itself (finetune.run.tracking)
         run_name=ctx.recipe.name,
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
@@ -110,7 +111,7 @@ def task_metric(model, tokenizer, rows: list[dict[str, Any]], max_new_tokens: in
     """Held-out task metrics by greedy generation (exact match and friends), or None without task rows."""
     if not rows:
         return None
-    from finetune.evaluate import task_metrics
+    from finetune.eval.tasks import task_metrics
 
     was_training = model.training
     model.eval()
@@ -166,7 +167,7 @@ def build_stage_trainer(trainer_cls: Any, ctx: StageContext, model, config, toke
     trl casts QLoRA adapters to bf16 in its constructor; when training runs in the adapters' own dtype they are cast
     back (`adapters_in_compute_dtype`), and an adapter the stage starts from is reloaded so that it starts where the
     previous stage ended (in DPO it then equals an `sft` reference bit for bit)."""
-    from finetune.tracking import RunLogger
+    from finetune.run.tracking import RunLogger
 
     trainer = trainer_cls(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
                           processing_class=tokenizer, callbacks=[RunLogger(ctx.metrics_path, ctx.stage.name)])

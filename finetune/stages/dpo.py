@@ -19,16 +19,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from finetune import label_loss
-from finetune.adapters import apply_recipe_kernels, attach, prepare_base, trainable_summary
-from finetune.attention import use_per_sample_attention
 from finetune.data import apply_template, build_dataset
+from finetune.distributed.process import gathered_state_dict, is_main_process
 from finetune.errors import FinetuneError
-from finetune.launch import gathered_state_dict, is_main_process
-from finetune.model import load_model, load_tokenizer
-from finetune.recipe import DPOConfig
-from finetune.resume import guarded_train
-from finetune.runio import write_dir_atomic
+from finetune.model import loss_heads
+from finetune.model.adapters import apply_recipe_kernels, attach, prepare_base, trainable_summary
+from finetune.model.attention import use_per_sample_attention
+from finetune.model.loading import load_model, load_tokenizer
+from finetune.recipe.schema import DPOConfig
+from finetune.run.files import write_dir_atomic
+from finetune.run.resume import guarded_train
 from finetune.stages.common import (
     StageContext,
     StageResult,
@@ -119,13 +119,13 @@ def build_trainer(ctx: StageContext, tokenizer, train_ds, eval_ds) -> tuple[Any,
         precompute_ref_log_probs=False,
     )
     trainer = build_stage_trainer(DPOTrainer, ctx, model, config, tokenizer, train_ds, eval_ds)
-    if label_loss.unsupported_reason(trainer.model) is None:
+    if loss_heads.unsupported_reason(trainer.model) is None:
         # trl's fused LM head scores every position (prompts, padding) off Triton devices: labelled ones only here;
         # and trl 1.16 has no padding-free DPO: the head's forward runs each padded batch as one padding-free row
         padding_free = padding_free_batches(ctx) and use_per_sample_attention(trainer.model)
-        label_loss.install_compact_fused_head(trainer.model, padding_free=padding_free)
+        loss_heads.install_compact_fused_head(trainer.model, padding_free=padding_free)
         if padding_free:
-            print(f"[{ctx.stage.name}] batches: padding-free rows, attention per sample (finetune.attention)",
+            print(f"[{ctx.stage.name}] batches: padding-free rows, attention per sample (finetune.model.attention)",
                   flush=True)
     install_reference(trainer.model, ref_folder)
     if dpo.precompute_ref_log_probs:

@@ -6,10 +6,10 @@ Run folder layout:
     tokenizer/           the tokenizer used (pad token set)
     <stage>/adapter/     the stage's LoRA adapter (safetensors + adapter_config.json), loadable by plain peft
     <stage>/summary.json the stage's result and settings; its presence marks the stage finished
-    <stage>/checkpoints/ resumable checkpoint-N folders, each complete or absent (finetune.checkpoints)
+    <stage>/checkpoints/ resumable checkpoint-N folders, each complete or absent (finetune.run.checkpoints)
     summary.json         status (running, finished, interrupted, failed) and every stage's metrics
     manifest.json        lineage: recipe hash, data hashes, base model, versions, commit, seeds, hardware
-    .lock                held by the `ft train` writing the folder (finetune.runs)
+    .lock                held by the `ft train` writing the folder (finetune.run.listing)
     wandb/, tensorboard/ tracker files when the recipe asks for them; report/ after `ft report`
 """
 
@@ -21,16 +21,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune.distributed.process import is_main_process, wait_for_everyone
 from finetune.errors import FinetuneError
-from finetune.launch import is_main_process, wait_for_everyone
-from finetune.manifest import write_manifest
-from finetune.recipe import Recipe, StageConfig
-from finetune.recipe_io import dump_recipe
-from finetune.resume import check_run_dir, record_stop, resume_point
-from finetune.runio import read_json, write_json_atomic, write_text_atomic
-from finetune.runs import RunLock
+from finetune.recipe.loading import dump_recipe
+from finetune.recipe.schema import Recipe, StageConfig
+from finetune.run.files import read_json, write_json_atomic, write_text_atomic
+from finetune.run.lock import RunLock
+from finetune.run.manifest import write_manifest
+from finetune.run.resume import check_run_dir, record_stop, resume_point
+from finetune.run.tracking import Tracker, open_tracker
 from finetune.stages.common import StageContext, StageResult
-from finetune.tracking import Tracker, open_tracker
 
 
 @dataclass
@@ -47,7 +47,7 @@ class RunResult:
 
     def metrics(self, stage: str | None = None) -> list[dict[str, Any]]:
         """The logged rows of metrics.jsonl (of one stage when given): step, loss, learning rate, eval loss..."""
-        from finetune.tracking import read_metrics
+        from finetune.run.records import read_metrics
 
         return [r for r in read_metrics(self.run_dir / "metrics.jsonl") if stage is None or r.get("stage") == stage]
 
@@ -102,7 +102,7 @@ def prepare_run_dir(recipe: Recipe, from_stage: str | None = None, resume: bool 
     """Create the run folder, refusing to replace a finished run unless the recipe says overwrite.
 
     With `from_stage`, a finished run is reopened: the stages before it are kept, it and the ones after run again.
-    Unfinished runs (resume, checkpoints, locks) follow `finetune.resume.check_run_dir`.
+    Unfinished runs (resume, checkpoints, locks) follow `finetune.run.resume.check_run_dir`.
     """
     run_dir = recipe.output_dir()
     check_run_dir(run_dir, dump_recipe(recipe), [s.name for s in recipe.effective_stages()],
@@ -123,13 +123,13 @@ def run_pipeline(recipe: Recipe, recipe_path: str | Path | None = None, from_sta
                  resume: bool = False) -> RunResult:
     """Run every unfinished stage of the recipe; finished stages in the same run folder are skipped.
 
-    With `resume`, the unfinished stage continues from its last checkpoint (see finetune.resume).
+    With `resume`, the unfinished stage continues from its last checkpoint (see finetune.run.resume).
     """
     stages = recipe.effective_stages()
     names = [s.name for s in stages]
     if from_stage is not None and from_stage not in names:
         raise FinetuneError(f"--from-stage {from_stage}: the recipe has no such stage (stages: {', '.join(names)})")
-    main = is_main_process()  # with several processes only the main one writes the run folder (finetune.launch)
+    main = is_main_process()  # with several processes only the main one writes the run folder
     run_dir = prepare_run_dir(recipe, from_stage, resume) if main else recipe.output_dir()
     wait_for_everyone()  # the others look into the folder only once the main process has (re)made it
     lock = RunLock(run_dir).acquire() if main else None  # one writer per run folder; released by the OS on kill -9
@@ -143,15 +143,15 @@ def run_pipeline(recipe: Recipe, recipe_path: str | Path | None = None, from_sta
     if main:
         write_json_atomic(run_dir / "summary.json", summary)
     if recipe.hub.repo_id and main:  # say now, not after hours of training, that the upload asked for will fail
-        from finetune.hub import preflight
+        from finetune.stages.preflight import hub_warning
 
-        if (warning := preflight(recipe)) is not None:
+        if (warning := hub_warning(recipe)) is not None:
             print(f"[hub] warning: {warning}", flush=True)
 
     from transformers import set_seed
 
     from finetune.data.templates import apply_template
-    from finetune.model import load_tokenizer
+    from finetune.model.loading import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.model)
     apply_template(tokenizer, recipe.stage_data(stages[0]))  # the saved tokenizer carries the template trained with
@@ -216,10 +216,6 @@ def run_pipeline(recipe: Recipe, recipe_path: str | Path | None = None, from_sta
     tracker.finish()
     lock.release()
     _print_summary(run)
-    if recipe.hub.repo_id:  # export + upload (finetune.hub); if the upload fails, the export stays on disk
-        from finetune.hub import upload_run
-
-        print(f"[hub] uploaded: {upload_run(recipe, run_dir)}", flush=True)
     return run
 
 

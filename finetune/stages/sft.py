@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import time
 
-from finetune import label_loss
-from finetune.adapters import apply_recipe_kernels, attach, prepare_base, trainable_summary
-from finetune.attention import use_per_sample_attention
 from finetune.data import apply_template, build_dataset
-from finetune.launch import gathered_state_dict, is_main_process
-from finetune.model import load_model, load_tokenizer
-from finetune.resume import guarded_train
-from finetune.runio import write_dir_atomic
+from finetune.distributed.process import gathered_state_dict, is_main_process
+from finetune.model import loss_heads
+from finetune.model.adapters import apply_recipe_kernels, attach, prepare_base, trainable_summary
+from finetune.model.attention import use_per_sample_attention
+from finetune.model.loading import load_model, load_tokenizer
+from finetune.run.files import write_dir_atomic
+from finetune.run.resume import guarded_train
 from finetune.stages.common import (
     StageContext,
     StageResult,
@@ -50,7 +50,7 @@ def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
     # --- train
     padding_free = data.packing or padding_free_batches(ctx)
     if padding_free and use_per_sample_attention(model):
-        print(f"[{ctx.stage.name}] attention: per sample within padding-free rows (finetune.attention)", flush=True)
+        print(f"[{ctx.stage.name}] attention: per sample within padding-free rows (model/attention.py)", flush=True)
     config = SFTConfig(
         **trainer_kwargs(ctx, has_eval=eval_ds is not None),
         # Our data is already cut to max_length (and packed into rows of it); trl refuses max_length with
@@ -59,14 +59,14 @@ def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
         padding_free=padding_free,
         packing=False,
     )
-    # The loss: the LM head on labelled positions only, chunked (finetune.label_loss), where the model allows it.
-    no_label_loss = label_loss.unsupported_reason(model)
+    # The loss: the LM head on labelled positions only, chunked (finetune.model.loss_heads), where the model allows it.
+    no_label_loss = loss_heads.unsupported_reason(model)
     print(f"[{ctx.stage.name}] loss: " + (f"trl's ({no_label_loss})" if no_label_loss else
                                           "chunked LM head on labelled positions only"), flush=True)
-    trainer = build_stage_trainer(SFTTrainer if no_label_loss else label_loss.trainer_class(), ctx, model, config,
+    trainer = build_stage_trainer(SFTTrainer if no_label_loss else loss_heads.trainer_class(), ctx, model, config,
                                   tokenizer, train_ds, eval_ds)
     if not no_label_loss:
-        label_loss.install(trainer.model)  # last: the outermost per-instance forward patch
+        loss_heads.install(trainer.model)  # last: the outermost per-instance forward patch
     started = time.perf_counter()
     result = guarded_train(trainer, ctx)  # atomic checkpoints, --resume, Ctrl-C, NaN guard
     train_seconds = time.perf_counter() - started

@@ -1,7 +1,7 @@
 """Triton kernels compiled for a CUDA GPU, at realistic sizes, against the PyTorch references.
 
 Skipped without CUDA, and skipped when this process built the kernels for the Triton interpreter (the CPU
-kernel tests in ``tests/unit/kernels`` do that for the whole pytest process): run ``pytest -m gpu tests/gpu``
+kernel tests in `tests/unit/kernels` do that for the whole pytest process): run `pytest -m gpu tests/gpu`
 on its own on a GPU machine.
 """
 
@@ -35,6 +35,7 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, wha
 
 def _nf4(shape, dtype, nested=True):
     import bitsandbytes.functional as bnbf
+
     from finetune.kernels.nf4 import NF4Weight
 
     weight = (torch.randn(shape, device="cuda") * 0.5).to(dtype)
@@ -46,6 +47,7 @@ def _nf4(shape, dtype, nested=True):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dequant_bit_exact_vs_bnb_cuda(dtype, nested):
     import bitsandbytes.functional as bnbf
+
     from finetune.kernels.nf4 import dequantize_nf4
 
     packed, qs, w = _nf4((4096, 1024 + 64), dtype, nested)

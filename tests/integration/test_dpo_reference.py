@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.model import load_tokenizer
-from finetune.recipe import Recipe
+from finetune.model.loading import load_tokenizer
+from finetune.recipe.schema import Recipe
 from finetune.stages.common import StageContext
 from finetune.stages.dpo import REF, build_trainer, held_out
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from resume_helpers import train_here, write_recipe
 
-from finetune.dryrun import estimate_memory, total_steps
-from finetune.recipe import LoraConfig, TrainingConfig
+from finetune.recipe.schema import LoraConfig, TrainingConfig
+from finetune.stages.dryrun import estimate_memory, total_steps
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tiny_model, addition_data, tmp_path):
@@ -39,7 +39,7 @@ def test_activation_estimate_matches_the_tensors_autograd_keeps(tmp_path):
     from tinymodels import build_char_model
     from transformers import AutoModelForCausalLM
 
-    from finetune.adapters import attach, prepare_base
+    from finetune.model.adapters import attach, prepare_base
 
     folder = build_char_model(tmp_path / "m", hidden=128, layers=3)
     model = attach(prepare_base(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), False, False),

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from finetune.cli import app
 from finetune.errors import FinetuneError
-from finetune.export import export_adapter, export_merged, open_run
+from finetune.export.exports import export_adapter, export_merged
+from finetune.export.runstage import open_run
 
 FAKE_TOKEN = "hf_" + "x" * 34  # shaped like a real token: must never appear in output or files
 
@@ -33,8 +34,7 @@ def qlora_run(tiny_model, addition_data, tmp_path_factory, hub_calls) -> Path:
     tested in tests/unit/test_export_merge.py)."""
     from huggingface_hub import HfApi
 
-    from finetune.recipe_io import load_recipe
-    from finetune.stages.pipeline import run_pipeline
+    from finetune import train
 
     out = tmp_path_factory.mktemp("qlora")
     (out / "recipe.yaml").write_text(f"""
@@ -52,12 +52,12 @@ hub: {{repo_id: someone/export-test, format: adapter}}
 """)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_TOKEN", FAKE_TOKEN)
-        mp.setattr("finetune.hub.hub_offline_reason", lambda: None)
+        mp.setattr("finetune.export.hub.hub_offline_reason", lambda: None)
         mp.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: hub_calls.append(("create_repo", {
             "repo_id": repo_id, **kw})))
         mp.setattr(HfApi, "upload_folder", lambda self, **kw: hub_calls.append(("upload_folder", {
             **kw, "files": sorted(p.name for p in Path(kw["folder_path"]).iterdir())})))
-        run_pipeline(load_recipe(out / "recipe.yaml"))
+        train(out / "recipe.yaml")
     adapter = out / "run" / "sft" / "adapter" / "adapter_model.safetensors"
     weights = load_file(adapter)
     g = torch.Generator().manual_seed(0)
@@ -77,8 +77,8 @@ def test_upload_at_end_of_train_goes_through_hfapi(qlora_run, hub_calls, capsys)
 
 
 def test_upload_failure_after_training_keeps_the_export(qlora_run, monkeypatch):
-    from finetune.hub import upload_run
-    from finetune.recipe_io import load_recipe
+    from finetune.export.hub import upload_run
+    from finetune.recipe.schema import load_recipe
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FinetuneError, match=r"training finished .* upload .* failed: .*HF_HUB_OFFLINE is set"):
@@ -213,7 +213,7 @@ def test_cli_export_errors_and_generate(qlora_run, tmp_path, capsys):
     adapter = runner.invoke(app, ["export", str(qlora_run), "--out", str(tmp_path / "adapter")])
     assert adapter.exit_code == 0, adapter.output
 
-    from finetune.generate import generate, load
+    from finetune.export.generate import generate, load
 
     capsys.readouterr()
     from_export = generate(load(out), "add 1 2", max_new_tokens=6)

@@ -78,7 +78,7 @@ output: {{dir: {out / 'two'}}}
     first.send_signal(signal.SIGTERM)  # what Ctrl-C or a job scheduler does to the launcher
     stopped = first.communicate(timeout=300)[0]
     # The resume goes through `accelerate launch -m finetune` directly: the other way in, with the same result.
-    from finetune.launch import free_port
+    from finetune.distributed.launch import free_port
 
     accelerate = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                   "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no"]

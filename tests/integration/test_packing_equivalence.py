@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from finetune.cli import app
 from finetune.data import apply_template, build_dataset
 from finetune.data.packing import unpack
-from finetune.recipe import DataConfig
+from finetune.recipe.schema import DataConfig
 
 TOL = 1e-5  # float32 on CPU; measured differences are ~1e-7
 

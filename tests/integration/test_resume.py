@@ -27,7 +27,7 @@ from resume_helpers import (
     write_recipe,
 )
 
-from finetune.checkpoints import last_checkpoint, list_checkpoints
+from finetune.run.checkpoints import last_checkpoint, list_checkpoints
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -9,8 +9,8 @@ import torch
 from resume_helpers import losses, write_recipe
 
 import finetune.stages.sft as sft
-from finetune.guards import TrainingDiverged
-from finetune.recipe_io import load_recipe
+from finetune.recipe.schema import load_recipe
+from finetune.run.guards import TrainingDiverged
 from finetune.stages.pipeline import run_pipeline
 
 POISONED_FORWARD = 6  # the 6th training forward = step 6 (micro batch 4, no accumulation)

@@ -11,9 +11,9 @@ from resume_helpers import TermAtStep, losses, write_dpo_recipe, write_recipe
 
 import finetune
 import finetune.stages.common as common
-from finetune.checkpoints import list_checkpoints
-from finetune.guards import RunInterrupted
-from finetune.recipe_io import load_recipe
+from finetune.errors import RunInterrupted
+from finetune.recipe.schema import load_recipe
+from finetune.run.checkpoints import list_checkpoints
 from finetune.stages.pipeline import run_pipeline
 
 

@@ -34,7 +34,7 @@ def test_import_is_light():
 
 def test_train_matches_the_cli_and_returns_the_run(tiny_model, addition_data, tmp_path):
     from finetune.cli import app
-    from finetune.recipe_io import dump_recipe
+    from finetune.recipe.loading import dump_recipe
 
     recipe = tiny_recipe(tiny_model, addition_data, tmp_path / "api")
     run = train(recipe, ["lora.r=8"])
@@ -76,9 +76,9 @@ def test_run_result_from_a_folder_without_a_run(tmp_path):
 
 def test_train_in_several_processes_launches_the_resolved_recipe(tiny_model, addition_data, tmp_path, monkeypatch):
     """`train(nproc=2)` hands `ft train` the recipe as resolved in Python, then reads the run back from its folder."""
-    from finetune import launch
-    from finetune.recipe_io import load_recipe
-    from finetune.runio import write_json_atomic
+    from finetune.distributed import launch
+    from finetune.recipe.schema import load_recipe
+    from finetune.run.files import write_json_atomic
 
     recipe = tiny_recipe(tiny_model, addition_data, tmp_path / "multi")
     seen = {}

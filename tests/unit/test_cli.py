@@ -103,7 +103,7 @@ def test_help_and_validate_do_not_import_torch(tmp_path):
 
 
 def test_recipe_docs_are_up_to_date():
-    from finetune.docs import markdown
+    from finetune.recipe.docs import markdown
 
     doc = Path(__file__).resolve().parents[2] / "docs" / "recipe.md"
     assert doc.read_text() == markdown(), "run `python scripts/gen_recipe_docs.py` to regenerate docs/recipe.md"
@@ -118,7 +118,7 @@ def test_train_error_in_a_worker_process_names_its_rank(tmp_path, monkeypatch):
         raise FinetuneError("data.train[0]: row 3 has no assistant turn")
 
     monkeypatch.setattr(pipeline, "run_pipeline", fail)
-    monkeypatch.setattr("finetune.launch.silence_other_processes", lambda: None)
+    monkeypatch.setattr("finetune.distributed.process.silence_other_processes", lambda: None)
     p = recipe(tmp_path, "model: {name_or_path: MODEL}\ndata: {train: [{path: DATA}]}\n")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")

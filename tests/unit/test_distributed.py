@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from finetune import launch
 from finetune.cli import app
+from finetune.distributed import launch, process
+from finetune.distributed import plan as batching
 from finetune.errors import FinetuneError
-from finetune.recipe import DistributedConfig, TrainingConfig
-from finetune.recipe_io import RecipeError, load_recipe
+from finetune.recipe.loading import RecipeError
+from finetune.recipe.schema import DistributedConfig, TrainingConfig, load_recipe
 
 QLORA = "quantization: {mode: nf4, compute_dtype: bfloat16}\n"
 
@@ -36,7 +37,7 @@ def problems(tmp_path: Path, body: str) -> str:
 def test_default_is_ddp_keeping_the_global_batch(tmp_path):
     r = load_recipe(recipe_file(tmp_path, ""))
     assert r.distributed.strategy == "ddp" and r.distributed.keep_global_batch
-    assert launch.trainer_distributed_kwargs(r) == {"ddp_find_unused_parameters": False}
+    assert batching.trainer_distributed_kwargs(r) == {"ddp_find_unused_parameters": False}
 
 
 def test_qlora_fsdp_needs_storage_equal_to_compute_dtype(tmp_path):
@@ -44,7 +45,7 @@ def test_qlora_fsdp_needs_storage_equal_to_compute_dtype(tmp_path):
     assert "quantization.quant_storage" in msg and "bfloat16" in msg and "FSDP" in msg
     r = load_recipe(recipe_file(tmp_path, QLORA.replace("}", ", quant_storage: bfloat16}") +
                                 "distributed: {strategy: fsdp}\n"))
-    assert launch.trainer_distributed_kwargs(r) == {
+    assert batching.trainer_distributed_kwargs(r) == {
         "fsdp": True, "fsdp_config": {"version": 2, "reshard_after_forward": True, "cpu_offload": False}}
 
 
@@ -57,7 +58,7 @@ def test_qlora_zero3_has_the_same_rule_and_zero2_does_not(tmp_path):
     msg = problems(tmp_path, QLORA + "distributed: {strategy: deepspeed, deepspeed_stage: 3}\n")
     assert "DeepSpeed ZeRO-3" in msg and "quant_storage" in msg
     r = load_recipe(recipe_file(tmp_path, QLORA + "distributed: {strategy: deepspeed, deepspeed_stage: 2}\n"))
-    assert launch.trainer_distributed_kwargs(r)["deepspeed"]["zero_optimization"]["stage"] == 2
+    assert batching.trainer_distributed_kwargs(r)["deepspeed"]["zero_optimization"]["stage"] == 2
 
 
 def test_keys_of_another_strategy_are_refused(tmp_path):
@@ -76,31 +77,31 @@ def test_fsdp_with_fused_kernels_is_refused(tmp_path):
 
 
 def test_missing_deepspeed_says_how_to_install(tmp_path, monkeypatch):
-    from finetune.checks import check_recipe_paths
+    from finetune.stages.preflight import check_recipe_paths
 
     r = load_recipe(recipe_file(tmp_path, "distributed: {strategy: deepspeed}\n"))
-    monkeypatch.setattr(launch.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(batching.importlib.util, "find_spec", lambda name: None)
     found = check_recipe_paths(r)
     assert any("pip install deepspeed" in p for p in found), found
-    monkeypatch.setattr(launch.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(batching.importlib.util, "find_spec", lambda name: object())
     assert check_recipe_paths(r) == []
 
 
 def test_deepspeed_config_file_is_checked(tmp_path, monkeypatch):
-    monkeypatch.setattr(launch.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(batching.importlib.util, "find_spec", lambda name: object())
     bad = tmp_path / "ds.json"
     bad.write_text("{stage: 3")
     r = load_recipe(recipe_file(tmp_path, f"distributed: {{strategy: deepspeed, deepspeed_config: {bad}}}\n"))
-    assert "is not valid JSON" in " ".join(launch.environment_problems(r))
-    assert launch.trainer_distributed_kwargs(r) == {"deepspeed": str(bad)}
+    assert "is not valid JSON" in " ".join(batching.environment_problems(r))
+    assert batching.trainer_distributed_kwargs(r) == {"deepspeed": str(bad)}
     r.distributed.deepspeed_config = str(tmp_path / "none.json")
-    assert "does not exist" in " ".join(launch.environment_problems(r))
+    assert "does not exist" in " ".join(batching.environment_problems(r))
 
 
 def test_accelerate_config_contradicting_the_recipe_is_refused(tmp_path, monkeypatch):
     r = load_recipe(recipe_file(tmp_path, "distributed: {strategy: fsdp}\n"))
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    assert "uses deepspeed but distributed.strategy is 'fsdp'" in " ".join(launch.environment_problems(r))
+    assert "uses deepspeed but distributed.strategy is 'fsdp'" in " ".join(batching.environment_problems(r))
 
 
 @pytest.mark.parametrize(
@@ -115,7 +116,7 @@ def test_accelerate_config_contradicting_the_recipe_is_refused(tmp_path, monkeyp
     ],
 )
 def test_batch_plan_keeps_the_global_batch(micro, accum, n, expected):
-    plan = launch.batch_plan(TrainingConfig(micro_batch_size=micro, gradient_accumulation_steps=accum),
+    plan = batching.batch_plan(TrainingConfig(micro_batch_size=micro, gradient_accumulation_steps=accum),
                              DistributedConfig(), n)
     assert (plan.micro_batch_size, plan.accumulation) == expected
     assert plan.global_batch == micro * accum
@@ -124,16 +125,16 @@ def test_batch_plan_keeps_the_global_batch(micro, accum, n, expected):
 
 def test_batch_plan_refuses_an_uneven_split_and_says_what_to_do():
     with pytest.raises(FinetuneError, match=r"4 x 1 = 4 cannot be split evenly over 3 processes.*3 or 6"):
-        launch.batch_plan(TrainingConfig(micro_batch_size=4), DistributedConfig(), 3)
-    plan = launch.batch_plan(TrainingConfig(micro_batch_size=4), DistributedConfig(keep_global_batch=False), 3)
+        batching.batch_plan(TrainingConfig(micro_batch_size=4), DistributedConfig(), 3)
+    plan = batching.batch_plan(TrainingConfig(micro_batch_size=4), DistributedConfig(keep_global_batch=False), 3)
     assert (plan.micro_batch_size, plan.accumulation, plan.global_batch) == (4, 1, 12)
 
 
 def test_process_identity_comes_from_the_launcher_environment(monkeypatch):
-    assert launch.world_size() == 1 and launch.is_main_process()
+    assert process.world_size() == 1 and process.is_main_process()
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    assert launch.world_size() == 2 and not launch.is_main_process()
+    assert process.world_size() == 2 and not process.is_main_process()
 
 
 def test_accelerate_args_parse_as_a_local_multi_process_launch():
@@ -172,7 +173,7 @@ def test_nproc_inside_a_launched_process_is_refused(monkeypatch):
 
 def test_a_resolved_recipe_with_every_key_written_loads_again(tmp_path):
     """Each process of `ft train --nproc` and `ft train RUN --resume` read the resolved recipe back."""
-    from finetune.recipe_io import dump_recipe
+    from finetune.recipe.loading import dump_recipe
 
     stages = ("stages:\n  - {name: sft, kind: sft, training: {learning_rate: 1.0e-3}}\n"
               "  - {name: dpo, kind: dpo, training: {save_steps: null, max_steps: 3}}\n")
@@ -190,13 +191,13 @@ def test_sharding_strategies_without_gpus_are_refused_for_several_processes(tmp_
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(launch.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(batching.importlib.util, "find_spec", lambda name: object())
     for strategy in ("fsdp", "deepspeed"):
         r = load_recipe(recipe_file(tmp_path, f"distributed: {{strategy: {strategy}}}\n"))
-        assert launch.environment_problems(r) == []  # one process: nothing is sharded anyway
-        found = " ".join(launch.environment_problems(r, processes=2))
+        assert batching.environment_problems(r) == []  # one process: nothing is sharded anyway
+        found = " ".join(batching.environment_problems(r, processes=2))
         assert f"strategy '{strategy}' needs GPUs" in found
-    assert launch.environment_problems(load_recipe(recipe_file(tmp_path, "")), processes=2) == []
+    assert batching.environment_problems(load_recipe(recipe_file(tmp_path, "")), processes=2) == []
 
 
 def test_sharded_models_are_gathered_by_every_process_before_saving():
@@ -211,10 +212,10 @@ def test_sharded_models_are_gathered_by_every_process_before_saving():
         return SimpleNamespace(is_fsdp_enabled=fsdp, is_deepspeed_enabled=deepspeed, accelerator=accelerator,
                                model="fsdp-model", model_wrapped="deepspeed-engine")
 
-    assert launch.gathered_state_dict(trainer(False, False)) is None and calls == []  # DDP / one process
-    assert launch.gathered_state_dict(trainer(True, False)) == {"w": "fsdp-model"}
-    assert launch.gathered_state_dict(trainer(False, True)) == {"w": "deepspeed-engine"}
+    assert process.gathered_state_dict(trainer(False, False)) is None and calls == []  # DDP / one process
+    assert process.gathered_state_dict(trainer(True, False)) == {"w": "fsdp-model"}
+    assert process.gathered_state_dict(trainer(False, True)) == {"w": "deepspeed-engine"}
     accelerator.state.deepspeed_plugin.zero_stage = 2  # ZeRO-2 keeps whole weights on every process
-    assert launch.gathered_state_dict(trainer(False, True)) is None
-    zero3 = launch.deepspeed_settings(DistributedConfig(strategy="deepspeed", deepspeed_stage=3))
+    assert process.gathered_state_dict(trainer(False, True)) is None
+    zero3 = batching.deepspeed_settings(DistributedConfig(strategy="deepspeed", deepspeed_stage=3))
     assert zero3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune.recipe import DPOConfig
-from finetune.recipe_io import RecipeError, load_recipe
+from finetune.recipe.loading import RecipeError
+from finetune.recipe.schema import DPOConfig, load_recipe
 
 DATA = "data: {train: [{path: x}]}\n"
 

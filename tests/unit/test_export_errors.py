@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from finetune.errors import FinetuneError
-from finetune.export import check_mergeable, open_run
-from finetune.modelcard import _scrub, public_path, public_text
+from finetune.export.exports import check_mergeable
+from finetune.export.modelcard import _scrub, public_path, public_text
+from finetune.export.runstage import open_run
 
 RECIPE = """
 name: r
@@ -66,7 +67,7 @@ def test_tokenizer_is_the_one_saved_with_the_adapter(tmp_path):
 
 
 def test_existing_output_refused_before_any_model_load(tmp_path):
-    from finetune.export import export_adapter
+    from finetune.export.exports import export_adapter
 
     run = open_run(make_run(tmp_path, finished=("sft",)))
     out = tmp_path / "out"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finetune.recipe import Recipe
+from finetune.recipe.schema import Recipe
 
 
 def tied_copy(tiny_model, out):
@@ -28,10 +28,10 @@ def tied_copy(tiny_model, out):
 def test_fp32_merge_matches_peft_merge_and_unload(tiny_model, tmp_path, tied):
     from transformers import AutoModelForCausalLM
 
-    from finetune.adapters import attach
-    from finetune.merge import build_reference, merged_state_dict, plain_config, plain_keys, save_plain_model
-    from finetune.model import load_model, load_tokenizer
-    from finetune.verify import compare_logits
+    from finetune.export.merge import build_reference, merged_state_dict, plain_config, plain_keys, save_plain_model
+    from finetune.export.verify import compare_logits
+    from finetune.model.adapters import attach
+    from finetune.model.loading import load_model, load_tokenizer
 
     base_dir = tied_copy(tiny_model, tmp_path / "tied") if tied else tiny_model
     recipe = Recipe(
@@ -73,9 +73,9 @@ def test_reference_runs_the_adapter_in_its_saved_dtype(tiny_model, tmp_path):
     """trl trains QLoRA adapters in bfloat16; peft would load them as float32, which is not the trained model."""
     from safetensors.torch import load_file, save_file
 
-    from finetune.adapters import attach
-    from finetune.merge import build_reference
-    from finetune.model import load_model, load_tokenizer
+    from finetune.export.merge import build_reference
+    from finetune.model.adapters import attach
+    from finetune.model.loading import load_model, load_tokenizer
 
     recipe = Recipe(model={"name_or_path": str(tiny_model), "dtype": "float32"}, lora={"r": 4},
                     data={"train": [{"path": "unused.jsonl"}]})

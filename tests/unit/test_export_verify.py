@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from finetune.errors import FinetuneError
-from finetune.recipe import Recipe
-from finetune.verify import compare_logits, verification_inputs
+from finetune.export.verify import compare_logits, verification_inputs
+from finetune.recipe.schema import Recipe
 
 
 @pytest.fixture(scope="module")

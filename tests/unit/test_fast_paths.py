@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from finetune import label_loss
-from finetune.attention import NAME, use_per_sample_attention
+from finetune.model import loss_heads
+from finetune.model.attention import NAME, use_per_sample_attention
 
 
 def _features(tokenizer, path, n=4):
@@ -54,9 +54,9 @@ def test_label_positions_loss_matches_trl(tiny_model, addition_data, tmp_path, p
     assert ("position_ids" in batch) == padding_free
     ref_loss, ref_grads = _loss_and_grads(trainer, type(trainer).compute_loss, batch)
 
-    assert label_loss.unsupported_reason(trainer.model) is None
-    label_loss.install(trainer.model)
-    loss, grads = _loss_and_grads(trainer, label_loss.trainer_class().compute_loss, batch)
+    assert loss_heads.unsupported_reason(trainer.model) is None
+    loss_heads.install(trainer.model)
+    loss, grads = _loss_and_grads(trainer, loss_heads.trainer_class().compute_loss, batch)
 
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     for g, ref in zip(grads, ref_grads, strict=True):
@@ -69,11 +69,11 @@ def test_label_loss_refuses_models_that_transform_logits(tiny_model):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    assert "trained" in label_loss.unsupported_reason(model)  # a trainable head needs its weight gradient
+    assert "trained" in loss_heads.unsupported_reason(model)  # a trainable head needs its weight gradient
     model.requires_grad_(False)
-    assert label_loss.unsupported_reason(model) is None
+    assert loss_heads.unsupported_reason(model) is None
     model.config.final_logit_softcapping = 30.0
-    assert "final_logit_softcapping" in label_loss.unsupported_reason(model)
+    assert "final_logit_softcapping" in loss_heads.unsupported_reason(model)
 
 
 def test_per_sample_attention_matches_masked_sdpa(tiny_model, addition_data):
@@ -139,9 +139,9 @@ def test_compact_fused_head_matches_trl_dpo(tiny_model, tmp_path, padding_free, 
     if padding_free:
         assert use_per_sample_attention(trainer.model)
         calls = []
-        real = label_loss._padding_free_kwargs
-        monkeypatch.setattr(label_loss, "_padding_free_kwargs", lambda kw: calls.append(real(kw)) or calls[-1])
-    label_loss.install_compact_fused_head(trainer.model, padding_free=padding_free)
+        real = loss_heads._padding_free_kwargs
+        monkeypatch.setattr(loss_heads, "_padding_free_kwargs", lambda kw: calls.append(real(kw)) or calls[-1])
+    loss_heads.install_compact_fused_head(trainer.model, padding_free=padding_free)
     loss, grads, metrics = run()
     if padding_free:
         # the policy and the reference forward each ran one row holding exactly the batch's real tokens

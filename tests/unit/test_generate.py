@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from finetune.cli import app
 from finetune.errors import FinetuneError
-from finetune.generate import generate, load, read_prompts
+from finetune.export.generate import generate, load, read_prompts
 
 
 def test_read_prompts_one_per_line(tmp_path):

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from finetune.cli import app
 from finetune.errors import FinetuneError
-from finetune.hub import push
+from finetune.export.hub import push
 
 TOKEN = "hf_" + "S" * 34
 
@@ -31,7 +31,7 @@ def calls(monkeypatch) -> list[tuple[str, dict]]:
     """Record what HfApi is asked to do; the Hub is reachable and a token is configured."""
     recorded: list[tuple[str, dict]] = []
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    monkeypatch.setattr("finetune.hub.hub_offline_reason", lambda: None)
+    monkeypatch.setattr("finetune.export.hub.hub_offline_reason", lambda: None)
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: recorded.append(("create_repo", {
         "repo_id": repo_id, **kw})))
     monkeypatch.setattr(HfApi, "create_branch", lambda self, repo_id, **kw: recorded.append(("create_branch", {
@@ -120,7 +120,7 @@ def test_bad_repo_id_empty_folder_and_run_folder(tmp_path, export_dir, calls):
 def test_recipe_hub_section_validates_repo_id():
     from pydantic import ValidationError
 
-    from finetune.recipe import HubConfig
+    from finetune.recipe.schema import HubConfig
 
     assert HubConfig(repo_id="alice/m", revision="exp").revision == "exp"
     with pytest.raises(ValidationError):

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import finetune
-from finetune.manifest import build_manifest, lineage_lines, recipe_hash, write_manifest
-from finetune.recipe import Recipe
+from finetune.recipe.schema import Recipe
+from finetune.run.manifest import build_manifest, lineage_lines, recipe_hash, write_manifest
 
 TOKEN = "hf_" + "Ab1" * 10
 

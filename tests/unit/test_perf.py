@@ -1,4 +1,4 @@
-"""FLOPs accounting, MFU and the benchmark probe's token counts (finetune/perf.py)."""
+"""FLOPs accounting, MFU and the benchmark probe's token counts (scripts/bench_probe.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
-from finetune.perf import _Timeline, causal_context, linear_shapes, mfu, train_flops_per_token
+from bench_probe import _Timeline, causal_context, linear_shapes, mfu, train_flops_per_token
 
 
 def _config(**kw):

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune.recipe import Recipe
-from finetune.recipe_io import RecipeError, apply_override, load_recipe
+from finetune.recipe.loading import RecipeError, apply_override
+from finetune.recipe.schema import Recipe, load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -162,7 +162,7 @@ def _offline_hub_id(problem: str) -> bool:
 
 @pytest.mark.parametrize("path", RECIPES, ids=_recipe_id)
 def test_every_shipped_recipe_validates(path, in_root):
-    from finetune.checks import check_recipe_paths
+    from finetune.stages.preflight import check_recipe_paths
 
     recipe = load_recipe(path)
     found = check_recipe_paths(recipe)

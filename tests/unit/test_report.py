@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.report import series, smooth
+from finetune.run.report import series, smooth
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

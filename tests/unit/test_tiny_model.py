@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.evaluate import exact_match, generate_answers, normalize_answer, task_metrics
+from finetune.eval.tasks import exact_match, generate_answers, normalize_answer, task_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_DIR = ROOT / "models" / "tiny-chat"

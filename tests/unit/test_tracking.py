@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from transformers import TrainerState
 
-from finetune.recipe import Recipe
-from finetune.runfiles import read_metrics, redact, trim_metrics
-from finetune.tracking import RunLogger, open_tracker
+from finetune.recipe.schema import Recipe
+from finetune.run.records import read_metrics, redact, trim_metrics
+from finetune.run.tracking import RunLogger, open_tracker
 
 FAKE_TOKEN = "hf_" + "Zq7" * 10  # shaped like a Hugging Face token
 

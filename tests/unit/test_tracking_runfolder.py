@@ -12,11 +12,12 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
-from finetune import checkpoints
 from finetune.cli import app
 from finetune.errors import FinetuneError
-from finetune.resume import check_run_dir, check_writable, recipe_differences
-from finetune.runs import RunLock, is_locked, list_runs, run_info
+from finetune.run import checkpoints
+from finetune.run.listing import list_runs, run_info
+from finetune.run.lock import RunLock, is_locked
+from finetune.run.resume import check_run_dir, check_writable, recipe_differences
 
 RECIPE = "name: r\ntraining:\n  learning_rate: 0.001\n  seed: 1\noutput:\n  dir: runs/r\n"
 
@@ -84,7 +85,7 @@ def test_too_little_disk_is_reported(tmp_path, monkeypatch):
 
 def test_a_run_folder_in_use_is_not_touched(tmp_path):
     run = make_run(tmp_path / "run", "running", checkpoint_steps=(5,))
-    hold = (f"import sys; from finetune.runs import RunLock; lock = RunLock({str(run)!r}).acquire(); "
+    hold = (f"import sys; from finetune.run.lock import RunLock; lock = RunLock({str(run)!r}).acquire(); "
             "print('locked', flush=True); sys.stdin.read()")
     holder = subprocess.Popen([sys.executable, "-c", hold], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from finetune.recipe import DataConfig
+from finetune.recipe.schema import DataConfig
 
-# tests/tinymodels.py (finetune/tiny.py): ids 0-4 are these special tokens, then chr(32)..chr(126), then "\n"
+# tests/tinymodels.py (scripts/tiny_tokenizer.py): ids 0-4 are these special tokens, then chr(32)..chr(126), then "\n"
 BASE_SPECIAL = {"<|pad|>": 0, "<|endoftext|>": 1, "<|im_start|>": 2, "<|im_end|>": 3, "<unk>": 4}
 TOKEN = re.compile(r"«|»|<\|[a-z_]+\|>|<(?:start|end)_of_turn>|.", re.S)
 

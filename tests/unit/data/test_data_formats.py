@@ -15,7 +15,7 @@ SYSTEM_CHAT = [
     {"role": "user", "content": "and?"},
     {"role": "assistant", "content": "ok"},
 ]
-# The tests' tokenizer template (finetune/tiny.py CHATML): no newline between turns (Jinja trims it).
+# The tests' tokenizer template (scripts/tiny_tokenizer.py CHATML): no newline between turns (Jinja trims it).
 S, E = "<|im_start|>", "<|im_end|>"
 
 

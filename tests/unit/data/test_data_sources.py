@@ -11,7 +11,7 @@ import pytest
 from finetune.data import apply_template, build_dataset, read_rows
 from finetune.data.build import prepare
 from finetune.errors import FinetuneError
-from finetune.recipe import DatasetSource
+from finetune.recipe.schema import DatasetSource
 
 ROWS = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(6)]
 

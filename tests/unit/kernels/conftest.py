@@ -1,15 +1,15 @@
 """Kernel tests: Triton kernels run on CPU through the Triton interpreter.
 
-``TRITON_INTERPRET`` is read when a ``@triton.jit`` kernel is *defined* (and by a few Triton internals at launch),
-so this file sets it before importing this package's ``*_triton`` modules, and leaves it set for the rest of the
-pytest process (Triton's internals disagree with themselves if it is switched off again). Importing ``torch``,
-``transformers`` or ``bitsandbytes`` earlier is harmless: those import ``triton`` itself, so the kernels use only
-Triton builtins (see ``finetune.kernels.rmsnorm_triton``). Nothing else in this repository runs Triton kernels
-on CPU, so the setting has no effect outside these tests; GPU tests (``tests/gpu``) detect interpreted kernels
+`TRITON_INTERPRET` is read when a `@triton.jit` kernel is *defined* (and by a few Triton internals at launch),
+so this file sets it before importing this package's `*_triton` modules, and leaves it set for the rest of the
+pytest process (Triton's internals disagree with themselves if it is switched off again). Importing `torch`,
+`transformers` or `bitsandbytes` earlier is harmless: those import `triton` itself, so the kernels use only
+Triton builtins (see `finetune.kernels.rmsnorm_triton`). Nothing else in this repository runs Triton kernels
+on CPU, so the setting has no effect outside these tests; GPU tests (`tests/gpu`) detect interpreted kernels
 and skip, so run them in their own pytest process.
 
-Tolerances (normwise: ``max|actual - expected| <= tol * max|expected|``, expected computed in float32 from the
-same inputs) are in ``TOL`` below; bf16 element-wise forwards are also checked to one ulp against PyTorch's own
+Tolerances (normwise: `max|actual - expected| <= tol * max|expected|`, expected computed in float32 from the
+same inputs) are in `TOL` below; bf16 element-wise forwards are also checked to one ulp against PyTorch's own
 bf16 computation.
 """
 
@@ -31,6 +31,12 @@ if HAS_TRITON:
     for _name in _TRITON_MODULES:
         importlib.import_module(f"finetune.kernels.{_name}")
 
+# The NF4 tests compare with bitsandbytes' dequantization, whose native kernel is wrong on AVX-512 CPUs for weights
+# whose last dimension is not a multiple of the block size; training applies the same fix (finetune/model/bnb_cpu.py).
+from finetune.model import bnb_cpu  # noqa: E402
+
+bnb_cpu.apply()
+
 #: Normwise relative tolerance per dtype: "elem" for element-wise ops, "mm" for anything with a matmul.
 TOL: dict[torch.dtype, dict[str, float]] = {
     torch.float32: {"elem": 1e-5, "mm": 2e-5},
@@ -41,19 +47,19 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Registers the ``triton`` marker (tests that run a Triton kernel, here through the interpreter)."""
+    """Registers the `triton` marker (tests that run a Triton kernel, here through the interpreter)."""
     config.addinivalue_line("markers", "triton: runs a Triton kernel (through the interpreter on CPU)")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Skips tests marked ``triton`` when the package is missing."""
+    """Skips tests marked `triton` when the package is missing."""
     for item in items:
         if "triton" in item.keywords and not HAS_TRITON:
             item.add_marker(pytest.mark.skip(reason="triton is not installed"))
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, kind: str = "mm", what: str = "") -> None:
-    """Asserts normwise closeness with the tolerance of ``TOL[dtype][kind]``."""
+    """Asserts normwise closeness with the tolerance of `TOL[dtype][kind]`."""
     a, e = actual.detach().float(), expected.detach().float()
     assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
     assert torch.isfinite(a).all(), f"{what}: non-finite values"
@@ -99,8 +105,9 @@ def quantize(
     seed: int = 0,
     blocksize: int = 64,
 ):
-    """Quantises a random weight with bitsandbytes; returns ``(packed, quant_state, NF4Weight)``."""
+    """Quantises a random weight with bitsandbytes; returns `(packed, quant_state, NF4Weight)`."""
     import bitsandbytes.functional as bnbf
+
     from finetune.kernels.nf4 import NF4Weight
 
     gen = torch.Generator().manual_seed(seed)
@@ -116,7 +123,7 @@ def make_nf4() -> Callable[..., tuple]:
 
 
 def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
-    """Bytes of distinct tensor storages autograd saves for backward while running ``fn``."""
+    """Bytes of distinct tensor storages autograd saves for backward while running `fn`."""
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:

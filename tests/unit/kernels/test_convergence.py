@@ -1,10 +1,10 @@
 """Training a tiny 4-bit QLoRA Llama with kernels on and off gives the same run (SFT and DPO losses).
 
 The model is built here (LlamaConfig: hidden 64, 2 layers, vocab 128), saved, and loaded in NF4 with double
-quantisation and float32 compute through ``BitsAndBytesConfig``; LoRA goes on every linear layer. Both runs start
+quantisation and float32 compute through `BitsAndBytesConfig`; LoRA goes on every linear layer. Both runs start
 from identical weights and adapters and see identical batches; on CPU the kernels run their PyTorch paths, so
-any difference comes from summation order. Tolerances: per-step loss ``rtol=1e-4``; final adapter weights
-``atol=1e-4`` (AdamW at lr 5e-3, so 8 steps move weights by ~4e-2).
+any difference comes from summation order. Tolerances: per-step loss `rtol=1e-4`; final adapter weights
+`atol=1e-4` (AdamW at lr 5e-3, so 8 steps move weights by ~4e-2).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
-from finetune.patching import KERNEL_FIELDS, apply_kernels, sequence_logps
+from finetune.model.kernels import KERNEL_FIELDS, apply_kernels, sequence_logps
 
 STEPS = 8
 BETA = 0.5

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from finetune.kernels import force_backend
 from finetune.kernels.cross_entropy import (
     chunked_cross_entropy,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import finetune.kernels.lora_linear as ll
 import pytest
 import torch
+
+import finetune.kernels.lora_linear as ll
 from finetune.kernels import force_backend
 from finetune.kernels.lora_linear import lora_linear, lora_linear_reference
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bitsandbytes.functional as bnbf
 import pytest
 import torch
+
 from finetune.kernels import force_backend
 from finetune.kernels.nf4 import dequantize_nf4, dequantize_nf4_reference, nf4_weight_of
 

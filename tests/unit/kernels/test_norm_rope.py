@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers.models.llama.modeling_llama import LlamaConfig, LlamaRotaryEmbedding, apply_rotary_pos_emb
+
 from finetune.kernels import force_backend
 from finetune.kernels.rmsnorm import rms_norm, rms_norm_reference
 from finetune.kernels.rope import apply_rope, apply_rope_reference
-from transformers.models.llama.modeling_llama import LlamaConfig, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

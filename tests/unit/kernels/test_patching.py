@@ -5,13 +5,13 @@ from __future__ import annotations
 import copy
 from types import SimpleNamespace
 
-import finetune.kernels.hf_forwards as hf
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from finetune.patching import KERNEL_FIELDS, apply_kernels, check_kernel_support, sequence_logps
+import finetune.kernels.hf_forwards as hf
+from finetune.model.kernels import KERNEL_FIELDS, apply_kernels, check_kernel_support, sequence_logps
 
 ALL_ON = SimpleNamespace(**{f: True for f in KERNEL_FIELDS})
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

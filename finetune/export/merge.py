@@ -1,0 +1,227 @@
+"""Merging a LoRA adapter into its base: the trained reference model, the merged float32 weights, the plain folder.
+
+Two merge modes (see `finetune.export.exports`):
+- `dequantized`: every weight is taken from the model as training ran it. A 4-bit weight is dequantized by
+  bitsandbytes from its packed data and quant state (the very values each training matmul used), the LoRA delta
+  B @ A * scale is added in float32, and nothing is requantized.
+- `original`: the base is loaded again without quantization, in float32, and peft's `merge_and_unload` merges the
+  adapter into it.
+Either way each weight is summed in float32 and only then cast to the export dtype, under the key names of a plain
+transformers model.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from finetune.errors import FinetuneError
+from finetune.recipe.schema import Recipe
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def export_torch_dtype(recipe: Recipe, dtype: str) -> torch.dtype:
+    """The export dtype: as asked, else the recipe's model dtype, else the dtype the base model is stored in."""
+    if dtype != "auto":
+        return _DTYPES[dtype]
+    if recipe.model.dtype != "auto":
+        return getattr(torch, recipe.model.dtype)
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(recipe.model.name_or_path, revision=recipe.model.revision,
+                                     trust_remote_code=recipe.model.trust_remote_code)
+    stored = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    return stored if isinstance(stored, torch.dtype) and stored.is_floating_point else torch.float32
+
+
+def build_reference(recipe: Recipe, adapter: Path, tokenizer):
+    """The trained model as training ran it: the base loaded as the recipe says (4-bit for QLoRA) + the adapter."""
+    from peft import PeftModel
+
+    from finetune.model.adapters import prepare_base
+    from finetune.model.loading import load_model
+
+    base = load_model(recipe, tokenizer=tokenizer)
+    # prepare_base does what training did to the base (for QLoRA: layer norms etc. upcast to float32).
+    base = prepare_base(base, recipe.quantization.mode != "none", gradient_checkpointing=False)
+    return restore_adapter_dtype(PeftModel.from_pretrained(base, str(adapter)).eval(), adapter)
+
+
+def restore_adapter_dtype(model, adapter: Path):
+    """Put LoRA A/B weights back in the dtype they were saved in, which is the dtype they were trained in.
+
+    peft loads adapter weights as float32, but trl casts QLoRA adapters to bfloat16 for training, and the LoRA branch
+    then computes in bfloat16; running it in float32 would not be the model that was trained.
+    """
+    saved = _saved_dtype(Path(adapter) / "adapter_model.safetensors")
+    if saved is not None and saved != torch.float32:
+        for name, param in model.named_parameters():
+            if ".lora_A." in name or ".lora_B." in name:
+                param.data = param.data.to(saved)
+    return model
+
+
+def _saved_dtype(path: Path) -> torch.dtype | None:
+    """The one floating dtype of the LoRA A/B tensors in an adapter file (None if absent or mixed)."""
+    from safetensors import safe_open
+
+    if not path.exists():
+        return None
+    dtypes = set()
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            if ".lora_A." in key or ".lora_B." in key:
+                dtypes.add(f.get_slice(key).get_dtype())
+    names = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+    return names.get(dtypes.pop()) if len(dtypes) == 1 else None
+
+
+def plain_config(reference):
+    """The base config without any trace of quantization (so transformers loads it as a plain model)."""
+    config = copy.deepcopy(reference.get_base_model().config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.use_cache = True
+    return config
+
+
+def plain_keys(config, trust_remote_code: bool = False) -> tuple[list[str], dict[str, str]]:
+    """State-dict keys of a plain model of `config` (built on the meta device), and its tied keys.
+
+    Returns:
+        The keys, each tied weight listed once, and {second name: first name} of the tied ones
+        (e.g. {"lm_head.weight": "model.embed_tokens.weight"}).
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    first: dict[int, str] = {}
+    keys, tied = [], {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in first:  # a tied weight (lm_head = embed_tokens) is one object under two names
+            tied[key] = first[id(tensor)]
+        else:
+            first[id(tensor)] = key
+            keys.append(key)
+    return keys, tied
+
+
+def _full_precision(tensor: torch.Tensor) -> torch.Tensor:
+    """A weight in float32 as the forward pass sees it: 4-bit weights dequantized by bitsandbytes."""
+    if type(tensor).__name__ == "Params4bit":
+        from bitsandbytes.functional import dequantize_4bit
+
+        return dequantize_4bit(tensor.data, tensor.quant_state).float()
+    tensor = tensor.detach()
+    return tensor.float() if tensor.is_floating_point() else tensor.clone()
+
+
+def _lora_delta(layer, adapter: str) -> torch.Tensor:
+    """B @ A * scale in float32 for one adapter of a LoRA linear layer."""
+    if layer.use_dora.get(adapter, False):
+        raise FinetuneError("DoRA adapters cannot be merged here; export with --format adapter")
+    lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
+    if not isinstance(lora_a, torch.nn.Linear) or lora_b.bias is not None:
+        raise FinetuneError(
+            f"LoRA layer type {type(layer).__name__} is not supported by merged export; export with --format adapter"
+        )
+    delta = (lora_b.weight.float() @ lora_a.weight.float()) * layer.scaling[adapter]
+    return delta.T if getattr(layer, "fan_in_fan_out", False) else delta
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(dtype).contiguous() if tensor.is_floating_point() else tensor
+
+
+def _dequantized_merge(reference, keys: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    model = reference.get_base_model()
+    state = {}
+    for key in keys:
+        module_name, _, attr = key.rpartition(".")
+        module = model.get_submodule(module_name)
+        if isinstance(module, ModulesToSaveWrapper):  # trained in full: the adapter's own copy is the weight
+            module = module.modules_to_save[module.active_adapters[0]]
+        if isinstance(module, LoraLayer):
+            tensor = _full_precision(getattr(module.get_base_layer(), attr))
+            if attr == "weight":
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A:
+                        tensor = tensor + _lora_delta(module, adapter).to(tensor.device)
+        else:
+            tensor = _full_precision(getattr(module, attr))
+        state[key] = _cast(tensor, dtype).cpu()  # summed in float32, cast per tensor: peak memory ~ the export
+    return state
+
+
+def _original_merge(recipe: Recipe, adapter: Path, tokenizer, keys: list[str], dtype: torch.dtype
+                    ) -> dict[str, torch.Tensor]:
+    # peft merges in the weights' dtype, so the base is loaded in float32 (memory: 4 bytes per parameter).
+    from peft import PeftModel
+
+    from finetune.model.loading import load_model
+
+    full = recipe.model_copy(deep=True)
+    full.quantization.mode = "none"
+    full.model.dtype = "float32"
+    base = load_model(full, tokenizer=tokenizer)
+    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    state = merged.state_dict()
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise FinetuneError(f"merge: the merged model lacks {missing[:3]}; this model type is not supported")
+    return {k: _cast(state[k].detach(), dtype).cpu() for k in keys}
+
+
+def merged_state_dict(recipe: Recipe, adapter: Path, reference, tokenizer, mode: str,
+                      dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Weights of base + adapter under plain transformers key names, merged in float32 as `mode` says, then cast.
+
+    A tied weight appears once, unless training untied it (e.g. lm_head in lora.modules_to_save while the base ties
+    it to the input embeddings): then both names are kept and `save_plain_model` unties them in the config.
+    """
+    keys, tied = plain_keys(plain_config(reference), recipe.model.trust_remote_code)
+    if mode == "dequantized":
+        state = _dequantized_merge(reference, keys + list(tied), dtype)
+    else:
+        state = _original_merge(recipe, adapter, tokenizer, keys + list(tied), dtype)
+    for second, first in tied.items():
+        if torch.equal(state[second], state[first]):
+            del state[second]
+    return state
+
+
+def save_plain_model(state: dict[str, torch.Tensor], reference, folder: Path, dtype: torch.dtype, tokenizer,
+                     max_shard_size: str = "5GB") -> None:
+    """Safetensors shards (cast to `dtype`), config.json without quantization, generation_config.json.
+
+    The generation config stops on the tokenizer's eos as well (a chat template may end turns with its own token)
+    and pads with its pad token.
+    """
+    from huggingface_hub import save_torch_state_dict
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cast = {k: _cast(v, dtype) for k, v in state.items()}
+    save_torch_state_dict(cast, folder, max_shard_size=max_shard_size, metadata={"format": "pt"})
+    config = plain_config(reference)
+    config.dtype = dtype
+    if any(second in state for second in plain_keys(config)[1]):
+        config.tie_word_embeddings = False  # the trained output layer differs from the input embeddings
+    config.save_pretrained(str(folder))
+    generation = copy.deepcopy(reference.get_base_model().generation_config)
+    if generation is not None:
+        eos = generation.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+            eos.append(tokenizer.eos_token_id)
+        generation.eos_token_id = eos[0] if len(eos) == 1 else eos
+        generation.pad_token_id = tokenizer.pad_token_id
+        generation.save_pretrained(str(folder))

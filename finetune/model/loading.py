@@ -1,0 +1,128 @@
+"""Tokenizer and base model from the recipe: dtype, BitsAndBytesConfig for QLoRA, offline-aware Hub loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from finetune.distributed.process import quantized_device_map
+from finetune.errors import FinetuneError
+from finetune.model import bnb_cpu
+from finetune.recipe.checks import hub_cached, hub_offline_reason, looks_like_hub_id
+from finetune.recipe.schema import ModelConfig, QuantizationConfig, Recipe, TrainingConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`auto` is bfloat16 on a GPU that supports it, float32 otherwise."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return _DTYPES[name]
+
+
+def resolve_precision(training: TrainingConfig) -> str:
+    """Autocast precision actually used: `auto` is bf16 or fp16 on a GPU, fp32 on CPU."""
+    if training.precision != "auto":
+        return training.precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def _source_kwargs(cfg: ModelConfig) -> dict:
+    """revision / local_files_only / trust_remote_code for any from_pretrained call on the base model."""
+    kwargs: dict = {"trust_remote_code": cfg.trust_remote_code}
+    if looks_like_hub_id(cfg.name_or_path):
+        kwargs["revision"] = cfg.revision
+        reason = hub_offline_reason()
+        if reason is not None:
+            if not hub_cached(cfg.name_or_path, cfg.revision):
+                raise FinetuneError(
+                    f"model.name_or_path '{cfg.name_or_path}': the Hub cannot be reached ({reason}) and no copy is in "
+                    "the local cache; point model.name_or_path at a local folder"
+                )
+            kwargs["local_files_only"] = True
+    elif not Path(cfg.name_or_path).exists():
+        raise FinetuneError(f"model.name_or_path '{cfg.name_or_path}' does not exist")
+    return kwargs
+
+
+def bnb_config(quant: QuantizationConfig, model_dtype: torch.dtype):
+    """The BitsAndBytesConfig of the recipe, or None without quantization."""
+    if quant.mode == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    bnb_cpu.apply()  # bitsandbytes' AVX-512 CPU dequantization is wrong for some shapes (model/bnb_cpu.py)
+    compute = model_dtype if quant.compute_dtype == "auto" else resolve_dtype(quant.compute_dtype)
+    storage = torch.uint8 if quant.quant_storage == "auto" else resolve_dtype(quant.quant_storage)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.mode,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=storage,
+    )
+
+
+def load_tokenizer(cfg: ModelConfig, source: str | None = None):
+    """The base model's tokenizer, with a pad token that is never the eos token."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(source or cfg.name_or_path, **_source_kwargs(cfg))
+    ensure_pad_token(tok)
+    return tok
+
+
+def ensure_pad_token(tok) -> None:
+    """Give the tokenizer a pad token distinct from eos.
+
+    Padding with eos is a classic silent bug: the collator masks pad positions, so the model never learns to stop.
+    Prefer an existing reserved/unk token; otherwise add `<|pad|>` (the embedding is resized by the caller).
+    """
+    if tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id:
+        return
+    for candidate in ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]"):
+        tid = tok.convert_tokens_to_ids(candidate)
+        if isinstance(tid, int) and tid != tok.unk_token_id and tid != tok.eos_token_id:
+            tok.pad_token = candidate
+            return
+    if tok.unk_token_id is not None and tok.unk_token_id != tok.eos_token_id:
+        tok.pad_token = tok.unk_token
+        return
+    tok.add_special_tokens({"pad_token": "<|pad|>"})
+
+
+def load_model(recipe: Recipe, training: TrainingConfig | None = None, tokenizer=None):
+    """Load the base model as the recipe says (4-bit NF4 for QLoRA), ready for adapters."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = recipe.model
+    dtype = resolve_dtype(cfg.dtype)
+    quant = bnb_config(recipe.quantization, dtype)
+    kwargs = _source_kwargs(cfg)
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if quant is not None and not torch.cuda.is_available():
+        kwargs["device_map"] = {"": "cpu"}
+    elif quant is not None and (device_map := quantized_device_map(recipe)) is not None:
+        kwargs["device_map"] = device_map  # DDP: each process loads its own 4-bit copy onto its own GPU
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.name_or_path, dtype=dtype, quantization_config=quant, use_safetensors=True, **kwargs
+    )
+    if quant is not None:
+        bnb_cpu.fix_model(model)
+    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    if tokenizer is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if model.generation_config is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+            # Stop generation where the chat template ends a turn (a registry template may change eos).
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
+    if training is not None and training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model

@@ -1,0 +1,523 @@
+"""The recipe: one typed, validated description of a whole fine-tuning run.
+
+Every field is documented once, here, by the docstring under it. `ft explain` and `docs/recipe.md` show that text.
+Reading YAML (`extends:`, `--set` overrides, friendly errors) lives in `finetune.recipe.loading`, which knows no
+schema; `load_recipe` here joins the two. Importing this module is cheap (no torch).
+
+Over 300 lines for a reason: the schema is one document, section by section, and its field docstrings are the
+reference (`ft explain`, docs/recipe.md); splitting it would scatter the docs.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import inspect
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from finetune.recipe import loading
+
+DType = Literal["float32", "bfloat16", "float16", "auto"]
+
+
+class Section(BaseModel):
+    """Base for every recipe section: unknown keys are errors, docstrings under fields are their docs."""
+
+    # The docstrings under fields become their descriptions in `__pydantic_init_subclass__`, from one parse of the
+    # defining file. pydantic's `use_attribute_docstrings` re-reads the source for every class: ~0.2 s of CPU on every
+    # `ft` command that loads a recipe (most of `ft validate`).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        module = sys.modules.get(cls.__module__)
+        docs = _attribute_docstrings(getattr(module, "__file__", None) or "").get(cls.__qualname__, {})
+        for name, doc in docs.items():
+            field = cls.model_fields.get(name)
+            if field is not None and field.description is None:
+                field.description = doc
+
+
+@functools.cache
+def _attribute_docstrings(path: str) -> dict[str, dict[str, str]]:
+    """{class name: {field: the string literal right under its annotated assignment}} for a file's top-level classes."""
+    if not path.endswith(".py") or not Path(path).is_file():
+        return {}
+    out: dict[str, dict[str, str]] = {}
+    for node in ast.parse(Path(path).read_text(encoding="utf-8")).body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        attrs, target = {}, None
+        for stmt in node.body:
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                target = stmt.target.id
+                continue
+            if (target and isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant)
+                    and isinstance(stmt.value.value, str)):
+                attrs[target] = inspect.cleandoc(stmt.value.value)
+            target = None
+        out[node.name] = attrs
+    return out
+
+
+class ModelConfig(Section):
+    name_or_path: str = "models/tiny-chat"
+    """Base model: a local folder (resolved against the current directory) or a Hugging Face Hub id such as
+    `Qwen/Qwen2.5-0.5B-Instruct`."""
+    revision: str | None = None
+    """Hub branch, tag or commit of the base model. Pin a commit for reproducible runs. Ignored for local folders."""
+    hub_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")] | None = None
+    """When `name_or_path` is a local copy of a Hub model: its Hub id (OWNER/NAME). Exports then name it as their base
+    (adapter_config.json, model card) instead of the local folder, so that an uploaded adapter loads anywhere."""
+    dtype: DType = "auto"
+    """Dtype of the weights that are not quantized. `auto`: bfloat16 on a GPU that supports it, else float32."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with the model repository. Off unless you have read that code."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
+    """Attention backend passed to transformers. None lets transformers choose (sdpa where available)."""
+
+
+class QuantizationConfig(Section):
+    mode: Literal["none", "nf4", "fp4"] = "none"
+    """`nf4`: load the base in 4-bit NormalFloat through bitsandbytes (QLoRA). `none`: plain LoRA on the dtype above."""
+    double_quant: bool = True
+    """Quantize the 4-bit block scales a second time (saves about 0.4 bits per parameter)."""
+    compute_dtype: DType = "auto"
+    """Dtype the 4-bit weights are dequantized to for each matmul. `auto`: the model dtype."""
+    quant_storage: DType = "auto"
+    """Storage dtype of the packed 4-bit weights. FSDP needs it equal to the compute dtype; `auto` keeps uint8."""
+
+
+class LoraConfig(Section):
+    r: Annotated[int, Field(ge=1, le=4096)] = 16
+    """LoRA rank: the width of the low-rank update. 8-64 is usual; more rank, more capacity and memory."""
+    alpha: Annotated[float, Field(gt=0)] = 32
+    """LoRA scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA)."""
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """Dropout on the LoRA branch input. 0 is the fast path and is what the fused kernels assume by default."""
+    target_modules: str | list[str] = "all-linear"
+    """Which linear layers get adapters: `all-linear` (every linear layer but the LM head) or a list of module names
+    such as [q_proj, v_proj]."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA: scale by alpha / sqrt(r), which keeps high ranks trainable."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA). Slower; merged export of DoRA adapters is refused."""
+    modules_to_save: list[str] = Field(default_factory=list)
+    """Modules trained in full and saved with the adapter, e.g. [embed_tokens, lm_head] when adding tokens."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases are trained."""
+    init_weights: Literal["default", "gaussian", "pissa", "olora"] | bool = True
+    """Adapter initialisation passed to peft (`true` is peft's default: B = 0, so training starts at the base)."""
+
+
+DataFormat = Literal["auto", "messages", "alpaca", "sharegpt", "prompt_completion", "text", "preference"]
+
+
+class DatasetSource(Section):
+    path: str
+    """A local file (.jsonl, .json, .parquet, .csv), a folder of them, a `save_to_disk` folder, or a Hub dataset id."""
+    format: DataFormat = "auto"
+    """Row format. `auto` detects it from the columns and reports what it found."""
+    split: str = "train"
+    """Split to read (Hub datasets and `save_to_disk` dataset dicts)."""
+    subset: str | None = None
+    """Hub dataset configuration (subset) name, e.g. `main` for gsm8k."""
+    revision: str | None = None
+    """Hub dataset revision."""
+    columns: dict[str, str] = Field(default_factory=dict)
+    """Column mapping from the format's field names to yours, e.g. {instruction: question, output: answer}."""
+    weight: Annotated[float, Field(gt=0)] | None = None
+    """Share of this source in the training mix, relative to the other sources' weights (set it on all train
+    sources or none). The mix keeps the total row count; a source is subsampled or repeated to reach its share.
+    None: every row once."""
+    max_samples: Annotated[int, Field(ge=1)] | None = None
+    """Keep at most this many rows of this source (after shuffling with the seed): quick runs, or mixing by sample
+    count."""
+
+
+class DataConfig(Section):
+    train: list[DatasetSource] = Field(default_factory=list)
+    """Training datasets; several are concatenated (or mixed by their `weight`)."""
+    eval: list[DatasetSource] = Field(default_factory=list)
+    """Evaluation datasets for the eval loss. Empty: take `eval_fraction` of train, or no eval."""
+    eval_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """Share of each training source's rows held out for the eval loss when `eval` is empty (drawn with the seed;
+    the last rows when `shuffle` is off)."""
+    template: str = "tokenizer"
+    """Chat template: `tokenizer` (the tokenizer's own; a base model without one gets `chatml` or `plain`, with a
+    notice), a registry name (chatml, llama-3, mistral, gemma, phi-3, plain), or a path to a Jinja file."""
+    train_on: Literal["assistant", "all"] = "assistant"
+    """Which tokens carry labels: every assistant turn (and its end-of-turn token), or the whole text."""
+    max_length: Annotated[int, Field(ge=8)] = 1024
+    """Longest sample in tokens (and the length of a packed row with `packing`)."""
+    length_policy: Literal["truncate", "drop"] = "truncate"
+    """What to do with samples over `max_length`: cut the end, or leave them out. The count affected is reported."""
+    packing: bool = False
+    """Padding-free packing for SFT: whole samples share rows of up to `max_length` tokens, positions restart per
+    sample and no token attends across samples. `training.micro_batch_size` then counts packed rows."""
+    padding_free: bool = True
+    """Micro-batches without padding: the batch's samples (for DPO: the chosen and rejected sequences) run back to
+    back in one row, positions restarting per sample, attention never crossing samples (per-sample attention, or
+    varlen flash attention). Same samples per step and same loss as padded batches, but no compute or memory spent on
+    padding (a third to a half of the slots of padded batches of log-normal lengths in our benchmark). Off for models
+    loaded with `trust_remote_code`, whose attention code may ignore the restarting positions. `packing` (SFT)
+    implies it."""
+    shuffle: bool = True
+    """Shuffle the training rows with the recipe seed."""
+    cache_dir: str | None = ".cache/finetune/data"
+    """Folder (relative to the current directory) where preprocessed datasets are cached, keyed by the data files'
+    content, the tokenizer, the template and this section. None: no cache."""
+    task_eval: str | None = None
+    """A held-out file with `messages` (+ `answer`) rows: greedy answers are scored (exact match) before and after
+    training and written to the summary."""
+    task_eval_max_new_tokens: Annotated[int, Field(ge=1)] = 24
+    """Generation budget for each `task_eval` answer."""
+
+    @model_validator(mode="after")
+    def _data_rules(self) -> DataConfig:
+        problems = []
+        weighted = [src.weight is not None for src in self.train]
+        if any(weighted) and not all(weighted):
+            problems.append("data.train: set `weight` on every source or on none (weights are shares of the mix)")
+        if any(src.weight is not None for src in self.eval):
+            problems.append("data.eval: `weight` applies to training sources only")
+        if self.eval and self.eval_fraction:
+            problems.append("data: both `eval` sources and `eval_fraction` are set; keep one")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+class TrainingConfig(Section):
+    epochs: Annotated[float, Field(gt=0)] = 1
+    """Passes over the training data. Ignored when `max_steps` is set."""
+    max_steps: Annotated[int, Field(ge=1)] | None = None
+    """Stop after this many optimizer steps (overrides `epochs`)."""
+    micro_batch_size: Annotated[int, Field(ge=1)] = 4
+    """Samples per forward pass per device."""
+    gradient_accumulation_steps: Annotated[int, Field(ge=1)] = 1
+    """Micro-batches per optimizer step. Global batch = micro_batch_size x this, whatever the process count (the
+    split over processes is set by `distributed.keep_global_batch`)."""
+    learning_rate: Annotated[float, Field(gt=0, le=1)] = 2e-4
+    """Peak learning rate of the adapter weights."""
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    """Learning-rate schedule after warmup."""
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """Share of the steps spent warming up linearly from 0. Ignored when `warmup_steps` > 0."""
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    """Warmup in optimizer steps."""
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    """AdamW decoupled weight decay on the trainable weights."""
+    max_grad_norm: Annotated[float, Field(ge=0)] = 1.0
+    """Gradient clipping by global norm (0 disables)."""
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd"] = "adamw_torch"
+    """Optimizer. The 8-bit ones come from bitsandbytes and need a GPU."""
+    seed: int = 42
+    """Seed for data order, adapter init and dropout."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory (about 30% slower)."""
+    precision: Precision = "auto"
+    """Autocast precision. `auto`: bf16 on a GPU that supports it, fp16 on other GPUs, fp32 on CPU."""
+    logging_steps: Annotated[int, Field(ge=1)] = 5
+    """Log metrics every this many optimizer steps."""
+    eval_steps: Annotated[int, Field(ge=1)] | None = None
+    """Compute the eval loss every this many steps (None: at the end of the stage only)."""
+    save_steps: Annotated[int, Field(ge=1)] | None = None
+    """Write a resumable checkpoint every this many steps (None: none during the stage)."""
+    save_total_limit: Annotated[int, Field(ge=1)] = 2
+    """How many of the newest checkpoints to keep."""
+
+
+def _all_optional(model: type[Section], name: str) -> type[Section]:
+    """A copy of a section whose fields all default to None: for per-stage overrides of that section."""
+    fields = {
+        key: (
+            (Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation) | None,
+            Field(default=None, description=field.description),
+        )
+        for key, field in model.model_fields.items()
+    }
+    return create_model(name, __base__=Section, __doc__=f"Per-stage overrides of `{model.__name__}`.", **fields)
+
+
+TrainingOverrides = _all_optional(TrainingConfig, "TrainingOverrides")
+
+
+class DistributedConfig(Section):
+    """How several processes share a run (`ft train --nproc N` or `accelerate launch`); one process ignores it."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    """`ddp`: every process holds the whole (4-bit) model and gradients are averaged; the fast choice whenever the
+    model fits on one GPU, which QLoRA makes true for 7-8B models on 24 GB. `fsdp`: PyTorch FSDP2 shards weights,
+    gradients and optimizer state over the GPUs. `deepspeed`: DeepSpeed ZeRO (needs the deepspeed package)."""
+    keep_global_batch: bool = True
+    """Keep the global batch (micro_batch_size x gradient_accumulation_steps) the same whatever the process count:
+    with N processes the accumulation steps are divided by N, then the micro batch if needed; a batch that N does not
+    divide is refused before training. False: each process runs the recipe's batch, so the global batch is N times
+    larger."""
+    find_unused_parameters: bool = False
+    """ddp: search each step for weights that got no gradient. Only for models with conditional branches; slower."""
+    fsdp_reshard_after_forward: bool = True
+    """fsdp: free the gathered weights after each layer's forward (least memory, ZeRO-3-like). False keeps them until
+    the backward (faster, more memory, ZeRO-2-like)."""
+    fsdp_cpu_offload: bool = False
+    """fsdp: keep the sharded weights and gradients in CPU memory between uses. Saves GPU memory, costs speed."""
+    deepspeed_stage: Literal[1, 2, 3] = 2
+    """deepspeed: ZeRO stage. 1 shards optimizer state, 2 also gradients, 3 also weights."""
+    deepspeed_config: str | None = None
+    """deepspeed: path of a complete DeepSpeed JSON config to use instead of the one built from `deepspeed_stage`.
+    Write `auto` for batch sizes, precision and clipping: the trainer fills them in from the recipe."""
+
+    def problems(self, recipe: Recipe) -> list[str]:
+        """Combinations that cannot work, each with the reason (cross-field rules of this section)."""
+        out: list[str] = []
+        owner = {"find_unused_parameters": "ddp", "fsdp_reshard_after_forward": "fsdp", "fsdp_cpu_offload": "fsdp",
+                 "deepspeed_stage": "deepspeed", "deepspeed_config": "deepspeed"}
+        # A resolved recipe (run folder's recipe.yaml) writes every key out: only values that differ from the
+        # default say the user meant another strategy.
+        changed = {k for k, field in type(self).model_fields.items() if getattr(self, k) != field.default}
+        for key in sorted(changed & owner.keys()):
+            if owner[key] != self.strategy:
+                out.append(f"distributed.{key} applies to strategy '{owner[key]}' only, and the recipe uses "
+                           f"'{self.strategy}'; remove the key or change distributed.strategy")
+        if self.deepspeed_config is not None and "deepspeed_stage" in changed:
+            out.append("distributed.deepspeed_stage is not used when distributed.deepspeed_config names a full "
+                       "DeepSpeed config; set the stage in that file and remove deepspeed_stage")
+        sharded = self.strategy == "fsdp" or (self.strategy == "deepspeed" and self.deepspeed_stage == 3)
+        q = recipe.quantization
+        if sharded and q.mode != "none":
+            how = "FSDP" if self.strategy == "fsdp" else "DeepSpeed ZeRO-3"
+            compute = q.compute_dtype if q.compute_dtype != "auto" else recipe.model.dtype
+            why = (f"QLoRA with {how} shards the 4-bit weights together with the other weights, so they must be stored "
+                   "in the compute dtype")
+            if compute == "auto":
+                out.append(f"quantization.compute_dtype: {why}; set quantization.compute_dtype (bfloat16 on recent "
+                           "GPUs) and quantization.quant_storage to the same dtype")
+            elif q.quant_storage != compute:
+                out.append(f"quantization.quant_storage is '{q.quant_storage}': {why}; set quantization.quant_storage: "
+                           f"{compute} (the compute dtype)")
+        if self.strategy == "fsdp" and recipe.kernels.enabled():
+            out.append("kernels: the fused kernels read LoRA weights that FSDP keeps sharded outside the kernel's "
+                       "module; turn kernels off with distributed.strategy fsdp, or use ddp")
+        return out
+
+
+class DPOConfig(Section):
+    beta: Annotated[float, Field(gt=0)] = 0.1
+    """Strength of the KL tie to the reference policy. Lower lets the policy move further. The logged rewards are
+    beta x (policy - reference) log-probs of a whole answer."""
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    """`sigmoid` is the DPO paper's loss; `ipo` and `hinge` are the IPO and SLiC variants."""
+    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = 0.0
+    """Assumed share of flipped preference labels: conservative DPO, -(1-e) log s(z) - e log s(-z). Sigmoid loss
+    only."""
+    reference: str = "sft"
+    """Reference policy: `sft` (a frozen copy of the adapter this stage starts from, loaded as a second adapter on
+    the same base), `base` (the adapter disabled), or a path to an adapter folder (loaded frozen). Printed at the
+    start of the stage and recorded in its summary.json."""
+    precompute_ref_log_probs: bool = False
+    """Compute the reference log-probs of every pair once before training, then free the reference adapter (one
+    forward less per step)."""
+    nll_weight: Annotated[float, Field(ge=0)] = 0.0
+    """Weight of an added loss: the mean negative log-likelihood of the chosen answers' tokens (RPO; trl's
+    `rpo_alpha`). It keeps the chosen answers likely while DPO pushes the rejected ones down, which matters when a
+    rejected answer contains the right one (e.g. wrapped in hedging). 0: plain preference loss."""
+
+
+_STAGE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+class StageConfig(Section):
+    name: str
+    """Unique stage name; also the stage's folder in the run directory."""
+    kind: Literal["sft", "dpo"]
+    """What the stage trains: supervised fine-tuning or DPO preference alignment."""
+    data: DataConfig | None = None
+    """Data of this stage. None: the top-level `data` section."""
+    training: TrainingOverrides = Field(default_factory=TrainingOverrides)  # type: ignore[valid-type]
+    """Training keys that differ from the top-level `training` section for this stage."""
+    init_from: str = "previous"
+    """Adapter to start from: `previous` (the stage before, or a fresh adapter for the first stage), `new`, or a
+    path to an adapter folder."""
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    """DPO settings (dpo stages only)."""
+
+
+class OutputConfig(Section):
+    dir: str = "runs/{name}"
+    """Run folder. `{name}` is replaced by the recipe name."""
+    overwrite: bool = False
+    """Replace a run folder that already holds a run, finished or not (an unfinished one is otherwise continued with
+    `ft train --resume`)."""
+
+
+class WandbConfig(Section):
+    project: str = "finetune"
+    """Weights & Biases project."""
+    entity: str | None = None
+    """W&B team or user."""
+    name: str | None = None
+    """Run name (default: the recipe name)."""
+    tags: list[str] = Field(default_factory=list)
+    """Tags on the W&B run."""
+    mode: Literal["online", "offline", "disabled"] = "online"
+    """`offline` writes the run locally for a later `wandb sync`."""
+
+
+class TrackingConfig(Section):
+    wandb: WandbConfig | None = None
+    """Log to Weights & Biases as well as metrics.jsonl. The API key comes from WANDB_API_KEY or `wandb login`."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files in the run folder."""
+
+
+class KernelsConfig(Section):
+    lora_linear: bool = False
+    """Fused (QLoRA) linear: dequantize + base matmul + LoRA term in one op, no dequantized weight kept for backward."""
+    lora_mlp: bool = False
+    """Fused LoRA SwiGLU MLP that recomputes activations in backward."""
+    lora_qkvo: bool = False
+    """Fused LoRA attention projections."""
+    fused_ce: bool = False
+    """Chunked LM-head + cross-entropy: full logits are never materialised (big memory saving at large vocab)."""
+    rmsnorm: bool = False
+    """Fused RMSNorm."""
+    rope: bool = False
+    """Fused rotary embedding."""
+
+    def enabled(self) -> list[str]:
+        """Names of the kernel groups switched on."""
+        return [k for k, v in self.model_dump().items() if v]
+
+
+class HubConfig(Section):
+    repo_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")] | None = None
+    """Upload the final export to this Hub repo (OWNER/NAME) at the end of `ft train`. None: no upload.
+    The token comes from HF_TOKEN or `hf auth login`; it is never printed or written."""
+    private: bool = True
+    """Create the repo as private (an existing repo keeps its visibility)."""
+    format: Literal["adapter", "merged"] = "adapter"
+    """What to upload: the adapter alone, or a merged model (verified against the trained model first). The export
+    is written to `<run>/export/<stage>-<format>` and stays there if the upload fails."""
+    revision: str | None = None
+    """Branch to upload to (created when missing). None: main."""
+
+
+class Recipe(Section):
+    name: str = "run"
+    """Name of the run; used in the default output folder and trackers."""
+    extends: str | None = None
+    """Path of a recipe this one starts from (resolved against this file's folder); keys here replace its keys."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    """Base model."""
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    """Base-weight quantization (QLoRA)."""
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    """LoRA adapter."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    """Shared data section (stages may bring their own)."""
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    """Shared training settings (stages may override keys)."""
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    """Several processes or GPUs: DDP, FSDP or DeepSpeed, and how the batch is split."""
+    stages: list[StageConfig] = Field(default_factory=list)
+    """Stages run in order into one run folder. Empty: one `sft` stage on the top-level data."""
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    """Where results go."""
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    """Experiment tracking."""
+    kernels: KernelsConfig = Field(default_factory=KernelsConfig)
+    """Opt-in fused kernels (all off by default)."""
+    hub: HubConfig = Field(default_factory=HubConfig)
+    """Hugging Face Hub upload."""
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> Recipe:
+        problems: list[str] = []
+        names = [s.name for s in self.stages]
+        for dup in sorted({n for n in names if names.count(n) > 1}):
+            problems.append(f"stages: the stage name '{dup}' is used more than once; stage names must be unique")
+        for i, stage in enumerate(self.effective_stages()):
+            data = stage.data or self.data
+            where = f"stages[{i}] ({stage.name})" if self.stages else "data"
+            if not data.train:
+                problems.append(f"{where}: no training data; add at least one entry under data.train")
+            if not _STAGE_NAME.match(stage.name) or stage.name == "tokenizer":
+                problems.append(
+                    f"stages[{i}].name: '{stage.name}' must be a plain folder name (letters, digits, '-', '_') other "
+                    "than 'tokenizer'; it is the stage's folder in the run directory"
+                )
+            # compared with the defaults, not "was the key written": a run folder's recipe.yaml writes every key
+            if stage.kind == "sft" and stage.dpo != DPOConfig():
+                problems.append(f"stages[{i}] ({stage.name}): the dpo settings apply to dpo stages only; remove them")
+            if stage.kind == "dpo":
+                fresh = stage.init_from == "new" or (i == 0 and stage.init_from == "previous")
+                if fresh and stage.dpo.reference == "sft":
+                    problems.append(
+                        f"stages[{i}] ({stage.name}): dpo.reference is 'sft' but there is no SFT adapter to start "
+                        "from; put an sft stage before it, set init_from to an adapter path, or use reference: base"
+                    )
+                if data.packing:
+                    problems.append(f"{where}: packing applies to SFT only; set data.packing: false for dpo stages")
+            if stage.kind == "dpo" and stage.dpo.label_smoothing and stage.dpo.loss_type != "sigmoid":
+                problems.append(f"stages[{i}].dpo.label_smoothing works with loss_type 'sigmoid' only")
+        if self.quantization.mode != "none" and self.lora.use_dora and self.kernels.enabled():
+            problems.append(
+                "kernels: the fused kernels do not support DoRA; set lora.use_dora: false or turn kernels off"
+            )
+        problems += self.distributed.problems(self)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def effective_stages(self) -> list[StageConfig]:
+        """The stages to run: the recipe's list, or a single `sft` stage when it has none."""
+        return self.stages or [StageConfig(name="sft", kind="sft")]
+
+    def stage_training(self, stage: StageConfig) -> TrainingConfig:
+        """The shared training section with the stage's overrides applied."""
+        return TrainingConfig(**{**self.training.model_dump(), **stage.training.model_dump(exclude_unset=True)})
+
+    def stage_data(self, stage: StageConfig) -> DataConfig:
+        """The data section a stage trains on."""
+        return stage.data or self.data
+
+    def output_dir(self) -> Path:
+        """The run folder with `{name}` filled in."""
+        return Path(self.output.dir.format(name=self.name))
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> Recipe:
+        """Load, merge `extends`, apply `key=value` overrides and validate. Raises RecipeError with every problem."""
+        return load_recipe(path, overrides)
+
+
+def validate_data(data: dict[str, Any], source: str, lines: dict[tuple, int] | None = None) -> Recipe:
+    """Validate a raw mapping into a Recipe (stage training overrides included); RecipeError lists every problem."""
+    recipe = loading.validate(Recipe, data, source, lines)
+    problems = []
+    for i, stage in enumerate(recipe.stages):
+        try:
+            recipe.stage_training(stage)
+        except ValidationError as e:
+            for err in e.errors():
+                problems.append(loading.explain(Recipe, {**err, "loc": ("stages", i, "training", *err["loc"])},
+                                                lines or {}))
+    if problems:
+        raise loading.RecipeError(source, problems)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe file, resolve `extends`, apply `key=value` overrides and validate the result."""
+    data, lines = loading.read(path, overrides)
+    return validate_data(data, str(path), lines)
