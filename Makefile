@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup quickstart test lint docs clean
+.PHONY: setup quickstart test test-gpu lint docs clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,16 @@ setup: $(BIN)/.installed
 quickstart: setup
 	$(BIN)/ft train recipes/quickstart.yaml --overwrite
 
+# The CPU kernel tests build the Triton kernels for the interpreter for their whole pytest process, so the GPU tests
+# (compiled kernels) run in a process of their own, where CUDA exists.
 test: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests --ignore=tests/gpu
+	@if $(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+		$(MAKE) --no-print-directory test-gpu; \
+	else echo "tests/gpu not run: no CUDA device here (make test-gpu runs them alone on a GPU machine)"; fi
+
+test-gpu: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m gpu tests/gpu
 
 lint: setup
 	$(BIN)/ruff check finetune kernels scripts tests
