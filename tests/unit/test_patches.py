@@ -82,8 +82,10 @@ def test_sft_without_a_label_head_keeps_trls_loss(tiny_model, tmp_path):
                      "(final_logit_softcapping=30.0))"]
     assert loss_heads.head_of(trainer.model) is None
     batch = trainer.data_collator([{"input_ids": [1, 5, 6, 7]}, {"input_ids": [1, 8, 9]}])
-    loss = trainer.compute_loss(trainer.model, dict(batch))  # trl's compute_loss (no label head to call)
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, dict(batch))
     assert torch.isfinite(loss)
+    assert trainer._metrics["train"]["entropy"]  # trl's compute_loss ran (it logs entropy; the label head does not)
 
 
 def test_dpo_compact_head_with_padding_free_rows(tiny_model, tmp_path):
