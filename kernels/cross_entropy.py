@@ -211,18 +211,6 @@ def token_logprobs(
     return -token_nll(hidden, weight, labels, bias, chunk_size, ignore_index)
 
 
-def sequence_logprobs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    chunk_size: int | None = None,
-    ignore_index: int = IGNORE_INDEX,
-) -> torch.Tensor:
-    """Sum of `log p(label)` per sequence (DPO's policy/reference log-probs): `[B, S, H], [B, S] -> [B]`."""
-    return token_logprobs(hidden, weight, labels, bias, chunk_size, ignore_index).sum(-1)
-
-
 def cross_entropy_reference(
     hidden: torch.Tensor,
     weight: torch.Tensor,

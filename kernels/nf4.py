@@ -51,16 +51,6 @@ class NF4Weight:
     quant_state: Any = None
 
     @property
-    def out_features(self) -> int:
-        """Rows of the weight."""
-        return self.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        """Columns of the weight."""
-        return self.shape[1]
-
-    @property
     def device(self) -> torch.device:
         """Device of the packed data."""
         return self.packed.device

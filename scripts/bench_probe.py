@@ -25,9 +25,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
-
 
 @dataclass(frozen=True)
 class FlopsPerToken:
@@ -144,8 +141,6 @@ def mfu(flops_per_token: float, tokens_per_second: float, peak_flops: float) -> 
 # `sitecustomize` that calls `install_probe`. The probe waits for `transformers.trainer` to be imported (so it adds
 # no import to a process that never trains, like the `trl` launcher), then records, identically for every tool: when
 # training began, when each optimizer step ended, the logged losses, and the tokens in every micro-batch.
-
-PROBE_ENV = "FT_BENCH_PROBE"
 
 
 class _Timeline:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 from finetune.errors import FinetuneError
 from finetune.recipe.schema import LoraConfig
@@ -43,8 +45,13 @@ def prepare_base(model, quantized: bool, gradient_checkpointing: bool):
     return model
 
 
-def attach(model, lora: LoraConfig, init_from: str | Path | None = None, adapter_name: str = "default"):
-    """A fresh adapter from the recipe, or a saved one (trainable) when `init_from` is a folder."""
+def attach(model, lora: LoraConfig, init_from: str | Path | None = None, adapter_name: str = "default",
+           stage: str | None = None):
+    """A fresh adapter from the recipe, or a saved one (trainable) when `init_from` is a folder.
+
+    A saved adapter keeps its own settings: the recipe's `lora` keys that differ from its adapter_config.json are
+    ignored, and said once (a warning line, prefixed with the `stage` name when given).
+    """
     from peft import PeftModel, get_peft_model
 
     if init_from is None:
@@ -52,30 +59,37 @@ def attach(model, lora: LoraConfig, init_from: str | Path | None = None, adapter
     init_from = Path(init_from)
     if not (init_from / "adapter_config.json").exists():
         raise FinetuneError(f"no adapter at {init_from} (adapter_config.json missing)")
+    ignored = ignored_lora_keys(model, lora, init_from)
+    if ignored:
+        print(f"{f'[{stage}] ' if stage else ''}warning: the stage starts from the adapter in {init_from}, which keeps "
+              f"its own settings; these lora keys are ignored: {'; '.join(ignored)}", flush=True)
     return PeftModel.from_pretrained(model, str(init_from), adapter_name=adapter_name, is_trainable=True)
+
+
+# recipe `lora` key -> its name in peft's LoraConfig / adapter_config.json
+_PEFT_NAMES = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "target_modules": "target_modules",
+               "use_rslora": "use_rslora", "use_dora": "use_dora", "modules_to_save": "modules_to_save",
+               "bias": "bias", "init_weights": "init_lora_weights"}
+
+
+def ignored_lora_keys(base, lora: LoraConfig, folder: Path) -> list[str]:
+    """`lora.KEY: recipe value -> saved value` for each `lora` key whose value differs from the adapter saved in
+    `folder` (`all-linear` is first resolved on `base`, the model before the adapter, as peft resolves it)."""
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers  # listed in finetune/model/private_api.py
+
+    saved = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    wanted = _maybe_include_all_linear_layers(to_peft(lora), base)
+
+    def norm(value: Any) -> Any:
+        if isinstance(value, (list, tuple, set)):
+            return sorted(value) or None  # [] and None: nothing
+        return value
+
+    return [f"lora.{key}: {getattr(lora, key)!r} -> {saved.get(name)!r}" for key, name in _PEFT_NAMES.items()
+            if norm(getattr(wanted, name)) != norm(saved.get(name))]
 
 
 def trainable_summary(model) -> dict[str, int | float]:
     """Counts of trainable and total parameters (4-bit weights counted as their logical size)."""
     trainable, total = model.get_nb_trainable_parameters()
     return {"trainable": int(trainable), "total": int(total), "percent": round(100 * trainable / max(total, 1), 4)}
-
-
-def apply_recipe_kernels(model, recipe, stage: str) -> list[str]:
-    """Patch this model instance with the fused kernels the recipe switches on (`kernels:`); nothing when all off.
-
-    Unsupported architectures or adapter options fail with the reasons before any training step.
-    """
-    if not recipe.kernels.enabled():
-        return []
-    from finetune.model.kernels import apply_kernels, check_kernel_support
-
-    base_config = getattr(model.get_base_model(), "config", None) if hasattr(model, "get_base_model") else None
-    model_type = getattr(base_config or model.config, "model_type", "")
-    problems = check_kernel_support(model_type, recipe.lora, recipe.kernels)
-    if problems:
-        raise FinetuneError("kernels: " + "; ".join(problems))
-    patched = apply_kernels(model, recipe.kernels)
-    for line in patched:
-        print(f"[{stage}] kernel: {line}", flush=True)
-    return patched

@@ -9,9 +9,9 @@ with `disable_adapter()`), merged, several are active, DoRA is used, or LoRA dro
 
 `fused_ce`: with `labels`, the `*ForCausalLM` forward runs the backbone and the chunked loss on the hidden
 states, and returns `logits=None`: the full `[batch, seq, vocab]` logits never exist. Without labels it is
-the original forward (logits as usual). DPO needs per-sequence log-probs rather than a loss:
-:func:`sequence_logps` computes them through the same chunked path. trl's own trainers (1.16) already score
-with a chunked `fused_lm_head=True` forward of their own, which this patch leaves alone and passes through.
+the original forward (logits as usual). trl's trainers (1.16) score with a chunked `fused_lm_head=True` forward of
+their own (DPO's per-token log-probs; `finetune.model.loss_heads` answers those calls), which this patch passes
+through. Applied through `finetune.model.patches.apply_patches`, which records it.
 """
 
 from __future__ import annotations
@@ -20,14 +20,12 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import nn
 
 from finetune.kernels import hf_forwards as hf
-from finetune.kernels.cross_entropy import sequence_logprobs
 from finetune.recipe.kernel_support import KERNEL_FIELDS, SUPPORTED_MODEL_TYPES, check_kernel_support
 
-__all__ = ["KERNEL_FIELDS", "SUPPORTED_MODEL_TYPES", "apply_kernels", "check_kernel_support", "sequence_logps"]
+__all__ = ["KERNEL_FIELDS", "SUPPORTED_MODEL_TYPES", "apply_kernels", "check_kernel_support"]
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:
@@ -45,31 +43,6 @@ def _patch(module: nn.Module, fn: Callable[..., Any]) -> bool:
     setattr(module, hf.ORIG, module.forward)
     module.forward = types.MethodType(fn, module)
     return True
-
-
-def sequence_logps(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    labels: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    **kwargs: Any,
-) -> torch.Tensor:
-    """Sum of `log p(labels[t] | prefix)` per sequence without the full logits (for DPO).
-
-    Args:
-        model: The (peft-wrapped) causal LM, patched or not.
-        input_ids: `[B, S]` token ids.
-        labels: `[B, S]` unshifted labels, -100 where not scored (prompt, padding).
-        attention_mask: Optional `[B, S]` mask.
-        **kwargs: Extra backbone arguments.
-
-    Returns:
-        float32 `[B]` log-probabilities, differentiable w.r.t. the adapter.
-    """
-    lm = _causal_lm(model)
-    head = lm.get_output_embeddings()
-    hidden = lm.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-    return sequence_logprobs(hidden[:, :-1], head.weight, labels[:, 1:].to(hidden.device), head.bias)
 
 
 def apply_kernels(model: nn.Module, kernels_cfg: Any) -> list[str]:

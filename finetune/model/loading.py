@@ -95,6 +95,17 @@ def ensure_pad_token(tok) -> None:
     tok.add_special_tokens({"pad_token": "<|pad|>"})
 
 
+def _fix_bitsandbytes(model) -> None:
+    """bitsandbytes' AVX-512 CPU fixes (model/bnb_cpu.py; nothing elsewhere), recorded with the model's patches."""
+    from finetune.model.patches import record
+
+    changed = bnb_cpu.fix_model(model)
+    if bnb_cpu.apply():  # already registered by bnb_config(), before the weights were quantized: only says so here
+        record(model, "bitsandbytes", "CPU dequantize_4bit kernel that reads AVX-512 blocks right (model/bnb_cpu.py)")
+    if changed:
+        record(model, "bitsandbytes", f"AVX-512 bf16 repacking off on {changed} Linear4bit layers (model/bnb_cpu.py)")
+
+
 def load_model(recipe: Recipe, training: TrainingConfig | None = None, tokenizer=None):
     """Load the base model as the recipe says (4-bit NF4 for QLoRA), ready for adapters."""
     from transformers import AutoModelForCausalLM
@@ -113,7 +124,7 @@ def load_model(recipe: Recipe, training: TrainingConfig | None = None, tokenizer
         cfg.name_or_path, dtype=dtype, quantization_config=quant, use_safetensors=True, **kwargs
     )
     if quant is not None:
-        bnb_cpu.fix_model(model)
+        _fix_bitsandbytes(model)
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     if tokenizer is not None:

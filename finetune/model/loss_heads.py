@@ -73,8 +73,16 @@ def install(model: Any) -> None:
             return original(*args, **kwargs)
         return _label_loss(self, **kwargs)
 
+    forward._finetune_head = FLAG
     lm.forward = types.MethodType(forward, lm)
     lm._ft_label_loss = True
+
+
+def head_of(model: Any) -> str | None:
+    """Which of our loss heads is the outermost forward of the causal LM in `model` (`label_positions_loss` or
+    `compact_fused_head`), or None when neither is (not installed, or something wrapped it since)."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(getattr(lm.forward, "__func__", None), "_finetune_head", None)
 
 
 def _label_loss(lm: Any, labels: torch.Tensor, num_items_in_batch: Any = None, **kwargs: Any):
@@ -126,6 +134,7 @@ def install_compact_fused_head(model: Any, outputs: tuple[str, ...] = DPO_OUTPUT
             kwargs["fused_lm_head"] = True
         return original(*args, **kwargs)
 
+    forward._finetune_head = "compact_fused_head"
     lm.forward = types.MethodType(forward, lm)
     lm._ft_compact_head = True
 
@@ -184,13 +193,20 @@ def _compact_fused(lm: Any, outputs: tuple[str, ...], labels: torch.Tensor, num_
 
 
 def trainer_class():
-    """trl's SFTTrainer with the label-positions loss (call `install(model)` on the model first)."""
+    """trl's SFTTrainer with the label-positions loss when the model has that head (`install`), else trl's own.
+
+    The part after the loss (DDP scaling, the `num_tokens` count) mirrors trl's `SFTTrainer.compute_loss`;
+    `tests/unit/test_fast_paths.py` compares both on the same batches, so a trl upgrade that changes it fails there.
+    """
     from trl import SFTTrainer
 
     class LabelLossSFTTrainer(SFTTrainer):
         """SFTTrainer whose loss comes from the model's label-positions forward (see the module docstring)."""
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if head_of(self.model) != FLAG:  # no label-positions head on this model (finetune.model.patches)
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
             outputs = model(**inputs, num_items_in_batch=num_items_in_batch, **{FLAG: True})
             loss = outputs.loss
             # As trl: with num_items_in_batch counted over every process, DDP's gradient averaging needs this.

@@ -96,24 +96,32 @@ class QuantizationConfig(Section):
 
 class LoraConfig(Section):
     r: Annotated[int, Field(ge=1, le=4096)] = 16
-    """LoRA rank: the width of the low-rank update. 8-64 is usual; more rank, more capacity and memory."""
+    """LoRA rank: the width of the low-rank update. 8-64 is usual; more rank, more capacity and memory. Like every
+    `lora` key, ignored by a stage that starts from a saved adapter (`init_from`; DPO after SFT): that adapter keeps
+    its own settings, and the stage warns once, naming the keys that differ from its adapter_config.json."""
     alpha: Annotated[float, Field(gt=0)] = 32
-    """LoRA scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA)."""
+    """LoRA scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA). Ignored when the
+    stage starts from a saved adapter (see `r`)."""
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    """Dropout on the LoRA branch input. 0 is the fast path and is what the fused kernels assume by default."""
+    """Dropout on the LoRA branch input. 0 is the fast path and is what the fused kernels assume by default. Ignored
+    when the stage starts from a saved adapter (see `r`)."""
     target_modules: str | list[str] = "all-linear"
     """Which linear layers get adapters: `all-linear` (every linear layer but the LM head) or a list of module names
-    such as [q_proj, v_proj]."""
+    such as [q_proj, v_proj]. Ignored when the stage starts from a saved adapter (see `r`)."""
     use_rslora: bool = False
-    """Rank-stabilised LoRA: scale by alpha / sqrt(r), which keeps high ranks trainable."""
+    """Rank-stabilised LoRA: scale by alpha / sqrt(r), which keeps high ranks trainable. Ignored when the stage
+    starts from a saved adapter (see `r`)."""
     use_dora: bool = False
-    """Weight-decomposed LoRA (DoRA). Slower; merged export of DoRA adapters is refused."""
+    """Weight-decomposed LoRA (DoRA). Slower; merged export of DoRA adapters is refused. Ignored when the stage
+    starts from a saved adapter (see `r`)."""
     modules_to_save: list[str] = Field(default_factory=list)
-    """Modules trained in full and saved with the adapter, e.g. [embed_tokens, lm_head] when adding tokens."""
+    """Modules trained in full and saved with the adapter, e.g. [embed_tokens, lm_head] when adding tokens. Ignored
+    when the stage starts from a saved adapter (see `r`)."""
     bias: Literal["none", "all", "lora_only"] = "none"
-    """Which biases are trained."""
+    """Which biases are trained. Ignored when the stage starts from a saved adapter (see `r`)."""
     init_weights: Literal["default", "gaussian", "pissa", "olora"] | bool = True
-    """Adapter initialisation passed to peft (`true` is peft's default: B = 0, so training starts at the base)."""
+    """Adapter initialisation passed to peft (`true` is peft's default: B = 0, so training starts at the base).
+    Ignored when the stage starts from a saved adapter (see `r`)."""
 
 
 DataFormat = Literal["auto", "messages", "alpaca", "sharegpt", "prompt_completion", "text", "preference"]

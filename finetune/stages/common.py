@@ -21,10 +21,8 @@ class StageContext:
 
     recipe: Recipe
     stage: StageConfig
-    index: int
     run_dir: Path
-    init_adapter: Path | None  # adapter folder this stage starts from (None: a fresh adapter)
-    previous_adapter: Path | None  # adapter of the stage before (the `sft` reference for DPO)
+    init_adapter: Path | None  # adapter folder this stage starts from (None: a fresh adapter; DPO's `sft` reference)
     resume_from: Path | None = None  # checkpoint to continue from (`ft train --resume`); see finetune.run.resume
     tracker: Any = None  # the run's finetune.run.tracking.Tracker (W&B), fed by the stage's RunLogger
 
@@ -53,6 +51,13 @@ class StageResult:
     kind: str
     adapter: str
     metrics: dict[str, Any] = field(default_factory=dict)
+    patches: list[str] = field(default_factory=list)  # what was changed on the model, in order (model/patches.py)
+
+
+def print_patches(ctx: StageContext, patches: list[str]) -> None:
+    """The stage banner's lines for the model's patches (`finetune.model.patches.apply_patches`), in order."""
+    for line in patches:
+        print(f"[{ctx.stage.name}] {line}", flush=True)
 
 
 def trainer_kwargs(ctx: StageContext, has_eval: bool) -> dict[str, Any]:

@@ -22,10 +22,9 @@ from typing import Any
 from finetune.data import apply_template, build_dataset
 from finetune.distributed.process import gathered_state_dict, is_main_process
 from finetune.errors import FinetuneError
-from finetune.model import loss_heads
-from finetune.model.adapters import apply_recipe_kernels, attach, prepare_base, trainable_summary
-from finetune.model.attention import use_per_sample_attention
+from finetune.model.adapters import attach, prepare_base, trainable_summary
 from finetune.model.loading import load_model, load_tokenizer
+from finetune.model.patches import applied, apply_patches
 from finetune.recipe.schema import DPOConfig
 from finetune.run.files import write_dir_atomic
 from finetune.run.resume import guarded_train
@@ -35,6 +34,7 @@ from finetune.stages.common import (
     build_stage_trainer,
     load_task_rows,
     padding_free_batches,
+    print_patches,
     task_metric,
     trainer_kwargs,
 )
@@ -91,7 +91,8 @@ def run_dpo(ctx: StageContext, tokenizer=None) -> StageResult:
         print(f"[{name}] held-out generation before -> after DPO: " + ", ".join(
             f"{k.replace('_', ' ')} {task_before[k]:.1%} -> {task_after[k]:.1%}" for k in TASK_KEYS if k in task_after),
             flush=True)
-    return StageResult(name=name, kind="dpo", adapter=str(adapter_dir), metrics=metrics)
+    return StageResult(name=name, kind="dpo", adapter=str(adapter_dir), metrics=metrics,
+                       patches=applied(model))
 
 
 def build_trainer(ctx: StageContext, tokenizer, train_ds, eval_ds) -> tuple[Any, dict[str, str | None]]:
@@ -107,8 +108,7 @@ def build_trainer(ctx: StageContext, tokenizer, train_ds, eval_ds) -> tuple[Any,
     ref_folder = reference_folder(ctx)
     model = load_model(recipe, ctx.training, tokenizer)
     model = prepare_base(model, recipe.quantization.mode != "none", ctx.training.gradient_checkpointing)
-    model = attach(model, recipe.lora, ctx.init_adapter)
-    apply_recipe_kernels(model, recipe, ctx.stage.name)
+    model = attach(model, recipe.lora, ctx.init_adapter, stage=ctx.stage.name)
     config = TrlDPOConfig(
         **trainer_kwargs(ctx, has_eval=eval_ds is not None),
         beta=dpo.beta,
@@ -119,14 +119,9 @@ def build_trainer(ctx: StageContext, tokenizer, train_ds, eval_ds) -> tuple[Any,
         precompute_ref_log_probs=False,
     )
     trainer = build_stage_trainer(DPOTrainer, ctx, model, config, tokenizer, train_ds, eval_ds)
-    if loss_heads.unsupported_reason(trainer.model) is None:
-        # trl's fused LM head scores every position (prompts, padding) off Triton devices: labelled ones only here;
-        # and trl 1.16 has no padding-free DPO: the head's forward runs each padded batch as one padding-free row
-        padding_free = padding_free_batches(ctx) and use_per_sample_attention(trainer.model)
-        loss_heads.install_compact_fused_head(trainer.model, padding_free=padding_free)
-        if padding_free:
-            print(f"[{ctx.stage.name}] batches: padding-free rows, attention per sample (finetune.model.attention)",
-                  flush=True)
+    # kernels; trl's fused LM head on labelled positions only (trl scores every position off Triton devices); and as
+    # trl 1.16 has no padding-free DPO, that head runs each padded batch as one padding-free row
+    print_patches(ctx, apply_patches(trainer.model, recipe, ctx.stage.name, "dpo", padding_free_batches(ctx)))
     install_reference(trainer.model, ref_folder)
     if dpo.precompute_ref_log_probs:
         precompute_reference(trainer)

@@ -159,7 +159,7 @@ def run_pipeline(recipe: Recipe, recipe_path: str | Path | None = None, from_sta
         tokenizer.save_pretrained(str(run_dir / "tokenizer"))
     previous: Path | None = None
     rerun = False
-    for index, stage in enumerate(stages):
+    for stage in stages:
         stage_summary = run_dir / stage.name / "summary.json"
         rerun = rerun or stage.name == from_stage
         if stage_summary.exists() and not rerun:
@@ -185,9 +185,8 @@ def run_pipeline(recipe: Recipe, recipe_path: str | Path | None = None, from_sta
             init = None
         else:
             init = Path(stage.init_from)
-        ctx = StageContext(recipe=recipe, stage=stage, index=index, run_dir=run_dir, init_adapter=init,
-                           previous_adapter=previous, resume_from=resume_point(run_dir / stage.name, resume),
-                           tracker=tracker)
+        ctx = StageContext(recipe=recipe, stage=stage, run_dir=run_dir, init_adapter=init,
+                           resume_from=resume_point(run_dir / stage.name, resume), tracker=tracker)
         ctx.dir.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         # Seed before the stage builds anything: the fresh adapter's random init is made before the trainer seeds.

@@ -7,9 +7,9 @@ import time
 from finetune.data import apply_template, build_dataset
 from finetune.distributed.process import gathered_state_dict, is_main_process
 from finetune.model import loss_heads
-from finetune.model.adapters import apply_recipe_kernels, attach, prepare_base, trainable_summary
-from finetune.model.attention import use_per_sample_attention
+from finetune.model.adapters import attach, prepare_base, trainable_summary
 from finetune.model.loading import load_model, load_tokenizer
+from finetune.model.patches import apply_patches
 from finetune.run.files import write_dir_atomic
 from finetune.run.resume import guarded_train
 from finetune.stages.common import (
@@ -18,6 +18,7 @@ from finetune.stages.common import (
     build_stage_trainer,
     load_task_rows,
     padding_free_batches,
+    print_patches,
     task_metric,
     trainer_kwargs,
 )
@@ -25,7 +26,7 @@ from finetune.stages.common import (
 
 def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
     """Train a LoRA adapter on chat data with trl's SFTTrainer and save it under `<run>/<stage>/adapter`."""
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     recipe, data, training = ctx.recipe, ctx.data, ctx.training
 
@@ -36,21 +37,11 @@ def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
     eval_ds = build_dataset(data, tokenizer, "sft", seed=training.seed, split="eval")
     model = load_model(recipe, training, tokenizer)
     model = prepare_base(model, recipe.quantization.mode != "none", training.gradient_checkpointing)
-    model = attach(model, recipe.lora, ctx.init_adapter)
-    apply_recipe_kernels(model, recipe, ctx.stage.name)
+    model = attach(model, recipe.lora, ctx.init_adapter, stage=ctx.stage.name)
     params = trainable_summary(model)
     print(f"[{ctx.stage.name}] adapter: {params['trainable']:,} trainable of {params['total']:,} parameters "
           f"({params['percent']}%); {len(train_ds)} training samples", flush=True)
-
-    task_rows = load_task_rows(data.task_eval)
-    before = task_metric(model, tokenizer, task_rows, data.task_eval_max_new_tokens)
-    if before is not None:
-        print(f"[{ctx.stage.name}] held-out task before training: {before}", flush=True)
-
-    # --- train
     padding_free = data.packing or padding_free_batches(ctx)
-    if padding_free and use_per_sample_attention(model):
-        print(f"[{ctx.stage.name}] attention: per sample within padding-free rows (model/attention.py)", flush=True)
     config = SFTConfig(
         **trainer_kwargs(ctx, has_eval=eval_ds is not None),
         # Our data is already cut to max_length (and packed into rows of it); trl refuses max_length with
@@ -59,14 +50,17 @@ def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
         padding_free=padding_free,
         packing=False,
     )
-    # The loss: the LM head on labelled positions only, chunked (finetune.model.loss_heads), where the model allows it.
-    no_label_loss = loss_heads.unsupported_reason(model)
-    print(f"[{ctx.stage.name}] loss: " + (f"trl's ({no_label_loss})" if no_label_loss else
-                                          "chunked LM head on labelled positions only"), flush=True)
-    trainer = build_stage_trainer(SFTTrainer if no_label_loss else loss_heads.trainer_class(), ctx, model, config,
-                                  tokenizer, train_ds, eval_ds)
-    if not no_label_loss:
-        loss_heads.install(trainer.model)  # last: the outermost per-instance forward patch
+    # trl's SFTTrainer, whose loss is the label-positions head when apply_patches installs it (else trl's own)
+    trainer = build_stage_trainer(loss_heads.trainer_class(), ctx, model, config, tokenizer, train_ds, eval_ds)
+    patches = apply_patches(trainer.model, recipe, ctx.stage.name, "sft", padding_free)  # kernels, attention, loss
+    print_patches(ctx, patches)
+
+    task_rows = load_task_rows(data.task_eval)
+    before = task_metric(model, tokenizer, task_rows, data.task_eval_max_new_tokens)
+    if before is not None:
+        print(f"[{ctx.stage.name}] held-out task before training: {before}", flush=True)
+
+    # --- train
     started = time.perf_counter()
     result = guarded_train(trainer, ctx)  # atomic checkpoints, --resume, Ctrl-C, NaN guard
     train_seconds = time.perf_counter() - started
@@ -85,4 +79,4 @@ def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
     if after is not None:
         metrics["task_before"], metrics["task_after"] = before, after
         print(f"[{ctx.stage.name}] held-out task after training: {after}", flush=True)
-    return StageResult(name=ctx.stage.name, kind="sft", adapter=str(adapter_dir), metrics=metrics)
+    return StageResult(name=ctx.stage.name, kind="sft", adapter=str(adapter_dir), metrics=metrics, patches=patches)

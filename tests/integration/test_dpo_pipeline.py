@@ -81,6 +81,20 @@ def test_dpo_starts_from_the_sft_adapter_and_uses_it_as_reference(run):
     assert json.loads((d / "summary.json").read_text())["status"] == "finished"
 
 
+def test_each_stage_prints_and_keeps_its_model_patches(run):
+    """finetune.model.patches' record: the banner prints it, <stage>/summary.json keeps it; DPO after SFT with the
+    same lora keys warns about none."""
+    d = run["dir"]
+    sft, dpo = summary(d, "sft")["patches"], summary(d, "dpo")["patches"]
+    assert sft[-2:] == ["attention: per sample within padding-free rows (finetune.model.attention)",
+                        "loss head: chunked LM head on labelled positions only (finetune.model.loss_heads)"], sft
+    assert dpo[-1].startswith("loss head: trl's fused LM head on labelled positions only, padded batches run as "
+                              "padding-free rows"), dpo
+    for line in sft:
+        assert f"[sft] {line}" in run["output"]
+    assert "lora keys are ignored" not in run["output"]
+
+
 def test_dpo_metrics_every_logging_step_and_on_held_out_pairs(run):
     rows = [json.loads(x) for x in (run["dir"] / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["stage"] == "dpo" and "loss" in r]

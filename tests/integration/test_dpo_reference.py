@@ -62,8 +62,7 @@ def make(tiny_model, tmp_path, init: Path | None, quant: str = "nf4", steps: int
                     "dpo": {"reference": "base", **dpo}}],
         "output": {"dir": str(tmp_path / "run")},
     })
-    ctx = StageContext(recipe=recipe, stage=recipe.stages[0], index=0, run_dir=tmp_path / "run", init_adapter=init,
-                       previous_adapter=init)
+    ctx = StageContext(recipe=recipe, stage=recipe.stages[0], run_dir=tmp_path / "run", init_adapter=init)
     ctx.dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(recipe.model)
     return build_trainer(ctx, tokenizer, pairs(16), pairs(8, 100))

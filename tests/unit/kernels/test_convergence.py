@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
-from finetune.model.kernels import KERNEL_FIELDS, apply_kernels, sequence_logps
+from finetune.model.kernels import KERNEL_FIELDS, apply_kernels
+from finetune.model.loss_heads import DPO_OUTPUTS, install_compact_fused_head
 
 STEPS = 8
 BETA = 0.5
@@ -40,7 +41,7 @@ def tiny_llama_dir(tmp_path_factory):
     return path
 
 
-def _qlora(path, kernels: bool):
+def _qlora(path, kernels: bool, dpo_head: bool = False):
     quant = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -50,8 +51,14 @@ def _qlora(path, kernels: bool):
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.float32, device_map="cpu")
     torch.manual_seed(1)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
+    if dpo_head:  # what a DPO stage stacks: trl's fused LM head (DPOTrainer), the kernels, our compact head on top
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(model.get_base_model(), outputs=DPO_OUTPUTS)
     report = apply_kernels(model, SimpleNamespace(**{f: kernels for f in KERNEL_FIELDS}))
     assert bool(report) == kernels
+    if dpo_head:
+        install_compact_fused_head(model)
     model.train()
     return model
 
@@ -93,8 +100,13 @@ def _logps_unfused(model, ids, labels) -> torch.Tensor:
     return torch.where(lab != -100, picked, 0.0).sum(-1)
 
 
+def _logps_fused_head(model, ids, labels) -> torch.Tensor:
+    """Per-sequence log-probs the way trl's DPOTrainer asks a patched model for them."""
+    return model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs.sum(-1)
+
+
 def _dpo_loss(fused: bool):
-    logps = sequence_logps if fused else _logps_unfused
+    logps = _logps_fused_head if fused else _logps_unfused
 
     def loss_fn(model, step: int) -> torch.Tensor:
         ids, labels = _batch(step, rows=4)  # rows 0-1 chosen, rows 2-3 rejected
@@ -111,7 +123,7 @@ def _dpo_loss(fused: bool):
 def test_kernels_on_off_same_training(tiny_llama_dir, objective):
     fn_off = _sft_loss if objective == "sft" else _dpo_loss(fused=False)
     fn_on = _sft_loss if objective == "sft" else _dpo_loss(fused=True)
-    plain, fused = _qlora(tiny_llama_dir, False), _qlora(tiny_llama_dir, True)
+    plain, fused = _qlora(tiny_llama_dir, False), _qlora(tiny_llama_dir, True, dpo_head=objective == "dpo")
     start = _adapter(plain)
     for name, value in _adapter(fused).items():
         assert torch.equal(value, start[name])

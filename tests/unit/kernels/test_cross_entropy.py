@@ -10,7 +10,6 @@ from finetune.kernels.cross_entropy import (
     chunked_cross_entropy,
     cross_entropy_reference,
     default_chunk_size,
-    sequence_logprobs,
     token_logprobs,
     token_logprobs_reference,
 )
@@ -67,7 +66,7 @@ def test_token_and_sequence_logprobs(assert_close, backend):
     upstream = torch.randn(3, generator=gen)
     with force_backend(backend):
         per_token = token_logprobs(hidden, weight, labels, chunk_size=5)
-        seq = sequence_logprobs(hidden, weight, labels, chunk_size=5)
+        seq = per_token.sum(-1)  # a sequence's log-prob, as DPO sums them
         (seq * upstream).sum().backward()
     hf, wf = _float_leaves(hidden, weight)
     ref_tok = token_logprobs_reference(hf, wf, labels)

@@ -11,7 +11,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import finetune.kernels.hf_forwards as hf
-from finetune.model.kernels import KERNEL_FIELDS, apply_kernels, check_kernel_support, sequence_logps
+from finetune.model.kernels import KERNEL_FIELDS, apply_kernels, check_kernel_support
+from finetune.model.loss_heads import DPO_OUTPUTS, install_compact_fused_head
 
 ALL_ON = SimpleNamespace(**{f: True for f in KERNEL_FIELDS})
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -120,7 +121,11 @@ def test_dropout_falls_back_and_matches(calls):
         torch.testing.assert_close(_grads(fused)[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_sequence_logps_and_idempotence():
+def test_dpo_logps_and_idempotence():
+    """DPO's log-probs as a stage computes them on a patched model: trl's fused LM head (added by DPOTrainer), the
+    kernels, our compact head on top (finetune.model.patches' order)."""
+    from trl.trainer.utils import add_fused_lm_head
+
     model = _tiny("llama")
     ids, mask, labels = _batch()
     with torch.no_grad():
@@ -128,9 +133,12 @@ def test_sequence_logps_and_idempotence():
         logp = torch.log_softmax(logits[:, :-1].float(), -1)
         lab = labels[:, 1:]
         expected = torch.where(lab != -100, logp.gather(-1, lab.clamp(min=0)[..., None])[..., 0], 0.0).sum(-1)
+    add_fused_lm_head(model.get_base_model(), outputs=DPO_OUTPUTS)
     apply_kernels(model, ALL_ON)
     assert apply_kernels(model, SimpleNamespace(rmsnorm=True))[0].startswith("rmsnorm: 0 ")  # already patched
-    got = sequence_logps(model, ids, labels, attention_mask=mask)
+    install_compact_fused_head(model)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    got = out.log_probs.sum(-1)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
