@@ -122,7 +122,7 @@ def test_ft_runs_lists_status_step_loss_and_eval(tmp_path):
 
 @pytest.fixture
 def real_trainer(tiny_model, tmp_path):
-    """A transformers Trainer on the tiny fixture model with an optimizer and scheduler: what `_save_checkpoint` saves."""
+    """A transformers Trainer on the tiny fixture model, with the optimizer and scheduler `_save_checkpoint` saves."""
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
