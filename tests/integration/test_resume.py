@@ -1,10 +1,10 @@
 """Runs survive crashes and Ctrl-C: resumed loss curves match an uninterrupted run step for step.
 
 A real `ft train` child process on the tiny fixture model is killed with SIGKILL mid-run (in an SFT stage and in a
-DPO stage), and another one while it writes a checkpoint; Ctrl-C is sent to `ft train` running in this process. Each run is then continued with
-`ft train --resume` and its per-step losses compared with an uninterrupted run of the same recipe. The children run
-with one thread, and so does this process during these tests: the curves agree to float rounding (tolerance 1e-6
-on losses around 3-4).
+DPO stage), and another one while it writes a checkpoint; Ctrl-C is sent to `ft train` running in this process.
+Each run is then continued with `ft train --resume` and its per-step losses compared with an uninterrupted run of
+the same recipe. The children run with one thread, and so does this process during these tests: the curves agree
+to float rounding (tolerance 1e-6).
 """
 
 from __future__ import annotations
