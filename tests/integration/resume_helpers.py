@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -97,9 +98,11 @@ def assert_same_curve(resumed: dict[int, float], reference: dict[int, float], to
     assert worst <= tol, {s: (resumed[s], reference[s]) for s in reference}
 
 
-def write_dpo_recipe(folder: Path, model: Path, name: str = "run") -> Path:
+def write_dpo_recipe(folder: Path, model: Path, name: str = "run", **training) -> Path:
     """One DPO stage (8 steps, every step logged) on addition preference pairs, from a fresh adapter against the base
-    model as reference; no scheduled checkpoints."""
+    model as reference; no scheduled checkpoints unless `training` (keys of the training section) asks for them."""
+    settings = {"max_steps": 8, "micro_batch_size": 4, "learning_rate": 5.0e-3, "logging_steps": 1, "seed": 3,
+                **training}
     pairs = folder / "pairs.jsonl"
     folder.mkdir(parents=True, exist_ok=True)
     with pairs.open("w") as f:
@@ -114,8 +117,46 @@ def write_dpo_recipe(folder: Path, model: Path, name: str = "run") -> Path:
         f"model: {{name_or_path: {model}, dtype: float32}}\n"
         "lora: {r: 4, alpha: 8}\n"
         f"data: {{train: [{{path: {pairs}}}], max_length: 64, cache_dir: null}}\n"
-        "training: {max_steps: 8, micro_batch_size: 4, learning_rate: 5.0e-3, logging_steps: 1, seed: 3}\n"
+        f"training: {json.dumps(settings)}\n"
         "stages: [{name: dpo, kind: dpo, init_from: new, dpo: {reference: base}}]\n"
         f"output: {{dir: {folder / 'runs' / name}}}\n"
     )
     return path
+
+
+#: `ft train ARGS` in a child whose trainer creates `PAUSE_MARKER` and waits `PAUSE_SECONDS` at the start of the step
+#: after `PAUSE_AFTER_STEP` (env): that step's metrics row and checkpoint are on disk by then, so a kill lands at a
+#: known point.
+PAUSE_AFTER = textwrap.dedent("""
+    import os, sys, time
+    from transformers import TrainerCallback
+    import finetune.stages.common as common
+
+    class Pause(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == int(os.environ["PAUSE_AFTER_STEP"]):
+                open(os.environ["PAUSE_MARKER"], "w").close()
+                time.sleep(float(os.environ.get("PAUSE_SECONDS", "600")))
+
+    quiet = common.quiet_trainer
+    common.quiet_trainer = lambda trainer: (quiet(trainer), trainer.add_callback(Pause()))
+    from finetune.cli import main
+    sys.argv = ["ft", *sys.argv[1:]]
+    main()
+""")
+
+
+def spawn_paused(args: list[str], cwd: Path, after_step: int, timeout: float = 400) -> subprocess.Popen:
+    """`ft ARGS` in a child; returns once it has paused at the start of step `after_step + 1` (see `PAUSE_AFTER`)."""
+    marker = Path(cwd) / f"paused-after-{after_step}"
+    env = {**subprocess_env(), "PAUSE_AFTER_STEP": str(after_step), "PAUSE_MARKER": str(marker)}
+    proc = subprocess.Popen([sys.executable, "-c", PAUSE_AFTER, *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            out, err = proc.communicate()
+            raise AssertionError(f"ft train did not pause after step {after_step}:\n{out[-2000:]}\n{err[-2000:]}")
+        time.sleep(0.02)
+    return proc

@@ -22,6 +22,11 @@ import finetune
 
 STEPS = {"sft": 10, "dpo": 4}
 STOP_AFTER = 5  # SIGTERM once this SFT step is logged (checkpoint-4 exists by then)
+#: Largest per-step loss difference between 2 processes and 1 (the README quotes it), and the relative difference of
+#: the adapters at the end of each stage. Measured on 2 CPU cores: losses within 4.8e-7 (SFT) and 6e-8 (DPO),
+#: adapters 2.3e-7 (SFT) and 1.2e-6 (DPO) apart. With trl's bf16 adapters it was 2e-4 and 0.2-1.3%.
+LOSS_TOL = 2e-6
+ADAPTER_TOL = 5e-6
 
 
 def write_pairs(path: Path, n: int) -> Path:
@@ -107,9 +112,10 @@ def test_loss_curve_matches_one_uninterrupted_process(runs, stage):
     one = [(r["step"], r["loss"]) for r in runs["one"].metrics(stage) if "loss" in r]
     # every step once: the rows the stopped run logged after its checkpoint were dropped on resume
     assert [s for s, _ in two] == list(range(1, STEPS[stage] + 1)) == [s for s, _ in one]
-    # Same samples in every step; only the order of float additions differs (the all-reduce). Measured: within 5e-7
-    # with fp32 adapters, 2e-4 with the bf16 adapters trl makes for 4-bit models.
-    assert [loss for _, loss in two] == pytest.approx([loss for _, loss in one], abs=5e-4)
+    # Same samples in every step; only the order of float additions differs (the all-reduce), and the adapters stay
+    # fp32 (trl's bf16 cast of 4-bit models' adapters is undone).
+    worst = max(abs(a - b) for (_, a), (_, b) in zip(two, one, strict=True))
+    assert worst <= LOSS_TOL, (worst, two, one)
 
 
 @pytest.mark.parametrize("stage", list(STEPS))
@@ -121,9 +127,9 @@ def test_adapters_match_one_process(runs, stage):
     assert two.keys() == one.keys()
     diff = sum(((two[k].float() - one[k].float()) ** 2).sum() for k in two) ** 0.5
     norm = sum((one[k].float() ** 2).sum() for k in one) ** 0.5
-    # Measured: 2e-7 with fp32 adapters, 0.2-1.3% with bf16 ones (rounding flips a few Adam steps of near-zero
-    # gradients); another seed gives ~100%.
-    assert diff / norm < 0.03
+    # With bf16 adapters this was 0.2-1.3% (rounding flips a few Adam steps of near-zero gradients); another seed
+    # gives ~100%.
+    assert diff / norm <= ADAPTER_TOL
 
 
 def test_only_the_main_process_wrote_and_printed(runs):

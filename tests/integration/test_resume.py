@@ -1,10 +1,10 @@
 """Runs survive crashes and Ctrl-C: resumed loss curves match an uninterrupted run step for step.
 
-A real `ft train` child process on the tiny fixture model is killed with SIGKILL mid-run, and another one while it
-writes a checkpoint; Ctrl-C is sent to `ft train` running in this process. Each run is then continued with
-`ft train --resume` and its per-step losses compared with an uninterrupted run of the same recipe. The children run
-with one thread, and so does this process during these tests: the curves agree to float rounding (tolerance 1e-6
-on losses around 3-4).
+A real `ft train` child process on the tiny fixture model is killed with SIGKILL mid-run (in an SFT stage and in a
+DPO stage), and another one while it writes a checkpoint; Ctrl-C is sent to `ft train` running in this process.
+Each run is then continued with `ft train --resume` and its per-step losses compared with an uninterrupted run of
+the same recipe. The children run with one thread, and so does this process during these tests: the curves agree
+to float rounding (tolerance 1e-6).
 """
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ from resume_helpers import (
     assert_same_curve,
     losses,
     spawn,
+    spawn_paused,
     subprocess_env,
     train_here,
     wait_for_step,
+    write_dpo_recipe,
     write_recipe,
 )
 
@@ -135,3 +137,30 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes(reference, tiny_model, addit
     result = train_here(str(recipe), "--resume")
     assert result.exit_code == 0, result.output
     assert_same_curve(losses(run_dir), reference, tol=1e-6)
+
+
+def test_kill_9_in_the_dpo_stage_then_resume_matches(tiny_model, tmp_path):
+    reference_run = tmp_path / "reference" / "runs" / "run"
+    result = train_here(str(write_dpo_recipe(tmp_path / "reference", tiny_model, save_steps=2)))
+    assert result.exit_code == 0, result.output
+    reference = losses(reference_run, "dpo")
+    assert sorted(reference) == list(range(1, 9))
+
+    recipe = write_dpo_recipe(tmp_path / "killed", tiny_model, save_steps=2)
+    run_dir = tmp_path / "killed" / "runs" / "run"
+    proc = spawn_paused(["train", str(recipe)], cwd=tmp_path, after_step=5)  # returns when it waits before step 6
+    proc.send_signal(signal.SIGKILL)
+    out, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, f"{out[-2000:]}\n{err[-2000:]}"
+    assert sorted(losses(run_dir, "dpo")) == [1, 2, 3, 4, 5]
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "running"  # nobody got to say otherwise
+    saved = last_checkpoint(run_dir / "dpo" / "checkpoints")
+    assert saved is not None and saved.name == "checkpoint-4"  # step 5 is logged but saved nowhere: lost work
+
+    result = train_here(str(run_dir), "--resume")
+    assert result.exit_code == 0, result.output
+    assert f"[dpo] resuming from {saved}" in result.output
+    resumed = losses(run_dir, "dpo")  # step 5 logged once: the killed run's row was dropped, then redone
+    assert sorted(resumed) == sorted(reference)
+    assert max(abs(resumed[s] - reference[s]) for s in reference) <= 1e-6, (resumed, reference)
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"

@@ -100,21 +100,55 @@ def test_nll_weight_adds_the_chosen_nll_term():
     assert terms["loss_type"] == ["sigmoid", "robust", "sft"] and terms["loss_weights"][2] == 1.0
 
 
+def trl_dpo_loss(terms: dict, beta: float, margins):
+    """The loss trl's own `DPOTrainer._compute_loss` gives for these loss terms, one pair per margin.
+
+    The trainer object holds only what that method reads: the loss settings, stored reference log-probs
+    (`precompute_ref_logps`) and an identity accelerator. Each pair has one completion token; the policy's
+    log-probs put the pair's margin on its chosen answer, and the reference's are zero.
+    """
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    import torch
+    from trl import DPOTrainer
+
+    margins = torch.as_tensor(margins, dtype=torch.float64)
+    n = len(margins)
+    per_token = torch.zeros(2 * n, 1, dtype=torch.float64)
+    per_token[:n, 0] = margins  # chosen log-prob = margin, rejected = 0
+    trainer = object.__new__(DPOTrainer)
+    trainer.__dict__.update(
+        beta=beta, loss_types=terms["loss_type"], loss_weights=terms["loss_weights"],
+        label_smoothing=terms["label_smoothing"], f_divergence_type="reverse_kl", ld_alpha=None,
+        precompute_ref_logps=True, use_weighting=False, aux_loss_enabled=False, _metrics=defaultdict(
+            lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1,
+        accelerator=SimpleNamespace(device="cpu", gather=lambda t: t, gather_for_metrics=lambda t: t),
+        model=SimpleNamespace(training=False))
+    outputs = SimpleNamespace(log_probs=per_token, entropy=torch.zeros_like(per_token),
+                              mean_logits=torch.zeros_like(per_token), is_top1=torch.zeros_like(per_token).bool())
+    inputs = {"input_ids": torch.zeros(2 * n, 2, dtype=torch.long), "attention_mask": torch.ones(2 * n, 2),
+              "completion_mask": torch.tensor([[0, 1]] * (2 * n)),
+              "ref_chosen_logps": torch.zeros(n, dtype=torch.float64),
+              "ref_rejected_logps": torch.zeros(n, dtype=torch.float64)}
+    return DPOTrainer._compute_loss(trainer, lambda **kwargs: outputs, inputs, return_outputs=False)
+
+
 @pytest.mark.parametrize("e", [0.05, 0.2, 0.45])
 def test_conservative_dpo_is_rebuilt_exactly_from_trl_losses(e):
-    """trl ignores label_smoothing for sigmoid; our weighted sigmoid + robust pair must equal the cDPO formula."""
+    """trl ignores label_smoothing for sigmoid; its loss with our weighted sigmoid + robust pair must be cDPO."""
     import torch
     import torch.nn.functional as F
 
     from finetune.stages.dpo import loss_terms
 
+    beta = 0.1
     terms = loss_terms(DPOConfig(label_smoothing=e))
     assert terms["loss_type"] == ["sigmoid", "robust"] and terms["label_smoothing"] == e
-    z = torch.linspace(-8, 8, 101, dtype=torch.float64)
-    # The two trl 1.x loss formulas (trl/trainer/dpo_trainer.py, `sigmoid` and `robust`), z = beta * margin
-    sigmoid = -F.logsigmoid(z)
-    robust = (-(1 - e) * F.logsigmoid(z) + e * F.logsigmoid(-z)) / (1 - 2 * e)
-    combined = terms["loss_weights"][0] * sigmoid + terms["loss_weights"][1] * robust
-    cdpo = -(1 - e) * F.logsigmoid(z) - e * F.logsigmoid(-z)
-    assert torch.allclose(combined, cdpo, atol=1e-12)
-    assert combined[50].item() == pytest.approx(math.log(2))  # z = 0: still ln 2
+    for margin in (-60.0, -7.5, 0.0, 3.0, 42.0):
+        z = torch.tensor(beta * margin, dtype=torch.float64)
+        cdpo = -(1 - e) * F.logsigmoid(z) - e * F.logsigmoid(-z)  # the definition of conservative DPO
+        assert trl_dpo_loss(terms, beta, [margin]).item() == pytest.approx(cdpo.item(), abs=1e-12), margin
+    assert trl_dpo_loss(terms, beta, [0.0]).item() == pytest.approx(math.log(2))  # z = 0: still ln 2
+    plain = loss_terms(DPOConfig(label_smoothing=0.0))  # and without smoothing, trl's plain DPO loss
+    assert trl_dpo_loss(plain, beta, [5.0]).item() == pytest.approx(-F.logsigmoid(torch.tensor(0.5)).item())

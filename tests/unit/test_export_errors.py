@@ -93,8 +93,19 @@ def test_unmergeable_adapters_are_explained(tmp_path, config, message):
 
 
 def test_plain_lora_is_mergeable(tmp_path):
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": False}))
+    """The adapter_config.json peft writes for a plain LoRA passes; each option merged export refuses, set in that
+    same file, is refused (so the keys checked are the ones peft writes, not names of our own)."""
+    from peft import LoraConfig
+
+    LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]).save_pretrained(str(tmp_path))
+    plain = json.loads((tmp_path / "adapter_config.json").read_text())
+    refused = {"use_dora": True, "lora_bias": True, "trainable_token_indices": [1], "target_parameters": ["w"]}
+    assert refused.keys() <= plain.keys()
     check_mergeable(tmp_path)
+    for key, value in refused.items():
+        (tmp_path / "adapter_config.json").write_text(json.dumps({**plain, key: value}))
+        with pytest.raises(FinetuneError, match="--format adapter"):
+            check_mergeable(tmp_path)
 
 
 def test_published_paths_and_secrets(tmp_path):

@@ -124,14 +124,21 @@ def test_heldout_is_honest():
         assert any(row["entity"] in line and f" {row['answer']}" in line for line in corpus)
     # A third or so of SFT replies ramble (the behaviour DPO removes); the eval questions are plain.
     styles = [r["style"] for r in _rows("sft_train")]
-    assert 0.25 < styles.count("ramble") / len(styles) < 0.45
+    share, expected = styles.count("ramble") / len(styles), _make_data().RAMBLE_FRACTION
+    assert abs(share - expected) <= 3 * (expected * (1 - expected) / len(styles)) ** 0.5  # the generator's share
     assert {r["style"] for r in _rows("sft_eval")} == {"concise"}
 
 
-def test_shipped_data_matches_generator():
+def _make_data():
+    """scripts/make_data.py, the generator of the shipped data."""
     spec = importlib.util.spec_from_file_location("make_data", ROOT / "scripts" / "make_data.py")
     make_data = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_data)
+    return make_data
+
+
+def test_shipped_data_matches_generator():
+    make_data = _make_data()
     world = make_data.build_world()
     sft_train, sft_eval = make_data.make_sft(world)
     assert sft_eval == _rows("sft_eval") and sft_train[:50] == _rows("sft_train")[:50]
@@ -149,11 +156,24 @@ def test_exact_match_normalisation():
 def test_generation_restores_padding_side_and_mode(model, tokenizer):
     tokenizer.padding_side = "right"
     model.train()
-    prompts = [[{"role": "user", "content": "Where does Ana live?"}], [{"role": "user", "content": "Hi"}]]
-    out = generate_answers(model, tokenizer, prompts, max_new_tokens=3, batch_size=2)
-    assert len(out) == 2 and all(isinstance(o, str) for o in out)
+    questions = ("Where does Ana live?", "Hi", "What is the occupation of Briix Numont?")
+    prompts = [[{"role": "user", "content": q}] for q in questions]
+    out = generate_answers(model, tokenizer, prompts, max_new_tokens=3, batch_size=3)
     assert tokenizer.padding_side == "right" and model.training
+    # the batch is left-padded for generation: each answer is the one its prompt gets alone
+    assert out == [generate_answers(model, tokenizer, [p], max_new_tokens=3)[0] for p in prompts]
+    assert all(out)
+
+
+def test_untrained_model_scores_zero_on_the_heldout_questions(model, tokenizer):
+    """The shipped model was pretrained on statements only: asked about a held-out person, it goes on with a
+    statement about that person (starting with the surname) instead of answering, so nothing matches yet; the
+    README's "0.0% before" training."""
     model.eval()
     rows = _rows("sft_eval")[:4]
-    metrics = task_metrics(model, tokenizer, rows, max_new_tokens=3)
-    assert metrics["n"] == 4 and 0.0 <= metrics["exact_match"] <= 1.0 and 0.0 <= metrics["concise_rate"] <= 1.0
+    metrics = task_metrics(model, tokenizer, rows, max_new_tokens=3, return_predictions=True)
+    predictions = metrics.pop("predictions")
+    assert [p.split()[0] for p in predictions] == [r["entity"].split()[-1] for r in rows]
+    # three new tokens are at most three words: every answer counts as concise, none holds the answer
+    assert metrics == {"exact_match": 0.0, "contains_answer": 0.0, "concise_rate": 1.0, "n": 4}
+    assert exact_match(predictions, [r["answer"] for r in rows]) == 0.0

@@ -1,9 +1,9 @@
-"""The run folder's rules (overwrite, resume, locks, writability, disk) and atomic checkpoints, without training."""
+"""The run folder's rules (overwrite, resume, locks, writability, disk) and atomic checkpoints (written by a real
+transformers Trainer on the tiny model), without training."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -120,41 +120,42 @@ def test_ft_runs_lists_status_step_loss_and_eval(tmp_path):
     assert out.exit_code == 0 and "crashed" in out.output and "finished" in out.output
 
 
-class FakeTrainer:
-    """The parts of a transformers Trainer that checkpoints.make_atomic uses; writes files like `_save_checkpoint`."""
+@pytest.fixture
+def real_trainer(tiny_model, tmp_path):
+    """A transformers Trainer on the tiny fixture model, with the optimizer and scheduler `_save_checkpoint` saves."""
+    import torch
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-    def __init__(self, root: Path, keep: int):
-        self.args = SimpleNamespace(output_dir=str(root), save_total_limit=keep, world_size=1)
-        self.state = SimpleNamespace(global_step=0)
-        self.fail_after_weights = False
-
-    def _get_output_dir(self, trial=None) -> str:
-        return self.args.output_dir
-
-    def _save_checkpoint(self, model, trial=None) -> None:
-        folder = Path(self._get_output_dir()) / f"checkpoint-{self.state.global_step}"
-        folder.mkdir(parents=True)
-        (folder / "adapter_model.safetensors").write_bytes(os.urandom(64))
-        if self.fail_after_weights:
-            raise OSError("disk full")
-        (folder / "trainer_state.json").write_text(json.dumps({"global_step": self.state.global_step}))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    args = TrainingArguments(output_dir=str(tmp_path / "checkpoints"), save_total_limit=2, report_to=[], use_cpu=True)
+    trainer = Trainer(model=model, args=args)
+    trainer.create_optimizer_and_scheduler(num_training_steps=20)
+    return trainer
 
 
-def test_atomic_checkpoints_rotate_and_survive_a_failed_write(tmp_path):
-    root = tmp_path / "checkpoints"
-    trainer = FakeTrainer(root, keep=2)
+def test_atomic_checkpoints_rotate_and_survive_a_failed_write(real_trainer, monkeypatch):
+    trainer, root = real_trainer, Path(real_trainer.args.output_dir)
     checkpoints.make_atomic(trainer)
     for step in (5, 10, 15):
         trainer.state.global_step = step
-        trainer._save_checkpoint(None)
+        trainer._save_checkpoint(trainer.model, None)
     assert [p.name for p in checkpoints.list_checkpoints(root)] == ["checkpoint-10", "checkpoint-15"]
-    trainer.state.global_step, trainer.fail_after_weights = 20, True
-    with pytest.raises(OSError, match="disk full"):
-        trainer._save_checkpoint(None)
+    files = {p.name for p in (root / "checkpoint-15").iterdir()}  # what `train(resume_from_checkpoint=...)` reads
+    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= files
+    assert json.loads((root / "checkpoint-15" / "trainer_state.json").read_text())["global_step"] == 15
+
+    def disk_full(output_dir):  # weights, optimizer and scheduler are written by now; the RNG and trainer state not
+        raise OSError("disk full")
+
+    trainer.state.global_step = 20
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "_save_rng_state", disk_full)
+        with pytest.raises(OSError, match="disk full"):
+            trainer._save_checkpoint(trainer.model, None)
+    assert (root / checkpoints.STAGING / "checkpoint-20" / "optimizer.pt").exists()  # it failed half-way through
     assert [p.name for p in checkpoints.list_checkpoints(root)] == ["checkpoint-10", "checkpoint-15"]
     assert not (root / "checkpoint-20").exists()
     assert checkpoints.last_checkpoint(root).name == "checkpoint-15"
-    trainer.fail_after_weights = False
-    trainer._save_checkpoint(None)  # the leftovers of the failed write are cleared, then it works
+    trainer._save_checkpoint(trainer.model, None)  # the leftovers of the failed write are cleared, then it works
     assert [p.name for p in checkpoints.list_checkpoints(root)] == ["checkpoint-15", "checkpoint-20"]
     assert sorted(p.name for p in root.iterdir()) == ["checkpoint-15", "checkpoint-20"]
