@@ -42,7 +42,7 @@ def test_activation_estimate_matches_the_tensors_autograd_keeps(tmp_path):
     from finetune.model.adapters import attach, prepare_base
 
     folder = build_char_model(tmp_path / "m", hidden=128, layers=3)
-    model = attach(prepare_base(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), False, False),
+    model = attach(prepare_base(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), False),
                    LoraConfig(r=8))
     model.train()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
