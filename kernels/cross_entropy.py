@@ -66,16 +66,20 @@ class ChunkedNLLFunction(torch.autograd.Function):
         # Frozen head (the LoRA case): d nll[t] / d h[t] = softmax[t] @ W - W[label[t]] needs nothing from the
         # backward but the per-token scale, so it is formed here while the chunk's softmax exists, and the backward
         # neither recomputes the logits nor touches a [chunk, V] buffer.
-        unit_grad = (not triton and hidden.requires_grad and not weight.requires_grad
-                     and (bias is None or not bias.requires_grad))
+        # On CUDA too: there the Triton kernel writes the chunk's `softmax - onehot` in place, so the head costs
+        # two GEMMs per chunk (logits, gradient) instead of three (logits; logits again and gradient in backward).
+        unit_grad = hidden.requires_grad and not weight.requires_grad and (bias is None or not bias.requires_grad)
         dh_unit = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if unit_grad else None
         for start in range(0, n, chunk_size):
             sl = slice(start, min(n, start + chunk_size))
             logits = _chunk_logits(hidden[sl], weight, bias)
             if triton:
-                from finetune.kernels.cross_entropy_triton import lse_and_nll
+                from finetune.kernels.cross_entropy_triton import lse_and_nll, nll_grad_
 
                 lse[sl], nll[sl] = lse_and_nll(logits, labels[sl], ignore_index)
+                if unit_grad:  # softmax - onehot in place (0 on ignored rows), then one GEMM
+                    nll_grad_(logits, labels[sl], lse[sl], torch.ones_like(lse[sl]), ignore_index)
+                    dh_unit[sl] = (logits.to(hidden.dtype) @ weight).float()
             else:
                 valid = labels[sl] != ignore_index
                 label = labels[sl].clamp(min=0)

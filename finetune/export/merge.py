@@ -47,16 +47,17 @@ def build_reference(recipe: Recipe, adapter: Path, tokenizer):
     from finetune.model.loading import load_model
 
     base = load_model(recipe, tokenizer=tokenizer)
-    # prepare_base does what training did to the base (for QLoRA: layer norms etc. upcast to float32).
-    base = prepare_base(base, recipe.quantization.mode != "none", gradient_checkpointing=False)
+    # prepare_base does what training did to the base (frozen, every weight in the dtype it was loaded in).
+    base = prepare_base(base, gradient_checkpointing=False)
     return restore_adapter_dtype(PeftModel.from_pretrained(base, str(adapter)).eval(), adapter)
 
 
 def restore_adapter_dtype(model, adapter: Path):
     """Put LoRA A/B weights back in the dtype they were saved in, which is the dtype they were trained in.
 
-    peft loads adapter weights as float32, but trl casts QLoRA adapters to bfloat16 for training, and the LoRA branch
-    then computes in bfloat16; running it in float32 would not be the model that was trained.
+    Training keeps adapters in float32 (`finetune.model.adapters.adapters_in_float32`), so this does nothing for
+    them; adapters of older runs were trained (and saved) in bfloat16, and running those in float32 would not be the
+    model that was trained.
     """
     saved = _saved_dtype(Path(adapter) / "adapter_model.safetensors")
     if saved is not None and saved != torch.float32:

@@ -14,12 +14,29 @@ It is registered with transformers' `AttentionInterface` under its own name and 
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 NAME = "ft_sdpa_per_sample"
+_host_cuts: tuple[Any, int, list[int]] = (None, -1, [])  # (weakref to the bounds tensor, its version, its values)
+
+
+def host_bounds(bounds: torch.Tensor) -> list[int]:
+    """The sample bounds as Python ints, read from the device once per batch, not once per layer.
+
+    Every layer of a forward (and the recompute of gradient checkpointing) receives the same `cu_seq_lens_q` tensor,
+    so its values are kept with a weak reference to it: on a GPU, one device-to-host copy (and sync) per micro-step.
+    """
+    global _host_cuts
+    ref, version, cuts = _host_cuts
+    if ref is not None and ref() is bounds and version == bounds._version:
+        return cuts
+    cuts = bounds.tolist()
+    _host_cuts = (weakref.ref(bounds), bounds._version, cuts)
+    return cuts
 
 
 def per_sample_sdpa(
@@ -39,7 +56,7 @@ def per_sample_sdpa(
     if bounds is None or query.shape[0] != 1 or query.shape[2] != key.shape[2] or kwargs.get("cache") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    cuts = bounds.tolist()
+    cuts = host_bounds(bounds)
     gqa = query.shape[1] != key.shape[1]
     parts = [
         F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout,

@@ -38,27 +38,59 @@ FLAG = "label_positions_loss"
 # Logit transforms the plain `hidden @ W.T` of the chunked loss would silently skip: such models keep trl's path.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                      "logits_scaling")
-_CHUNK_LOGITS = 2**24  # logits elements per chunk (64 MB in float32): big matmuls, bounded memory
+_CHUNK_LOGITS = 2**24  # logits elements per chunk off CUDA (64 MB in float32): big matmuls, bounded memory
+_CUDA_CHUNK_LOGITS = 2**26  # on a GPU at most this many (about 512 MB of chunk buffers at 8 bytes per element) ...
+_CUDA_FREE_SHARE = 16  # ... and at most 1/16 of the free memory
+ROW_TILE = 128  # chunks hold a multiple of this many rows: whole tensor-core tiles (130 rows would waste a tile)
+CHUNK_BYTES_PER_LOGIT = 8  # one chunk at a time: bf16 logits, their float32 copy and bf16 softmax (GPU, bf16)
 
 
 def unsupported_reason(model: Any) -> str | None:
     """Why the label-positions loss cannot run on this (peft-wrapped) causal LM, or None when it can."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
     head = lm.get_output_embeddings()
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor) or head.weight.requires_grad:
         return "the LM head is missing, adapted or trained"
     if type(head) is not torch.nn.Linear:
         return f"the LM head is a {type(head).__name__}, not a plain Linear"
+    return config_unsupported_reason(lm.config)
+
+
+def config_unsupported_reason(config: Any) -> str | None:
+    """What in a model's config rules the label-positions loss out (see `unsupported_reason`), or None."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     for name in _LOGIT_TRANSFORMS:
         value = getattr(cfg, name, None)
         if value not in (None, 1, 1.0):
             return f"the model transforms its logits ({name}={value})"
     if getattr(cfg, "output_router_logits", False) or getattr(cfg, "num_experts_per_tok", None):
         return "mixture-of-experts models add a router loss"
-    if lm.config is not cfg:
+    if config is not cfg:
         return "multimodal models keep trl's loss"
     return None
+
+
+def chunk_rows(vocab: int, device: torch.device | str = "cpu") -> int:
+    """Labelled tokens per chunk of the label-positions loss: a multiple of :data:`ROW_TILE`, at least one tile.
+
+    The chunk's logits are `rows x vocab`: up to 2**24 elements off CUDA; on CUDA up to 2**26 elements and at most
+    1/16 of the free memory at :data:`CHUNK_BYTES_PER_LOGIT` bytes each (Llama 3's 128k vocabulary: 512 rows).
+    """
+    budget = _CHUNK_LOGITS
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(_CUDA_CHUNK_LOGITS, free // (_CUDA_FREE_SHARE * CHUNK_BYTES_PER_LOGIT))
+    return _rows(budget, vocab)
+
+
+def max_chunk_rows(vocab: int) -> int:
+    """The most rows `chunk_rows` gives on any device (a GPU with plenty of free memory): for memory estimates."""
+    return _rows(max(_CHUNK_LOGITS, _CUDA_CHUNK_LOGITS), vocab)
+
+
+def _rows(budget: int, vocab: int) -> int:
+    return max(ROW_TILE, budget // max(vocab, 1) // ROW_TILE * ROW_TILE)
 
 
 def install(model: Any) -> None:
@@ -96,7 +128,7 @@ def _label_loss(lm: Any, labels: torch.Tensor, num_items_in_batch: Any = None, *
     mask = shifted != -100
     head = lm.get_output_embeddings()
     picked = hidden[:, :-1][mask]  # [labelled tokens, H]: the only rows the loss needs
-    chunk = max(1, _CHUNK_LOGITS // head.weight.shape[0])
+    chunk = chunk_rows(head.weight.shape[0], picked.device)
     nll = token_nll(picked, head.weight, shifted[mask], head.bias, chunk_size=chunk)
     denom = mask.sum() if num_items_in_batch is None else num_items_in_batch
     loss = nll.sum() / torch.as_tensor(denom, device=nll.device).clamp(min=1)
@@ -106,7 +138,7 @@ def _label_loss(lm: Any, labels: torch.Tensor, num_items_in_batch: Any = None, *
 # The per-token fields trl's DPOTrainer (1.16) reads from its fused LM head: log-probs for the loss, the others for
 # its logged metrics (entropy, logits/chosen|rejected, mean token accuracy).
 DPO_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
-_VOCAB_CHUNK = 8192  # vocabulary columns per tile of trl's kernel (its own default is 32768: 4x the tile memory)
+VOCAB_CHUNK = 8192  # vocabulary columns per tile of trl's kernel (its own default is 32768: 4x the tile memory)
 
 
 def install_compact_fused_head(model: Any, outputs: tuple[str, ...] = DPO_OUTPUTS, padding_free: bool = False) -> None:
@@ -181,7 +213,7 @@ def _compact_fused(lm: Any, outputs: tuple[str, ...], labels: torch.Tensor, num_
         picked_hidden = row[at[mask]]
     shifted = shifted.to(mask.device)
     head = lm.get_output_embeddings()
-    picked = ChunkedLogProbFunction.apply(picked_hidden, head.weight, head.bias, shifted[mask], 1.0, _VOCAB_CHUNK,
+    picked = ChunkedLogProbFunction.apply(picked_hidden, head.weight, head.bias, shifted[mask], 1.0, VOCAB_CHUNK,
                                           None, 1.0, outputs)
     # back to [batch, seq - 1], zero where no label; masked_scatter keeps an all-masked batch differentiable
     log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = (

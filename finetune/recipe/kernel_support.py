@@ -55,6 +55,7 @@ def check_kernel_support(model_type: str, lora_cfg: Any, kernels_cfg: Any = None
             f"kernels ({', '.join(lora_on)}): DoRA (use_dora) is not supported by the fused LoRA kernels; "
             "set use_dora: false or turn those kernels off."
         )
+    errors += _dropout_problems(enabled, lora_cfg)
     if lora_on and _get(lora_cfg, ("lora_bias",), False):
         errors.append(f"kernels ({', '.join(lora_on)}): lora_bias=True (a bias on lora_B) is not supported.")
     if lora_on and _get(lora_cfg, ("fan_in_fan_out",), False):
@@ -67,6 +68,17 @@ def check_kernel_support(model_type: str, lora_cfg: Any, kernels_cfg: Any = None
             "lm_head.weight directly); remove lm_head from target_modules or turn fused_ce off."
         )
     return errors
+
+
+def _dropout_problems(enabled: list[str], lora_cfg: Any) -> list[str]:
+    """The fused LoRA blocks have no dropout: with it they would fall back in every training step, silently."""
+    fused = [f for f in ("lora_mlp", "lora_qkvo") if f in enabled]
+    dropout = _get(lora_cfg, ("dropout", "lora_dropout"), 0.0) or 0.0
+    if not fused or dropout <= 0:
+        return []
+    return [f"kernels ({', '.join(fused)}): the fused LoRA blocks have no dropout, so with lora.dropout {dropout} "
+            "they would fall back to per-projection ops in every training step; set lora.dropout: 0 or turn "
+            f"{' and '.join(fused)} off (lora_linear supports dropout)."]
 
 
 def model_type_of(name_or_path: str, revision: str | None = None) -> str | None:
@@ -93,6 +105,7 @@ def recipe_kernel_problems(recipe: Any) -> list[str]:
     if not recipe.kernels.enabled():
         return []
     model_type = model_type_of(recipe.model.name_or_path, recipe.model.revision)
-    if model_type is None:
-        return []  # the model is checked at train start, once loaded
+    if model_type is None:  # the model is checked at train start, once loaded; the adapter settings now
+        enabled = [f for f in KERNEL_FIELDS if getattr(recipe.kernels, f, False)]
+        return [f"kernels: {p}" for p in _dropout_problems(enabled, recipe.lora)]
     return [f"kernels: {p}" for p in check_kernel_support(model_type, recipe.lora, recipe.kernels)]

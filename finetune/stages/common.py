@@ -135,27 +135,6 @@ def quiet_trainer(trainer) -> None:
     trainer.remove_callback(ProgressCallback)
 
 
-def adapters_in_compute_dtype(trainer, training: TrainingConfig) -> bool:
-    """Keep the trainable (adapter) weights in float32 when training runs without autocast (fp32, e.g. any CPU).
-
-    trl's trainers cast the adapter of a 4-bit model to bfloat16 (the QLoRA paper's choice for bf16 GPUs). With fp32
-    activations every LoRA matmul then becomes a bfloat16 one: on a CPU without bf16 units that is 30-100x slower than
-    fp32 (the LoRA branch dominated the step in our benchmark), and the updates are rounded to bf16. Under bf16/fp16
-    autocast trl's choice is kept. Call after building the trainer, before `train()` creates the optimizer.
-
-    Returns:
-        True when weights were cast back (their values then carry trl's bf16 rounding).
-    """
-    if resolve_precision(training) != "fp32":
-        return False
-    cast = False
-    for param in trainer.model.parameters():
-        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
-            param.data = param.data.float()
-            cast = True
-    return cast
-
-
 def padding_free_batches(ctx: StageContext) -> bool:
     """`data.padding_free`, except for models loaded with `trust_remote_code` (their attention code may ignore the
     restarting positions), which is then said."""
@@ -167,19 +146,13 @@ def padding_free_batches(ctx: StageContext) -> bool:
 
 
 def build_stage_trainer(trainer_cls: Any, ctx: StageContext, model, config, tokenizer, train_ds, eval_ds):
-    """A stage's trl trainer: our metrics logger, a quiet console, and the starting adapter's exact weights.
-
-    trl casts QLoRA adapters to bf16 in its constructor; when training runs in the adapters' own dtype they are cast
-    back (`adapters_in_compute_dtype`), and an adapter the stage starts from is reloaded so that it starts where the
-    previous stage ended (in DPO it then equals an `sft` reference bit for bit)."""
+    """A stage's trl trainer: our metrics logger, a quiet console, and float32 adapters that start exactly where the
+    adapter the stage starts from ended (`finetune.model.adapters.adapters_in_float32`: trl casts them to bf16)."""
+    from finetune.model.adapters import adapters_in_float32
     from finetune.run.tracking import RunLogger
 
     trainer = trainer_cls(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
                           processing_class=tokenizer, callbacks=[RunLogger(ctx.metrics_path, ctx.stage.name)])
     quiet_trainer(trainer)
-    if adapters_in_compute_dtype(trainer, ctx.training) and ctx.init_adapter is not None:
-        from peft import set_peft_model_state_dict
-        from peft.utils import load_peft_weights
-
-        set_peft_model_state_dict(trainer.model, load_peft_weights(str(ctx.init_adapter)), adapter_name="default")
+    adapters_in_float32(trainer.model, ctx.init_adapter)
     return trainer

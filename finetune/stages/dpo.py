@@ -22,7 +22,7 @@ from typing import Any
 from finetune.data import apply_template, build_dataset
 from finetune.distributed.process import gathered_state_dict, is_main_process
 from finetune.errors import FinetuneError
-from finetune.model.adapters import attach, prepare_base, trainable_summary
+from finetune.model.adapters import adapters_in_float32, attach, prepare_base, trainable_summary
 from finetune.model.loading import load_model, load_tokenizer
 from finetune.model.patches import applied, apply_patches
 from finetune.recipe.schema import DPOConfig
@@ -107,7 +107,7 @@ def build_trainer(ctx: StageContext, tokenizer, train_ds, eval_ds) -> tuple[Any,
     recipe, dpo = ctx.recipe, ctx.stage.dpo
     ref_folder = reference_folder(ctx)
     model = load_model(recipe, ctx.training, tokenizer)
-    model = prepare_base(model, recipe.quantization.mode != "none", ctx.training.gradient_checkpointing)
+    model = prepare_base(model, ctx.training.gradient_checkpointing)
     model = attach(model, recipe.lora, ctx.init_adapter, stage=ctx.stage.name)
     config = TrlDPOConfig(
         **trainer_kwargs(ctx, has_eval=eval_ds is not None),
@@ -190,14 +190,10 @@ def install_reference(model, folder: Path | None) -> None:
         model.delete_adapter(REF)
     if folder is None:
         return
+    # Frozen, in float32 like the policy adapter (`adapters_in_float32`): a reference equal to the starting policy
+    # gives exactly equal log-probs at step 0.
     model.load_adapter(str(folder), adapter_name=REF, is_trainable=False)
-    # Same dtype as the policy adapter (trl casts a 4-bit model's trainable adapter to bf16), so that a reference
-    # equal to the starting policy gives exactly equal log-probs at step 0.
-    dtype = next(p.dtype for n, p in model.named_parameters() if ".default." in n)
-    for n, p in model.named_parameters():
-        if f".{REF}." in n:
-            p.requires_grad_(False)
-            p.data = p.data.to(dtype)
+    adapters_in_float32(model)
 
 
 def precompute_reference(trainer) -> None:

@@ -5,9 +5,9 @@ data, renders one sample of each split with its masked and trained tokens, count
 memory of the chosen batch, checks the output folder and its free disk, and prints the plan. Nothing is written to
 the run folder and no optimizer is created.
 
-The memory figure is an estimate from the model's shapes (weights are measured on the loaded model): activations
-kept for backward per token and layer, the logits and loss in fp32, the adapter's weights, gradients and optimizer
-state. CUDA context and allocator fragmentation come on top (typically 0.5-1.5 GB).
+The memory figure is built from parts (`finetune.stages.memory`) for the path that will run (label-positions loss
+or trl's, checkpointing or not) at the longest micro-batch of the data; the weights and the trainable count come from
+the loaded model's shapes. CUDA context and allocator fragmentation come on top (typically 0.5-1.5 GB).
 """
 
 from __future__ import annotations
@@ -15,34 +15,12 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from finetune.errors import FinetuneError
 from finetune.recipe.schema import Recipe, StageConfig, TrainingConfig
-
-
-@dataclass
-class Memory:
-    """Estimated peak memory of one training step, in bytes, by part."""
-
-    weights: int
-    adapter: int  # trainable weights + gradients + optimizer state
-    activations: int
-    logits: int
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.adapter + self.activations + self.logits
-
-    def lines(self) -> list[str]:
-        return [f"weights {_gb(self.weights)}, adapter + grads + optimizer {_gb(self.adapter)}, activations "
-                f"{_gb(self.activations)}, logits and loss {_gb(self.logits)}: about {_gb(self.total)} in all"]
-
-
-def _gb(n: float) -> str:
-    return f"{n / 2**30:.2f} GB" if n >= 2**28 else f"{n / 2**20:.1f} MB"
+from finetune.stages.memory import gb as _gb
 
 
 def steps_per_epoch(rows: int, training: TrainingConfig, processes: int = 1) -> int:
@@ -54,40 +32,6 @@ def steps_per_epoch(rows: int, training: TrainingConfig, processes: int = 1) -> 
 def total_steps(rows: int, training: TrainingConfig) -> int:
     """Optimizer steps the stage will run: `max_steps`, else epochs x steps per epoch."""
     return training.max_steps or math.ceil(training.epochs * steps_per_epoch(rows, training))
-
-
-def optimizer_bytes_per_param(optimizer: str) -> int:
-    """fp32 optimizer state per trainable weight: Adam keeps two moments, the 8-bit variants one byte each."""
-    return 0 if optimizer == "sgd" else 2 if "8bit" in optimizer else 8
-
-
-def estimate_memory(model, training: TrainingConfig, sequences: int, seq_len: int, act_bytes: int) -> Memory:
-    """Peak memory of a training step over `sequences` x `seq_len` tokens.
-
-    Per token and decoder layer, backward keeps roughly the layer input, the norm outputs, q/k/v, the attention
-    output, and the MLP's gate, up, activation and product: about 6 x hidden + 2 x kv + 4 x intermediate values.
-    Gradient checkpointing keeps only the layer inputs plus one layer being recomputed.
-    """
-    cfg = model.config
-    hidden = cfg.hidden_size
-    layers = cfg.num_hidden_layers
-    inter = getattr(cfg, "intermediate_size", 4 * hidden)
-    heads = cfg.num_attention_heads
-    kv = hidden // heads * getattr(cfg, "num_key_value_heads", heads)
-    per_layer = (6 * hidden + 2 * kv + 4 * inter) * act_bytes
-    tokens = sequences * seq_len
-    if training.gradient_checkpointing:
-        activations = tokens * (layers * hidden * act_bytes + per_layer)
-    else:
-        activations = tokens * layers * per_layer
-    if getattr(cfg, "_attn_implementation", None) == "eager":  # eager attention keeps the s x s scores and probs
-        activations += sequences * heads * seq_len * seq_len * act_bytes * 2 * (1 if training.gradient_checkpointing
-                                                                                else layers)
-    logits = tokens * cfg.vocab_size * 4 * 2  # fp32 logits and their gradient (the softmax of the loss)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    adapter = sum(p.numel() * (2 * p.element_size() + optimizer_bytes_per_param(training.optimizer))
-                  for p in trainable)
-    return Memory(weights=int(model.get_memory_footprint()), adapter=adapter, activations=activations, logits=logits)
 
 
 def _available_memory() -> tuple[str, int | None]:
@@ -157,14 +101,15 @@ def _stage_plan(recipe: Recipe, stage: StageConfig, tokenizer, model, say) -> di
         f"({epochs:.2f} epochs{', max_steps' if training.max_steps else ''})")
     what = f", {plan['trained']:,} trained" if "trained" in plan else " (prompt + the longer answer of each pair)"
     say(f"  tokens: {plan['tokens']:,} per epoch{what}; about {plan['tokens_seen']:,} processed in training")
+    from finetune.stages.memory import recipe_estimate
+
     sequences = training.micro_batch_size * (2 if stage.kind == "dpo" else 1)  # DPO: chosen and rejected together
     seq_len = data.max_length if data.packing else min(max(lengths, default=1), data.max_length)
-    from finetune.model.loading import resolve_precision
-
-    act_bytes = 4 if resolve_precision(training) == "fp32" else 2
-    memory = estimate_memory(model, training, sequences, seq_len, act_bytes)
+    memory = recipe_estimate(model.config, recipe, stage, seq_len=seq_len,
+                             trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
     plan["memory"] = memory.total
-    say(f"  memory for {sequences} x {seq_len} tokens per micro batch (estimate): {memory.lines()[0]}")
+    plan["memory_parts"] = memory
+    say(f"  memory for {sequences} x {seq_len} tokens per micro batch (estimate): {memory.line()}")
     if training.save_steps:
         say(f"  checkpoints: every {training.save_steps} steps, newest {training.save_total_limit} kept")
     return plan
@@ -204,7 +149,7 @@ def dry_run(recipe: Recipe, say=print) -> dict[str, Any]:
     apply_template(tokenizer, recipe.stage_data(stages[0]))
     model = load_model(recipe, recipe.stage_training(stages[0]), tokenizer)
     first = recipe.stage_training(stages[0])
-    model = prepare_base(model, recipe.quantization.mode != "none", first.gradient_checkpointing)
+    model = prepare_base(model, first.gradient_checkpointing)
     model = attach(model, recipe.lora)
     params = trainable_summary(model)
     say(f"model: {recipe.model.name_or_path} (quantization {recipe.quantization.mode}), {params['total']:,} "

@@ -36,7 +36,7 @@ def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
     train_ds = build_dataset(data, tokenizer, "sft", seed=training.seed, split="train")
     eval_ds = build_dataset(data, tokenizer, "sft", seed=training.seed, split="eval")
     model = load_model(recipe, training, tokenizer)
-    model = prepare_base(model, recipe.quantization.mode != "none", training.gradient_checkpointing)
+    model = prepare_base(model, training.gradient_checkpointing)
     model = attach(model, recipe.lora, ctx.init_adapter, stage=ctx.stage.name)
     params = trainable_summary(model)
     print(f"[{ctx.stage.name}] adapter: {params['trainable']:,} trainable of {params['total']:,} parameters "

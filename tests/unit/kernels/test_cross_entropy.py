@@ -89,17 +89,21 @@ def test_num_items_in_batch_and_all_ignored(assert_close):
     assert zero.item() == 0.0 and (hidden.grad == 0).all()
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("t", "h", "v", "chunk"), CASES)
-def test_frozen_head_gradient_formed_in_forward_matches_reference(assert_close, measure_saved, t, h, v, chunk, dtype):
+def test_frozen_head_gradient_formed_in_forward_matches_reference(assert_close, measure_saved, t, h, v, chunk, dtype,
+                                                                  backend):
     """Frozen head (LoRA): d loss / d hidden is formed in the forward, scaled in the backward; same as full logits,
-    for a non-uniform per-token gradient too (token log-probs weighted differently per token, as DPO's are)."""
+    for a non-uniform per-token gradient too (token log-probs weighted differently per token, as DPO's are). On the
+    Triton backend too (CUDA): there the head must not fall back to recomputing the logits in backward."""
     hidden, weight, labels, bias = _inputs(t, h, v, dtype, bias=t == 7)
     weight.requires_grad_(False)
     if bias is not None:
         bias.requires_grad_(False)
     per_token = torch.linspace(0.5, 2.0, t)
-    with force_backend("torch"):
+    with force_backend(backend):
         lp = token_logprobs(hidden, weight, labels, bias, chunk_size=chunk)
         (lp.float() * per_token).sum().backward()
     hf = hidden.detach().float().requires_grad_()
@@ -108,7 +112,8 @@ def test_frozen_head_gradient_formed_in_forward_matches_reference(assert_close, 
     assert_close(lp, ref, dtype, what="log-probs")
     assert_close(hidden.grad, hf.grad, dtype, what="dh")
     # what the backward keeps is the [T, H] float32 gradient, not the hidden states, weight and labels
-    saved = measure_saved(lambda: chunked_cross_entropy(hidden, weight, labels, bias, chunk_size=chunk))
+    with force_backend(backend):
+        saved = measure_saved(lambda: chunked_cross_entropy(hidden, weight, labels, bias, chunk_size=chunk))
     assert saved <= t * h * 4 + 1024
 
 

@@ -154,7 +154,11 @@ def test_check_kernel_support_messages():
     assert any("'gemma' is not supported" in e for e in errors)
     assert any("DoRA" in e and "use_dora: false" in e for e in errors)
     assert any("lm_head" in e for e in errors)
-    assert check_kernel_support("qwen2", {"use_dora": False, "lora_dropout": 0.1, "bias": "all"}) == []
+    assert check_kernel_support("qwen2", {"use_dora": False, "lora_dropout": 0.0, "bias": "all"}) == []
+    # the fused blocks have no dropout: refused instead of silently falling back in every step (lora_linear has it)
+    dropout = check_kernel_support("qwen2", {"use_dora": False, "lora_dropout": 0.1, "bias": "all"})
+    assert len(dropout) == 1 and "lora_mlp, lora_qkvo" in dropout[0] and "set lora.dropout: 0" in dropout[0]
+    assert check_kernel_support("qwen2", {"lora_dropout": 0.1}, SimpleNamespace(lora_linear=True)) == []
     only_norm = SimpleNamespace(rmsnorm=True)
     assert check_kernel_support("llama", lora, only_norm) == []
     assert check_kernel_support("llama", None, SimpleNamespace(lora_mlp=True))[0].startswith("kernels (lora_mlp)")

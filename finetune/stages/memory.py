@@ -1,0 +1,208 @@
+"""Peak memory of one training step, from its parts: what `ft train --dry-run` prints and what recipes are sized by.
+
+The parts, in bytes, at the longest micro-batch (`tokens` = sequences x their length; DPO: chosen and rejected):
+
+- `quantized_weights`: 4-bit NF4 linear weights, half a byte each, plus their block scales (blocks of 64: a float32
+  scale each, or with double quantization an 8-bit one and a float32 per 256 blocks);
+- `frozen_weights`: frozen floating weights in the dtype they were loaded in: embeddings, LM head (unless tied),
+  norms, and every linear weight of a base that is not quantized;
+- `adapter`: trainable weights (float32), their gradients (float32) and the optimizer state;
+- `kept_activations`: what the forward keeps for backward. With gradient checkpointing each layer's input; without
+  it every layer's activations (`layer_activation_bytes`: norm inputs in float32, q/k/v/attention output, the MLP's
+  gate, up, activation and product, LoRA dropout outputs and masks, eager attention's score matrices);
+- `recomputed_layer`: with checkpointing, the one layer recomputed in backward, and the gradients flowing through it;
+- `loss`: the loss head. The label-positions loss (`finetune.model.loss_heads`) keeps the final norm's output, the
+  labelled positions' hidden states and their float32 gradient, and one chunk of logits at a time (rows from
+  `loss_heads.chunk_rows`); trl's loss (models whose logits are transformed) keeps the full logits, their float32
+  copy and log-softmax. DPO's compact head keeps the labelled positions and one tile of trl's kernel.
+
+CUDA context and allocator fragmentation come on top (typically 0.5-1.5 GB): recipes keep 15% of the GPU for them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+NF4_BLOCK = 64
+RECIPE_MARGIN = 0.85  # a recipe's estimate stays under this share of its stated GPU (see the module docstring)
+_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a decoder-only transformer that memory depends on."""
+
+    hidden: int
+    layers: int
+    intermediate: int
+    q_dim: int  # attention heads x head size
+    kv_dim: int  # key/value heads x head size
+    heads: int
+    vocab: int
+    tied: bool  # LM head shares the embedding matrix
+
+    @classmethod
+    def of(cls, config: Any) -> ModelShape:
+        """From a transformers config (the text config of a multimodal one)."""
+        cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        return cls(hidden=cfg.hidden_size, layers=cfg.num_hidden_layers,
+                   intermediate=getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size,
+                   q_dim=heads * head_dim, kv_dim=kv_heads * head_dim, heads=heads, vocab=cfg.vocab_size,
+                   tied=bool(getattr(cfg, "tie_word_embeddings", False)))
+
+    def linear_dims(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each projection of one layer."""
+        h, i = self.hidden, self.intermediate
+        return {"q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim),
+                "o_proj": (self.q_dim, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
+    def linear_params(self) -> int:
+        return self.layers * sum(a * b for a, b in self.linear_dims().values())
+
+    @property
+    def floating_params(self) -> int:
+        """Embeddings, LM head (when not tied) and norms (two per layer and the final one)."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + (2 * self.layers + 1) * self.hidden
+
+    def lora_params(self, r: int, targets: str | list[str]) -> int:
+        """Trainable LoRA weights for rank `r` on `targets` (`all-linear` or projection names)."""
+        names = _LORA_TARGETS if targets == "all-linear" else [t for t in targets if t in _LORA_TARGETS]
+        dims = self.linear_dims()
+        return self.layers * sum(r * (dims[n][0] + dims[n][1]) for n in names)
+
+
+@dataclass
+class Memory:
+    """Estimated peak memory of one training step, in bytes, by part (see the module docstring)."""
+
+    quantized_weights: int
+    frozen_weights: int
+    adapter: int
+    kept_activations: int
+    recomputed_layer: int
+    loss: int
+
+    @property
+    def total(self) -> int:
+        return sum(asdict(self).values())
+
+    def line(self) -> str:
+        parts = ", ".join(f"{k.replace('_', ' ')} {gb(v)}" for k, v in asdict(self).items() if v)
+        return f"{parts}: about {gb(self.total)} in all"
+
+
+def gb(n: float) -> str:
+    return f"{n / 2**30:.2f} GB" if n >= 2**28 else f"{n / 2**20:.1f} MB"
+
+
+def nf4_bytes(params: int, double_quant: bool) -> int:
+    """4-bit weights with their block scales."""
+    blocks = -(-params // NF4_BLOCK)
+    scales = blocks + 4 * -(-blocks // 256) if double_quant else 4 * blocks
+    return params // 2 + scales
+
+
+def optimizer_bytes_per_param(optimizer: str) -> int:
+    """Optimizer state per trainable weight: Adam keeps two float32 moments, the 8-bit variants one byte each."""
+    return 0 if optimizer == "sgd" else 2 if "8bit" in optimizer else 8
+
+
+def layer_activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, dropout: bool = False,
+                           lora_r: int = 0, eager: tuple[int, int] | None = None) -> int:
+    """What one decoder layer with LoRA on every projection keeps for backward over `tokens` tokens.
+
+    Per token (measured with saved-tensor hooks on the tiny model, `tests/integration/test_dry_run.py`): each RMSNorm
+    keeps its input in float32 (8 x hidden bytes for two) and its reciprocal norm; attention keeps q, k, v and its
+    output, and its log-sum-exp per head; the MLP keeps gate, activation and up (3 x intermediate). Frozen base
+    projections keep nothing, but each LoRA branch keeps its input: under autocast (float32 adapters, bf16 compute)
+    a bf16 copy per adapter (5 x hidden + q + intermediate), in float32 one per distinct input (2 x hidden + q +
+    intermediate); with LoRA dropout each adapter also keeps its float32 mask. Each branch keeps its rank-r output.
+    `eager` (sequences, length): eager attention's score and probability matrices.
+    """
+    h, q, kv, i = shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate
+    per_adapter = 5 * h + q + i
+    lora_inputs = per_adapter if act_bytes < 4 or dropout else 2 * h + q + i
+    per_token = (8 * h + 8 + 4 * shape.heads + act_bytes * (2 * q + 2 * kv + 3 * i + lora_inputs + 7 * lora_r)
+                 + (4 * per_adapter if dropout else 0))
+    total = tokens * per_token
+    if eager is not None:
+        sequences, length = eager
+        total += 2 * sequences * shape.heads * length * length * act_bytes
+    return total
+
+
+def loss_bytes(shape: ModelShape, tokens: int, labelled: int, act_bytes: int, label_loss: bool, kind: str) -> int:
+    """The loss head's buffers (see the module docstring); `label_loss`: the label-positions path runs."""
+    from finetune.model import loss_heads
+
+    final_norm = tokens * shape.hidden * (4 + act_bytes)  # its float32 input, the last hidden state
+    if not label_loss:  # trl's loss over every position: logits, their float32 copy, log-softmax
+        return final_norm + tokens * shape.vocab * (act_bytes + 8)
+    picked = labelled * shape.hidden * (act_bytes + 4)  # the labelled positions' hidden states, their float32 grad
+    per_logit = 4 if act_bytes == 4 else loss_heads.CHUNK_BYTES_PER_LOGIT
+    if kind == "dpo":  # trl's kernel: tiles of up to 4096 tokens x its vocabulary chunk, and their float32 gradient
+        return final_norm + picked + min(labelled, 4096) * min(shape.vocab, loss_heads.VOCAB_CHUNK) * (act_bytes + 4)
+    rows = min(labelled, loss_heads.max_chunk_rows(shape.vocab)) if labelled else 0
+    return final_norm + picked + rows * shape.vocab * per_logit
+
+
+def estimate(shape: ModelShape, *, recipe: Any, training: Any, kind: str, sequences: int, seq_len: int,
+             labelled: int | None = None, act_bytes: int = 2, label_loss: bool = True, eager: bool = False,
+             trainable: int | None = None) -> Memory:
+    """Peak memory of a training step over `sequences` x `seq_len` tokens (`labelled` of them carry a label).
+
+    Args:
+        shape: The model's sizes.
+        recipe: The recipe (quantization, model dtype, LoRA).
+        training: The stage's training section (checkpointing, optimizer).
+        kind: `sft` or `dpo`.
+        sequences: Sequences per micro-batch (DPO: twice the pairs).
+        seq_len: The longest sequence length.
+        labelled: Tokens carrying a label (default: all of them, the worst case).
+        act_bytes: Bytes per activation (2 under bf16/fp16 autocast, 4 in fp32).
+        label_loss: Whether the label-positions loss head runs (else trl's full logits).
+        eager: Whether attention is eager (keeps the score matrices).
+        trainable: Trainable weights when known (the loaded model's count); else from the LoRA settings.
+
+    Returns:
+        The parts.
+    """
+    tokens = sequences * seq_len
+    labelled = tokens if labelled is None else labelled
+    dtype_bytes = 4 if recipe.model.dtype == "float32" else 2
+    quantized = recipe.quantization.mode != "none"
+    frozen = shape.floating_params * dtype_bytes + (0 if quantized else shape.linear_params * dtype_bytes)
+    q_bytes = nf4_bytes(shape.linear_params, recipe.quantization.double_quant) if quantized else 0
+    if trainable is None:
+        trainable = shape.lora_params(recipe.lora.r, recipe.lora.target_modules)
+    adapter = trainable * (8 + optimizer_bytes_per_param(training.optimizer))
+    layer = layer_activation_bytes(shape, tokens, act_bytes, dropout=recipe.lora.dropout > 0, lora_r=recipe.lora.r,
+                                   eager=(sequences, seq_len) if eager else None)
+    if training.gradient_checkpointing:
+        kept = shape.layers * tokens * shape.hidden * act_bytes
+        recomputed = layer + 2 * tokens * shape.hidden * act_bytes  # and the gradients in and out of it
+    else:
+        kept, recomputed = shape.layers * layer, 0
+    return Memory(quantized_weights=q_bytes, frozen_weights=frozen, adapter=adapter, kept_activations=kept,
+                  recomputed_layer=recomputed, loss=loss_bytes(shape, tokens, labelled, act_bytes, label_loss, kind))
+
+
+def recipe_estimate(config: Any, recipe: Any, stage: Any, seq_len: int | None = None,
+                    labelled: int | None = None, trainable: int | None = None) -> Memory:
+    """A stage's estimate for a model config: the path that runs for it, at the longest micro-batch by default."""
+    from finetune.model import loss_heads
+    from finetune.model.loading import resolve_precision
+
+    training, data = recipe.stage_training(stage), recipe.stage_data(stage)
+    sequences = training.micro_batch_size * (2 if stage.kind == "dpo" else 1)  # DPO: chosen and rejected
+    attn = recipe.model.attn_implementation or getattr(config, "_attn_implementation", None) or "sdpa"
+    return estimate(ModelShape.of(config), recipe=recipe, training=training, kind=stage.kind, sequences=sequences,
+                    seq_len=seq_len or data.max_length, labelled=labelled,
+                    act_bytes=4 if resolve_precision(training) == "fp32" else 2,
+                    label_loss=loss_heads.config_unsupported_reason(config) is None, eager=attn == "eager",
+                    trainable=trainable)
