@@ -165,16 +165,19 @@ def _stage_plan(recipe: Recipe, stage: StageConfig, tokenizer, model, say) -> di
                 plan["trained"] = sum(sum(t != IGNORE for t in labels) for labels in ds["labels"])
             else:
                 lengths = _alignment_lengths(stage, tokenizer, ds)
-                plan["tokens"] = sum(lengths)
+                plan["tokens"] = sum(lengths) * (stage.grpo.num_generations if stage.kind == "grpo" else 1)
     if "rows" not in plan:
         raise FinetuneError(f"stage {stage.name}: no training data")
-    steps = total_steps(plan["rows"], training)
-    per_epoch = steps_per_epoch(plan["rows"], training)
+    # grpo: the batch counts completions, num_generations per prompt row
+    samples = plan["rows"] * (stage.grpo.num_generations if stage.kind == "grpo" else 1)
+    steps = total_steps(samples, training)
+    per_epoch = steps_per_epoch(samples, training)
     epochs = steps / max(per_epoch, 1)
     plan["steps"] = steps
     plan["tokens_seen"] = int(plan["tokens"] * epochs)
     batch = training.micro_batch_size * training.gradient_accumulation_steps
-    say(f"  steps: {plan['rows']} rows / global batch {batch} (micro batch {training.micro_batch_size} x "
+    rows = f"{plan['rows']} rows" + (f" x {stage.grpo.num_generations} completions" if stage.kind == "grpo" else "")
+    say(f"  steps: {rows} / global batch {batch} (micro batch {training.micro_batch_size} x "
         f"{training.gradient_accumulation_steps} accumulation) = {per_epoch} steps per epoch -> {steps} steps "
         f"({epochs:.2f} epochs{', max_steps' if training.max_steps else ''})")
     what = f", {plan['trained']:,} trained" if "trained" in plan else f" ({_LENGTH_WORDS.get(stage.kind, 'pairs')})"

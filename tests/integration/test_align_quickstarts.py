@@ -13,14 +13,17 @@ from typer.testing import CliRunner
 from finetune.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
-SHORT = ["training.max_steps=4", "data.train.0.max_samples=64", "data.task_eval=null"]
+SHORT = ["training.max_steps=4", "data.train.0.max_samples=64", "data.eval=[]", "data.task_eval=null"]
 
 
 def quickstart(name: str, out: Path, *extra: str):
-    """`ft train recipes/quickstart-<name>.yaml` with a 4-step SFT and a short alignment stage, into `out`."""
+    """`ft train recipes/quickstart-<name>.yaml` with a 4-step SFT and a 3-step alignment stage, into `out`, measured
+    on the first 16 held-out pairs of the quickstart (written beside `out`)."""
     stage = f"stages.{name}"
+    held_out = out.parent / "dpo_eval16.jsonl"
+    held_out.write_text("".join((ROOT / "data/quickstart/dpo_eval.jsonl").read_text().splitlines(True)[:16]))
     sets = [*SHORT, f"output.dir={out}", f"{stage}.training.max_steps=3", f"{stage}.data.train.0.max_samples=48",
-            f"{stage}.data.task_eval_max_new_tokens=8", *extra]
+            f"{stage}.data.task_eval={held_out}", f"{stage}.data.task_eval_max_new_tokens=8", *extra]
     args = ["train", str(ROOT / "recipes" / f"quickstart-{name}.yaml")]
     for s in sets:
         args += ["--set", s]
@@ -47,8 +50,7 @@ def adapter_delta(run_dir: Path, stage: str) -> float:
 ])
 def test_pair_and_unpaired_quickstarts_train_their_method(name, loss_terms, tmp_path, in_root):
     out = tmp_path / "run"
-    result = quickstart(name, out, f"stages.{name}.data.task_eval=data/quickstart/dpo_eval.jsonl",
-                        f"stages.{name}.data.eval.0.max_samples=16")
+    result = quickstart(name, out, f"stages.{name}.data.eval.0.max_samples=16")
     assert result.exit_code == 0, result.output
     summary = json.loads((out / name / "summary.json").read_text())
     m = summary["metrics"]
@@ -58,7 +60,7 @@ def test_pair_and_unpaired_quickstarts_train_their_method(name, loss_terms, tmp_
     assert adapter_delta(out, name) > 0
     before, after = m["task_before"], m["task_after"]
     for figures in (before, after):
-        assert figures["pairs"] == 100 and 0 <= figures["preference_accuracy"] <= 1 and figures["n"] == 100
+        assert figures["pairs"] == 16 and 0 <= figures["preference_accuracy"] <= 1 and figures["n"] == 16
     assert "held-out before -> after" in result.output and "preference accuracy" in result.output
     if name == "kto":
         assert "reference policy: adapter" in result.output and m["reference"] == "sft"
@@ -66,14 +68,14 @@ def test_pair_and_unpaired_quickstarts_train_their_method(name, loss_terms, tmp_
 
 def test_grpo_quickstart_samples_scores_and_measures(tmp_path, in_root):
     out = tmp_path / "run"
-    result = quickstart("grpo", out, "stages.grpo.data.task_eval=data/quickstart/dpo_eval.jsonl",
-                        "stages.grpo.training.micro_batch_size=8", "stages.grpo.grpo.max_completion_length=8")
+    result = quickstart("grpo", out, "stages.grpo.training.micro_batch_size=8",
+                        "stages.grpo.grpo.max_completion_length=8")
     assert result.exit_code == 0, result.output
     m = json.loads((out / "grpo" / "summary.json").read_text())["metrics"]
     assert m["rewards"] == ["exact_match"] and m["steps"] == 3 and m["completions"] == 24
     rows = logged(out, "grpo")
     assert any("reward" in r and "kl" in r for r in rows), rows  # group rewards and the KL to the SFT reference
-    assert 0 <= m["task_before"]["mean_reward"] <= 1 and m["task_after"]["n"] == 100
+    assert 0 <= m["task_before"]["mean_reward"] <= 1 and m["task_after"]["n"] == 16
     assert m["task_before"]["mean_reward"] == pytest.approx(m["task_before"]["exact_match"])  # one 0/1 reward
     assert adapter_delta(out, "grpo") > 0
     assert "held-out before -> after GRPO: exact match" in result.output
