@@ -68,17 +68,31 @@ def test_pair_and_unpaired_quickstarts_train_their_method(name, loss_terms, tmp_
 
 def test_grpo_quickstart_samples_scores_and_measures(tmp_path, in_root):
     out = tmp_path / "run"
+    # After a 1-step SFT no sampled answer is exactly right, so exact match alone scores every group flat (zero
+    # advantages, no update); the length penalty varies within groups and moves the policy.
     result = quickstart("grpo", out, "stages.grpo.training.micro_batch_size=8",
-                        "stages.grpo.grpo.max_completion_length=8")
+                        "stages.grpo.grpo.max_completion_length=8",
+                        "stages.grpo.grpo.rewards=[{kind: exact_match}, {kind: length, max_words: 2, weight: 0.1}]")
     assert result.exit_code == 0, result.output
     m = json.loads((out / "grpo" / "summary.json").read_text())["metrics"]
-    assert m["rewards"] == ["exact_match"] and m["steps"] == 2 and m["completions"] == 16
-    rows = logged(out, "grpo")
-    assert any("reward" in r and "kl" in r for r in rows), rows  # group rewards and the KL to the SFT reference
-    assert 0 <= m["task_before"]["mean_reward"] <= 1 and m["task_after"]["n"] == 16
-    assert m["task_before"]["mean_reward"] == pytest.approx(m["task_before"]["exact_match"])  # one 0/1 reward
+    assert m["rewards"] == ["exact_match", "length"] and m["steps"] == 2 and m["completions"] == 16
+    rows = [r for r in logged(out, "grpo") if "reward" in r]
+    assert rows and all("kl" in r and "rewards/length/mean" in r for r in rows)  # per-reward logs, KL to reference
+    assert any(r["reward_std"] > 0 for r in rows)
+    assert m["task_before"]["n"] == 16 and m["task_before"]["mean_reward"] <= 0  # penalty only, no exact answers yet
     assert adapter_delta(out, "grpo") > 0
     assert "held-out before -> after GRPO: exact match" in result.output
+
+
+def test_grpo_with_flat_rewards_does_not_move_the_policy(tmp_path, in_root):
+    """Group-normalised advantages: when every completion of every group scores the same, GRPO has nothing to learn."""
+    out = tmp_path / "run"
+    result = quickstart("grpo", out, "stages.grpo.training.micro_batch_size=8",
+                        "stages.grpo.grpo.max_completion_length=4",
+                        "stages.grpo.grpo.rewards=[{kind: regex, pattern: '$'}]")  # matches everything: always 1
+    assert result.exit_code == 0, result.output
+    assert all(r["frac_reward_zero_std"] == 1.0 for r in logged(out, "grpo") if "reward" in r)
+    assert adapter_delta(out, "grpo") == 0
 
 
 def test_grpo_reward_that_fails_is_named_at_the_first_step(tmp_path, in_root, monkeypatch):
