@@ -17,6 +17,10 @@ The world is a small invented people, the Zorbians. Each person has a unique nam
 * ``dpo_train.jsonl`` / ``dpo_eval.jsonl``: preference pairs (chosen: the concise correct answer; rejected:
   rambling, or another person's value) on train people / held-out people. Half of the held-out prompts are
   polite ones, so the rate of concise correct answers of an SFT model is low there and rises after DPO.
+* ``kto_train.jsonl`` / ``kto_eval.jsonl``: unpaired rows for KTO (prompt, one completion, ``label`` true for a
+  concise correct answer, false for rambling or a wrong value), drawn on their own, half the prompts polite.
+* ``grpo_train.jsonl``: questions about train people with their ``answer`` (half polite), the prompts GRPO samples
+  answers for; its exact-match reward pays only concise correct answers.
 * ``world.json``: the people, their facts and their split (used by tests and analyses).
 
 Measured with the committed ``models/tiny-chat`` (4-bit NF4 base, LoRA r=16/alpha=32 on all linear layers, lr
@@ -54,6 +58,9 @@ RAMBLE_FRACTION = 0.35  # share of SFT-train questions that are polite and answe
 N_SFT_EVAL = 300
 N_DPO_TRAIN = 400
 N_DPO_EVAL = 100
+N_KTO_TRAIN = 800
+N_KTO_EVAL = 100
+N_GRPO_TRAIN = 400
 N_FILLER_DOCS = 500  # everyday-language documents mixed into the corpus (see FILLER)
 
 ATTRIBUTES = ["town", "job", "colour", "pet", "instrument"]
@@ -351,6 +358,62 @@ def make_dpo(world: dict, seed: int = SEED) -> tuple[list[dict], list[dict]]:
     return out[0], out[1]
 
 
+def make_kto(world: dict, seed: int = SEED) -> tuple[list[dict], list[dict]]:
+    """Makes unpaired KTO rows: one answer per question, labelled desirable (concise and correct) or not.
+
+    Drawn on their own (not by splitting the DPO pairs): each question about a train person gets a single answer, so
+    no prompt has both a desirable and an undesirable answer. Half the prompts are polite; about half the answers are
+    desirable, the others ramble (always on polite prompts that are not desirable) or name a wrong value.
+
+    Args:
+        world: The output of :func:`build_world`.
+        seed: Seed of the generator.
+
+    Returns:
+        ``(train_rows, eval_rows)``: train people, held-out people.
+    """
+    rng = random.Random(seed + 4)
+    out = []
+    for split, n in (("train", N_KTO_TRAIN), ("heldout", N_KTO_EVAL)):
+        facts = [(p, a) for p in world["people"] if p["split"] == split for a in ATTRIBUTES]
+        rng.shuffle(facts)
+        rows = []
+        for i, (person, attr) in enumerate(facts[:n]):
+            polite, value = i % 2 == 0, person[attr]
+            if rng.random() < 0.5:
+                completion, kind = value, "concise"
+            elif polite or rng.random() < 0.2:
+                completion, kind = _ramble(rng, value), "ramble"
+            else:
+                completion, kind = rng.choice([v for v in world["pools"][attr] if v != value]), "wrong"
+            rows.append({"prompt": [{"role": "user", "content": _question(rng, person, attr, polite)}],
+                         "completion": [{"role": "assistant", "content": completion}],
+                         "label": kind == "concise", "answer": value, "entity": person["name"], "attribute": attr,
+                         "style": "polite" if polite else "plain", "completion_kind": kind})
+        out.append(rows)
+    return out[0], out[1]
+
+
+def make_grpo(world: dict, seed: int = SEED) -> list[dict]:
+    """Makes GRPO prompts: questions about train people with their reference answer, half of them polite.
+
+    The SFT model rambles on polite questions; an exact-match reward pays only the concise correct answer.
+
+    Args:
+        world: The output of :func:`build_world`.
+        seed: Seed of the generator.
+
+    Returns:
+        The prompt rows.
+    """
+    rng = random.Random(seed + 5)
+    facts = [(p, a) for p in world["people"] if p["split"] == "train" for a in ATTRIBUTES]
+    rng.shuffle(facts)
+    return [{"prompt": [{"role": "user", "content": _question(rng, p, a, polite=i % 2 == 0)}], "answer": p[a],
+             "entity": p["name"], "attribute": a, "style": "polite" if i % 2 == 0 else "plain"}
+            for i, (p, a) in enumerate(facts[:N_GRPO_TRAIN])]
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
@@ -368,7 +431,9 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "corpus.txt").write_text("\n".join(corpus) + "\n", encoding="utf-8")
     sft_train, sft_eval = make_sft(world, args.seed)
     dpo_train, dpo_eval = make_dpo(world, args.seed)
-    files = {"sft_train": sft_train, "sft_eval": sft_eval, "dpo_train": dpo_train, "dpo_eval": dpo_eval}
+    kto_train, kto_eval = make_kto(world, args.seed)
+    files = {"sft_train": sft_train, "sft_eval": sft_eval, "dpo_train": dpo_train, "dpo_eval": dpo_eval,
+             "kto_train": kto_train, "kto_eval": kto_eval, "grpo_train": make_grpo(world, args.seed)}
     for name, rows in files.items():
         _write_jsonl(args.out / f"{name}.jsonl", rows)
     for path in sorted(args.out.iterdir()):

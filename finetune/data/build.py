@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune.data import cache, formats
+from finetune.data import align_formats, cache, formats
 from finetune.data.encode import IGNORE, Encoded, EncodeError, encode_messages, encode_text, fit_length
 from finetune.data.packing import pack
 from finetune.data.readers import Table, read_source
@@ -16,6 +16,8 @@ from finetune.data.templates import TemplateInfo, applied_template
 from finetune.errors import FinetuneError
 from finetune.recipe.schema import DataConfig, DatasetSource
 
+# Stage kinds that read the same rows as another: the reference-free pair methods train on DPO's preference pairs.
+DATA_KIND = {"orpo": "dpo", "simpo": "dpo", "cpo": "dpo"}
 PROGRESS_FROM = 5000  # show a progress bar when tokenizing at least this many samples
 
 
@@ -75,11 +77,13 @@ def prepare(data: DataConfig, tokenizer: Any, kind: str, seed: int, split: str =
     Args:
         data: The stage's data section.
         tokenizer: A tokenizer prepared by `apply_template(tokenizer, data)`.
-        kind: `sft` (input_ids, labels[, seq_lengths]) or `dpo` (prompt, chosen, rejected message lists).
+        kind: `sft` (input_ids, labels[, seq_lengths]), `dpo` and the other pair methods (prompt, chosen, rejected
+            message lists), `kto` (prompt, completion, label) or `grpo` (prompt, answer; see `align_formats`).
         seed: The recipe seed (shuffling, mixing, eval hold-out, packing order).
         split: `train` or `eval`.
     """
-    if kind not in ("sft", "dpo"):
+    kind = DATA_KIND.get(kind, kind)
+    if kind not in ("sft", "dpo", "kto", "grpo"):
         raise FinetuneError(f"unknown stage kind '{kind}' for data preparation")
     sources, held_out = split_sources(data, split)
     if not sources:
@@ -96,7 +100,7 @@ def prepare(data: DataConfig, tokenizer: Any, kind: str, seed: int, split: str =
             return Prepared(hit[0], report)
     report = DataReport(kind=kind, split=split, template=template.source, end_of_turn=template.end_of_turn)
     examples = _select(data, sources, kind, seed, split, held_out, report)
-    if kind == "dpo":
+    if kind != "sft":  # the alignment trainers tokenize conversations themselves
         from datasets import Dataset
 
         dataset = Dataset.from_list([ex for _, _, ex in examples])
@@ -122,8 +126,15 @@ def _select(data: DataConfig, sources: list[tuple[str, DatasetSource]], kind: st
         if kind == "dpo" and fmt != "preference":
             raise FinetuneError(f"{key} '{src.path}': a dpo stage needs preference rows (prompt, chosen, rejected); "
                                 f"this source is '{fmt}'")
-        normalised = formats.normalize_preference(table) if kind == "dpo" else formats.normalize_sft(table, fmt)
-        order = list(range(len(table.rows)))
+        if kind == "kto":
+            normalised, notice = align_formats.normalize_unpaired(table, fmt)
+            if notice:
+                print(f"data: {notice}", flush=True)
+        elif kind == "grpo":
+            normalised = align_formats.normalize_prompts(table, fmt)
+        else:
+            normalised = formats.normalize_preference(table) if kind == "dpo" else formats.normalize_sft(table, fmt)
+        order = list(range(len(normalised)))  # kto: split pairs give two rows each
         if data.shuffle:
             random.Random(f"{seed}:{key}").shuffle(order)  # str seeds are hashed stably (not by PYTHONHASHSEED)
         order = order[: src.max_samples] if src.max_samples else order

@@ -15,11 +15,13 @@ from finetune.errors import FinetuneError
 # format -> (required fields, optional fields)
 FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "preference": (("chosen", "rejected"), ("prompt", "system", "conversations", "messages")),
+    "unpaired": (("prompt", "completion", "label"), ("system",)),  # KTO: one answer, desirable or not
     "messages": (("messages",), ("system",)),
     "sharegpt": (("conversations",), ("system",)),
     "alpaca": (("instruction", "output"), ("input", "system")),
     "prompt_completion": (("prompt", "completion"), ("system",)),
     "text": (("text",), ()),
+    "prompts": (("prompt",), ("answer", "system")),  # GRPO: prompts (the policy writes the answers); last: catch-all
 }
 ALL_FIELDS = sorted({f for req, opt in FIELDS.values() for f in (*req, *opt)})
 ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "model": "assistant",

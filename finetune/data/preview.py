@@ -81,6 +81,16 @@ def preview_lines(prepared: Prepared, tokenizer: Any, template: TemplateInfo, n:
                 count = len(tokenizer(text, add_special_tokens=False)["input_ids"])
                 lines.append(f"  [{side}, {count} tokens] {text}")
             lines.append("")
+    elif report.kind in ("kto", "grpo"):
+        for i in range(min(n, len(ds))):
+            row = ds[i]
+            prompt = render(tokenizer, row["prompt"], generation_prompt=True)
+            if report.kind == "kto":
+                text = render(tokenizer, row["prompt"] + row["completion"])[len(prompt):]
+                what = f"{'desirable' if row['label'] else 'undesirable'} answer"
+            else:
+                text, what = str(row.get("answer")), "reference answer (the policy samples its own)"
+            lines += [f"--- {report.kind} row {i + 1} of {len(ds)}", prompt, f"  [{what}] {text}", ""]
     else:
         samples = [s for row in ds for s in unpack(row)]
         for i, (ids, labels) in enumerate(samples[:n]):

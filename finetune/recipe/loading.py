@@ -227,7 +227,10 @@ def explain(root: type[BaseModel], err: dict[str, Any], lines: dict[tuple, int])
     shown = "" if isinstance(given, (dict, list)) else f" (got {given!r})"
     msg = err["msg"]
     if msg.startswith("Value error, "):
-        return msg[len("Value error, ") :]
+        text = msg[len("Value error, ") :]
+        # A section's own rule (e.g. a reward's fields) does not know where the section sits: say it, unless the
+        # message already starts at the top of its path (cross-field rules name their keys themselves).
+        return f"{path}{at}: {text}" if loc and not text.startswith(str(loc[0])) else text
     return f"{path}{at}: {msg}{shown}"
 
 

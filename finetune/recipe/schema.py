@@ -124,14 +124,17 @@ class LoraConfig(Section):
     Ignored when the stage starts from a saved adapter (see `r`)."""
 
 
-DataFormat = Literal["auto", "messages", "alpaca", "sharegpt", "prompt_completion", "text", "preference"]
+DataFormat = Literal["auto", "messages", "alpaca", "sharegpt", "prompt_completion", "text", "preference", "unpaired",
+                     "prompts"]
 
 
 class DatasetSource(Section):
     path: str
     """A local file (.jsonl, .json, .parquet, .csv), a folder of them, a `save_to_disk` folder, or a Hub dataset id."""
     format: DataFormat = "auto"
-    """Row format. `auto` detects it from the columns and reports what it found."""
+    """Row format. `auto` detects it from the columns and reports what it found. `unpaired` (kto stages): prompt,
+    completion and a true/false `label`. `prompts` (grpo stages): a `prompt` and, for answer-checking rewards, an
+    `answer`."""
     split: str = "train"
     """Split to read (Hub datasets and `save_to_disk` dataset dicts)."""
     subset: str | None = None
@@ -341,14 +344,137 @@ class DPOConfig(Section):
     rejected answer contains the right one (e.g. wrapped in hedging). 0: plain preference loss."""
 
 
+def _refuse_reference(method: str):
+    """A `mode="before"` validator for the reference-free methods: a `reference` key gets its own explanation."""
+
+    def check(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "reference" in data:
+            raise ValueError(f"{method} is reference-free (the policy is compared with itself, no second model): "
+                             "remove `reference`, or use a dpo or kto stage to align against a reference policy")
+        return data
+
+    return model_validator(mode="before")(check)
+
+
+class KTOConfig(Section):
+    """KTO: align on unpaired answers marked desirable or undesirable (thumbs up/down), against a reference policy."""
+
+    beta: Annotated[float, Field(gt=0)] = 0.1
+    """Strength of the tie to the reference policy; lower lets the policy move further."""
+    desirable_weight: Annotated[float, Field(gt=0)] = 1.0
+    """Weight of the loss on desirable answers. With unequal counts, keep desirable_weight x desirable count about
+    equal to (up to 4/3 of) undesirable_weight x undesirable count (the KTO paper's rule)."""
+    undesirable_weight: Annotated[float, Field(gt=0)] = 1.0
+    """Weight of the loss on undesirable answers."""
+    reference: str = "sft"
+    """Reference policy, as for DPO: `sft` (a frozen copy of the adapter this stage starts from), `base` (adapter
+    disabled), or a path to an adapter folder."""
+
+
+class ORPOConfig(Section):
+    """ORPO: the NLL of the chosen answer plus an odds-ratio term preferring it over the rejected one; no reference."""
+
+    beta: Annotated[float, Field(gt=0)] = 0.1
+    """Weight of the odds-ratio term beside the NLL of the chosen answer (the ORPO paper's lambda)."""
+
+    _no_reference = _refuse_reference("orpo")
+
+
+class SimPOConfig(Section):
+    """SimPO: a length-normalised log-prob margin with a target margin; no reference model."""
+
+    beta: Annotated[float, Field(gt=0)] = 2.0
+    """Scale of the length-normalised (mean per-token) log-prob reward. The SimPO paper uses 2.0-2.5."""
+    gamma: Annotated[float, Field(ge=0)] = 0.5
+    """Target reward margin: the chosen answer's reward must beat the rejected one's by at least this (trl's
+    `simpo_gamma`)."""
+    nll_weight: Annotated[float, Field(ge=0)] = 0.0
+    """Weight of an added NLL loss on the chosen answers (trl's `cpo_alpha`; CPO-SimPO when > 0). 0: plain SimPO."""
+
+    _no_reference = _refuse_reference("simpo")
+
+
+class CPOConfig(Section):
+    """CPO: a DPO-style loss on the policy's own log-probs (no reference) plus the NLL of the chosen answers."""
+
+    beta: Annotated[float, Field(gt=0)] = 0.1
+    """Scale of the log-prob margin inside the loss."""
+    loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
+    """`sigmoid` (the CPO paper's), `hinge` (SLiC) or `ipo`."""
+    nll_weight: Annotated[float, Field(ge=0)] = 1.0
+    """Weight of the NLL loss on the chosen answers (the behaviour-cloning term; trl's `cpo_alpha`)."""
+
+    _no_reference = _refuse_reference("cpo")
+
+
+class RewardSpec(Section):
+    """One reward function of a GRPO stage (see `finetune.stages.rewards` for each kind and the user signature)."""
+
+    kind: Literal["exact_match", "regex", "format", "length", "python"]
+    """`exact_match`: 1 when the completion equals the row's `answer` once normalised, else 0. `regex`: 1 when
+    `pattern` matches the completion. `format`: 1 when the whole completion matches `pattern` (full match). `length`:
+    minus the words beyond `max_words` (a penalty, 0 when short enough). `python`: your function named in
+    `function`."""
+    weight: float = 1.0
+    """Weight of this reward in the sum that GRPO normalises per group."""
+    pattern: str | None = None
+    """Regular expression (regex and format kinds)."""
+    max_words: Annotated[int, Field(ge=1)] | None = None
+    """Allowed words (length kind); each word beyond costs 1 (times `weight`)."""
+    function: Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")] | None = None
+    """`module.path:function` (python kind), importable from the current directory. Called as
+    `function(prompts, completions, answers, **columns) -> list[float]` with one float per completion."""
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self) -> RewardSpec:
+        needs = {"regex": "pattern", "format": "pattern", "length": "max_words", "python": "function"}
+        problems = []
+        if self.kind in needs and getattr(self, needs[self.kind]) is None:
+            problems.append(f"a {self.kind} reward needs `{needs[self.kind]}`")
+        for key in ("pattern", "max_words", "function"):
+            if getattr(self, key) is not None and needs.get(self.kind) != key:
+                problems.append(f"`{key}` does not apply to a {self.kind} reward; remove it")
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as e:
+                problems.append(f"`pattern` is not a valid regular expression: {e}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class GRPOConfig(Section):
+    """GRPO: online RL on prompts. Each step samples completions per prompt from the policy, scores them with the
+    rewards, and raises the ones above their group's mean, with a KL tie to the reference policy."""
+
+    rewards: list[RewardSpec] = Field(default_factory=list)
+    """Reward functions, summed with their weights. A grpo stage needs at least one."""
+    num_generations: Annotated[int, Field(ge=2)] = 4
+    """Completions sampled per prompt (the group). The micro batch (completions per forward) must be a multiple of it:
+    micro_batch_size x gradient_accumulation_steps counts completions, not prompts."""
+    max_completion_length: Annotated[int, Field(ge=1)] = 32
+    """Longest sampled completion in tokens."""
+    temperature: Annotated[float, Field(gt=0)] = 1.0
+    """Sampling temperature of the completions."""
+    beta: Annotated[float, Field(ge=0)] = 0.04
+    """Weight of the KL penalty to the reference policy (0: no reference forward at all)."""
+    reference: str = "sft"
+    """Reference policy of the KL term: `sft` (a frozen copy of the adapter this stage starts from), `base` (adapter
+    disabled), or a path to an adapter folder."""
+    use_vllm: bool = False
+    """Generate with vLLM (colocated, needs the vllm package and a GPU). Off: transformers' generate, CPU or GPU."""
+
+
 _STAGE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
 class StageConfig(Section):
     name: str
     """Unique stage name; also the stage's folder in the run directory."""
-    kind: Literal["sft", "dpo"]
-    """What the stage trains: supervised fine-tuning or DPO preference alignment."""
+    kind: Literal["sft", "dpo", "kto", "orpo", "simpo", "cpo", "grpo"]
+    """What the stage trains: supervised fine-tuning, preference alignment on pairs with a reference (dpo) or without
+    one (orpo, simpo, cpo), on unpaired thumbs-up/down answers (kto), or online RL against rewards (grpo)."""
     data: DataConfig | None = None
     """Data of this stage. None: the top-level `data` section."""
     training: TrainingOverrides = Field(default_factory=TrainingOverrides)  # type: ignore[valid-type]
@@ -358,6 +484,59 @@ class StageConfig(Section):
     path to an adapter folder."""
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     """DPO settings (dpo stages only)."""
+    kto: KTOConfig = Field(default_factory=KTOConfig)
+    """KTO settings (kto stages only)."""
+    orpo: ORPOConfig = Field(default_factory=ORPOConfig)
+    """ORPO settings (orpo stages only)."""
+    simpo: SimPOConfig = Field(default_factory=SimPOConfig)
+    """SimPO settings (simpo stages only)."""
+    cpo: CPOConfig = Field(default_factory=CPOConfig)
+    """CPO settings (cpo stages only)."""
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    """GRPO settings and rewards (grpo stages only)."""
+
+
+_METHOD_SECTIONS = ("kto", "orpo", "simpo", "cpo", "grpo")
+
+
+def _alignment_problems(i: int, stage: StageConfig, where: str, data: DataConfig) -> list[str]:
+    """Cross-field rules of the kto/orpo/simpo/cpo/grpo stages (issue 16)."""
+    out = []
+    for method in _METHOD_SECTIONS:
+        section = getattr(stage, method)
+        if stage.kind != method and section != type(section)():
+            out.append(f"stages[{i}] ({stage.name}): the {method} settings apply to {method} stages only; remove them")
+    if stage.kind not in _METHOD_SECTIONS:
+        return out
+    if data.packing:
+        out.append(f"{where}: packing applies to SFT only; set data.packing: false for {stage.kind} stages")
+    reference = getattr(getattr(stage, stage.kind), "reference", None)
+    fresh = stage.init_from == "new" or (i == 0 and stage.init_from == "previous")
+    if reference == "sft" and fresh and not (stage.kind == "grpo" and stage.grpo.beta == 0):
+        out.append(f"stages[{i}] ({stage.name}): {stage.kind}.reference is 'sft' but there is no SFT adapter to start "
+                   "from; put an sft stage before it, set init_from to an adapter path, or use reference: base")
+    if stage.kind == "grpo" and not stage.grpo.rewards:
+        out.append(f"stages[{i}] ({stage.name}): a grpo stage needs at least one reward under grpo.rewards, e.g. "
+                   "[{kind: exact_match}] (see `ft explain stages.grpo.rewards`)")
+    return out
+
+
+def _batch_problems(i: int, stage: StageConfig, recipe: Recipe) -> list[str]:
+    """Batch rules of trl's trainers: KTO estimates its KL term inside a micro batch (2 rows at least); GRPO samples
+    whole groups (the completions of a step are a whole number of groups)."""
+    try:
+        t = recipe.stage_training(stage)
+    except ValidationError:
+        return []  # reported with its own message by validate_data
+    if stage.kind == "kto":
+        return [] if t.micro_batch_size > 1 else [
+            f"stages[{i}] ({stage.name}): kto needs training.micro_batch_size of 2 or more (its KL estimate pairs each "
+            "prompt with another row's answer inside the micro batch)"]
+    n, batch = stage.grpo.num_generations, t.micro_batch_size * t.gradient_accumulation_steps
+    if batch % n:
+        return [f"stages[{i}] ({stage.name}): micro_batch_size x gradient_accumulation_steps ({batch}) counts "
+                f"completions and must be a multiple of grpo.num_generations ({n}); e.g. micro_batch_size: {n}"]
+    return []
 
 
 class OutputConfig(Section):
@@ -476,6 +655,9 @@ class Recipe(Section):
                     )
                 if data.packing:
                     problems.append(f"{where}: packing applies to SFT only; set data.packing: false for dpo stages")
+            problems += _alignment_problems(i, stage, where, data)
+            if stage.kind in ("grpo", "kto"):
+                problems += _batch_problems(i, stage, self)
             if stage.kind == "dpo" and stage.dpo.label_smoothing and stage.dpo.loss_type != "sigmoid":
                 problems.append(f"stages[{i}].dpo.label_smoothing works with loss_type 'sigmoid' only")
         if self.quantization.mode != "none" and self.lora.use_dora and self.kernels.enabled():

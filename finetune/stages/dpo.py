@@ -136,17 +136,18 @@ def build_trainer(ctx: StageContext, tokenizer, train_ds, eval_ds) -> tuple[Any,
     return trainer, {"description": description, "adapter": str(ref_folder) if ref_folder else None}
 
 
-def reference_folder(ctx: StageContext) -> Path | None:
-    """The adapter folder of the reference policy, or None for the base model."""
-    reference = ctx.stage.dpo.reference
+def reference_folder(ctx: StageContext, reference: str | None = None) -> Path | None:
+    """The adapter folder of the reference policy (`reference`, default `dpo.reference`), or None for the base."""
+    reference = reference or ctx.stage.dpo.reference
+    key = f"{ctx.stage.kind}.reference"
     if reference == "base":
         return None
     if reference == "sft":
         if ctx.init_adapter is None:
             raise FinetuneError(
-                f"stage '{ctx.stage.name}': dpo.reference is 'sft' but the stage starts from a fresh adapter, so there "
+                f"stage '{ctx.stage.name}': {key} is 'sft' but the stage starts from a fresh adapter, so there "
                 "is no SFT adapter to copy; run an sft stage before it, set init_from to an adapter folder, or use "
-                "dpo.reference: base"
+                f"{key}: base"
             )
         folder = Path(ctx.init_adapter)
     else:

@@ -60,6 +60,28 @@ def _dpo_lengths(tokenizer, dataset) -> list[int]:
     return out
 
 
+_LENGTH_WORDS = {"kto": "prompt + answer of each row", "grpo": "prompt + grpo.max_completion_length per completion",
+                 "pairs": "prompt + the longer answer of each pair"}
+
+
+def _alignment_lengths(stage: StageConfig, tokenizer, dataset) -> list[int]:
+    """Tokens per sequence of an alignment stage's rows (see `_LENGTH_WORDS`)."""
+    if stage.kind not in ("kto", "grpo"):
+        return _dpo_lengths(tokenizer, dataset)
+    from finetune.data.templates import render
+
+    out = []
+    for row in dataset:
+        prompt = render(tokenizer, row["prompt"], generation_prompt=True)
+        n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if stage.kind == "grpo":
+            out.append(n + stage.grpo.max_completion_length)
+        else:
+            out.append(len(tokenizer(render(tokenizer, row["prompt"] + row["completion"]),
+                                     add_special_tokens=False)["input_ids"]))
+    return out
+
+
 def _stage_plan(recipe: Recipe, stage: StageConfig, tokenizer, model, say) -> dict[str, Any]:
     from finetune.data.build import prepare
     from finetune.data.encode import IGNORE
@@ -86,24 +108,29 @@ def _stage_plan(recipe: Recipe, stage: StageConfig, tokenizer, model, say) -> di
                 plan["tokens"] = sum(lengths)
                 plan["trained"] = sum(sum(t != IGNORE for t in labels) for labels in ds["labels"])
             else:
-                lengths = _dpo_lengths(tokenizer, ds)
-                plan["tokens"] = sum(lengths)
+                lengths = _alignment_lengths(stage, tokenizer, ds)
+                plan["tokens"] = sum(lengths) * (stage.grpo.num_generations if stage.kind == "grpo" else 1)
     if "rows" not in plan:
         raise FinetuneError(f"stage {stage.name}: no training data")
-    steps = total_steps(plan["rows"], training)
-    per_epoch = steps_per_epoch(plan["rows"], training)
+    # grpo: the batch counts completions, num_generations per prompt row
+    samples = plan["rows"] * (stage.grpo.num_generations if stage.kind == "grpo" else 1)
+    steps = total_steps(samples, training)
+    per_epoch = steps_per_epoch(samples, training)
     epochs = steps / max(per_epoch, 1)
     plan["steps"] = steps
     plan["tokens_seen"] = int(plan["tokens"] * epochs)
     batch = training.micro_batch_size * training.gradient_accumulation_steps
-    say(f"  steps: {plan['rows']} rows / global batch {batch} (micro batch {training.micro_batch_size} x "
+    rows = f"{plan['rows']} rows" + (f" x {stage.grpo.num_generations} completions" if stage.kind == "grpo" else "")
+    say(f"  steps: {rows} / global batch {batch} (micro batch {training.micro_batch_size} x "
         f"{training.gradient_accumulation_steps} accumulation) = {per_epoch} steps per epoch -> {steps} steps "
         f"({epochs:.2f} epochs{', max_steps' if training.max_steps else ''})")
-    what = f", {plan['trained']:,} trained" if "trained" in plan else " (prompt + the longer answer of each pair)"
+    what = f", {plan['trained']:,} trained" if "trained" in plan else f" ({_LENGTH_WORDS.get(stage.kind, 'pairs')})"
     say(f"  tokens: {plan['tokens']:,} per epoch{what}; about {plan['tokens_seen']:,} processed in training")
-    from finetune.stages.memory import recipe_estimate
+    from finetune.stages.memory import recipe_estimate, sequences_per_micro_batch
 
-    sequences = training.micro_batch_size * (2 if stage.kind == "dpo" else 1)  # DPO: chosen and rejected together
+    # pairs: chosen and rejected together; kto: each answer and a mismatched one for the KL estimate; grpo: the micro
+    # batch counts completions
+    sequences = sequences_per_micro_batch(stage.kind, training.micro_batch_size)
     seq_len = data.max_length if data.packing else min(max(lengths, default=1), data.max_length)
     memory = recipe_estimate(model.config, recipe, stage, seq_len=seq_len,
                              trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))

@@ -141,7 +141,7 @@ def loss_bytes(shape: ModelShape, tokens: int, labelled: int, act_bytes: int, la
     from finetune.model import loss_heads
 
     final_norm = tokens * shape.hidden * (4 + act_bytes)  # its float32 input, the last hidden state
-    if not label_loss:  # trl's loss over every position: logits, their float32 copy, log-softmax
+    if not label_loss or kind not in ("sft", "dpo"):  # trl's loss over every position (kto, orpo, simpo, grpo too): logits, their float32 copy, log-softmax
         return final_norm + tokens * shape.vocab * (act_bytes + 8)
     picked = labelled * shape.hidden * (act_bytes + 4)  # the labelled positions' hidden states, their float32 grad
     per_logit = 4 if act_bytes == 4 else loss_heads.CHUNK_BYTES_PER_LOGIT
@@ -192,6 +192,12 @@ def estimate(shape: ModelShape, *, recipe: Any, training: Any, kind: str, sequen
                   recomputed_layer=recomputed, loss=loss_bytes(shape, tokens, labelled, act_bytes, label_loss, kind))
 
 
+def sequences_per_micro_batch(kind: str, micro_batch_size: int) -> int:
+    """Sequences one micro batch runs through the model: preference pairs run chosen and rejected together; KTO runs
+    each answer and a mismatched one (its KL estimate); GRPO's micro batch counts completions."""
+    return micro_batch_size * (1 if kind in ("sft", "grpo") else 2)
+
+
 def recipe_estimate(config: Any, recipe: Any, stage: Any, seq_len: int | None = None,
                     labelled: int | None = None, trainable: int | None = None) -> Memory:
     """A stage's estimate for a model config: the path that runs for it, at the longest micro-batch by default."""
@@ -199,7 +205,7 @@ def recipe_estimate(config: Any, recipe: Any, stage: Any, seq_len: int | None = 
     from finetune.model.loading import resolve_precision
 
     training, data = recipe.stage_training(stage), recipe.stage_data(stage)
-    sequences = training.micro_batch_size * (2 if stage.kind == "dpo" else 1)  # DPO: chosen and rejected
+    sequences = sequences_per_micro_batch(stage.kind, training.micro_batch_size)
     attn = recipe.model.attn_implementation or getattr(config, "_attn_implementation", None) or "sdpa"
     return estimate(ModelShape.of(config), recipe=recipe, training=training, kind=stage.kind, sequences=sequences,
                     seq_len=seq_len or data.max_length, labelled=labelled,

@@ -69,6 +69,18 @@ def _stage_runner(kind: str):
         from finetune.stages.dpo import run_dpo
 
         return run_dpo
+    if kind == "kto":
+        from finetune.stages.kto import run_kto
+
+        return run_kto
+    if kind in ("orpo", "simpo", "cpo"):  # reference-free pair methods, one module
+        from finetune.stages.orpo import run_orpo
+
+        return run_orpo
+    if kind == "grpo":
+        from finetune.stages.grpo import run_grpo
+
+        return run_grpo
     raise FinetuneError(f"unknown stage kind {kind}")
 
 
@@ -249,4 +261,9 @@ def _print_summary(run: RunResult) -> None:
         pairs = m.get("eval_after")
         if pairs and "rewards/accuracies" in pairs:
             line += f", held-out reward accuracy {pairs['rewards/accuracies']:.1%} (reference: {m.get('reference')})"
+        if before and after and "preference_accuracy" in after:
+            line += (f", held-out preference accuracy {before['preference_accuracy']:.1%} -> "
+                     f"{after['preference_accuracy']:.1%}")
+        if before and after and "mean_reward" in after:
+            line += f", held-out mean reward {before['mean_reward']:.3f} -> {after['mean_reward']:.3f}"
         print(line)

@@ -65,9 +65,30 @@ def check_recipe_paths(recipe: Recipe) -> list[str]:
                     f"stages[{i}].dpo.reference: '{stage.dpo.reference}' is not 'sft', 'base' or an adapter folder "
                     "with adapter_config.json"
                 )
+        problems += _alignment_paths(i, stage)
     problems += recipe_kernel_problems(recipe)
 
     problems += environment_problems(recipe)
+    return problems
+
+
+def _alignment_paths(i: int, stage: Any) -> list[str]:
+    """kto/grpo reference adapters exist; grpo's python rewards import (their errors name the function)."""
+    problems = []
+    reference = getattr(getattr(stage, stage.kind, None), "reference", None) if stage.kind in ("kto", "grpo") else None
+    if reference not in (None, "sft", "base") and not (Path(reference) / "adapter_config.json").exists():
+        problems.append(f"stages[{i}].{stage.kind}.reference: '{reference}' is not 'sft', 'base' or an adapter folder "
+                        "with adapter_config.json")
+    if stage.kind == "grpo":
+        from finetune.errors import FinetuneError
+        from finetune.stages.rewards import load_function
+
+        for j, spec in enumerate(stage.grpo.rewards):
+            if spec.kind == "python":
+                try:
+                    load_function(spec.function)
+                except FinetuneError as e:
+                    problems.append(f"stages[{i}].grpo.rewards[{j}].function: {e}")
     return problems
 
 

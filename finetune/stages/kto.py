@@ -1,0 +1,69 @@
+"""KTO stage (unpaired thumbs-up/down alignment): setup -> train -> save, read top to bottom.
+
+Data: rows of a prompt, one answer and a label (true: desirable, false: undesirable); preference pairs are split into
+one desirable and one undesirable row each, with a notice (`finetune.data.align_formats`). trl's KTOTrainer estimates
+the KL term from mismatched prompt/answer pairs inside each micro batch, so a micro batch needs at least 2 rows.
+
+The reference policy is set up exactly as for DPO (`finetune.stages.dpo.install_reference`): trl's KTOTrainer, like
+its DPOTrainer, runs the reference forward under the adapter named `ref` when there is one, with adapters disabled
+otherwise; `kto.reference` decides which.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from finetune.data import apply_template, build_dataset
+from finetune.model.loading import load_tokenizer
+from finetune.run.resume import guarded_train
+from finetune.stages.alignment import describe_change, held_out, policy_model, save_policy
+from finetune.stages.common import StageContext, StageResult, build_stage_trainer, trainer_kwargs
+from finetune.stages.dpo import install_reference, reference_folder
+
+EVAL_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "kl")
+
+
+def run_kto(ctx: StageContext, tokenizer=None) -> StageResult:
+    """Align the adapter with labelled answers through trl's KTOTrainer; save it under `<run>/<stage>/adapter`."""
+    from trl import KTOConfig as TrlKTOConfig
+    from trl import KTOTrainer
+
+    recipe, data, training, kto, name = ctx.recipe, ctx.data, ctx.training, ctx.stage.kto, ctx.stage.name
+
+    # --- setup: tokenizer and data first (cheap, fails early), then the model with policy and reference adapters
+    tokenizer = tokenizer or load_tokenizer(recipe.model)
+    apply_template(tokenizer, data)
+    train_ds = build_dataset(data, tokenizer, "kto", seed=training.seed, split="train")
+    eval_ds = build_dataset(data, tokenizer, "kto", seed=training.seed, split="eval")
+    ref_folder = reference_folder(ctx, kto.reference)
+    desirable = sum(train_ds["label"])
+    print(f"[{name}] kto (beta {kto.beta}): {desirable} desirable and {len(train_ds) - desirable} undesirable answers, "
+          f"weights {kto.desirable_weight} / {kto.undesirable_weight}", flush=True)
+    model = policy_model(ctx, tokenizer)
+    config = TrlKTOConfig(**trainer_kwargs(ctx, has_eval=eval_ds is not None), beta=kto.beta,
+                          desirable_weight=kto.desirable_weight, undesirable_weight=kto.undesirable_weight,
+                          max_length=data.max_length, precompute_ref_log_probs=False)
+    trainer = build_stage_trainer(KTOTrainer, ctx, model, config, tokenizer, train_ds, eval_ds)
+    install_reference(trainer.model, ref_folder)
+    reference = f"adapter {ref_folder} (frozen)" if ref_folder else "base (adapter disabled)"
+    print(f"[{name}] reference policy: {reference}", flush=True)
+    before = held_out(ctx, trainer.model, tokenizer)
+
+    # --- train
+    started = time.perf_counter()
+    result = guarded_train(trainer, ctx)  # atomic checkpoints, --resume, Ctrl-C, NaN guard
+    metrics: dict[str, Any] = {"reference": kto.reference, "reference_adapter": str(ref_folder) if ref_folder else None,
+                               "beta": kto.beta, "train_loss": result.training_loss, "steps": trainer.state.global_step,
+                               "train_seconds": round(time.perf_counter() - started, 1)}
+    if eval_ds is not None:
+        out = trainer.evaluate()
+        metrics["eval_after"] = {k: out[f"eval_{k}"] for k in EVAL_KEYS if f"eval_{k}" in out}
+
+    # --- save the policy adapter, then measure the held-out change
+    adapter = save_policy(ctx, trainer, tokenizer)
+    after = held_out(ctx, trainer.model, tokenizer)
+    if before is not None and after is not None:
+        metrics["task_before"], metrics["task_after"] = before, after
+        print(f"[{name}] held-out before -> after KTO: {describe_change(before, after)}", flush=True)
+    return StageResult(name=name, kind="kto", adapter=adapter, metrics=metrics)
