@@ -141,7 +141,8 @@ def loss_bytes(shape: ModelShape, tokens: int, labelled: int, act_bytes: int, la
     from finetune.model import loss_heads
 
     final_norm = tokens * shape.hidden * (4 + act_bytes)  # its float32 input, the last hidden state
-    if not label_loss or kind not in ("sft", "dpo"):  # trl's loss over every position (kto, orpo, simpo, grpo too): logits, their float32 copy, log-softmax
+    # trl's loss over every position (also kto, orpo, simpo, grpo): logits, their float32 copy, log-softmax
+    if not label_loss or kind not in ("sft", "dpo"):
         return final_norm + tokens * shape.vocab * (act_bytes + 8)
     picked = labelled * shape.hidden * (act_bytes + 4)  # the labelled positions' hidden states, their float32 grad
     per_logit = 4 if act_bytes == 4 else loss_heads.CHUNK_BYTES_PER_LOGIT
