@@ -125,13 +125,14 @@ def export_gguf(
 def _verify(run: RunStage, result: ExportResult, path: Path, merged_dir: Path, tokenizer: Any, stop_ids: list[int],
             quant: str, max_kl: float | None, samples: int) -> None:
     """llama.cpp against the merged float32 transformers model; raises (the caller removes everything) if refused."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     from finetune.export.llamacpp import THRESHOLDS, check_gguf, llama_cpp_version, open_gguf
     from finetune.export.verify import Figures, verification_conversations
 
     conversations, result.verification_source = verification_conversations(run.recipe, run.stage, samples)
-    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype="float32").eval()
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
     ceiling, floor = THRESHOLDS[quant]
     ceiling = ceiling if max_kl is None else max_kl
     llm = open_gguf(path, n_ctx=512)

@@ -42,12 +42,7 @@ def require_llama_cpp(why: str) -> Any:
 
 def llama_cpp_version() -> str:
     """The llama-cpp-python version (which pins the llama.cpp it bundles)."""
-    from importlib import metadata
-
-    try:
-        return f"llama-cpp-python {metadata.version('llama_cpp_python')}"
-    except metadata.PackageNotFoundError:
-        return "llama-cpp-python (version unknown)"
+    return f"llama-cpp-python {require_llama_cpp('GGUF verification').__version__}"
 
 
 def open_gguf(path: Path, n_ctx: int, threads: int | None = None) -> Any:

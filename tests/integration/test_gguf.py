@@ -26,7 +26,7 @@ TINY_CHAT = ROOT / "models" / "tiny-chat"
 
 @pytest.fixture(scope="module")
 def quickstart_run(tmp_path_factory) -> Path:
-    """recipes/quickstart.yaml, shortened: 40 steps on the shipped model and data."""
+    """recipes/quickstart.yaml, shortened: 8 steps on the shipped model and data."""
     from finetune import train
 
     out = tmp_path_factory.mktemp("gguf")
@@ -38,7 +38,7 @@ data:
   train: [{{path: {ROOT / 'data/quickstart/sft_train.jsonl'}, format: messages, max_samples: 320}}]
   eval: [{{path: {ROOT / 'data/quickstart/sft_eval.jsonl'}, format: messages, max_samples: 16}}]
   task_eval: null
-training: {{epochs: 2, logging_steps: 10}}
+training: {{max_steps: 8, logging_steps: 2}}
 output: {{dir: {out / 'run'}}}
 """)
     train(out / "recipe.yaml")
@@ -74,6 +74,7 @@ def test_gguf_file_carries_tokenizer_and_template(quickstart_run, tmp_path):
     """What llama.cpp reads back: special ids, the chat template without transformers-only tags, and rendering a
     conversation with llama-cpp-python's own chat formatter gives the text training saw."""
     import llama_cpp
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
     from transformers import AutoTokenizer
 
     out = export_run(quickstart_run, "gguf", out=tmp_path / "g", verify=False).out
@@ -86,7 +87,7 @@ def test_gguf_file_carries_tokenizer_and_template(quickstart_run, tmp_path):
         assert int(md["tokenizer.ggml.padding_token_id"]) == tokenizer.pad_token_id != tokenizer.eos_token_id
         assert md["tokenizer.ggml.pre"] == "gpt-2" and "endgeneration" not in md["tokenizer.chat_template"]
         messages = [{"role": "user", "content": "What is the home town of Briix Numont?"}]
-        formatter = llama_cpp.llama_chat_format.Jinja2ChatFormatter(
+        formatter = Jinja2ChatFormatter(
             md["tokenizer.chat_template"], eos_token="<|im_end|>", bos_token="")
         ours = formatter(messages=messages).prompt
         assert ours == tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -114,7 +115,7 @@ def _config(arch: str):
             "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
     if arch == "gemma2":
         return transformers.Gemma2Config(**{**common, "tie_word_embeddings": True}, head_dim=16,
-                                         query_pre_attn_scalar=16, sliding_window=128,
+                                         query_pre_attn_scalar=16, sliding_window=512,
                                          attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
     if arch == "qwen3":
         return transformers.Qwen3Config(**common, head_dim=16)
