@@ -123,7 +123,9 @@ def _config(arch: str):
             "qwen2": transformers.Qwen2Config, "phi3": transformers.Phi3Config}[arch](**common)
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama3-rope", "mistral", "qwen2", "qwen3", "gemma2", "phi3"])
+# phi3 is mapped (gguf_arch.ARCHS) but not tested here: llama.cpp's phi3 vocabulary loader looks up Phi-3's own
+# special tokens, which this tokenizer lacks, and Phi-3's real tokenizer is SentencePiece, which GGUF export refuses.
+@pytest.mark.parametrize("arch", ["llama", "llama3-rope", "mistral", "qwen2", "qwen3", "gemma2"])
 def test_architecture_mapping_matches_transformers(arch, tmp_path):
     """f32 GGUF of a random model: llama.cpp's logits are transformers' up to float rounding (a wrong q/k order,
     norm offset, fused layout or rope setting moves them by orders of magnitude more)."""
