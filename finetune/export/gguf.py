@@ -135,7 +135,7 @@ def _verify(run: RunStage, result: ExportResult, path: Path, merged_dir: Path, t
     merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
     ceiling, floor = THRESHOLDS[quant]
     ceiling = ceiling if max_kl is None else max_kl
-    llm = open_gguf(path, n_ctx=512)
+    llm = open_gguf(path, n_ctx=min(512, merged.config.max_position_embeddings))
     try:
         check = check_gguf(llm, merged, tokenizer, conversations, stop_ids)
     finally:

@@ -21,13 +21,15 @@ from finetune.errors import FinetuneError
 THRESHOLDS: dict[str, tuple[float, float]] = {
     "f32": (1e-4, 0.99),
     "f16": (1e-3, 0.98),
-    "bf16": (1e-2, 0.95),
-    "q8_0": (1e-2, 0.95),
+    "bf16": (1e-2, 0.93),
+    "q8_0": (1e-2, 0.93),
     "q4_k_m": (1e-1, 0.85),
 }
 """Per quantisation: (ceiling on the mean KL per token in nats, floor on top-1 agreement) against the merged float32
 transformers model. f32/f16 differ from it by float rounding only; bf16 keeps 8 bits of mantissa, q8_0 one byte
-per weight with a scale per 32; q4_k_m about 4.8 bits per weight, so it is held to a looser, stated bound."""
+per weight with a scale per 32; q4_k_m about 4.8 bits per weight, so it is held to a looser, stated bound. Measured
+on a quickstart-style run of the tiny model (16 conversations, 392 tokens): f16 mean KL 7.8e-7, top-1 100%; q8_0
+mean KL 1.1e-3, top-1 96.4%. bf16 and q4_k_m were not measured yet."""
 
 
 def require_llama_cpp(why: str) -> Any:

