@@ -142,50 +142,35 @@ def explain(
         raise _fail(str(e.args[0])) from None
 
 
-def _choice(option: str, value: str | None, allowed: tuple[str, ...]) -> None:
-    if value is not None and value not in allowed:
-        raise _fail(f"{option} {value}: choose one of {', '.join(allowed)}")
-
-
 @app.command("export")
 def export_cmd(
     run_dir: Annotated[Path, typer.Argument(help="Run folder written by `ft train`.", show_default=False)],
-    format_: Annotated[str, typer.Option("--format", help="adapter (PEFT folder) or merged (plain transformers).")] = (
-        "adapter"),
+    format_: Annotated[str, typer.Option("--format", help="adapter (PEFT folder), merged (plain transformers) or "
+                                         "gguf (llama.cpp, Ollama; checked by llama.cpp).")] = "adapter",
+    quant: Annotated[str | None, typer.Option(help="gguf: f16 (default), bf16, q8_0, q4_k_m or f32.")] = None,
     stage: Annotated[str | None, typer.Option(help="Stage to export (default: the last finished one).")] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: RUN_DIR/export/STAGE-FORMAT).")] = None,
     dtype: Annotated[str | None, typer.Option(help="merged: bf16, fp16, fp32, or auto (the base's dtype).")] = None,
     merge_into: Annotated[str | None, typer.Option(
-        help="merged QLoRA runs: dequantized (the 4-bit weights as training saw them, default) or original "
+        help="merged/gguf QLoRA runs: dequantized (the 4-bit weights as training saw them, default) or original "
              "(the full-precision base weights).")] = None,
-    verify: Annotated[bool, typer.Option(help="merged: compare with the trained model on held-out data.")] = True,
+    verify: Annotated[bool, typer.Option(help="merged/gguf: compare with the trained/merged model on held-out data.")
+                      ] = True,
     max_kl: Annotated[float | None, typer.Option(
-        help="merged: refuse the export above this mean KL per token (nats; default 0.01).")] = None,
+        help="merged/gguf: refuse the export above this mean KL per token (nats; merged 0.01, gguf per --quant).")
+    ] = None,
     compare: Annotated[bool, typer.Option(help="merged: also measure the other merge mode (not written).")] = False,
     verify_samples: Annotated[int | None, typer.Option(
-        help="merged: held-out conversations to compare on (default 16).")] = None,
+        help="merged/gguf: held-out conversations to compare on (default 16).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace the output folder if it exists.")] = False,
 ) -> None:
-    """Export a finished stage: the LoRA adapter, or a merged model that is checked against the trained one."""
-    _choice("--format", format_, ("adapter", "merged"))
-    _choice("--dtype", dtype, ("auto", "bf16", "fp16", "fp32"))
-    _choice("--merge-into", merge_into, ("dequantized", "original"))
-    merged_only = {"--dtype": dtype, "--merge-into": merge_into, "--max-kl": max_kl, "--verify-samples": verify_samples,
-                   "--compare": compare or None, "--no-verify": None if verify else True}
-    if format_ == "adapter" and any(v is not None for v in merged_only.values()):
-        used = ", ".join(k for k, v in merged_only.items() if v is not None)
-        raise _fail(f"{used}: only for --format merged (an adapter export is the trained adapter, unchanged)")
-    from finetune.export.exports import export_adapter, export_merged
-    from finetune.export.runstage import open_run
+    """Export a finished stage: the LoRA adapter, a merged model checked against the trained one, or GGUF."""
+    from finetune.export.command import export_run
 
     with _user_errors():
-        run = open_run(run_dir, stage)
-        if format_ == "adapter":
-            result = export_adapter(run, out, overwrite=overwrite)
-        else:
-            options = {"dtype": dtype, "merge_into": merge_into, "max_kl": max_kl, "verify_samples": verify_samples}
-            result = export_merged(run, out, verify=verify, compare=compare, overwrite=overwrite,
-                                   **{k: v for k, v in options.items() if v is not None})
+        result = export_run(run_dir, format_, stage=stage, out=out, overwrite=overwrite, verify=verify,
+                            compare=compare, quant=quant, dtype=dtype, merge_into=merge_into, max_kl=max_kl,
+                            verify_samples=verify_samples)
     for line in result.report_lines():
         typer.echo(line)
 

@@ -70,7 +70,7 @@ def export_adapter(run: RunStage, out: Path | None = None, overwrite: bool = Fal
         _copy_tokenizer(run, tmp)
         result = ExportResult(out=out, format="adapter", stage=run.stage.name)
         _name_public_base(run, tmp / "adapter_config.json", result)
-        _write_card(run, result, tmp, repo_id)
+        write_card(run, result, tmp, repo_id)
         _finish_out(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -183,7 +183,7 @@ def export_merged(
         if verify:
             _check_threshold(result, max_kl)
         _copy_tokenizer(run, tmp)
-        _write_card(run, result, tmp, repo_id, max_kl=max_kl if verify else None)
+        write_card(run, result, tmp, repo_id, max_kl=max_kl if verify else None)
         _finish_out(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -228,8 +228,9 @@ def _check_threshold(result: ExportResult, max_kl: float) -> None:
     )
 
 
-def _write_card(run: RunStage, result: ExportResult, folder: Path, repo_id: str | None,
-                max_kl: float | None = None) -> None:
+def write_card(run: RunStage, result: ExportResult, folder: Path, repo_id: str | None,
+               max_kl: float | None = None) -> None:
+    """The model card (README.md), export.json and the run's public manifest.json into an export folder."""
     write_text_atomic(folder / "README.md", render_card(run, result, repo_id=repo_id, max_kl=max_kl))
     write_json_atomic(folder / "export.json", export_metadata(run, result))
     manifest = public_manifest(run.run_dir)

@@ -109,6 +109,7 @@ def export_metadata(run: RunStage, result: ExportResult) -> dict[str, Any]:
         "verification": result.figures or None,
         "adapter_effect": result.adapter_effect,
         "verification_source": result.verification_source,
+        "gguf": result.gguf,
         "versions": package_versions(),
     })
 
@@ -163,6 +164,9 @@ def _merge_section(run: RunStage, result: ExportResult, max_kl: float | None) ->
                     + (", which the adapter never saw during training (it trained on the 4-bit weights)"
                        if run.recipe.quantization.mode != "none" else ""),
     }[result.merge_into or "original"]
+    if result.format == "gguf":
+        return [f"Adapter of stage `{result.stage}` merged {how}, then written as GGUF `{result.dtype}`.", "",
+                *_gguf_lines(result)]
     lines = [f"Adapter of stage `{result.stage}` merged {how}; weights saved as {result.dtype}.", ""]
     if not result.figures:
         return lines + ["Verification was skipped for this export."]
@@ -185,7 +189,31 @@ def _merge_section(run: RunStage, result: ExportResult, max_kl: float | None) ->
     return lines
 
 
+def _gguf_lines(result: ExportResult) -> list[str]:
+    gguf = result.gguf or {}
+    if not result.figures:
+        return ["Verification was skipped for this export."]
+    f, tok, limits = result.figures["llama.cpp"], gguf["tokenization"], gguf["thresholds"]
+    gen = gguf["generation"]
+    return [
+        f"Checked by llama.cpp itself ({gguf['llama_cpp']}) against the merged float32 transformers model on "
+        f"{result.verification_source}:", "",
+        f"- token ids of the rendered chat texts identical on {tok['identical']} of {tok['conversations']}",
+        f"- next-token logits: mean KL {f['mean_kl']:.4g} nats/token (limit {limits['max_kl']:g}), top-1 agreement "
+        f"{f['top1_agreement']:.2%} (limit {limits['min_top1']:.0%}), max abs logit diff {f['max_abs_logit_diff']:.4g}"
+        f", {f['tokens']} tokens",
+        f"- greedy answers ending at the stop token: {sum(g['llama_cpp_stopped'] for g in gen)} of {len(gen)} "
+        f"(same tokens as transformers: {sum(g['same_tokens'] for g in gen)} of {len(gen)})",
+    ]
+
+
 def _usage(result: ExportResult, where: str, base: str) -> list[str]:
+    if result.format == "gguf":
+        file = (result.gguf or {}).get("file", "model.gguf")
+        lines = ["```bash", f"llama-cli -m {file} -cnv        # llama.cpp, chat template from the file"]
+        if (result.gguf or {}).get("modelfile"):
+            lines += ["ollama create my-model -f Modelfile && ollama run my-model"]
+        return [*lines, "```"]
     if result.format == "merged":
         code = [
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -208,7 +236,7 @@ def render_card(run: RunStage, result: ExportResult, repo_id: str | None = None,
     base, revision = _base_model(run)
     kinds = [s.kind for s in run.recipe.effective_stages()]
     tags = ["finetune", "lora"] + (["qlora"] if run.recipe.quantization.mode != "none" else []) + sorted(set(kinds))
-    front: dict[str, Any] = {"library_name": "peft" if result.format == "adapter" else "transformers"}
+    front: dict[str, Any] = {"library_name": {"adapter": "peft", "gguf": "gguf"}.get(result.format, "transformers")}
     if (hub := public_base(run)) is not None:
         front["base_model"] = hub
     front.update({"pipeline_tag": "text-generation", "tags": tags})

@@ -45,21 +45,28 @@ class ExportResult:
     adapter_effect: dict[str, Any] | None = None  # trained vs base without adapter: the scale of the figures
     verification_source: str | None = None
     notes: list[str] = field(default_factory=list)  # what the user should know about choices made for them
+    gguf: dict[str, Any] | None = None  # GGUF exports: file, quantisation, llama.cpp checks and version
 
     def report_lines(self) -> list[str]:
         """What `ft export` prints: the merge and its verification figures, the notes, where the export went."""
         from finetune.export.verify import Figures
 
         lines = []
-        if self.format == "merged":
-            lines.append(f"merged stage {self.stage} into the {self.merge_into} base weights, saved as {self.dtype}")
+        if self.format in ("merged", "gguf"):
+            lines.append(f"merged stage {self.stage} into the {self.merge_into} base weights, saved as {self.dtype}"
+                         + (f" GGUF ({self.gguf['file']})" if self.gguf else ""))
         lines += [f"  note: {note}" for note in self.notes]
         for mode, figures in self.figures.items():
-            mark = " (this export)" if mode == self.merge_into else " (not written)"
+            mark = " (this export)" if mode in (self.merge_into, "llama.cpp") else " (not written)"
             lines.append(f"  {mode}{mark}: {Figures(**figures).line()}")
         if self.adapter_effect:
             lines.append(f"  for scale, adapter vs base: mean KL {self.adapter_effect['mean_kl']:.3g}")
-        if self.format == "merged":
+        if self.gguf and self.gguf.get("tokenization"):
+            tok, gen = self.gguf["tokenization"], self.gguf["generation"]
+            lines.append(f"  {self.gguf['llama_cpp']}: identical token ids on {tok['identical']}/{tok['conversations']}"
+                         f" texts; greedy answers ending at a stop token {sum(g['llama_cpp_stopped'] for g in gen)}"
+                         f"/{len(gen)}")
+        if self.format in ("merged", "gguf"):
             lines.append(f"  verified on {self.verification_source}" if self.figures
                          else "  not verified (--no-verify)")
         lines.append(f"{self.format} export of stage {self.stage}: {self.out}")

@@ -96,12 +96,9 @@ def verification_inputs(
     Returns:
         The token id lists and a description of their source for reports and model cards.
     """
-    rows, source = _rows(recipe, stage)
+    conversations, source = verification_conversations(recipe, stage, count)
     inputs: list[list[int]] = []
-    for row in rows:
-        messages = _conversation(row)
-        if messages is None:
-            continue
+    for messages in conversations:
         if isinstance(messages, str):  # text rows are trained without a chat template
             ids = tokenizer(messages)["input_ids"]
         else:
@@ -109,19 +106,25 @@ def verification_inputs(
                 messages, tokenize=True, return_dict=True, add_generation_prompt=messages[-1]["role"] != "assistant"
             )["input_ids"]
         inputs.append(list(ids)[:max_tokens])
-        if len(inputs) == count:
-            break
-    if not inputs:
+    return inputs, source
+
+
+def verification_conversations(recipe: Recipe, stage: StageConfig, count: int = 16
+                               ) -> tuple[list[list[dict[str, str]] | str], str]:
+    """Up to `count` conversations (or plain texts) of the stage's held-out data, and where they came from."""
+    rows, source = _rows(recipe, stage)
+    found = [c for c in map(_conversation, rows) if c is not None][:count]
+    if not found:
         raise FinetuneError(
             f"verification: no usable row in {source} (need messages, prompt + chosen, or text rows). "
             "Add data.task_eval or data.eval rows in that format, or skip verification with --no-verify."
         )
-    return inputs, source
+    return found, source
 
 
 def compare_logits(reference, candidate, inputs: list[list[int]]) -> Figures:
     """Figures of `candidate` against `reference` on each conversation (one at a time: no padding to get wrong)."""
-    return _compare(_forward(reference), _forward(candidate), inputs)
+    return compare_forwards(_forward(reference), _forward(candidate), inputs)
 
 
 def adapter_effect(trained, inputs: list[list[int]]) -> Figures:
@@ -134,7 +137,7 @@ def adapter_effect(trained, inputs: list[list[int]]) -> Figures:
         with trained.disable_adapter():
             return trained(input_ids=x).logits
 
-    return _compare(_forward(trained), without_adapter, inputs, device=next(trained.parameters()).device)
+    return compare_forwards(_forward(trained), without_adapter, inputs, device=next(trained.parameters()).device)
 
 
 def _forward(model):
@@ -143,7 +146,8 @@ def _forward(model):
 
 
 @torch.no_grad()
-def _compare(reference, candidate, inputs: list[list[int]], device: torch.device | None = None) -> Figures:
+def compare_forwards(reference, candidate, inputs: list[list[int]], device: torch.device | None = None) -> Figures:
+    """Figures of two forward functions (token ids `[1, T]` -> logits `[1, T, V]`) on each input in turn."""
     max_abs, kl_sum, agree, tokens = 0.0, 0.0, 0, 0
     for ids in inputs:
         x = torch.tensor([ids], dtype=torch.long, device=device)

@@ -1,0 +1,107 @@
+"""An Ollama `Modelfile` beside a GGUF export: FROM, a TEMPLATE translated from the chat template, stop tokens and
+the recipe's system prompt.
+
+Ollama formats conversations with Go templates, not Jinja, so the chat template is translated. Translated are the
+templates that wrap each message on its own: a fixed text before and after the content, per role, plus a generation
+prompt (ChatML, Llama 3, Phi-3, the project's tiny model, and any template of that shape). The wrappers are found by
+rendering probe conversations with the trained tokenizer's own template, and the translation is accepted only if it
+reproduces that template's rendering of a longer conversation exactly (`render_parts`). Templates that merge
+messages (Mistral's and Gemma's fold the system prompt into the first user turn) or inject text of their own (a
+default system prompt) are not translated: the export says so and writes no Modelfile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+ROLES = ("system", "user", "assistant")
+_MARK = {"system": "\x01S\x01", "user": "\x01U\x01", "assistant": "\x01A\x01"}
+
+
+@dataclass(frozen=True)
+class TemplateParts:
+    """A per-message chat template: text before and after each role's content, the generation prompt, and what
+    comes before the first message."""
+
+    wrap: dict[str, tuple[str, str]]
+    generation_prompt: str
+    start: str = ""
+
+
+class Untranslatable(Exception):
+    """The chat template has no per-message shape (the message says how it differs)."""
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
+
+
+def render_parts(parts: TemplateParts, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    """What the translated template renders for `messages` (the Python twin of `go_template`)."""
+    text = parts.start + "".join(parts.wrap[m["role"]][0] + m["content"] + parts.wrap[m["role"]][1]
+                                 for m in messages)
+    return text + (parts.generation_prompt if generation_prompt else "")
+
+
+def template_parts(tokenizer: Any) -> TemplateParts:
+    """The per-message wrappers of the tokenizer's chat template, checked against its own rendering."""
+    probe = [{"role": r, "content": _MARK[r]} for r in ROLES]
+    try:
+        start = _render(tokenizer, [])
+    except Exception:  # templates that index messages[0]
+        start = ""
+    wrap, done = {}, start
+    for i, role in enumerate(ROLES):
+        text = _render(tokenizer, probe[: i + 1])
+        if not text.startswith(done) or text[len(done):].count(_MARK[role]) != 1:
+            raise Untranslatable(f"the {role} turn does not render as a wrapper around its content")
+        before, after = text[len(done):].split(_MARK[role])
+        wrap[role] = (before, after)
+        done = text
+    head = _render(tokenizer, probe[:2])
+    with_prompt = _render(tokenizer, probe[:2], prompt=True)
+    if not with_prompt.startswith(head):
+        raise Untranslatable("the generation prompt is not appended after the last message")
+    bos = getattr(tokenizer, "bos_token", None)
+    probe_ids = tokenizer("a")["input_ids"]
+    if start and bos and start == bos and probe_ids and probe_ids[0] == tokenizer.bos_token_id:
+        start = ""  # llama.cpp adds the bos token itself
+    parts = TemplateParts(wrap=wrap, generation_prompt=with_prompt[len(head):], start=start)
+    test = [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "5"},
+            {"role": "user", "content": "And 4+4?"}]
+    for messages in (test, [{"role": "system", "content": "Be brief."}, *test]):
+        expected = _render(tokenizer, messages, prompt=True)
+        if bos and expected.startswith(bos) and not parts.start:
+            expected = expected[len(bos):]
+        if render_parts(parts, messages, True) != expected:
+            raise Untranslatable("a longer conversation renders differently than message by message (the template "
+                                 "merges messages or adds text of its own, e.g. a default system prompt)")
+    return parts
+
+
+def _quote(text: str) -> str:
+    if "{{" in text or '"""' in text:
+        raise Untranslatable("the template's fixed text contains '{{' or '\"\"\"'")
+    return text
+
+
+def go_template(parts: TemplateParts) -> str:
+    """The Ollama TEMPLATE: each message wrapped by role, the generation prompt after a last non-assistant message.
+    Written without `{{-` trimming, so the newlines of the fixed text survive."""
+    branches = "".join(
+        f'{{{{ {"if" if i == 0 else "else if"} eq .Role "{role}" }}}}{_quote(parts.wrap[role][0])}{{{{ .Content }}}}'
+        f"{_quote(parts.wrap[role][1])}" for i, role in enumerate(ROLES))
+    return (f"{_quote(parts.start)}{{{{ range $i, $_ := .Messages }}}}"
+            "{{ $last := eq (len (slice $.Messages $i)) 1 }}"
+            f"{branches}{{{{ end }}}}"
+            f'{{{{ if and $last (ne .Role "assistant") }}}}{_quote(parts.generation_prompt)}{{{{ end }}}}{{{{ end }}}}')
+
+
+def modelfile(gguf_name: str, parts: TemplateParts, stops: list[str], system: str | None = None) -> str:
+    """The Modelfile text: FROM the GGUF file beside it, TEMPLATE, stop parameters, SYSTEM when given."""
+    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{go_template(parts)}"""']
+    lines += [f'PARAMETER stop "{s}"' for s in stops]
+    if system:
+        lines.append(f'SYSTEM """{_quote(system)}"""')
+    return "\n".join(lines) + "\n"
