@@ -168,10 +168,16 @@ def build_stage_trainer(trainer_cls: Any, ctx: StageContext, model, config, toke
     back (`adapters_in_compute_dtype`), and an adapter the stage starts from is reloaded so that it starts where the
     previous stage ended (in DPO it then equals an `sft` reference bit for bit)."""
     from finetune.run.tracking import RunLogger
+    from finetune.stages.watch import EvalWatch
 
+    logger = RunLogger(ctx.metrics_path, ctx.stage.name)
     trainer = trainer_cls(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
-                          processing_class=tokenizer, callbacks=[RunLogger(ctx.metrics_path, ctx.stage.name)])
+                          processing_class=tokenizer, callbacks=[logger])
     quiet_trainer(trainer)
+    # task sample, fixed-prompt answers, keep_best, early stopping (finetune.stages.watch)
+    watch = EvalWatch(ctx, tokenizer, load_task_rows(ctx.data.task_eval), logger)
+    if watch.active() and eval_ds is not None:
+        trainer.add_callback(watch)
     if adapters_in_compute_dtype(trainer, ctx.training) and ctx.init_adapter is not None:
         from peft import set_peft_model_state_dict
         from peft.utils import load_peft_weights
