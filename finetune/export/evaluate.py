@@ -111,12 +111,21 @@ def _base_forward(loaded, recipe: Recipe, target: Target):
     base = recipe.model.name_or_path
     if Path(base).resolve() == target.path.resolve():
         return None, "the target is the base model"
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    why = tokenizer_difference(loaded.tokenizer, AutoTokenizer.from_pretrained(base))
+    if why is None and loaded.model.get_output_embeddings().weight.shape[0] != _vocab_rows(base):
+        why = "the base model's vocabulary size differs"
+    if why:
+        return None, f"no forgetting figures against the base model {base}: {why}"
     model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
-    if len(loaded.tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(loaded.tokenizer))
     return scoring.forward(model.eval()), f"base model {base}"
+
+
+def _vocab_rows(path: str) -> int | None:
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(path), "vocab_size", None)
 
 
 def _score(target: Target, recipe: Recipe, stage: StageConfig, suite, say) -> tuple[Any, dict]:
