@@ -468,12 +468,13 @@ class EvalConfig(Section):
     is marked as forgetting in `ft eval`, `ft runs` and the report. None: no mark."""
     max_rows: Annotated[int, Field(ge=1)] | None = 200
     """At most this many rows (documents, pairs) per file in `ft eval`, to keep it quick. None: all."""
-    sample_prompts: Annotated[int, Field(ge=0)] = 3
+    sample_prompts: Annotated[int, Field(ge=0)] = 0
     """During training, at every `eval_steps`: greedy answers to the first this many `data.task_eval` prompts (the
-    same ones every time), written to `<stage>/samples.jsonl`, the report and W&B (as a table)."""
-    sample_task_rows: Annotated[int, Field(ge=0)] = 32
+    same ones every time), written to `<stage>/samples.jsonl`, the report and W&B (as a table). 0: none (3 is a
+    good start)."""
+    sample_task_rows: Annotated[int, Field(ge=0)] = 0
     """During training, at every `eval_steps`: the task metrics of this many `data.task_eval` rows, logged as
-    `task_<metric>`. 0: none."""
+    `task_<metric>` (what `training.early_stopping` and `keep_best` can watch). 0: none."""
 
 
 class Recipe(Section):
