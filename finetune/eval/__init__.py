@@ -1,2 +1,2 @@
-"""Evaluation: task metrics on held-out questions (exact match, contains-answer, concise rate) and greedy answers.
-May import `finetune.recipe`, `finetune.data` and `finetune.model`."""
+"""Evaluation: task metrics (exact match, contains-answer, token F1, regex, choice accuracy), held-out loss, forgetting
+against a base model, preference margins, and `ft eval`'s suite. May import `finetune.recipe`, `data` and `model`."""

@@ -208,6 +208,21 @@ class DataConfig(Section):
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
+def metric_is_lower_better(metric: str) -> bool:
+    """Losses and perplexities improve downwards; rates and accuracies upwards."""
+    return "loss" in metric or "perplexity" in metric
+
+
+class EarlyStoppingConfig(Section):
+    metric: str = "eval_loss"
+    """Metric watched at every evaluation: `eval_loss` (lower is better) or a task metric of a sample of
+    `data.task_eval`, `task_<metric>` such as `task_exact_match` (higher is better)."""
+    patience: Annotated[int, Field(ge=1)] = 3
+    """Evaluations in a row without improvement before the stage stops."""
+    min_delta: Annotated[float, Field(ge=0)] = 0.0
+    """Smallest change that counts as an improvement."""
+
+
 class TrainingConfig(Section):
     epochs: Annotated[float, Field(gt=0)] = 1
     """Passes over the training data. Ignored when `max_steps` is set."""
@@ -246,6 +261,12 @@ class TrainingConfig(Section):
     """Write a resumable checkpoint every this many steps (None: none during the stage)."""
     save_total_limit: Annotated[int, Field(ge=1)] = 2
     """How many of the newest checkpoints to keep."""
+    early_stopping: EarlyStoppingConfig | None = None
+    """Stop the stage when an evaluated metric (every `eval_steps`) stops improving. None: train to the end."""
+    keep_best: str | None = None
+    """Make the stage's final adapter the one of the evaluation step with the best value of this metric
+    (`eval_loss`, or `task_<metric>` such as `task_exact_match` with `data.task_eval`), instead of the last one. The
+    summary names the step it came from. Needs `eval_steps`. None: the last adapter."""
 
 
 def _all_optional(model: type[Section], name: str) -> type[Section]:
@@ -599,6 +620,50 @@ class HubConfig(Section):
     """Branch to upload to (created when missing). None: main."""
 
 
+TaskMetric = Literal["exact_match", "contains_answer", "token_f1", "regex", "choice_accuracy", "concise_rate"]
+
+
+class TaskFile(Section):
+    path: str
+    """A `.jsonl` file of held-out rows: `messages` (a final assistant turn is dropped) or `prompt`, and `answer`;
+    `choices` (a list of answers) for `choice_accuracy`, and optionally `pattern` (a regular expression) per row for
+    `regex`."""
+    metrics: list[TaskMetric] = Field(default_factory=lambda: ["exact_match", "contains_answer"])
+    """What to score: `exact_match`, `contains_answer`, `token_f1` (SQuAD-style F1 over words), `regex` (the row's
+    `pattern`, or `pattern` below, found in the answer), `choice_accuracy` (the choice the model finds likeliest is
+    the answer), `concise_rate`."""
+    pattern: str | None = None
+    """Regular expression for `regex` rows without their own; `{answer}` stands for the row's answer (escaped)."""
+    max_rows: Annotated[int, Field(ge=1)] | None = None
+    """Score the first this many rows only."""
+
+
+class EvalConfig(Section):
+    """What `ft eval` measures besides the held-out loss of the stage's `data.eval`, and what training watches."""
+
+    tasks: list[TaskFile] = Field(default_factory=list)
+    """Task files scored by `ft eval`, each with its metrics (besides the stage's `data.task_eval`)."""
+    preference: list[str] = Field(default_factory=list)
+    """Preference files (`prompt`, `chosen`, `rejected`) for preference accuracy and margins (besides the eval data
+    of a dpo stage)."""
+    general_text: str | None = None
+    """A general-text held-out file (`.txt`: one document per line, or `.jsonl` with `text`): the loss change against
+    the base model and the mean per-token KL(base || tuned) measure forgetting. The project ships
+    `data/general/heldout.txt` for the tiny model."""
+    max_forgetting: Annotated[float, Field(gt=0)] | None = None
+    """Largest acceptable increase of the general-text loss over the base model (nats per token). Above it the run
+    is marked as forgetting in `ft eval`, `ft runs` and the report. None: no mark."""
+    max_rows: Annotated[int, Field(ge=1)] | None = 200
+    """At most this many rows (documents, pairs) per file in `ft eval`, to keep it quick. None: all."""
+    sample_prompts: Annotated[int, Field(ge=0)] = 0
+    """During training, at every `eval_steps`: greedy answers to the first this many `data.task_eval` prompts (the
+    same ones every time), written to `<stage>/samples.jsonl`, the report and W&B (as a table). 0: none (3 is a
+    good start)."""
+    sample_task_rows: Annotated[int, Field(ge=0)] = 0
+    """During training, at every `eval_steps`: the task metrics of this many `data.task_eval` rows, logged as
+    `task_<metric>` (what `training.early_stopping` and `keep_best` can watch). 0: none."""
+
+
 class Recipe(Section):
     name: str = "run"
     """Name of the run; used in the default output folder and trackers."""
@@ -626,6 +691,8 @@ class Recipe(Section):
     """Opt-in fused kernels (all off by default)."""
     hub: HubConfig = Field(default_factory=HubConfig)
     """Hugging Face Hub upload."""
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    """Evaluation (`ft eval`, forgetting, samples during training)."""
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> Recipe:
@@ -658,6 +725,11 @@ class Recipe(Section):
             problems += _alignment_problems(i, stage, where, data)
             if stage.kind in ("grpo", "kto"):
                 problems += _batch_problems(i, stage, self)
+            try:
+                training = self.stage_training(stage)
+            except ValidationError:  # reported with its YAML path by validate_data
+                training = self.training
+            problems += _watch_problems(training, data, f"stages[{i}] ({stage.name})" if self.stages else "training")
             if stage.kind == "dpo" and stage.dpo.label_smoothing and stage.dpo.loss_type != "sigmoid":
                 problems.append(f"stages[{i}].dpo.label_smoothing works with loss_type 'sigmoid' only")
         if self.quantization.mode != "none" and self.lora.use_dora and self.kernels.enabled():
@@ -689,6 +761,25 @@ class Recipe(Section):
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> Recipe:
         """Load, merge `extends`, apply `key=value` overrides and validate. Raises RecipeError with every problem."""
         return load_recipe(path, overrides)
+
+
+def _watch_problems(t: TrainingConfig, data: DataConfig, where: str) -> list[str]:
+    """early_stopping / keep_best need evaluations and a metric that the stage computes."""
+    out = []
+    for key, metric in (("early_stopping", t.early_stopping and t.early_stopping.metric), ("keep_best", t.keep_best)):
+        if not metric:
+            continue
+        if t.eval_steps is None:
+            out.append(f"{where}: training.{key} needs training.eval_steps (evaluations to compare)")
+        if metric.startswith("task_") and not data.task_eval:
+            out.append(f"{where}: training.{key} watches '{metric}', which needs data.task_eval")
+        elif not metric.startswith(("task_", "eval_")):
+            out.append(f"{where}: training.{key} metric '{metric}' is not one a stage computes; use eval_loss, "
+                       "another eval_* metric of the trainer, or task_<metric> (e.g. task_exact_match)")
+        if not (data.eval or data.eval_fraction):
+            out.append(f"{where}: training.{key} needs eval data (data.eval or data.eval_fraction): evaluations "
+                       "run with the eval loss")
+    return out
 
 
 def validate_data(data: dict[str, Any], source: str, lines: dict[tuple, int] | None = None) -> Recipe:

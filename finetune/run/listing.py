@@ -47,6 +47,9 @@ def run_info(run_dir: Path) -> dict[str, Any]:
         "updated": max((p.stat().st_mtime for p in (run_dir / "summary.json", run_dir / "metrics.jsonl")
                         if p.exists()), default=None),
     }
+    from finetune.run.evalpage import forgetting_marks
+
+    info["forgetting"] = forgetting_marks(run_dir, summary)
     if summary.get("error") and status in ("failed", "interrupted"):
         info["error"] = summary["error"].splitlines()[0]
     return info
@@ -91,13 +94,15 @@ def format_table(infos: list[dict[str, Any]]) -> str:
     lines = [header]
     for i in infos:
         lines.append((i["run"], i["status"], i["stage"] or "-", "-" if i["step"] is None else str(i["step"]),
-                      "-" if i["loss"] is None else f"{i['loss']:.4f}", i["eval"] or "-", _age(i["updated"])))
+                      "-" if i["loss"] is None else f"{i['loss']:.4f}",
+                      (i["eval"] or "-") + (" FORGETTING" if i.get("forgetting") else ""), _age(i["updated"])))
     widths = [max(len(row[c]) for row in lines) for c in range(len(header))]
     out = []
     for row, info in zip(lines, [None, *infos], strict=True):
         out.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
         if info and info.get("error"):
             out.append(f"    {info['error']}")
+        out += [f"    {mark}" for mark in (info or {}).get("forgetting") or []]
     return "\n".join(out)
 
 

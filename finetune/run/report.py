@@ -28,6 +28,9 @@ CHARTS: list[tuple[str, str, str, list[tuple[str, str]], bool]] = [
      [("rewards/chosen", "chosen"), ("rewards/rejected", "rejected"), ("rewards/margins", "margin"),
       ("eval_rewards/chosen", "eval chosen"), ("eval_rewards/rejected", "eval rejected"),
       ("eval_rewards/margins", "eval margin")], False),
+    ("task", "Task metrics on a sample of task_eval", "rate",
+     [("task_exact_match", "exact match"), ("task_contains_answer", "contains answer"),
+      ("task_concise_rate", "concise")], False),
     ("reward_accuracy", "DPO reward accuracy", "share of pairs with chosen > rejected",
      [("rewards/accuracies", "train"), ("eval_rewards/accuracies", "eval")], False),
 ]
@@ -112,8 +115,12 @@ def write_report(run_dir: str | Path) -> Path:
     charts: dict[str, list[tuple[str, str]]] = {}
 
     def fill(tmp: Path) -> None:
+        from finetune.run.evalpage import eval_charts
+
         for stage in stages:
             charts[stage] = stage_charts(rows, stage, tmp)
+        for stage, made in eval_charts(run_dir, tmp).items():
+            charts.setdefault(stage, []).extend(made)
         (tmp / "index.html").write_text(page(run_dir, rows, charts), encoding="utf-8")
 
     write_dir_atomic(run_dir / "report", fill)
@@ -158,6 +165,9 @@ def page(run_dir: Path, rows: list[dict[str, Any]], charts: dict[str, list[tuple
             parts.append(f"<tr><td>{e(name)}</td><td>{e(str(done.get('kind', '')))}</td>"
                          f"<td>{e('; '.join(f'{k}: {_fmt(v)}' for k, v in metrics.items()))}</td></tr>")
         parts.append("</table>")
+    from finetune.run.evalpage import eval_sections
+
+    parts += eval_sections(run_dir, summary)
     if manifest:
         from finetune.run.manifest import lineage_lines
 

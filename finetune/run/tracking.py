@@ -51,6 +51,14 @@ class Tracker:
         data = {f"{stage}/{k}": v for k, v in row.items() if k not in ("stage", "time") and _is_number(v)}
         self.run.log(data)
 
+    def log_table(self, stage: str, name: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """Send a table (e.g. generated answers at one step) as `<stage>/<name>`; text, not credentials."""
+        if self.run is None:
+            return
+        import wandb
+
+        self.run.log({f"{stage}/{name}": wandb.Table(columns=columns, data=redact(rows))})
+
     def finish(self, exit_code: int = 0) -> None:
         """Close the W&B run (it is synced or, offline, left in `<run>/wandb/` for `wandb sync`)."""
         if self.run is not None:

@@ -150,9 +150,15 @@ def build_stage_trainer(trainer_cls: Any, ctx: StageContext, model, config, toke
     adapter the stage starts from ended (`finetune.model.adapters.adapters_in_float32`: trl casts them to bf16)."""
     from finetune.model.adapters import adapters_in_float32
     from finetune.run.tracking import RunLogger
+    from finetune.stages.watch import EvalWatch
 
+    logger = RunLogger(ctx.metrics_path, ctx.stage.name)
     trainer = trainer_cls(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
-                          processing_class=tokenizer, callbacks=[RunLogger(ctx.metrics_path, ctx.stage.name)])
+                          processing_class=tokenizer, callbacks=[logger])
     quiet_trainer(trainer)
+    # task sample, fixed-prompt answers, keep_best, early stopping (finetune.stages.watch)
+    watch = EvalWatch(ctx, tokenizer, load_task_rows(ctx.data.task_eval), logger)
+    if watch.active() and eval_ds is not None:
+        trainer.add_callback(watch)
     adapters_in_float32(trainer.model, ctx.init_adapter)
     return trainer

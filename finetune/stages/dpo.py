@@ -38,6 +38,7 @@ from finetune.stages.common import (
     task_metric,
     trainer_kwargs,
 )
+from finetune.stages.watch import finish_watch, watch_of
 
 REF = "ref"  # the adapter name trl's DPOTrainer switches to for the reference forward
 EVAL_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
@@ -74,6 +75,7 @@ def run_dpo(ctx: StageContext, tokenizer=None) -> StageResult:
                                "loss": describe_loss(dpo), "beta": dpo.beta, "train_loss": result.training_loss,
                                "train_seconds": round(time.perf_counter() - started, 1),
                                "steps": trainer.state.global_step}
+    metrics.update(finish_watch(watch_of(trainer), model, tokenizer, ctx))  # keep_best, early stop, forgetting
     if eval_ds is not None:
         metrics["eval_before"], metrics["eval_after"] = eval_before, held_out(trainer)
         print(f"[{name}] held-out pairs after training: {_fmt(metrics['eval_after'])}", flush=True)

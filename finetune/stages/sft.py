@@ -22,6 +22,7 @@ from finetune.stages.common import (
     task_metric,
     trainer_kwargs,
 )
+from finetune.stages.watch import finish_watch, watch_of
 
 
 def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
@@ -66,6 +67,7 @@ def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
     train_seconds = time.perf_counter() - started
     metrics = {"train_loss": result.training_loss, "train_seconds": round(train_seconds, 1),
                "steps": trainer.state.global_step}
+    metrics.update(finish_watch(watch_of(trainer), model, tokenizer, ctx))  # keep_best, early stop, forgetting
     if eval_ds is not None:
         metrics.update({k: v for k, v in trainer.evaluate().items() if k == "eval_loss"})
 

@@ -1,0 +1,139 @@
+"""Likelihood figures of a model: held-out loss, forgetting against a base, preference margins, choice scores.
+
+A model enters here as a `Forward`: a function of `(input_ids, attention_mask)` returning next-token logits. `forward`
+makes one of a model; `adapter_off` makes the base model's of a peft model (its adapter disabled for the call), so
+forgetting needs no second copy of the base in memory. Batches are right-padded; padding never counts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from finetune.data.encode import IGNORE
+
+Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Sample = tuple[list[int], list[int]]  # token ids, labels (IGNORE where no loss)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def forward(model: torch.nn.Module, adapter: bool = True) -> Forward:
+    """The logits function of `model`; with `adapter=False` a peft model's adapter is disabled during the call."""
+    device = _device(model)
+
+    @torch.no_grad()
+    def run(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        was_training = model.training
+        model.eval()
+        try:
+            with nullcontext() if adapter else model.disable_adapter():
+                return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
+        finally:
+            model.train(was_training)
+
+    return run
+
+
+def adapter_off(model: torch.nn.Module) -> Forward | None:
+    """The base model's logits function of a peft model (adapter disabled), or None for a plain model."""
+    return forward(model, adapter=False) if hasattr(model, "disable_adapter") else None
+
+
+def _batches(samples: list[Sample], batch_size: int, pad_id: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, (i, lab) in enumerate(chunk):
+            ids[row, : len(i)], labels[row, : len(lab)], mask[row, : len(i)] = torch.tensor(i), torch.tensor(lab), 1
+        yield ids, labels, mask
+
+
+def _token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each next label under `logits`, and where a label is (both [batch, length - 1])."""
+    target = labels[:, 1:]
+    where = target != IGNORE
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(where, logp, torch.zeros_like(logp)), where
+
+
+def label_logprobs(fwd: Forward, samples: list[Sample], pad_id: int, batch_size: int = 16) -> list[tuple[float, int]]:
+    """(sum of log-probabilities, number) of each sample's labelled tokens."""
+    out = []
+    for ids, labels, mask in _batches(samples, batch_size, pad_id):
+        logp, where = _token_logprobs(fwd(ids, mask), labels)
+        out += list(zip(logp.sum(-1).tolist(), where.sum(-1).tolist(), strict=True))
+    return out
+
+
+def mean_loss(scored: list[tuple[float, int]]) -> dict[str, float]:
+    """Token-weighted mean negative log-likelihood and its perplexity."""
+    tokens = sum(n for _, n in scored)
+    loss = -sum(s for s, _ in scored) / tokens if tokens else float("nan")
+    return {"loss": loss, "perplexity": math.exp(loss) if tokens else float("nan"), "tokens": tokens}
+
+
+def compare(tuned: Forward, base: Forward, samples: list[Sample], pad_id: int,
+            batch_size: int = 16) -> dict[str, float]:
+    """Forgetting on labelled tokens: both models' mean loss, its change, and the mean KL(base || tuned) per token.
+
+    The KL is taken between the two next-token distributions at every labelled position, in nats.
+    """
+    sums = {"tuned": 0.0, "base": 0.0, "kl": 0.0}
+    tokens = 0
+    for ids, labels, mask in _batches(samples, batch_size, pad_id):
+        lt, lb = torch.log_softmax(tuned(ids, mask).float(), -1), torch.log_softmax(base(ids, mask).float(), -1)
+        where = labels[:, 1:] != IGNORE
+        target = labels[:, 1:].clamp(min=0).unsqueeze(-1)
+        sums["tuned"] -= lt[:, :-1].gather(-1, target).squeeze(-1)[where].sum().item()
+        sums["base"] -= lb[:, :-1].gather(-1, target).squeeze(-1)[where].sum().item()
+        kl = (lb.exp() * (lb - lt)).sum(-1)[:, :-1]
+        sums["kl"] += kl[where].sum().item()
+        tokens += int(where.sum())
+    if not tokens:
+        return {"tokens": 0}
+    tuned_loss, base_loss = sums["tuned"] / tokens, sums["base"] / tokens
+    return {"loss": tuned_loss, "base_loss": base_loss, "loss_change": tuned_loss - base_loss,
+            "mean_kl": sums["kl"] / tokens, "tokens": tokens}
+
+
+def preference(fwd: Forward, chosen: list[Sample], rejected: list[Sample], pad_id: int,
+               reference: Forward | None = None, batch_size: int = 16) -> dict[str, Any]:
+    """Preference accuracy and margins: how much likelier each chosen answer is than its rejected one.
+
+    `margin` is log p(chosen) - log p(rejected) of the whole answers; `accuracy` the share of pairs with a positive
+    margin. With a reference (the base, for a tuned model), `reward_margin` is the margin minus the reference's
+    margin (DPO's implicit reward difference without beta) and `reward_accuracy` the share where it is positive.
+    """
+    def margins(f: Forward) -> list[float]:
+        c, r = label_logprobs(f, chosen, pad_id, batch_size), label_logprobs(f, rejected, pad_id, batch_size)
+        return [a[0] - b[0] for a, b in zip(c, r, strict=True)]
+
+    mine = margins(fwd)
+    n = len(mine)
+    out: dict[str, Any] = {"pairs": n, "accuracy": sum(m > 0 for m in mine) / n if n else 0.0,
+                           "margin": sum(mine) / n if n else 0.0}
+    if reference is not None and n:
+        rewards = [m - r for m, r in zip(mine, margins(reference), strict=True)]
+        out.update(reward_accuracy=sum(x > 0 for x in rewards) / n, reward_margin=sum(rewards) / n)
+    return out
+
+
+def choice_scores(fwd: Forward, choices: list[list[Sample]], pad_id: int, batch_size: int = 16) -> list[list[float]]:
+    """Sum log-probability of each choice of each row (the answer tokens given the prompt)."""
+    flat = [s for row in choices for s in row]
+    scored = [s for s, _ in label_logprobs(fwd, flat, pad_id, batch_size)]
+    out, start = [], 0
+    for row in choices:
+        out.append(scored[start : start + len(row)])
+        start += len(row)
+    return out

@@ -1,0 +1,180 @@
+"""`ft eval TARGET [--against OTHER]`: score a run, an adapter export, a merged export or a model folder.
+
+Everything is read and checked before a model loads: the recipe (the run's own, or `--recipe`), every eval file,
+both tokenizers. Then each model is loaded once (`finetune.export.generate.load`: a run's stage exactly as trained),
+scored by `finetune.eval.suite.evaluate`, and the result is printed as a table and written as JSON: for a run to
+`<run>/eval/<stage>.json`, with the report (`<run>/report/`) redrawn to show it.
+
+Forgetting compares with the base model: a run or adapter is its own base with the adapter disabled; a merged export
+or a model folder is compared with the recipe's base model, loaded plainly. `--against` scores the other model side
+by side and measures the mean KL(other || target) per token on the general text, refused (with the reason, the rest
+still compared) when the two tokenizers differ.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finetune.errors import FinetuneError
+from finetune.recipe.schema import Recipe, StageConfig, load_recipe
+
+
+@dataclass
+class Target:
+    """What one side of `ft eval` is: its path, the run it belongs to (if any), and its stage."""
+
+    path: Path
+    run_dir: Path | None = None
+    stage: str | None = None
+    recipe: Recipe | None = None
+
+
+@dataclass
+class EvalResult:
+    """The figures of the target (and of `--against`), their comparison, and where the JSON went."""
+
+    target: dict[str, Any]
+    against: dict[str, Any] | None = None
+    comparison: dict[str, Any] = field(default_factory=dict)
+    stage: str = ""
+    written: Path | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage, "target": self.target, "against": self.against, "comparison": self.comparison}
+
+
+def _target(path: Path, stage: str | None) -> Target:
+    from finetune.export.generate import _run_folder
+    from finetune.export.runstage import open_run
+
+    if not path.exists():
+        raise FinetuneError(f"{path} does not exist; pass a run folder, an adapter or merged export, or a model folder")
+    run = _run_folder(path)
+    if run is None:
+        if not ((path / "adapter_config.json").exists() or (path / "config.json").exists()):
+            raise FinetuneError(f"{path} holds neither a run (recipe.yaml), an adapter nor a model (config.json)")
+        return Target(path)
+    opened = open_run(run[0], stage or run[1])
+    return Target(path, opened.run_dir, opened.stage.name, opened.recipe)
+
+
+def _recipe_stage(target: Target, other: Target | None, recipe_path: Path | None,
+                  stage: str | None) -> tuple[Recipe, StageConfig]:
+    if recipe_path is not None:
+        recipe = load_recipe(recipe_path, [])
+    else:
+        recipe = next((t.recipe for t in (target, other) if t is not None and t.recipe is not None), None)
+        if recipe is None:
+            raise FinetuneError(f"{target.path} is not a run folder: give --recipe RECIPE, whose data.eval, "
+                                "data.task_eval and eval section say what to evaluate on")
+    name = stage or next((t.stage for t in (target, other) if t is not None and t.stage), None)
+    stages = recipe.effective_stages()
+    chosen = next((s for s in stages if s.name == name), stages[-1] if name is None else None)
+    if chosen is None:
+        raise FinetuneError(f"the recipe has no stage '{name}' (stages: {', '.join(s.name for s in stages)})")
+    return recipe, chosen
+
+
+def _tokenizer(target: Target):
+    from transformers import AutoTokenizer
+
+    from finetune.export.runstage import open_run
+    from finetune.model.loading import ensure_pad_token
+
+    source = open_run(target.run_dir, target.stage).tokenizer_dir if target.run_dir else target.path
+    tok = AutoTokenizer.from_pretrained(str(source))
+    ensure_pad_token(tok)
+    return tok
+
+
+def tokenizer_difference(a, b) -> str | None:
+    """Why two tokenizers cannot be compared token by token, or None when they share the vocabulary."""
+    va, vb = a.get_vocab(), b.get_vocab()
+    if va == vb:
+        return None
+    only = sorted(set(va) ^ set(vb))[:3]
+    moved = [t for t in va if t in vb and va[t] != vb[t]][:3]
+    detail = f"tokens in one only: {only}" if only else f"same tokens, other ids: {moved}"
+    return f"the tokenizers differ ({len(va)} vs {len(vb)} tokens; {detail}); the KL comparison needs one vocabulary"
+
+
+def _base_forward(loaded, recipe: Recipe, target: Target):
+    """The base model's logits function for forgetting (see the module docstring), or None for the base itself."""
+    from finetune.eval import scoring
+
+    off = scoring.adapter_off(loaded.model)
+    if off is not None:
+        return off, "adapter disabled"
+    base = recipe.model.name_or_path
+    if Path(base).resolve() == target.path.resolve():
+        return None, "the target is the base model"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    why = tokenizer_difference(loaded.tokenizer, AutoTokenizer.from_pretrained(base))
+    if why is None and loaded.model.get_output_embeddings().weight.shape[0] != _vocab_rows(base):
+        why = "the base model's vocabulary size differs"
+    if why:
+        return None, f"no forgetting figures against the base model {base}: {why}"
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+    return scoring.forward(model.eval()), f"base model {base}"
+
+
+def _vocab_rows(path: str) -> int | None:
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(path), "vocab_size", None)
+
+
+def _score(target: Target, recipe: Recipe, stage: StageConfig, suite, say) -> tuple[Any, dict]:
+    from finetune.data.templates import apply_template
+    from finetune.eval.suite import evaluate
+    from finetune.export.generate import load
+
+    started = time.perf_counter()
+    loaded = load(target.path, stage=target.stage if target.run_dir and target.path == target.run_dir else None)
+    say(f"# {loaded.description} (loaded in {time.perf_counter() - started:.1f} s)")
+    template = apply_template(loaded.tokenizer, recipe.stage_data(stage))
+    base, base_note = _base_forward(loaded, recipe, target)
+    figures = evaluate(loaded.model, loaded.tokenizer, template, suite, base=base, say=say)
+    figures["model"] = loaded.description
+    figures["forgetting_base"] = base_note
+    figures["seconds"]["total"] = round(time.perf_counter() - started, 2)
+    return loaded, figures
+
+
+def evaluate_target(path: str | Path, against: str | Path | None = None, recipe: str | Path | None = None,
+                    stage: str | None = None, say=print) -> EvalResult:
+    """Score TARGET (and OTHER side by side); write `<run>/eval/<stage>.json` and the report for a run target."""
+    from finetune.eval import scoring
+    from finetune.eval.suite import general_samples, load_suite
+
+    target = _target(Path(path), stage)
+    other = _target(Path(against), None) if against is not None else None
+    recipe_obj, stage_cfg = _recipe_stage(target, other, Path(recipe) if recipe else None, stage)
+    suite = load_suite(recipe_obj, stage_cfg)  # every file checked before any model loads
+    why_not_kl = tokenizer_difference(_tokenizer(target), _tokenizer(other)) if other is not None else None
+    if why_not_kl:
+        say(f"note: --against: {why_not_kl}; the other figures are still compared")
+    loaded, figures = _score(target, recipe_obj, stage_cfg, suite, say)
+    result = EvalResult(target={"path": str(target.path), **figures}, stage=stage_cfg.name)
+    if other is not None:
+        other_loaded, other_figures = _score(other, recipe_obj, stage_cfg, suite, say)
+        result.against = {"path": str(other.path), **other_figures}
+        if why_not_kl:
+            result.comparison = {"kl_refused": why_not_kl}
+        elif suite.general:
+            result.comparison = scoring.compare(scoring.forward(loaded.model), scoring.forward(other_loaded.model),
+                                                general_samples(loaded.tokenizer, suite), loaded.tokenizer.pad_token_id)
+            result.comparison["file"] = suite.general_path
+    if target.run_dir is not None:
+        from finetune.run.files import write_json_atomic
+        from finetune.run.report import write_report
+
+        result.written = target.run_dir / "eval" / f"{stage_cfg.name}.json"
+        result.written.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(result.written, result.as_dict())
+        write_report(target.run_dir)
+    return result
