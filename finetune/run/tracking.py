@@ -71,7 +71,17 @@ def open_tracker(recipe, run_dir: Path) -> Tracker:
         raise FinetuneError("tracking.wandb is set but wandb is not installed: pip install wandb") from None
     state_path = Path(run_dir) / "tracking.json"
     state = read_json(state_path, {})
-    run = wandb.init(
+    argv, sys.argv = sys.argv, [sys.argv[0], *redact(sys.argv[1:])]  # W&B records the command line as run metadata
+    try:
+        run = _wandb_init(wandb, recipe, cfg, run_dir, state)
+    finally:
+        sys.argv = argv
+    write_json_atomic(state_path, {**state, "wandb_id": run.id})
+    return Tracker(run)
+
+
+def _wandb_init(wandb, recipe, cfg, run_dir: Path, state: dict[str, Any]):
+    return wandb.init(
         project=redact_text(cfg.project),
         entity=redact_text(cfg.entity) if cfg.entity else None,
         name=redact_text(cfg.name or recipe.name),
@@ -82,8 +92,6 @@ def open_tracker(recipe, run_dir: Path) -> Tracker:
         resume="allow",
         config=redact(recipe.model_dump(mode="json")),
     )
-    write_json_atomic(state_path, {**state, "wandb_id": run.id})
-    return Tracker(run)
 
 
 def tensorboard_writer_class():

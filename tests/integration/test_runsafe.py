@@ -150,3 +150,22 @@ def test_a_disk_too_small_for_the_checkpoints_is_refused_before_the_first_step(t
     result = train_here(str(write_recipe(tmp_path, tiny_model, addition_data["train"])))
     assert result.exit_code == 1 and "not enough free disk" in result.output and "3 checkpoint(s)" in result.output
     assert not (tmp_path / "runs" / "run" / "metrics.jsonl").exists()
+
+
+def test_an_offline_wandb_run_holds_no_token_from_the_recipe_or_the_command_line(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from finetune.recipe.schema import validate_data
+    from finetune.run.tracking import open_tracker
+
+    hexkey, hf, wb = "0123abcd" * 5, "hf_" + "aB3" * 12, "wandb_v1_" + "Qw7" * 12
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr("sys.argv", ["ft", "train", "r.yaml", "--set", f"tracking.wandb.tags=[{hexkey}]",
+                                     "--set", f"tracking.wandb.name=x-{hf}"])
+    recipe = validate_data({"data": {"train": [{"path": "d.jsonl"}]}, "tracking": {"wandb": {
+        "mode": "offline", "tags": [wb, hexkey], "name": f"x-{hf}"}}}, "recipe")
+    open_tracker(recipe, tmp_path).finish()
+    files = [p for p in (tmp_path / "wandb").rglob("*") if p.is_file()]
+    assert any(p.suffix == ".wandb" for p in files)
+    for path in files:
+        data = path.read_bytes()
+        assert not any(token.encode() in data for token in (hexkey, hf, wb)), path
