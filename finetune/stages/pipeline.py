@@ -9,7 +9,7 @@ Run folder layout:
     <stage>/checkpoints/ resumable checkpoint-N folders, each complete or absent (finetune.run.checkpoints)
     summary.json         status (running, finished, interrupted, failed) and every stage's metrics
     manifest.json        lineage: recipe hash, data hashes, base model, versions, commit, seeds, hardware
-    .lock                held by the `ft train` writing the folder (finetune.run.listing)
+    .lock                held by the `ft train` writing the folder, removed when it ends (finetune.run.lock)
     wandb/, tensorboard/ tracker files when the recipe asks for them; report/ after `ft report`
 """
 
