@@ -180,8 +180,10 @@ def make_atomic(trainer, loss_base: float = 0.0) -> None:
                 f"the checkpoint was not written to {built} as expected; this transformers version saves checkpoints "
                 "differently from the one finetune was tested with"
             )
-        losses = loss_base + trainer._total_loss_scalar + float(trainer._tr_loss.item())
-        (built / STATE).write_text(json.dumps({"files": _checksums(built), "loss_sum": losses}), encoding="utf-8")
+        state = {"files": _checksums(built)}
+        if hasattr(trainer, "_total_loss_scalar") and hasattr(trainer, "_tr_loss"):  # else: no sum, HF's train_loss
+            state["loss_sum"] = loss_base + trainer._total_loss_scalar + float(trainer._tr_loss.item())
+        (built / STATE).write_text(json.dumps(state), encoding="utf-8")
         _fsync_tree(built)
         final = root / name
         if final.exists():  # the same step saved by an earlier attempt: replace it
