@@ -50,6 +50,8 @@ def train(
     from_stage: str | None = None,
     nproc: int | None = None,
     resume: bool = False,
+    resume_from: str | None = None,
+    allow_changed_data: bool = False,
 ) -> RunResult:
     """Run every stage of a recipe into its run folder, exactly as `ft train` does, and return the run.
 
@@ -60,7 +62,9 @@ def train(
         from_stage: rerun from this stage on, even if it finished.
         nproc: train data-parallel in this many processes (`ft train --nproc`). They print to the terminal that
             started Python (in Jupyter: the server's console), not to the notebook.
-        resume: continue the run's unfinished stage from its last checkpoint (`ft train --resume`).
+        resume: continue the run's unfinished stage from its last intact checkpoint (`ft train --resume`).
+        resume_from: resume from this checkpoint of the unfinished stage (`checkpoint-N` or its path); implies resume.
+        allow_changed_data: resume although the data files or the base model changed since the run started.
 
     Returns:
         The run: `run_dir`, `stages` (each stage's summary: adapter folder and metrics), `adapter()`, `metrics()`.
@@ -88,11 +92,13 @@ def train(
         loaded.output.overwrite = overwrite
     if problems := check_recipe_paths(loaded):
         raise RecipeError(str(recipe_path or "recipe"), problems)
-    return run_recipe(loaded, recipe_path=recipe_path, from_stage=from_stage, resume=resume, nproc=nproc)
+    return run_recipe(loaded, recipe_path=recipe_path, from_stage=from_stage, resume=resume, nproc=nproc,
+                      resume_from=resume_from, allow_changed_data=allow_changed_data)
 
 
 def run_recipe(recipe: Recipe, *, recipe_path: str | Path | None = None, from_stage: str | None = None,
-               resume: bool = False, nproc: int | None = None, launch_args: list[str] | None = None) -> RunResult:
+               resume: bool = False, nproc: int | None = None, launch_args: list[str] | None = None,
+               resume_from: str | None = None, allow_changed_data: bool = False) -> RunResult:
     """The one orchestration behind `ft train` and `train()`, on a recipe already loaded and checked.
 
     With `nproc` > 1 it starts that many processes, each running `ft launch_args` (default: `ft train` on the resolved
@@ -104,9 +110,12 @@ def run_recipe(recipe: Recipe, *, recipe_path: str | Path | None = None, from_st
     from finetune.stages.pipeline import run_pipeline
 
     if nproc is not None and nproc > 1:
-        return _train_in_processes(recipe, nproc, from_stage, resume, launch_args)
+        extra = (["--resume-from", resume_from] if resume_from else []) + (
+            ["--allow-changed-data"] if allow_changed_data else [])
+        return _train_in_processes(recipe, nproc, from_stage, resume, launch_args, extra)
     silence_other_processes()
-    run = run_pipeline(recipe, recipe_path=recipe_path, from_stage=from_stage, resume=resume)
+    run = run_pipeline(recipe, recipe_path=recipe_path, from_stage=from_stage, resume=resume,
+                       allow_changed_data=allow_changed_data, resume_from=resume_from)
     if recipe.hub.repo_id and is_main_process():
         from finetune.export.hub import upload_run
 
@@ -115,7 +124,7 @@ def run_recipe(recipe: Recipe, *, recipe_path: str | Path | None = None, from_st
 
 
 def _train_in_processes(recipe: Recipe, nproc: int, from_stage: str | None, resume: bool,
-                        launch_args: list[str] | None) -> RunResult:
+                        launch_args: list[str] | None, extra: list[str]) -> RunResult:
     """`ft train --nproc N`: checked once here, then the same command runs in each process; the run is read back."""
     from finetune.distributed.launch import relaunch
     from finetune.distributed.plan import environment_problems
@@ -132,6 +141,6 @@ def _train_in_processes(recipe: Recipe, nproc: int, from_stage: str | None, resu
         path = Path(tmp) / f"{recipe.name}.yaml"
         path.write_text(dump_recipe(recipe), encoding="utf-8")
         args = ["train", str(path)] + (["--from-stage", from_stage] if from_stage else [])
-        args += ["--resume"] if resume else []
+        args += (["--resume"] if resume else []) + extra
         relaunch(nproc, args + (["--overwrite"] if recipe.output.overwrite else []))
     return RunResult.from_dir(recipe.output_dir())

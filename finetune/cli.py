@@ -40,7 +40,7 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 @contextmanager
 def _user_errors() -> Iterator[None]:
     """A FinetuneError ends the command with its message and exit code 1 (128 + signal when interrupted), not a
-    traceback. In a multi-process run every process reports its own failure, so the message says which one speaks."""
+    traceback. With several processes each reports its own failure, saying which it is."""
     try:
         yield
     except FinetuneError as e:
@@ -63,10 +63,8 @@ def _load(recipe_path: Path, overrides: list[str] | None, check_paths: bool = Tr
         recipe = load_recipe(recipe_path, overrides or [])
     except RecipeError as e:
         raise _fail(str(e)) from None
-    if check_paths:
-        problems = check_recipe_paths(recipe)
-        if problems:
-            raise _fail(str(RecipeError(str(recipe_path), problems)))
+    if check_paths and (problems := check_recipe_paths(recipe)):
+        raise _fail(str(RecipeError(str(recipe_path), problems)))
     return recipe
 
 
@@ -102,6 +100,8 @@ def train(
     nproc: Annotated[int | None, typer.Option(
         min=1, help="Train data-parallel in N processes through Accelerate: one per GPU (CPU processes without GPUs)."
     )] = None,
+    resume_from: Annotated[str | None, typer.Option(help="Resume from this checkpoint-N of the stage.")] = None,
+    allow_changed_data: Annotated[bool, typer.Option(help="Resume although data or base model changed.")] = False,
 ) -> None:
     """Run every stage of a recipe (SFT, then DPO if asked) into one run folder."""
     run_folder = recipe if recipe.is_dir() and (recipe / "recipe.yaml").exists() else None
@@ -110,7 +110,7 @@ def train(
     loaded = _load(recipe, set_)
     if run_folder is not None:
         loaded.output.dir = str(run_folder)
-    if overwrite and resume:
+    if overwrite and (resume or resume_from):
         raise _fail("--overwrite starts the run over and --resume continues it: pass one of them")
     if overwrite:
         loaded.output.overwrite = True
@@ -127,7 +127,8 @@ def train(
     try:  # with --nproc: checked once here, then this same command runs in each process
         with _user_errors():
             run_recipe(loaded, recipe_path=recipe, from_stage=from_stage, resume=resume, nproc=nproc,
-                       launch_args=command_line(ctx) if nproc is not None and nproc > 1 else None)
+                       launch_args=command_line(ctx) if nproc is not None and nproc > 1 else None,
+                       resume_from=resume_from, allow_changed_data=allow_changed_data)
     except RecipeError as e:
         raise _fail(str(RecipeError(str(recipe), e.problems))) from None
 
@@ -184,8 +185,7 @@ def push(
     repo_id: Annotated[str, typer.Option(help="Hub repo OWNER/NAME (created if missing).", show_default=False)],
     private: Annotated[bool, typer.Option(
         "--private/--public", help="Visibility of a repo created now (existing repos keep theirs).")] = True,
-    revision: Annotated[str | None, typer.Option(help="Branch to upload to (created if missing; default main).")] = (
-        None),
+    revision: Annotated[str | None, typer.Option(help="Branch to upload to (default main; made if missing).")] = None,
 ) -> None:
     """Upload an export folder to the Hugging Face Hub in one commit. Token: HF_TOKEN or `hf auth login`."""
     from finetune.export.hub import push as push_folder
@@ -280,8 +280,7 @@ def data_preview(
     stage: Annotated[str | None, typer.Option(help="Stage whose data to show (default: the first).")] = None,
     split: Annotated[str, typer.Option(help="train or eval.")] = "train",
     color: Annotated[bool | None, typer.Option(
-        "--color/--no-color",
-        help="Colour trained tokens (default: on a terminal; else they are marked «...»).")] = None,
+        "--color/--no-color", help="Colour trained tokens (default: on a terminal; else marked «...»).")] = None,
     set_: SetOpt = None,
 ) -> None:
     """Show rendered samples with trained tokens marked, token counts, a length histogram and data checks.

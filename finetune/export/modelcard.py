@@ -45,15 +45,19 @@ def public_text(text: str) -> str:
 def _scrub(value: Any) -> Any:
     """A nested structure fit for publishing: secret-shaped values redacted, local paths shortened in every string.
 
-    Values are judged, not key names: names like `max_new_tokens` or `tokens` are not secrets (and the recipe has
-    no field that holds one).
+    The rule is `finetune.run.records.redact`, the same as for manifest.json and W&B: credential-named keys and
+    token-shaped values (HF, OpenAI, W&B, 40 hex digits outside commit/revision keys) become `<redacted>`.
     """
+    return _short_paths(redact(value))  # the key-aware rule: commits under `commit` / `revision` keys stay
+
+
+def _short_paths(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: _scrub(v) for k, v in value.items()}
+        return {k: _short_paths(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_scrub(v) for v in value]
+        return [_short_paths(v) for v in value]
     if isinstance(value, str):
-        return public_text(public_path(value))
+        return _TOKEN.sub("<redacted>", _EMBEDDED_PATH.sub(r"<local>/\1", public_path(value)))
     return value
 
 

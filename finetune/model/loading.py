@@ -137,3 +137,20 @@ def load_model(recipe: Recipe, training: TrainingConfig | None = None, tokenizer
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+def free_stage_memory() -> None:
+    """Free what a finished stage held: its model, trainer and optimizer state.
+
+    They are unreachable once the stage returns, but not freed: the trainer, its accelerator and callbacks, and the
+    per-instance forward patches (a bound method stored on the module it is bound to) form reference cycles, which
+    only the cycle collector frees, at a time of its choosing. Collected here, and the CUDA allocator's cache handed
+    back, so that the next stage's model does not sit on the GPU beside the last one.
+    """
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

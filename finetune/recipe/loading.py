@@ -52,9 +52,17 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple, int]]:
         data = {}
     if not isinstance(data, dict):
         raise RecipeError(str(path), ["the top level of a recipe must be a mapping of sections (model:, lora:, ...)"])
+    if _expanded_size(data) > MAX_NODES:
+        raise RecipeError(str(path), [
+            f"the YAML expands to over {MAX_NODES:,} values through aliases (&anchor / *alias), far more than any "
+            "recipe needs; write the values out or use fewer nested aliases"])
     lines: dict[tuple, int] = {}
+    seen: set[int] = set()
 
     def walk(n: yaml.Node, prefix: tuple) -> None:
+        if id(n) in seen:  # an aliased node: its lines were recorded where it was defined
+            return
+        seen.add(id(n))
         if isinstance(n, yaml.MappingNode):
             for k, v in n.value:
                 key = prefix + (k.value,)
@@ -68,6 +76,31 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple, int]]:
     if node is not None:
         walk(node, ())
     return data, lines
+
+
+MAX_NODES = 100_000  # values in a recipe once aliases are expanded; real recipes hold a few hundred
+
+
+def _expanded_size(data: Any) -> int:
+    """How many values `data` holds with every alias expanded, counted once per shared object (linear time) and
+    stopping early above MAX_NODES."""
+    sizes: dict[int, int] = {}
+
+    def size(value: Any) -> int:
+        if not isinstance(value, (dict, list)):
+            return 1
+        if id(value) not in sizes:
+            sizes[id(value)] = 0  # a self-referencing alias counts once
+            children = value.values() if isinstance(value, dict) else value
+            total = 1
+            for child in children:
+                total += size(child)
+                if total > MAX_NODES:
+                    break
+            sizes[id(value)] = total
+        return sizes[id(value)]
+
+    return size(data)
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -84,6 +117,8 @@ def _resolve_extends(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str,
     if parent is None:
         return data, lines
     parent_path = (path.parent / str(parent)).resolve()
+    if parent_path.suffix.lower() not in (".yaml", ".yml"):
+        raise RecipeError(str(path), [f"extends: '{parent}' is not a recipe (.yaml or .yml file); it was not read"])
     if parent_path in seen or parent_path == path.resolve():
         raise RecipeError(str(path), [f"extends: '{parent}' leads back to a recipe already being read (a cycle)"])
     if not parent_path.exists():

@@ -258,7 +258,11 @@ class TrainingConfig(Section):
     eval_steps: Annotated[int, Field(ge=1)] | None = None
     """Compute the eval loss every this many steps (None: at the end of the stage only)."""
     save_steps: Annotated[int, Field(ge=1)] | None = None
-    """Write a resumable checkpoint every this many steps (None: none during the stage)."""
+    """Also write a resumable checkpoint every this many steps (None: by time and epoch only, see `save_minutes`)."""
+    save_minutes: Annotated[float, Field(ge=0)] = 30
+    """Write a resumable checkpoint every this many minutes of training (0: none by time). Whatever this says, a
+    checkpoint is also written at the end of each epoch and at the last step, so a killed run loses at most this
+    much training."""
     save_total_limit: Annotated[int, Field(ge=1)] = 2
     """How many of the newest checkpoints to keep."""
     early_stopping: EarlyStoppingConfig | None = None
@@ -560,9 +564,24 @@ def _batch_problems(i: int, stage: StageConfig, recipe: Recipe) -> list[str]:
     return []
 
 
+def _output_dir_problems(template: str) -> list[str]:
+    """`output.dir` may hold `{name}` and nothing else in braces (`runs/{}` would crash formatting)."""
+    import string
+
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        return [f"output.dir: '{template}' is not a valid folder template ({e}); use `{{name}}` for the run name"]
+    bad = [f for f in fields if f != "name"]
+    if bad:
+        return [f"output.dir: '{template}' holds {{{bad[0]}}}; only {{name}} (the run name) can be filled in. "
+                "Write `{{` and `}}` for literal braces"]
+    return []
+
+
 class OutputConfig(Section):
     dir: str = "runs/{name}"
-    """Run folder. `{name}` is replaced by the recipe name."""
+    """Run folder. `{name}` is replaced by the recipe name; no other `{...}` field is allowed."""
     overwrite: bool = False
     """Replace a run folder that already holds a run, finished or not (an unfinished one is otherwise continued with
     `ft train --resume`)."""
@@ -666,7 +685,8 @@ class EvalConfig(Section):
 
 class Recipe(Section):
     name: str = "run"
-    """Name of the run; used in the default output folder and trackers."""
+    """Name of the run; used in the default output folder and trackers. A plain name (letters, digits, `-`, `_`,
+    `.`); choose a folder elsewhere with `output.dir`."""
     extends: str | None = None
     """Path of a recipe this one starts from (resolved against this file's folder); keys here replace its keys."""
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -697,6 +717,10 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _cross_field_rules(self) -> Recipe:
         problems: list[str] = []
+        if not _STAGE_NAME.match(self.name):
+            problems.append(f"name: '{self.name}' must be a plain name (letters, digits, '-', '_', '.'); it names "
+                            "the run folder under runs/. To write the run elsewhere, set output.dir to that path")
+        problems += _output_dir_problems(self.output.dir)
         names = [s.name for s in self.stages]
         for dup in sorted({n for n in names if names.count(n) > 1}):
             problems.append(f"stages: the stage name '{dup}' is used more than once; stage names must be unique")

@@ -5,10 +5,18 @@ A crash half-way leaves a folder with the right name and half the files, and `ge
 Here each checkpoint is built under `checkpoints/.staging/`, flushed to disk, and renamed to `checkpoints/checkpoint-N`
 in one step; only then are checkpoints beyond `training.save_total_limit` removed (oldest first). A `checkpoint-N`
 folder is therefore always complete, and the previous one survives any crash while the next is being written.
+
+Each checkpoint also holds `finetune_state.json`: the sha256 of every file in it (so that a checkpoint damaged later,
+on disk or by hand, is noticed before resuming and the previous one is used) and the sum of the training losses up
+to its step (so that a resumed stage reports the mean loss over all its steps, not over the resumed ones). That sum
+reads two private Trainer attributes, `_total_loss_scalar` and `_tr_loss` (transformers 5.x; tested with the pinned
+version by tests/integration/test_runsafe.py).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -18,6 +26,7 @@ from finetune.errors import FinetuneError
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STAGING = ".staging"
+STATE = "finetune_state.json"
 
 
 def checkpoint_step(path: Path) -> int:
@@ -74,6 +83,56 @@ def _remove(folder: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def tidy(root: Path) -> None:
+    """Remove what interrupted writes and rotations left under `root` (`.staging/`, `.trash-checkpoint-N/`)."""
+    root = Path(root)
+    if root.is_dir():
+        for child in root.iterdir():
+            if child.is_dir() and child.name.startswith((STAGING, ".trash-")):
+                shutil.rmtree(child, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _checksums(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): _sha256(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != STATE}
+
+
+def verify(folder: Path) -> str | None:
+    """What is wrong with a checkpoint folder (a file missing or changed since it was written), or None."""
+    folder = Path(folder)
+    if not (folder / "trainer_state.json").is_file():
+        return "trainer_state.json is missing"
+    try:
+        recorded = json.loads((folder / STATE).read_text(encoding="utf-8"))["files"]
+    except FileNotFoundError:
+        return None  # written before checksums were recorded: nothing to compare with
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{STATE} is unreadable"
+    for name, digest in recorded.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _sha256(path) != digest:
+            return f"{name} does not match the checksum recorded when it was written"
+    return None
+
+
+def loss_sum(folder: Path) -> float | None:
+    """The sum of the per-step training losses up to a checkpoint's step, when it was recorded."""
+    try:
+        return float(json.loads((Path(folder) / STATE).read_text(encoding="utf-8"))["loss_sum"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def rotate(root: Path, keep: int) -> None:
     """Keep the `keep` newest checkpoints under `root`."""
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
@@ -89,12 +148,14 @@ def clear(root: Path) -> None:
                 shutil.rmtree(child)
 
 
-def make_atomic(trainer) -> None:
+def make_atomic(trainer, loss_base: float = 0.0) -> None:
     """Make this trainer instance write every checkpoint under a temporary name and rename it when complete.
 
     The trainer's own `_save_checkpoint` does the writing (so the folder stays exactly what
-    `train(resume_from_checkpoint=...)` reads); only the folder it writes into is redirected to the staging area.
-    Multi-process runs keep transformers' own behaviour: every rank writes into the same folder.
+    `train(resume_from_checkpoint=...)` reads); only the folder it writes into is redirected to the staging area,
+    and `finetune_state.json` (checksums, loss sum) is added. `loss_base`: the loss sum of the checkpoint this
+    training call resumed from. Multi-process runs keep transformers' own behaviour: every rank writes into the same
+    folder.
     """
     if getattr(trainer.args, "world_size", 1) > 1:
         return
@@ -119,6 +180,10 @@ def make_atomic(trainer) -> None:
                 f"the checkpoint was not written to {built} as expected; this transformers version saves checkpoints "
                 "differently from the one finetune was tested with"
             )
+        state = {"files": _checksums(built)}
+        if hasattr(trainer, "_total_loss_scalar") and hasattr(trainer, "_tr_loss"):  # else: no sum, HF's train_loss
+            state["loss_sum"] = loss_base + trainer._total_loss_scalar + float(trainer._tr_loss.item())
+        (built / STATE).write_text(json.dumps(state), encoding="utf-8")
         _fsync_tree(built)
         final = root / name
         if final.exists():  # the same step saved by an earlier attempt: replace it
@@ -129,6 +194,27 @@ def make_atomic(trainer) -> None:
         rotate(root, keep)
 
     trainer._save_checkpoint = save_checkpoint
+
+
+def schedule_text(training, steps_per_epoch: int | None = None, max_steps: int | None = None) -> str:
+    """When checkpoints are written, in words: `every 30 min of training, at the end of each epoch (every 125
+    steps) and at the last step (250); the newest 2 are kept`."""
+    when = [f"every {training.save_minutes:g} min of training"] if training.save_minutes else []
+    when += [f"every {training.save_steps} steps"] if training.save_steps else []
+    epoch = f" (every {steps_per_epoch} steps)" if steps_per_epoch else ""
+    last = f" ({max_steps})" if max_steps else ""
+    return (", ".join(when + [f"at the end of each epoch{epoch}"]) + f" and at the last step{last}; the newest "
+            f"{training.save_total_limit} are kept")
+
+
+def next_checkpoint_step(training, step: int, steps_per_epoch: int | None, max_steps: int) -> int:
+    """The step of the next checkpoint not driven by the clock (steps, epoch end or the last step) after `step`."""
+    candidates = [max_steps]
+    if training.save_steps:
+        candidates.append((step // training.save_steps + 1) * training.save_steps)
+    if steps_per_epoch:
+        candidates.append((step // steps_per_epoch + 1) * steps_per_epoch)
+    return min(candidates)
 
 
 def checkpoint_bytes(trainable_params: int, optimizer: str) -> int:

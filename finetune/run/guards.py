@@ -1,4 +1,7 @@
-"""Trainer callbacks that stop a run well: on Ctrl-C / SIGTERM, and on a NaN or infinite loss.
+"""Trainer callbacks that keep and stop a run well: checkpoints by default, on Ctrl-C / SIGTERM, on a NaN loss.
+
+- `SaveSchedule`: a checkpoint every `training.save_minutes` of training, at the end of each epoch and at the last
+  step (so finished training is on disk before any evaluation), besides `training.save_steps`.
 
 - `StopOnSignal`: the first SIGINT or SIGTERM lets the current optimizer step finish, then asks the trainer to save
   a checkpoint and stop. A second one stops at once (KeyboardInterrupt for Ctrl-C, the default action for SIGTERM).
@@ -11,8 +14,10 @@ from __future__ import annotations
 import math
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timedelta
 
 import torch
 from transformers import TrainerCallback
@@ -23,6 +28,50 @@ from finetune.errors import FinetuneError
 
 class TrainingDiverged(FinetuneError):
     """The loss or the gradients became NaN or infinite."""
+
+
+class SaveSchedule(TrainerCallback):
+    """Asks the trainer for a checkpoint by the clock, at each epoch end and at the last step; says when the next
+    one comes as training starts."""
+
+    def __init__(self, stage: str, training):
+        self.stage = stage
+        self.training = training
+        self.seconds = training.save_minutes * 60
+        self.last = time.monotonic()
+        self.saved_step = -1
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        from finetune.run.checkpoints import next_checkpoint_step, schedule_text
+
+        self.last = time.monotonic()
+        per_epoch = None
+        if train_dataloader is not None and hasattr(train_dataloader, "__len__"):
+            per_epoch = max(1, len(train_dataloader) // max(1, args.gradient_accumulation_steps))
+        if not state.is_world_process_zero:
+            return
+        step = next_checkpoint_step(self.training, state.global_step, per_epoch, state.max_steps)
+        by = ""
+        if self.seconds:
+            at = (datetime.now().astimezone() + timedelta(seconds=self.seconds)).strftime("%H:%M")
+            by = f" or at {at}, whichever comes first"
+        print(f"[{self.stage}] checkpoints {schedule_text(self.training, per_epoch, state.max_steps)}; the next at "
+              f"step {step}{by}", flush=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        due = bool(self.seconds) and time.monotonic() - self.last >= self.seconds
+        if any_process(due) or state.global_step >= state.max_steps:  # every process must agree to save
+            control.should_save = True
+        return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if state.global_step != self.saved_step:
+            control.should_save = True
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        self.last = time.monotonic()
+        self.saved_step = state.global_step
 
 
 class StopOnSignal(TrainerCallback):
@@ -113,7 +162,9 @@ def divergence_message(stage: str, error: NonFinite, checkpoint: str | None, res
     if checkpoint:
         where = f"Last good checkpoint: {checkpoint} (continue from it with `{resume_command}` once fixed)."
     else:
-        where = "No checkpoint was written before it (set training.save_steps to keep some)."
+        from finetune.run.checkpoints import schedule_text
+
+        where = f"No checkpoint had been written before it (checkpoints come {schedule_text(training)})."
     causes = [
         f"learning rate too high (training.learning_rate is {training.learning_rate:g}; try 2-10x lower, or warmup)",
         "fp16 overflow (use precision: bf16 on a GPU that has it)" if training.precision == "fp16" else None,

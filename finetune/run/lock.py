@@ -1,4 +1,9 @@
-"""The run folder's lock: one `ft train` writes a run folder at a time; the OS drops the lock with the process."""
+"""The run folder's lock: one `ft train` writes a run folder at a time; the OS drops the lock with the process.
+
+The holder deletes `.lock` when it is done, while still holding it. A process that opened the file just before
+that finds, once it gets the lock, that the path no longer leads to the file it locked, and tries again on the new
+file; so a removed lock file never lets two writers in. Only a killed process leaves its (unlocked) file behind.
+"""
 
 from __future__ import annotations
 
@@ -30,14 +35,18 @@ class RunLock:
         except ImportError:  # Windows: no advisory locks; one writer per folder is then up to the user
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = self.path.open("a+")
-        try:
-            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.file.close()
-            self.file = None
-            raise FinetuneError(f"{self.path.parent} is in use by another `ft train` (pid {lock_pid(self.path.parent)})"
-                                ) from None
+        while True:
+            self.file = self.path.open("a+")
+            try:
+                fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                self.file.close()
+                self.file = None
+                raise FinetuneError(f"{self.path.parent} is in use by another `ft train` (pid "
+                                    f"{lock_pid(self.path.parent)}); wait for it or stop it first") from None
+            if _same_file(self.file, self.path):
+                break
+            self.file.close()  # the holder removed the file we locked as it finished: lock the current one
         self.file.seek(0)
         self.file.truncate()
         self.file.write(str(os.getpid()))
@@ -45,10 +54,20 @@ class RunLock:
         return self
 
     def release(self) -> None:
-        """Drop the lock (closing the file releases the flock)."""
+        """Remove the lock file and drop the lock (closing the file releases the flock)."""
         if self.file is not None:
+            if _same_file(self.file, self.path):
+                self.path.unlink(missing_ok=True)
             self.file.close()
             self.file = None
+
+
+def _same_file(file, path: Path) -> bool:
+    """Whether `path` still names the open `file` (and not a newer file, or nothing)."""
+    try:
+        return os.path.samestat(os.fstat(file.fileno()), os.stat(path))
+    except OSError:
+        return False
 
 
 def is_locked(run_dir: Path) -> bool:
@@ -60,7 +79,11 @@ def is_locked(run_dir: Path) -> bool:
         import fcntl
     except ImportError:
         return False
-    with path.open("a+") as f:
+    try:
+        f = path.open("r")  # never creates one: asking must not leave a lock file behind
+    except OSError:  # removed by its holder meanwhile
+        return False
+    with f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

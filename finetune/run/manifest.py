@@ -21,6 +21,7 @@ from typing import Any
 from finetune.distributed.process import is_main_process
 from finetune.recipe.schema import Recipe
 from finetune.run.files import read_json, write_json_atomic
+from finetune.run.folder import written_entries
 from finetune.run.records import redact
 
 MANIFEST = "manifest.json"
@@ -174,20 +175,49 @@ def build_manifest(recipe: Recipe, recipe_path: str | Path | None = None) -> dic
         "code": code_record(),
         "hardware": hardware(),
         "command": [Path(sys.argv[0]).name, *redact(sys.argv[1:])],
+        "written": written_entries([s.name for s in recipe.effective_stages()]),  # what --overwrite may delete
     }
 
 
-def write_manifest(recipe: Recipe, run_dir: Path, recipe_path: str | Path | None = None) -> dict[str, Any]:
-    """Write `<run>/manifest.json` (main process only). A resumed run keeps its creation time and lists its resumes."""
-    manifest = build_manifest(recipe, recipe_path)
+def write_manifest(recipe: Recipe, run_dir: Path, recipe_path: str | Path | None = None,
+                   manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write `<run>/manifest.json` (main process only); `manifest`: one already built for this run.
+
+    A run written again (resumed, or rerun from a stage) keeps its creation time, lists its resumes, and keeps each
+    earlier manifest under `history`, so the hashes the run started with are never lost.
+    """
+    manifest = manifest or build_manifest(recipe, recipe_path)
     if not is_main_process():
         return manifest
     old = read_json(Path(run_dir) / MANIFEST, None)
-    if old and old.get("recipe", {}).get("sha256") == manifest["recipe"]["sha256"]:
-        manifest["resumed"] = [*old.get("resumed", []), manifest["created"]]
-        manifest["created"] = old.get("created", manifest["created"])
+    if old:
+        manifest["history"] = [*old.get("history", []), {k: v for k, v in old.items() if k != "history"}]
+        if old.get("recipe", {}).get("sha256") == manifest["recipe"]["sha256"]:
+            manifest["resumed"] = [*old.get("resumed", []), manifest["created"]]
+            manifest["created"] = old.get("created", manifest["created"])
     write_json_atomic(Path(run_dir) / MANIFEST, manifest)
     return manifest
+
+
+def input_changes(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
+    """How the data files and the base model of `new` differ from those a run's manifest `old` recorded."""
+    if not old:
+        return []
+    out = []
+    before = {d.get("key") or d.get("path"): d for d in old.get("data", [])}
+    for d in new.get("data", []):
+        was = before.get(d.get("key") or d.get("path"))
+        if was is None or "sha256" not in was:
+            continue
+        if d.get("sha256") != was["sha256"]:
+            now = f"{d.get('bytes', 0):,} bytes, sha256 {str(d.get('sha256'))[:12]}" if "sha256" in d else "missing"
+            out.append(f"data {d['path']} ({d.get('key')}) changed: it was {was.get('bytes', 0):,} bytes, sha256 "
+                       f"{was['sha256'][:12]}; now {now}")
+    model_was, model_now = old.get("base_model", {}), new.get("base_model", {})
+    for key in ("name_or_path", "revision", "hub_commit", "files_sha256", "weights"):
+        if key in model_was and model_was.get(key) != model_now.get(key):
+            out.append(f"base model {model_now.get('name_or_path')}: its {key.replace('_', ' ')} changed")
+    return out
 
 
 def read_manifest(run_dir: Path) -> dict[str, Any] | None:

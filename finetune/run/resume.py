@@ -12,7 +12,6 @@ Every stage trains through `guarded_train(trainer, ctx)` instead of `trainer.tra
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,8 @@ from finetune.distributed.process import is_main_process
 from finetune.errors import FinetuneError, RunInterrupted
 from finetune.run import checkpoints
 from finetune.run.files import read_json, write_json_atomic
-from finetune.run.guards import NanGuard, NonFinite, StopOnSignal, TrainingDiverged, catch_signals
+from finetune.run.folder import clear_run, disk_full, remove_temporaries
+from finetune.run.guards import NanGuard, NonFinite, SaveSchedule, StopOnSignal, TrainingDiverged, catch_signals
 from finetune.run.guards import divergence_message as _divergence_message
 from finetune.run.lock import is_locked, lock_pid
 from finetune.run.records import read_metrics, trim_metrics
@@ -89,18 +89,20 @@ def unfinished_stage(run_dir: Path, stage_names: list[str]) -> str | None:
 
 
 def check_run_dir(run_dir: Path, recipe_yaml: str, stage_names: list[str], overwrite: bool, resume: bool,
-                  from_stage: str | None) -> None:
+                  from_stage: str | None, held: bool = False) -> None:
     """The run-folder rules about unfinished runs, applied before anything is written (FinetuneError says what to do).
 
     - the folder must be writable and not in use by another `ft train`;
     - `resume` needs an unfinished run of the same recipe (output section aside);
-    - `overwrite` (without `resume`) starts an unfinished run over: the folder is emptied;
+    - `overwrite` (without `resume`) starts an unfinished run over: what `ft train` wrote is deleted
+      (`finetune.run.folder.clear_run`, which refuses folders that are not runs);
     - an unfinished stage with checkpoints is not restarted silently: `--resume` it or `--overwrite` the run.
     Finished runs (refused without `--overwrite` or `--from-stage`) are handled by `pipeline.prepare_run_dir`.
+    `held`: the caller holds the folder's lock (so the delete cannot race another `ft train`).
     """
     run_dir = Path(run_dir)
     check_writable(run_dir)
-    if is_main_process() and is_locked(run_dir):
+    if is_main_process() and not held and is_locked(run_dir):
         raise FinetuneError(f"{run_dir} is in use by another `ft train` (pid {lock_pid(run_dir)}); wait for it "
                             "or stop it first")
     summary = read_json(run_dir / "summary.json") if (run_dir / "summary.json").exists() else None
@@ -122,7 +124,7 @@ def check_run_dir(run_dir: Path, recipe_yaml: str, stage_names: list[str], overw
             )
         return
     if overwrite:
-        shutil.rmtree(run_dir)
+        clear_run(run_dir)
         return
     stage = unfinished_stage(run_dir, stage_names)
     saved = checkpoints.last_checkpoint(run_dir / stage / "checkpoints") if stage else None
@@ -133,11 +135,28 @@ def check_run_dir(run_dir: Path, recipe_yaml: str, stage_names: list[str], overw
         )
 
 
-def resume_point(stage_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint a stage continues from: its newest complete one when resuming, else None."""
+def resume_point(stage_dir: Path, resume: bool, choose: str | None = None) -> Path | None:
+    """The checkpoint a stage continues from when resuming (else None): `choose` (`checkpoint-N` or a path), or the
+    newest one that is intact; a damaged one is passed over with a notice."""
     if not resume:
         return None
-    found = checkpoints.last_checkpoint(Path(stage_dir) / "checkpoints")
+    stage, root = Path(stage_dir).name, Path(stage_dir) / "checkpoints"
+    found = None
+    if choose is not None:
+        found = Path(choose) if Path(choose).is_dir() else root / Path(choose).name
+        if (not found.is_dir() or found.parent.resolve() != root.resolve()
+                or checkpoints.CHECKPOINT.match(found.name) is None):
+            have = ", ".join(p.name for p in checkpoints.list_checkpoints(root)) or "none"
+            raise FinetuneError(f"--resume-from {choose}: not a checkpoint of stage '{stage}' in {root} (its "
+                                f"checkpoints: {have})")
+        if problem := checkpoints.verify(found):
+            raise FinetuneError(f"--resume-from {choose}: {found} cannot be used: {problem}")
+    for candidate in ([] if found else reversed(checkpoints.list_checkpoints(root))):
+        if (problem := checkpoints.verify(candidate)) is None:
+            found = candidate
+            break
+        print(f"[{stage}] notice: {candidate.name} is damaged ({problem}); trying the checkpoint before it "
+              f"(choose one with --resume-from checkpoint-N)", flush=True)
     if found is not None:
         print(f"[{Path(stage_dir).name}] resuming from {found} (step {checkpoints.checkpoint_step(found)})", flush=True)
     elif Path(stage_dir).exists():  # the stage had started: say why it starts over
@@ -155,7 +174,10 @@ def record_stop(run_dir: Path, summary: dict[str, Any], stage: str, error: BaseE
     summary["status"] = "interrupted" if interrupted else "failed"
     summary["stopped_in"] = stage
     summary["error"] = str(error) or error.__class__.__name__
-    write_json_atomic(Path(run_dir) / "summary.json", summary)
+    try:
+        write_json_atomic(Path(run_dir) / "summary.json", summary)
+    except OSError:  # e.g. the disk is still full: the error itself is what the user must see
+        pass
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -174,7 +196,7 @@ def _run_logger(trainer, ctx) -> RunLogger:
 def _check_disk(trainer, ctx) -> None:
     params = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     each = checkpoints.checkpoint_bytes(params, ctx.training.optimizer)
-    copies = (ctx.training.save_total_limit + 1) if ctx.training.save_steps else 1  # +1: the one being written
+    copies = ctx.training.save_total_limit + 1  # +1: the one being written before the oldest is removed
     what = f"{copies} checkpoint(s) of ~{checkpoints._size(each)} and the adapter"
     checkpoints.check_free_disk(ctx.dir, copies * each + params * 4, what)
 
@@ -197,12 +219,15 @@ def guarded_train(trainer, ctx):
     stage = ctx.stage.name
     root = Path(trainer.args.output_dir)
     resume_from = getattr(ctx, "resume_from", None)
-    checkpoints.make_atomic(trainer)
+    known = checkpoints.loss_sum(resume_from) if resume_from else None  # read now: rotation may remove it
+    loss_base = known or 0.0
+    checkpoints.make_atomic(trainer, loss_base)
     if trainer.is_world_process_zero():
+        checkpoints.tidy(root)  # a staging or trash folder left by a kill
         if resume_from is None:
             checkpoints.clear(root)  # a stage that starts over must not rotate against an earlier attempt's checkpoints
         after = checkpoints.checkpoint_step(resume_from) if resume_from else 0
-        if dropped := trim_metrics(ctx.metrics_path, stage, after):
+        if dropped := trim_metrics(ctx.metrics_path, stage, after, ends=resume_from is not None):
             print(f"[{stage}] dropped {dropped} metrics row(s) of an earlier attempt logged after step {after}")
     _check_disk(trainer, ctx)
 
@@ -216,6 +241,7 @@ def guarded_train(trainer, ctx):
         logger.token_base = counts[-1] if counts else None
     if ctx.recipe.tracking.tensorboard:
         logger.tensorboard_dir = ctx.run_dir / "tensorboard" / stage
+    trainer.add_callback(SaveSchedule(stage, ctx.training))
     stopper = StopOnSignal(stage)
     trainer.add_callback(stopper)
     trainer.add_callback(NanGuard())
@@ -237,4 +263,19 @@ def guarded_train(trainer, ctx):
             f"Continue with: {resume_command(ctx.run_dir)}",
             exit_code=128 + stopper.signum,
         )
+    if known is not None:  # the mean over every step of the stage, not over the resumed ones
+        total = loss_base + trainer._total_loss_scalar  # this call's steps (private: see finetune.run.checkpoints)
+        result = result._replace(training_loss=total / max(trainer.state.global_step, 1))
     return result
+
+
+def stop_message(error: BaseException, run_dir: Path, stage: str) -> str | None:
+    """One line for a full disk (temporaries removed, the last good checkpoint named), or None for other errors."""
+    full = disk_full(error)
+    if full is None:
+        return None
+    remove_temporaries(run_dir)
+    last = checkpoints.last_checkpoint(run_dir / stage / "checkpoints")
+    what = getattr(full, "filename", None) or f"stage '{stage}' files"
+    return (f"[{stage}] disk full while writing {what}; last good checkpoint: {last or 'none'}. Free some space and "
+            f"continue with `{resume_command(run_dir)}`")

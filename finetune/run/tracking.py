@@ -5,8 +5,8 @@ shows a progress bar with step, loss, tokens/s and ETA: a widget in notebooks, a
 The same rows go to the run's `Tracker` (one Weights & Biases run per run folder, every stage's metrics under
 `<stage>/`) and to TensorBoard event files under `<run>/tensorboard/<stage>/`.
 
-Only numbers are logged. The recipe sent to W&B as its config goes through `redact` first, so a value that looks
-like a credential (a key named *token*, *secret*, *password* or *api_key*, or an `hf_...` token) never leaves.
+Only numbers are logged. The recipe sent to W&B as its config, and the run's name, tags and entity, go through
+`redact` first (finetune.run.records), so a value that looks like a credential never leaves.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 from finetune.distributed.process import is_main_process
 from finetune.errors import FinetuneError
 from finetune.run.files import read_json, write_json_atomic
-from finetune.run.records import read_metrics, redact, trim_metrics  # noqa: F401  (re-exported)
+from finetune.run.records import read_metrics, redact, redact_text, trim_metrics  # noqa: F401  (re-exported)
 
 
 def _fmt(value: float) -> str:
@@ -79,19 +79,27 @@ def open_tracker(recipe, run_dir: Path) -> Tracker:
         raise FinetuneError("tracking.wandb is set but wandb is not installed: pip install wandb") from None
     state_path = Path(run_dir) / "tracking.json"
     state = read_json(state_path, {})
-    run = wandb.init(
-        project=cfg.project,
-        entity=cfg.entity,
-        name=cfg.name or recipe.name,
-        tags=list(cfg.tags),
+    argv, sys.argv = sys.argv, [sys.argv[0], *redact(sys.argv[1:])]  # W&B records the command line as run metadata
+    try:
+        run = _wandb_init(wandb, recipe, cfg, run_dir, state)
+    finally:
+        sys.argv = argv
+    write_json_atomic(state_path, {**state, "wandb_id": run.id})
+    return Tracker(run)
+
+
+def _wandb_init(wandb, recipe, cfg, run_dir: Path, state: dict[str, Any]):
+    return wandb.init(
+        project=redact_text(cfg.project),
+        entity=redact_text(cfg.entity) if cfg.entity else None,
+        name=redact_text(cfg.name or recipe.name),
+        tags=[redact_text(t) for t in cfg.tags],
         mode=cfg.mode,
         dir=str(run_dir),
         id=state.get("wandb_id"),
         resume="allow",
         config=redact(recipe.model_dump(mode="json")),
     )
-    write_json_atomic(state_path, {**state, "wandb_id": run.id})
-    return Tracker(run)
 
 
 def tensorboard_writer_class():

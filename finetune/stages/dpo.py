@@ -27,6 +27,7 @@ from finetune.model.loading import load_model, load_tokenizer
 from finetune.model.patches import applied, apply_patches
 from finetune.recipe.schema import DPOConfig
 from finetune.run.files import write_dir_atomic
+from finetune.run.records import stage_eval_at_start
 from finetune.run.resume import guarded_train
 from finetune.stages.common import (
     StageContext,
@@ -64,7 +65,10 @@ def run_dpo(ctx: StageContext, tokenizer=None) -> StageResult:
 
     task_rows = load_task_rows(data.task_eval)
     task_before = task_metric(model, tokenizer, task_rows, data.task_eval_max_new_tokens)
-    eval_before = held_out(trainer) if eval_ds is not None else None
+    eval_before = None
+    if eval_ds is not None:  # a resumed stage logged it before its first step already: reuse, not log it twice
+        earlier = stage_eval_at_start(ctx.metrics_path, name) if ctx.resume_from else None
+        eval_before = {k: earlier[k] for k in EVAL_KEYS if k in earlier} if earlier else held_out(trainer)
     if eval_before is not None:
         print(f"[{name}] held-out pairs before training: {_fmt(eval_before)}", flush=True)
 
@@ -76,17 +80,17 @@ def run_dpo(ctx: StageContext, tokenizer=None) -> StageResult:
                                "train_seconds": round(time.perf_counter() - started, 1),
                                "steps": trainer.state.global_step}
     metrics.update(finish_watch(watch_of(trainer), model, tokenizer, ctx))  # keep_best, early stop, forgetting
-    if eval_ds is not None:
-        metrics["eval_before"], metrics["eval_after"] = eval_before, held_out(trainer)
-        print(f"[{name}] held-out pairs after training: {_fmt(metrics['eval_after'])}", flush=True)
 
-    # --- save the policy adapter only (atomically), then measure what generation does now
+    # --- save the policy adapter only (atomically) as soon as training ends, then measure what it does now
     adapter_dir = ctx.dir / "adapter"
     state = gathered_state_dict(trainer)  # FSDP / ZeRO-3: every process takes part in gathering the weights
     if is_main_process():  # several processes hold the same adapter; one writes it
         write_dir_atomic(adapter_dir, lambda tmp: (
             model.save_pretrained(str(tmp), selected_adapters=["default"], state_dict=state),
             tokenizer.save_pretrained(str(tmp))))
+    if eval_ds is not None:
+        metrics["eval_before"], metrics["eval_after"] = eval_before, held_out(trainer)
+        print(f"[{name}] held-out pairs after training: {_fmt(metrics['eval_after'])}", flush=True)
     task_after = task_metric(model, tokenizer, task_rows, data.task_eval_max_new_tokens)
     if task_after is not None:
         metrics["task_before"], metrics["task_after"] = task_before, task_after

@@ -137,8 +137,11 @@ def _stage_plan(recipe: Recipe, stage: StageConfig, tokenizer, model, say) -> di
     plan["memory"] = memory.total
     plan["memory_parts"] = memory
     say(f"  memory for {sequences} x {seq_len} tokens per micro batch (estimate): {memory.line()}")
-    if training.save_steps:
-        say(f"  checkpoints: every {training.save_steps} steps, newest {training.save_total_limit} kept")
+    from finetune.run.checkpoints import next_checkpoint_step, schedule_text
+
+    first = next_checkpoint_step(training, 0, per_epoch, steps)
+    clock = f" or after {training.save_minutes:g} min of training, whichever is first" if training.save_minutes else ""
+    say(f"  checkpoints: {schedule_text(training, per_epoch, steps)}; the first at step {first}{clock}")
     return plan
 
 
@@ -201,6 +204,9 @@ def dry_run(recipe: Recipe, say=print) -> dict[str, Any]:
                  (recipe.stage_training(s).save_total_limit + 1) for s in stages)
     disk_free = shutil.disk_usage(_existing(recipe.output_dir())).free
     say(f"disk: checkpoints need up to {_gb(needed)}, {_gb(disk_free)} free")
+    if disk_free < needed * 1.1:  # `ft train` refuses this before its first step (finetune.run.checkpoints)
+        say("warning: not enough free disk for the checkpoints; `ft train` will refuse to start. Free some space, "
+            "point output.dir at a larger disk, or lower training.save_total_limit")
     failed = [name for name, p in plans.items() if not p["ok"]]
     if failed:
         raise FinetuneError(f"data checks failed for stage(s) {', '.join(failed)} (see FAIL above)")

@@ -9,13 +9,12 @@ Run folder layout:
     <stage>/checkpoints/ resumable checkpoint-N folders, each complete or absent (finetune.run.checkpoints)
     summary.json         status (running, finished, interrupted, failed) and every stage's metrics
     manifest.json        lineage: recipe hash, data hashes, base model, versions, commit, seeds, hardware
-    .lock                held by the `ft train` writing the folder (finetune.run.listing)
+    .lock                held by the `ft train` writing the folder, removed when it ends (finetune.run.lock)
     wandb/, tensorboard/ tracker files when the recipe asks for them; report/ after `ft report`
 """
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,12 +22,14 @@ from typing import Any
 
 from finetune.distributed.process import is_main_process, wait_for_everyone
 from finetune.errors import FinetuneError
+from finetune.model.loading import free_stage_memory
 from finetune.recipe.loading import dump_recipe
 from finetune.recipe.schema import Recipe, StageConfig
 from finetune.run.files import read_json, write_json_atomic, write_text_atomic
+from finetune.run.folder import clear_run
 from finetune.run.lock import RunLock
-from finetune.run.manifest import write_manifest
-from finetune.run.resume import check_run_dir, record_stop, resume_point
+from finetune.run.manifest import build_manifest, input_changes, read_manifest, write_manifest
+from finetune.run.resume import check_run_dir, check_writable, record_stop, resume_point, stop_message
 from finetune.run.tracking import Tracker, open_tracker
 from finetune.stages.common import StageContext, StageResult
 
@@ -110,15 +111,16 @@ def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") ->
     return out
 
 
-def prepare_run_dir(recipe: Recipe, from_stage: str | None = None, resume: bool = False) -> Path:
+def prepare_run_dir(recipe: Recipe, from_stage: str | None = None, resume: bool = False, held: bool = False) -> Path:
     """Create the run folder, refusing to replace a finished run unless the recipe says overwrite.
 
     With `from_stage`, a finished run is reopened: the stages before it are kept, it and the ones after run again.
-    Unfinished runs (resume, checkpoints, locks) follow `finetune.run.resume.check_run_dir`.
+    Unfinished runs (resume, checkpoints, locks) follow `finetune.run.resume.check_run_dir`; `held`: the caller holds
+    the folder's lock, so that an overwrite cannot race another `ft train`.
     """
     run_dir = recipe.output_dir()
     check_run_dir(run_dir, dump_recipe(recipe), [s.name for s in recipe.effective_stages()],
-                  overwrite=recipe.output.overwrite, resume=resume, from_stage=from_stage)
+                  overwrite=recipe.output.overwrite, resume=resume, from_stage=from_stage, held=held)
     summary = read_json(run_dir / "summary.json", {})
     if summary.get("status") == "finished" and (recipe.output.overwrite or from_stage is None):
         if not recipe.output.overwrite:
@@ -126,28 +128,71 @@ def prepare_run_dir(recipe: Recipe, from_stage: str | None = None, resume: bool 
                 f"{run_dir} already holds a finished run. Pass --from-stage NAME to rerun from a stage, --overwrite "
                 "(or output.overwrite: true) to replace the whole run, or change output.dir / name."
             )
-        shutil.rmtree(run_dir)
+        clear_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
+def _open_run_dir(recipe: Recipe, from_stage: str | None, resume: bool) -> tuple[Path, RunLock]:
+    """Lock the run folder first, then apply the run-folder rules (and any delete) under that lock."""
+    run_dir = recipe.output_dir()
+    check_writable(run_dir)
+    fresh = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run_dir).acquire()  # one writer per run folder; released by the OS on kill -9
+    try:
+        prepare_run_dir(recipe, from_stage, resume, held=True)
+    except BaseException:
+        lock.release()
+        if fresh and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # refused before anything was written: leave no empty folder
+        raise
+    return run_dir, lock
+
+
+def _check_inputs(recipe: Recipe, run_dir: Path, recipe_path, resume: bool, allow_changed_data: bool) -> dict:
+    """The run's manifest; a resume whose data or base model changed since the run started is refused."""
+    manifest = build_manifest(recipe, recipe_path)
+    changes = input_changes(read_manifest(run_dir), manifest) if resume else []
+    if changes and not allow_changed_data:
+        raise FinetuneError(f"--resume: {run_dir} started on other inputs: {'; '.join(changes)}. Restore them, or "
+                            "add --allow-changed-data to continue on the new ones (manifest.json keeps both).")
+    for change in changes:
+        print(f"[resume] warning: {change}; continuing as --allow-changed-data asks", flush=True)
+    return manifest
+
+
 def run_pipeline(recipe: Recipe, recipe_path: str | Path | None = None, from_stage: str | None = None,
-                 resume: bool = False) -> RunResult:
+                 resume: bool = False, allow_changed_data: bool = False, resume_from: str | None = None) -> RunResult:
     """Run every unfinished stage of the recipe; finished stages in the same run folder are skipped.
 
-    With `resume`, the unfinished stage continues from its last checkpoint (see finetune.run.resume).
+    With `resume`, the unfinished stage continues from its last intact checkpoint (or `resume_from`, which implies
+    `resume`); a resume on changed data or base model is refused unless `allow_changed_data` (finetune.run.resume).
     """
+    resume = resume or resume_from is not None
     stages = recipe.effective_stages()
     names = [s.name for s in stages]
     if from_stage is not None and from_stage not in names:
         raise FinetuneError(f"--from-stage {from_stage}: the recipe has no such stage (stages: {', '.join(names)})")
     main = is_main_process()  # with several processes only the main one writes the run folder
-    run_dir = prepare_run_dir(recipe, from_stage, resume) if main else recipe.output_dir()
+    run_dir, lock = _open_run_dir(recipe, from_stage, resume) if main else (recipe.output_dir(), None)
+    try:
+        return _run_stages(recipe, stages, run_dir, recipe_path, from_stage, resume, allow_changed_data,
+                           resume_from)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_stages(recipe: Recipe, stages: list[StageConfig], run_dir: Path, recipe_path, from_stage, resume: bool,
+                allow_changed_data: bool, resume_from: str | None) -> RunResult:
+    main = is_main_process()
+    if main:
+        manifest = _check_inputs(recipe, run_dir, recipe_path, resume, allow_changed_data)
     wait_for_everyone()  # the others look into the folder only once the main process has (re)made it
-    lock = RunLock(run_dir).acquire() if main else None  # one writer per run folder; released by the OS on kill -9
     if main:
         write_text_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
-        write_manifest(recipe, run_dir, recipe_path)
+        write_manifest(recipe, run_dir, recipe_path, manifest)
     tracker = open_tracker(recipe, run_dir) if main else Tracker()
     run = RunResult(run_dir=run_dir)
     summary: dict[str, Any] = {"name": recipe.name, "status": "running", "source": str(recipe_path or ""),
@@ -198,7 +243,7 @@ def run_pipeline(recipe: Recipe, recipe_path: str | Path | None = None, from_sta
         else:
             init = Path(stage.init_from)
         ctx = StageContext(recipe=recipe, stage=stage, run_dir=run_dir, init_adapter=init,
-                           resume_from=resume_point(run_dir / stage.name, resume), tracker=tracker)
+                           resume_from=resume_point(run_dir / stage.name, resume, resume_from), tracker=tracker)
         ctx.dir.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         # Seed before the stage builds anything: the fresh adapter's random init is made before the trainer seeds.
@@ -206,12 +251,14 @@ def run_pipeline(recipe: Recipe, recipe_path: str | Path | None = None, from_sta
         try:
             result: StageResult = _stage_runner(stage.kind)(ctx, tokenizer=tokenizer)
         except BaseException as error:  # Ctrl-C, NaN guard, crash: say so in summary.json, close the tracker
+            message = stop_message(error, run_dir, stage.name) if main else None
             if main:
-                record_stop(run_dir, summary, stage.name, error)
+                record_stop(run_dir, summary, stage.name, FinetuneError(message) if message else error)
                 tracker.finish(exit_code=1)
-                lock.release()
+            if message:
+                raise FinetuneError(message) from None
             raise
-        free_stage_memory()  # before the next stage loads its model: one model on the GPU at a time
+        free_stage_memory()  # (model/loading.py) before the next stage loads its model: one model on the GPU at a time
         result.metrics["stage_seconds"] = round(time.perf_counter() - started, 1)
         done = {**asdict(result), "config": stage_settings(recipe, stage)}
         run.stages[stage.name] = done
@@ -226,26 +273,8 @@ def run_pipeline(recipe: Recipe, recipe_path: str | Path | None = None, from_sta
     summary["status"] = "finished"
     write_json_atomic(run_dir / "summary.json", summary)
     tracker.finish()
-    lock.release()
     _print_summary(run)
     return run
-
-
-def free_stage_memory() -> None:
-    """Free what a finished stage held: its model, trainer and optimizer state.
-
-    They are unreachable once the stage returns, but not freed: the trainer, its accelerator and callbacks, and the
-    per-instance forward patches (a bound method stored on the module it is bound to) form reference cycles, which
-    only the cycle collector frees, at a time of its choosing. Collected here, and the CUDA allocator's cache handed
-    back, so that the next stage's model does not sit on the GPU beside the last one.
-    """
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _print_summary(run: RunResult) -> None:

@@ -68,15 +68,16 @@ def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
     metrics = {"train_loss": result.training_loss, "train_seconds": round(train_seconds, 1),
                "steps": trainer.state.global_step}
     metrics.update(finish_watch(watch_of(trainer), model, tokenizer, ctx))  # keep_best, early stop, forgetting
-    if eval_ds is not None:
-        metrics.update({k: v for k, v in trainer.evaluate().items() if k == "eval_loss"})
 
-    # --- save (atomically: a crash leaves no half-written adapter) and measure
+    # --- save (atomically: a crash leaves no half-written adapter) as soon as training ends, then measure; training
+    # is also in the last-step checkpoint, so an interrupted evaluation resumes at the evaluation
     adapter_dir = ctx.dir / "adapter"
     state = gathered_state_dict(trainer)  # FSDP / ZeRO-3: every process takes part in gathering the weights
     if is_main_process():  # several processes hold the same adapter; one writes it
         write_dir_atomic(adapter_dir, lambda tmp: (model.save_pretrained(str(tmp), state_dict=state),
                                                    tokenizer.save_pretrained(str(tmp))))
+    if eval_ds is not None:
+        metrics.update({k: v for k, v in trainer.evaluate().items() if k == "eval_loss"})
     after = task_metric(model, tokenizer, task_rows, data.task_eval_max_new_tokens)
     if after is not None:
         metrics["task_before"], metrics["task_after"] = before, after
