@@ -17,6 +17,7 @@ from finetune.errors import FinetuneError
 from finetune.recipe.schema import DataConfig, DatasetSource
 
 PROGRESS_FROM = 5000  # show a progress bar when tokenizing at least this many samples
+NO_ANSWER = "no assistant turn, so nothing to train on (add the answer, or remove these rows)"
 
 
 @dataclass
@@ -33,6 +34,7 @@ class DataReport:
     dropped_fully_masked: int = 0
     assistant_turns: int = 0
     turns_without_eot: int = 0
+    turns_cut: int = 0  # assistant turns whose trained end-of-turn token was cut off by truncation
     tokens: int = 0
     trained_tokens: int = 0
     template: str = ""
@@ -164,13 +166,19 @@ def _tokenize(data: DataConfig, tokenizer: Any, template: TemplateInfo, examples
         except EncodeError as e:
             problems.setdefault(id(table), formats.Problems(table)).add(str(e), i)
             continue
+        if "messages" in ex and data.train_on != "all" and not sample.assistant_turns:
+            problems.setdefault(id(table), formats.Problems(table)).add(NO_ANSWER, i)
+            continue
         report.assistant_turns += sample.assistant_turns
         report.turns_without_eot += sample.turns_without_eot
         fitted = fit_length(sample, data.max_length, data.length_policy)
         if fitted is None:
             report.dropped_too_long += 1
             continue
-        report.truncated += fitted is not sample
+        if fitted is not sample:
+            report.truncated += 1
+            if template.end_of_turn_id is not None:
+                report.turns_cut += sample.labels[data.max_length :].count(template.end_of_turn_id)
         if all(t == IGNORE for t in fitted.labels):
             report.dropped_fully_masked += 1
             continue
@@ -179,7 +187,7 @@ def _tokenize(data: DataConfig, tokenizer: Any, template: TemplateInfo, examples
         report.tokens += len(fitted.input_ids)
         report.trained_tokens += sum(t != IGNORE for t in fitted.labels)
     for p in problems.values():
-        p.raise_if_any("rows the chat template cannot encode")
+        p.raise_if_any("rows that cannot be trained on")
     if not ids:
         raise FinetuneError(
             f"data ({split}): all {len(examples)} samples were dropped ({report.dropped_too_long} longer than "

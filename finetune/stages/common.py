@@ -178,3 +178,15 @@ def build_stage_trainer(trainer_cls: Any, ctx: StageContext, model, config, toke
 
         set_peft_model_state_dict(trainer.model, load_peft_weights(str(ctx.init_adapter)), adapter_name="default")
     return trainer
+
+
+def final_evaluation(trainer) -> dict[str, float]:
+    """The held-out metrics after training (`eval_*` keys): the evaluation the trainer already ran at the last step
+    (when `eval_steps` divides the step count), or a new one. Evaluating twice would cost time and log a second row."""
+    step = trainer.state.global_step
+    for entry in reversed(trainer.state.log_history):
+        if entry.get("step") != step:
+            break
+        if "eval_loss" in entry:
+            return {k: v for k, v in entry.items() if k.startswith("eval_")}
+    return trainer.evaluate()

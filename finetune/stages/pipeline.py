@@ -31,6 +31,7 @@ from finetune.run.manifest import write_manifest
 from finetune.run.resume import check_run_dir, record_stop, resume_point
 from finetune.run.tracking import Tracker, open_tracker
 from finetune.stages.common import StageContext, StageResult
+from finetune.stages.preflight import refuse_finished_run
 
 
 @dataclass
@@ -109,11 +110,7 @@ def prepare_run_dir(recipe: Recipe, from_stage: str | None = None, resume: bool 
                   overwrite=recipe.output.overwrite, resume=resume, from_stage=from_stage)
     summary = read_json(run_dir / "summary.json", {})
     if summary.get("status") == "finished" and (recipe.output.overwrite or from_stage is None):
-        if not recipe.output.overwrite:
-            raise FinetuneError(
-                f"{run_dir} already holds a finished run. Pass --from-stage NAME to rerun from a stage, --overwrite "
-                "(or output.overwrite: true) to replace the whole run, or change output.dir / name."
-            )
+        refuse_finished_run(recipe, from_stage)
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
@@ -148,67 +145,22 @@ def run_pipeline(recipe: Recipe, recipe_path: str | Path | None = None, from_sta
         if (warning := hub_warning(recipe)) is not None:
             print(f"[hub] warning: {warning}", flush=True)
 
-    from transformers import set_seed
-
-    from finetune.data.templates import apply_template
-    from finetune.model.loading import load_tokenizer
-
-    tokenizer = load_tokenizer(recipe.model)
-    apply_template(tokenizer, recipe.stage_data(stages[0]))  # the saved tokenizer carries the template trained with
-    if main:
-        tokenizer.save_pretrained(str(run_dir / "tokenizer"))
-    previous: Path | None = None
-    rerun = False
-    for index, stage in enumerate(stages):
-        stage_summary = run_dir / stage.name / "summary.json"
-        rerun = rerun or stage.name == from_stage
-        if stage_summary.exists() and not rerun:
-            done = read_json(stage_summary)
-            print(f"[{stage.name}] already finished in {run_dir}; skipping (use --from-stage {stage.name} to rerun)")
-            changed = _changed_keys(done.get("config", {}), stage_settings(recipe, stage))
-            if changed:
-                print(f"[{stage.name}] note: it finished with different settings ({'; '.join(changed[:5])}); its "
-                      f"adapter is reused as it is. Use --from-stage {stage.name} to retrain it.", flush=True)
-            # The adapter where it is now, not the path recorded in the summary: the run folder may have been moved.
-            adapter = run_dir / stage.name / "adapter"
-            if not (adapter / "adapter_config.json").exists():
-                raise FinetuneError(f"stage '{stage.name}' is marked finished in {run_dir} but {adapter} holds no "
-                                    f"adapter; rerun it with --from-stage {stage.name}")
-            done["adapter"] = str(adapter)
-            run.stages[stage.name] = done
-            summary["stages"][stage.name] = done
-            previous = adapter
-            continue
-        if stage.init_from == "previous":
-            init = previous
-        elif stage.init_from == "new":
-            init = None
-        else:
-            init = Path(stage.init_from)
-        ctx = StageContext(recipe=recipe, stage=stage, index=index, run_dir=run_dir, init_adapter=init,
-                           previous_adapter=previous, resume_from=resume_point(run_dir / stage.name, resume),
-                           tracker=tracker)
-        ctx.dir.mkdir(parents=True, exist_ok=True)
-        started = time.perf_counter()
-        # Seed before the stage builds anything: the fresh adapter's random init is made before the trainer seeds.
-        set_seed(ctx.training.seed)
-        try:
-            result: StageResult = _stage_runner(stage.kind)(ctx, tokenizer=tokenizer)
-        except BaseException as error:  # Ctrl-C, NaN guard, crash: say so in summary.json, close the tracker
-            if main:
-                record_stop(run_dir, summary, stage.name, error)
-                tracker.finish(exit_code=1)
-                lock.release()
-            raise
-        result.metrics["stage_seconds"] = round(time.perf_counter() - started, 1)
-        done = {**asdict(result), "config": stage_settings(recipe, stage)}
-        run.stages[stage.name] = done
-        summary["stages"][stage.name] = done
+    current = "preflight"  # where a failure is recorded: every failure of a run leaves its reason for `ft runs`
+    try:
+        tokenizer, to_run = _preflight(recipe, run_dir, stages, from_stage)
+        previous: Path | None = None
+        for index, stage in enumerate(stages):
+            if stage not in to_run:
+                previous = _reuse_finished(recipe, stage, run_dir, run, summary)
+                continue
+            current = stage.name
+            previous = _run_stage(recipe, stage, index, run_dir, previous, resume, tracker, tokenizer, run, summary)
+    except BaseException as error:  # Ctrl-C, NaN guard, bad data, crash: say so in summary.json, close the tracker
         if main:
-            write_json_atomic(stage_summary, done)
-            write_json_atomic(run_dir / "summary.json", summary)
-        wait_for_everyone()  # the next stage may load this stage's adapter, saved by the main process
-        previous = Path(result.adapter)
+            record_stop(run_dir, summary, current, error)
+            tracker.finish(exit_code=1)
+            lock.release()
+        raise
     if not main:
         return run
     summary["status"] = "finished"
@@ -217,6 +169,77 @@ def run_pipeline(recipe: Recipe, recipe_path: str | Path | None = None, from_sta
     lock.release()
     _print_summary(run)
     return run
+
+
+def _preflight(recipe: Recipe, run_dir: Path, stages: list[StageConfig], from_stage: str | None):
+    """The tokenizer (saved into the run folder) and the stages to train, after every one of them had its data
+    tokenized and checked: bad data in a later stage is refused now, not after the earlier stages trained."""
+    import copy
+
+    from finetune.data.templates import apply_template
+    from finetune.model.loading import load_tokenizer
+    from finetune.stages.preflight import check_stage_data
+
+    to_run: list[StageConfig] = []
+    rerun = False
+    for stage in stages:
+        rerun = rerun or stage.name == from_stage
+        if rerun or not (run_dir / stage.name / "summary.json").exists():
+            to_run.append(stage)
+    tokenizer = load_tokenizer(recipe.model)
+    if problems := check_stage_data(recipe, copy.deepcopy(tokenizer), to_run):
+        raise FinetuneError("the data was checked before training and nothing was trained:\n"
+                            + "\n".join(f"  - {p}" for p in problems))
+    apply_template(tokenizer, recipe.stage_data(stages[0]))  # the saved tokenizer carries the template trained with
+    if is_main_process():
+        tokenizer.save_pretrained(str(run_dir / "tokenizer"))
+    return tokenizer, to_run
+
+
+def _reuse_finished(recipe: Recipe, stage: StageConfig, run_dir: Path, run: RunResult,
+                    summary: dict[str, Any]) -> Path:
+    """A stage that finished in this run folder before: its adapter, reused as it is."""
+    done = read_json(run_dir / stage.name / "summary.json")
+    print(f"[{stage.name}] already finished in {run_dir}; skipping (use --from-stage {stage.name} to rerun)")
+    changed = _changed_keys(done.get("config", {}), stage_settings(recipe, stage))
+    if changed:
+        print(f"[{stage.name}] note: it finished with different settings ({'; '.join(changed[:5])}); its "
+              f"adapter is reused as it is. Use --from-stage {stage.name} to retrain it.", flush=True)
+    # The adapter where it is now, not the path recorded in the summary: the run folder may have been moved.
+    adapter = run_dir / stage.name / "adapter"
+    if not (adapter / "adapter_config.json").exists():
+        raise FinetuneError(f"stage '{stage.name}' is marked finished in {run_dir} but {adapter} holds no "
+                            f"adapter; rerun it with --from-stage {stage.name}")
+    done["adapter"] = str(adapter)
+    run.stages[stage.name] = done
+    summary["stages"][stage.name] = done
+    return adapter
+
+
+def _run_stage(recipe: Recipe, stage: StageConfig, index: int, run_dir: Path, previous: Path | None, resume: bool,
+               tracker: Tracker, tokenizer: Any, run: RunResult, summary: dict[str, Any]) -> Path:
+    """Train one stage, record its summary, and return its adapter folder."""
+    from transformers import set_seed
+
+    main = is_main_process()
+    init = {"previous": previous, "new": None}.get(stage.init_from, Path(stage.init_from))
+    ctx = StageContext(recipe=recipe, stage=stage, index=index, run_dir=run_dir, init_adapter=init,
+                       previous_adapter=previous, resume_from=resume_point(run_dir / stage.name, resume),
+                       tracker=tracker)
+    ctx.dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    # Seed before the stage builds anything: the fresh adapter's random init is made before the trainer seeds.
+    set_seed(ctx.training.seed)
+    result: StageResult = _stage_runner(stage.kind)(ctx, tokenizer=tokenizer)
+    result.metrics["stage_seconds"] = round(time.perf_counter() - started, 1)
+    done = {**asdict(result), "config": stage_settings(recipe, stage)}
+    run.stages[stage.name] = done
+    summary["stages"][stage.name] = done
+    if main:
+        write_json_atomic(run_dir / stage.name / "summary.json", done)
+        write_json_atomic(run_dir / "summary.json", summary)
+    wait_for_everyone()  # the next stage may load this stage's adapter, saved by the main process
+    return Path(result.adapter)
 
 
 def _print_summary(run: RunResult) -> None:

@@ -16,6 +16,7 @@ from finetune.stages.common import (
     StageContext,
     StageResult,
     build_stage_trainer,
+    final_evaluation,
     load_task_rows,
     padding_free_batches,
     task_metric,
@@ -73,7 +74,7 @@ def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
     metrics = {"train_loss": result.training_loss, "train_seconds": round(train_seconds, 1),
                "steps": trainer.state.global_step}
     if eval_ds is not None:
-        metrics.update({k: v for k, v in trainer.evaluate().items() if k == "eval_loss"})
+        metrics.update({k: v for k, v in final_evaluation(trainer).items() if k == "eval_loss"})
 
     # --- save (atomically: a crash leaves no half-written adapter) and measure
     adapter_dir = ctx.dir / "adapter"
