@@ -190,3 +190,14 @@ def final_evaluation(trainer) -> dict[str, float]:
         if "eval_loss" in entry:
             return {k: v for k, v in entry.items() if k.startswith("eval_")}
     return trainer.evaluate()
+
+
+def quiet_library_noise() -> None:
+    """Silence what is not the user's business (keep the rest): transformers' notices that it renamed
+    `gradient_checkpointing` (we pass the name the pinned trl accepts), and bitsandbytes' note that an optional CPU
+    kernel package (`kernels`) is not installed."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing` is deprecated", category=FutureWarning)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

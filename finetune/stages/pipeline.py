@@ -30,7 +30,7 @@ from finetune.run.lock import RunLock
 from finetune.run.manifest import write_manifest
 from finetune.run.resume import check_run_dir, record_stop, resume_point
 from finetune.run.tracking import Tracker, open_tracker
-from finetune.stages.common import StageContext, StageResult
+from finetune.stages.common import StageContext, StageResult, quiet_library_noise
 from finetune.stages.preflight import refuse_finished_run
 
 
@@ -122,6 +122,7 @@ def run_pipeline(recipe: Recipe, recipe_path: str | Path | None = None, from_sta
 
     With `resume`, the unfinished stage continues from its last checkpoint (see finetune.run.resume).
     """
+    quiet_library_noise()
     stages = recipe.effective_stages()
     names = [s.name for s in stages]
     if from_stage is not None and from_stage not in names:

@@ -118,12 +118,15 @@ def test_end_of_turn_check_counts_turns_cut_by_truncation(qwen, files):
     from finetune.recipe.schema import DataConfig, ModelConfig
 
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(qwen)))
-    long_answers = DataConfig(train=[{"path": str(files["sharegpt"])}], max_length=12)
-    template = apply_template(tokenizer, long_answers)
-    prepared = prepare(long_answers, tokenizer, "sft", 0)
-    report = prepared.report
+    template = apply_template(tokenizer, "tokenizer")
+    full = prepare(DataConfig(train=[{"path": str(files["sharegpt"])}], max_length=64), tokenizer, "sft", 0)
+    labels = full.dataset[0]["labels"]
+    eot = labels.index(template.end_of_turn_id)  # cut right before it: the answer stays, its end-of-turn goes
+    assert labels[eot - 1] != -100
+    cut = DataConfig(train=[{"path": str(files["sharegpt"])}], max_length=eot)
+    report = prepare(cut, tokenizer, "sft", 0).report
     assert report.truncated > 0 and report.turns_cut == report.truncated  # one assistant turn per sample, cut
-    [(ok, text)] = [c for c in checks(report, tokenizer, template) if "end-of-turn" in c[1]]
+    [(ok, text)] = [c for c in checks(report, tokenizer, template) if c[1].startswith("end-of-turn")]
     kept = report.assistant_turns - report.turns_cut
     assert ok and f"({kept}/{report.assistant_turns} kept it; {report.turns_cut} more lost it" in text
 
