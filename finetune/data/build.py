@@ -17,6 +17,7 @@ from finetune.errors import FinetuneError
 from finetune.recipe.schema import DataConfig, DatasetSource
 
 PROGRESS_FROM = 5000  # show a progress bar when tokenizing at least this many samples
+ENCODE, UNTRAINABLE = "rows the chat template cannot encode", "rows with nothing to train on"
 NO_ANSWER = "no assistant turn, so nothing to train on (add the answer, or remove these rows)"
 
 
@@ -155,7 +156,7 @@ def _tokenize(data: DataConfig, tokenizer: Any, template: TemplateInfo, examples
     from datasets import Dataset
     from tqdm.auto import tqdm
 
-    problems: dict[int, formats.Problems] = {}
+    problems: dict[tuple[int, str], formats.Problems] = {}  # (table, header) -> its rows
     ids: list[list[int]] = []
     labels: list[list[int]] = []
     for table, i, ex in tqdm(examples, desc=f"data: tokenizing ({split})", disable=len(examples) < PROGRESS_FROM,
@@ -164,10 +165,10 @@ def _tokenize(data: DataConfig, tokenizer: Any, template: TemplateInfo, examples
             sample: Encoded | None = (encode_text(tokenizer, ex["text"]) if "text" in ex
                                       else encode_messages(tokenizer, ex["messages"], data.train_on, template))
         except EncodeError as e:
-            problems.setdefault(id(table), formats.Problems(table)).add(str(e), i)
+            problems.setdefault((id(table), ENCODE), formats.Problems(table)).add(str(e), i)
             continue
         if "messages" in ex and data.train_on != "all" and not sample.assistant_turns:
-            problems.setdefault(id(table), formats.Problems(table)).add(NO_ANSWER, i)
+            problems.setdefault((id(table), UNTRAINABLE), formats.Problems(table)).add(NO_ANSWER, i)
             continue
         report.assistant_turns += sample.assistant_turns
         report.turns_without_eot += sample.turns_without_eot
@@ -186,8 +187,8 @@ def _tokenize(data: DataConfig, tokenizer: Any, template: TemplateInfo, examples
         labels.append(fitted.labels)
         report.tokens += len(fitted.input_ids)
         report.trained_tokens += sum(t != IGNORE for t in fitted.labels)
-    for p in problems.values():
-        p.raise_if_any("rows that cannot be trained on")
+    for (_, header), p in problems.items():
+        p.raise_if_any(header)
     if not ids:
         raise FinetuneError(
             f"data ({split}): all {len(examples)} samples were dropped ({report.dropped_too_long} longer than "
