@@ -108,13 +108,13 @@ def run_recipe(recipe: Recipe, *, recipe_path: str | Path | None = None, from_st
     """
     from finetune.stages.preflight import refuse_finished_run
 
+    if nproc is not None and nproc > 1:
+        return _train_in_processes(recipe, nproc, from_stage, resume, launch_args)
     if not resume:
         refuse_finished_run(recipe, from_stage)  # at once: the pipeline imports torch, which takes seconds
     from finetune.distributed.process import is_main_process, silence_other_processes
     from finetune.stages.pipeline import run_pipeline
 
-    if nproc is not None and nproc > 1:
-        return _train_in_processes(recipe, nproc, from_stage, resume, launch_args)
     silence_other_processes()
     run = run_pipeline(recipe, recipe_path=recipe_path, from_stage=from_stage, resume=resume)
     if recipe.hub.repo_id and is_main_process():
