@@ -73,7 +73,8 @@ def train(
         RecipeError: the recipe is invalid or names files that do not exist (every problem listed).
         FinetuneError: a problem found while running (bad data rows, a finished run in the way...).
     """
-    from finetune.recipe.loading import RecipeError, apply_override
+    from finetune.errors import FinetuneError, in_python_terms
+    from finetune.recipe.loading import RecipeError, apply_override, mark_override
     from finetune.recipe.schema import Recipe, load_recipe, validate_data
     from finetune.stages.preflight import check_recipe_paths
 
@@ -83,17 +84,22 @@ def train(
         loaded = load_recipe(recipe_path, overrides or [])
     elif isinstance(recipe, Recipe):
         data = recipe.model_dump(mode="json", exclude_unset=True)
+        lines: dict[tuple, Any] = {}
         for assignment in overrides or []:
-            apply_override(data, assignment)
-        loaded = validate_data(data, "recipe") if overrides else recipe.model_copy(deep=True)
+            mark_override(lines, apply_override(data, assignment), assignment)
+        loaded = validate_data(data, "recipe", lines) if overrides else recipe.model_copy(deep=True)
     else:
         raise TypeError(f"train() takes a Recipe or the path of a recipe file, not {type(recipe).__name__}")
     if overwrite is not None:
         loaded.output.overwrite = overwrite
     if problems := check_recipe_paths(loaded):
         raise RecipeError(str(recipe_path or "recipe"), problems)
-    return run_recipe(loaded, recipe_path=recipe_path, from_stage=from_stage, resume=resume, nproc=nproc,
-                      resume_from=resume_from, allow_changed_data=allow_changed_data)
+    try:
+        return run_recipe(loaded, recipe_path=recipe_path, from_stage=from_stage, resume=resume, nproc=nproc,
+                          resume_from=resume_from, allow_changed_data=allow_changed_data)
+    except FinetuneError as e:  # the messages name `ft train` flags; here the keyword arguments are what to use
+        e.args = (in_python_terms(str(e)), *e.args[1:])
+        raise
 
 
 def run_recipe(recipe: Recipe, *, recipe_path: str | Path | None = None, from_stage: str | None = None,
@@ -106,13 +112,17 @@ def run_recipe(recipe: Recipe, *, recipe_path: str | Path | None = None, from_st
     when the recipe names `hub.repo_id`, exports the last stage and uploads it (the export stays on disk if the
     upload fails).
     """
-    from finetune.distributed.process import is_main_process, silence_other_processes
-    from finetune.stages.pipeline import run_pipeline
+    from finetune.stages.preflight import refuse_finished_run
 
     if nproc is not None and nproc > 1:
         extra = (["--resume-from", resume_from] if resume_from else []) + (
             ["--allow-changed-data"] if allow_changed_data else [])
         return _train_in_processes(recipe, nproc, from_stage, resume, launch_args, extra)
+    if not resume:
+        refuse_finished_run(recipe, from_stage)  # at once: the pipeline imports torch, which takes seconds
+    from finetune.distributed.process import is_main_process, silence_other_processes
+    from finetune.stages.pipeline import run_pipeline
+
     silence_other_processes()
     run = run_pipeline(recipe, recipe_path=recipe_path, from_stage=from_stage, resume=resume,
                        allow_changed_data=allow_changed_data, resume_from=resume_from)

@@ -79,10 +79,11 @@ def validate(
     Exit code 0 when valid, 2 when not.
     """
     from finetune.recipe.loading import dump_recipe
+    from finetune.stages.preflight import data_checked
 
     resolved = _load(recipe, set_)
     if not quiet:
-        typer.echo(f"# {recipe}: valid. Resolved recipe (every default written out):")
+        typer.echo(f"# {recipe}: valid; {data_checked(resolved)}.\n# Resolved recipe (every default written out):")
         typer.echo(dump_recipe(resolved))
 
 
@@ -112,8 +113,7 @@ def train(
         loaded.output.dir = str(run_folder)
     if overwrite and (resume or resume_from):
         raise _fail("--overwrite starts the run over and --resume continues it: pass one of them")
-    if overwrite:
-        loaded.output.overwrite = True
+    loaded.output.overwrite = loaded.output.overwrite or overwrite
     if dry_run:
         from finetune.stages.dryrun import dry_run as show_plan
 

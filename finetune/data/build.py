@@ -19,6 +19,8 @@ from finetune.recipe.schema import DataConfig, DatasetSource
 # Stage kinds that read the same rows as another: the reference-free pair methods train on DPO's preference pairs.
 DATA_KIND = {"orpo": "dpo", "simpo": "dpo", "cpo": "dpo"}
 PROGRESS_FROM = 5000  # show a progress bar when tokenizing at least this many samples
+ENCODE, UNTRAINABLE = "rows the chat template cannot encode", "rows with nothing to train on"
+NO_ANSWER = "no assistant turn, so nothing to train on (add the answer, or remove these rows)"
 
 
 @dataclass
@@ -35,6 +37,7 @@ class DataReport:
     dropped_fully_masked: int = 0
     assistant_turns: int = 0
     turns_without_eot: int = 0
+    turns_cut: int = 0  # assistant turns whose trained end-of-turn token was cut off by truncation
     tokens: int = 0
     trained_tokens: int = 0
     template: str = ""
@@ -164,7 +167,7 @@ def _tokenize(data: DataConfig, tokenizer: Any, template: TemplateInfo, examples
     from datasets import Dataset
     from tqdm.auto import tqdm
 
-    problems: dict[int, formats.Problems] = {}
+    problems: dict[tuple[int, str], formats.Problems] = {}  # (table, header) -> its rows
     ids: list[list[int]] = []
     labels: list[list[int]] = []
     for table, i, ex in tqdm(examples, desc=f"data: tokenizing ({split})", disable=len(examples) < PROGRESS_FROM,
@@ -173,7 +176,10 @@ def _tokenize(data: DataConfig, tokenizer: Any, template: TemplateInfo, examples
             sample: Encoded | None = (encode_text(tokenizer, ex["text"]) if "text" in ex
                                       else encode_messages(tokenizer, ex["messages"], data.train_on, template))
         except EncodeError as e:
-            problems.setdefault(id(table), formats.Problems(table)).add(str(e), i)
+            problems.setdefault((id(table), ENCODE), formats.Problems(table)).add(str(e), i)
+            continue
+        if "messages" in ex and data.train_on != "all" and not sample.assistant_turns:
+            problems.setdefault((id(table), UNTRAINABLE), formats.Problems(table)).add(NO_ANSWER, i)
             continue
         report.assistant_turns += sample.assistant_turns
         report.turns_without_eot += sample.turns_without_eot
@@ -181,7 +187,10 @@ def _tokenize(data: DataConfig, tokenizer: Any, template: TemplateInfo, examples
         if fitted is None:
             report.dropped_too_long += 1
             continue
-        report.truncated += fitted is not sample
+        if fitted is not sample:
+            report.truncated += 1
+            if template.end_of_turn_id is not None:
+                report.turns_cut += sample.labels[data.max_length :].count(template.end_of_turn_id)
         if all(t == IGNORE for t in fitted.labels):
             report.dropped_fully_masked += 1
             continue
@@ -189,8 +198,8 @@ def _tokenize(data: DataConfig, tokenizer: Any, template: TemplateInfo, examples
         labels.append(fitted.labels)
         report.tokens += len(fitted.input_ids)
         report.trained_tokens += sum(t != IGNORE for t in fitted.labels)
-    for p in problems.values():
-        p.raise_if_any("rows the chat template cannot encode")
+    for (_, header), p in problems.items():
+        p.raise_if_any(header)
     if not ids:
         raise FinetuneError(
             f"data ({split}): all {len(examples)} samples were dropped ({report.dropped_too_long} longer than "

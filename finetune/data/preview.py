@@ -2,7 +2,8 @@
 
 Shows rendered samples with trained tokens marked apart from masked ones (colour on a terminal, «guillemets»
 otherwise), token counts, the share of trained tokens, a length histogram, truncation counts, and checks that fail
-the command: end-of-turn tokens carry labels, pad differs from eos, no sample is fully masked.
+the command: end-of-turn tokens carry labels, pad differs from eos. Rows with no assistant turn are refused
+(naming their lines) when the data is prepared; samples masked entirely by truncation are counted and left out.
 """
 
 from __future__ import annotations
@@ -50,18 +51,20 @@ def checks(report: DataReport, tokenizer: Any, template: TemplateInfo) -> list[t
     """(passed, description) of each explicit check."""
     out = []
     if report.kind == "sft" and report.assistant_turns:
-        bad = report.turns_without_eot
+        bad, cut = report.turns_without_eot, getattr(report, "turns_cut", 0)
+        lost = (f"; {cut} more lost it where truncation cut the turn off (the model does not learn to stop there: "
+                "raise data.max_length or use length_policy: drop)" if cut else "")
         out.append((bad == 0 and template.end_of_turn is not None,
                     f"end-of-turn token {template.end_of_turn or '(none found)'} carries a label in every assistant "
-                    f"turn ({report.assistant_turns - bad}/{report.assistant_turns})"))
+                    f"turn ({report.assistant_turns - bad - cut}/{report.assistant_turns} kept it{lost})"))
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     out.append((pad is not None and pad != eos and pad != template.end_of_turn_id,
                 f"pad token {tokenizer.pad_token} ({pad}) differs from eos {tokenizer.eos_token} ({eos}) and the "
                 "end-of-turn token"))
-    if report.kind == "sft":
+    if report.kind == "sft":  # rows without an assistant turn are refused earlier, naming their lines
         n = report.dropped_fully_masked
-        out.append((n == 0, "no sample is fully masked" if n == 0 else
-                    f"{n} samples had no trained token and were left out (no assistant turn, or cut by max_length)"))
+        out.append((True, "no sample is fully masked" if n == 0 else
+                    f"{n} samples kept no trained token within max_length (the prompt fills it) and were left out"))
     return out
 
 

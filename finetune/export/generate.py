@@ -31,10 +31,17 @@ class Loaded:
 
 
 def _run_folder(path: Path) -> tuple[Path, str | None] | None:
-    """(run folder, stage) when `path` is a run folder or a stage adapter inside one."""
+    """(run folder, stage) when `path` is a run folder or a stage's `adapter/` inside one.
+
+    Told apart by their own files, not by where they sit: an export (`export.json`) stays an export even in
+    `RUN/export/`, where `ft export` puts it by default.
+    """
     if (path / "recipe.yaml").exists():
         return path, None
-    if (path / "adapter_config.json").exists() and (path.parent.parent / "recipe.yaml").exists():
+    if (path / "export.json").exists():
+        return None
+    if path.name == "adapter" and (path / "adapter_config.json").exists() and (path.parent / "summary.json").exists() \
+            and (path.parent.parent / "recipe.yaml").exists():
         return path.parent.parent, path.parent.name
     return None
 

@@ -257,7 +257,7 @@ def render_card(run: RunStage, result: ExportResult, repo_id: str | None = None,
         + f"; stages: {', '.join(f'{s.name} ({s.kind})' for s in run.recipe.effective_stages())}. "
         f"This export holds stage `{result.stage}`.", "",
         "## Use", "", *_usage(result, where, base), "",
-        "## Export", "", *_merge_section(run, result, max_kl), "",
+        "## Export", "", *_merge_section(run, result, max_kl), "", *(f"Note: {note}\n" for note in result.notes),
         "## Data", "", *(_data_lines(run) or ["(none recorded)"]), "",
         "## Training and evaluation metrics", "",
         "| stage | metric | value |", "|---|---|---|", *_stage_rows(run), "",

@@ -84,15 +84,19 @@ def ensure_pad_token(tok) -> None:
     """
     if tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id:
         return
+    was = "none" if tok.pad_token is None else f"{tok.pad_token}, the same as eos"
     for candidate in ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]"):
         tid = tok.convert_tokens_to_ids(candidate)
         if isinstance(tid, int) and tid != tok.unk_token_id and tid != tok.eos_token_id:
             tok.pad_token = candidate
-            return
-    if tok.unk_token_id is not None and tok.unk_token_id != tok.eos_token_id:
-        tok.pad_token = tok.unk_token
-        return
-    tok.add_special_tokens({"pad_token": "<|pad|>"})
+            break
+    else:
+        if tok.unk_token_id is not None and tok.unk_token_id != tok.eos_token_id:
+            tok.pad_token = tok.unk_token
+        else:
+            tok.add_special_tokens({"pad_token": "<|pad|>"})  # a new token: the model's embeddings grow by one
+    print(f"[tokenizer] note: the pad token was {was}; padding with {tok.pad_token} (id {tok.pad_token_id}) instead, "
+          "so that the model still learns to stop (pad positions carry no label)", flush=True)
 
 
 def _fix_bitsandbytes(model) -> None:

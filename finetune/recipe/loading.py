@@ -10,21 +10,19 @@ import difflib
 import re
 import types
 import typing
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from finetune.errors import RecipeError
+from finetune.recipe.overrides import apply_override, mark_override
 
-class RecipeError(Exception):
-    """A recipe that cannot be used. `problems` holds one line per problem."""
+__all__ = ["RecipeError", "apply_override", "dump_recipe", "explain", "mark_override", "read", "validate"]
 
-    def __init__(self, source: str, problems: list[str]):
-        self.source = source
-        self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{source}: {len(problems)} problem(s) in the recipe:\n{lines}")
+VALIDATING: ContextVar[bool] = ContextVar("VALIDATING", default=False)  # `Recipe.__init__` leaves errors to `validate`
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -128,50 +126,6 @@ def _resolve_extends(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str,
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Overrides
-
-
-def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply one `a.b.c=value` override in place. The value is parsed as YAML (`1e-4`, `true`, `[q_proj, v_proj]`).
-
-    A list element is addressed by index (`stages.1.dpo.beta=0.2`) or, for stages, by name (`stages.dpo.dpo.beta`).
-    """
-    if "=" not in assignment:
-        raise RecipeError("--set", [f"'{assignment}' is not KEY=VALUE (example: --set training.learning_rate=1e-4)"])
-    key, raw = assignment.split("=", 1)
-    parts = [p for p in key.strip().split(".") if p]
-    if not parts:
-        raise RecipeError("--set", [f"'{assignment}' has an empty key"])
-    value = yaml.safe_load(raw) if raw.strip() else None
-    node: Any = data
-    for part in parts[:-1]:
-        if isinstance(node, list):
-            node = node[_list_index(node, part, key)]
-            continue
-        if not isinstance(node.get(part), (dict, list)):
-            node[part] = {}
-        node = node[part]
-    last = parts[-1]
-    if isinstance(node, list):
-        node[_list_index(node, last, key)] = value
-    else:
-        node[last] = value
-
-
-def _list_index(items: list[Any], part: str, key: str) -> int:
-    if re.fullmatch(r"-?\d+", part):
-        idx = int(part)
-        if -len(items) <= idx < len(items):
-            return idx
-        raise RecipeError("--set", [f"{key}: index {idx} is out of range (the list has {len(items)} items)"])
-    for idx, item in enumerate(items):
-        if isinstance(item, dict) and item.get("name") == part:
-            return idx
-    names = [it.get("name") for it in items if isinstance(it, dict)]
-    raise RecipeError("--set", [f"{key}: no list item named '{part}' (have: {names})"])
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Validation errors a person can act on
 
 
@@ -240,14 +194,14 @@ def _suggest(given: str, known: list[str]) -> list[str]:
     return [k for k in known if given.startswith(k) or k.startswith(given)][:1]
 
 
-def explain(root: type[BaseModel], err: dict[str, Any], lines: dict[tuple, int]) -> str:
-    """One line for one pydantic error: the YAML path, its line, and what to do (did-you-mean for unknown keys)."""
+def explain(root: type[BaseModel], err: dict[str, Any], lines: dict[tuple, Any]) -> str:
+    """One line for one pydantic error: the YAML path, its line (or `--set` argument), and what to do (did-you-mean)."""
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     # pydantic adds union member names ("str", "list[str]") to locations: drop them for a clean path.
     loc = tuple(p for p in loc if isinstance(p, int) or not re.fullmatch(r"[a-z]+\[.*\]|str|int|float|bool", p))
     path = _dotted(loc) or "(top level)"
     line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
-    at = f" (line {line})" if line else ""
+    at = f" (from {line})" if isinstance(line, str) else (f" (line {line})" if line else "")
     kind = err["type"]
     if kind == "extra_forbidden":
         parent = _model_at(root, loc[:-1])
@@ -271,6 +225,7 @@ def explain(root: type[BaseModel], err: dict[str, Any], lines: dict[tuple, int])
 
 def validate(root: type[BaseModel], data: dict[str, Any], source: str, lines: dict[tuple, int] | None = None):
     """Validate a raw mapping into `root`, turning pydantic's errors into one RecipeError listing all of them."""
+    token = VALIDATING.set(True)
     try:
         return root.model_validate(data)
     except ValidationError as e:
@@ -278,13 +233,15 @@ def validate(root: type[BaseModel], data: dict[str, Any], source: str, lines: di
         for err in e.errors():
             problems.extend(explain(root, err, lines or {}).split("\n"))
         raise RecipeError(source, list(dict.fromkeys(problems))) from None
+    finally:
+        VALIDATING.reset(token)
 
 
 def read(path: str | Path, overrides: list[str] | None = None) -> tuple[dict[str, Any], dict[tuple, int]]:
     """A recipe file as a raw mapping with `extends` resolved and overrides applied, and the line of each key."""
     data, lines = _resolve_extends(Path(path))
     for assignment in overrides or []:
-        apply_override(data, assignment)
+        mark_override(lines, apply_override(data, assignment), assignment)
     return data, lines
 
 

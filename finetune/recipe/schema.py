@@ -714,6 +714,16 @@ class Recipe(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     """Evaluation (`ft eval`, forgetting, samples during training)."""
 
+    def __init__(self, **data: Any) -> None:
+        """`Recipe(model={...}, data={...})` in Python: a wrong key or value raises RecipeError as YAML does."""
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            if loading.VALIDATING.get():  # a recipe file: `loading.validate` words the errors, with their lines
+                raise
+            problems = [line for err in e.errors() for line in loading.explain(Recipe, err, {}).split("\n")]
+            raise loading.RecipeError("Recipe(...)", list(dict.fromkeys(problems))) from None
+
     @model_validator(mode="after")
     def _cross_field_rules(self) -> Recipe:
         problems: list[str] = []

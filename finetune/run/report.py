@@ -9,6 +9,7 @@ The page adds the run's status, each stage's results and the lineage from manife
 from __future__ import annotations
 
 import html
+import re
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,11 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def inline_html(text: str) -> str:
+    """Escaped HTML of a line written in Markdown's inline style: `code` spans become <code> elements."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+
+
 def page(run_dir: Path, rows: list[dict[str, Any]], charts: dict[str, list[tuple[str, str]]]) -> str:
     """The HTML page: status, stage results, lineage, then every chart."""
     from finetune.run.listing import run_info
@@ -155,7 +161,7 @@ def page(run_dir: Path, rows: list[dict[str, Any]], charts: dict[str, list[tuple
         f"{len(rows)} metrics rows</p>",
     ]
     if summary.get("error"):
-        parts.append(f"<p class='error'>{e(summary['error'])}</p>")
+        parts.append(f"<p class='error'>{inline_html(summary['error'])}</p>")
     stage_results = summary.get("stages") or {}
     if stage_results:
         parts.append("<h2>Stages</h2><table><tr><th>stage</th><th>kind</th><th>result</th></tr>")
@@ -172,7 +178,7 @@ def page(run_dir: Path, rows: list[dict[str, Any]], charts: dict[str, list[tuple
         from finetune.run.manifest import lineage_lines
 
         parts.append("<h2>Lineage</h2><ul>")
-        parts += [f"<li>{e(line[2:])}</li>" for line in lineage_lines(manifest)]
+        parts += [f"<li>{inline_html(line[2:])}</li>" for line in lineage_lines(manifest)]
         parts.append("</ul>")
     for stage, made in charts.items():
         parts.append(f"<h2>Stage {e(stage)}</h2><div class='grid'>")

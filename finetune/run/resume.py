@@ -97,7 +97,8 @@ def check_run_dir(run_dir: Path, recipe_yaml: str, stage_names: list[str], overw
     - `overwrite` (without `resume`) starts an unfinished run over: what `ft train` wrote is deleted
       (`finetune.run.folder.clear_run`, which refuses folders that are not runs);
     - an unfinished stage with checkpoints is not restarted silently: `--resume` it or `--overwrite` the run.
-    Finished runs (refused without `--overwrite` or `--from-stage`) are handled by `pipeline.prepare_run_dir`.
+    Finished runs (refused without `--overwrite` or `--from-stage`) are handled by
+    `finetune.run.opening.prepare_run_dir`.
     `held`: the caller holds the folder's lock (so the delete cannot race another `ft train`).
     """
     run_dir = Path(run_dir)

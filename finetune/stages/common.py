@@ -162,3 +162,26 @@ def build_stage_trainer(trainer_cls: Any, ctx: StageContext, model, config, toke
         trainer.add_callback(watch)
     adapters_in_float32(trainer.model, ctx.init_adapter)
     return trainer
+
+
+def final_evaluation(trainer) -> dict[str, float]:
+    """The held-out metrics after training (`eval_*` keys): the evaluation the trainer already ran at the last step
+    (when `eval_steps` divides the step count), or a new one. Evaluating twice would cost time and log a second row."""
+    step = trainer.state.global_step
+    for entry in reversed(trainer.state.log_history):
+        if entry.get("step") != step:
+            break
+        if "eval_loss" in entry:
+            return {k: v for k, v in entry.items() if k.startswith("eval_")}
+    return trainer.evaluate()
+
+
+def quiet_library_noise() -> None:
+    """Silence what is not the user's business (keep the rest): transformers' notices that it renamed
+    `gradient_checkpointing` (we pass the name the pinned trl accepts), and bitsandbytes' note that an optional CPU
+    kernel package (`kernels`) is not installed."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing` is deprecated", category=FutureWarning)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

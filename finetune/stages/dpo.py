@@ -33,6 +33,7 @@ from finetune.stages.common import (
     StageContext,
     StageResult,
     build_stage_trainer,
+    final_evaluation,
     load_task_rows,
     padding_free_batches,
     print_patches,
@@ -89,7 +90,7 @@ def run_dpo(ctx: StageContext, tokenizer=None) -> StageResult:
             model.save_pretrained(str(tmp), selected_adapters=["default"], state_dict=state),
             tokenizer.save_pretrained(str(tmp))))
     if eval_ds is not None:
-        metrics["eval_before"], metrics["eval_after"] = eval_before, held_out(trainer)
+        metrics["eval_before"], metrics["eval_after"] = eval_before, held_out(trainer, after_training=True)
         print(f"[{name}] held-out pairs after training: {_fmt(metrics['eval_after'])}", flush=True)
     task_after = task_metric(model, tokenizer, task_rows, data.task_eval_max_new_tokens)
     if task_after is not None:
@@ -237,9 +238,10 @@ def precompute_reference(trainer) -> None:
         model.delete_adapter(REF)
 
 
-def held_out(trainer) -> dict[str, float]:
-    """Loss and rewards on the held-out pairs (logged to metrics.jsonl by the RunLogger as well)."""
-    out = trainer.evaluate()
+def held_out(trainer, after_training: bool = False) -> dict[str, float]:
+    """Loss and rewards on the held-out pairs (logged to metrics.jsonl by the RunLogger as well); after training, the
+    evaluation of the last step when the trainer already ran it."""
+    out = final_evaluation(trainer) if after_training else trainer.evaluate()
     return {k: out[f"eval_{k}"] for k in EVAL_KEYS if f"eval_{k}" in out}
 
 

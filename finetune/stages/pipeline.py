@@ -26,12 +26,11 @@ from finetune.model.loading import free_stage_memory
 from finetune.recipe.loading import dump_recipe
 from finetune.recipe.schema import Recipe, StageConfig
 from finetune.run.files import read_json, write_json_atomic, write_text_atomic
-from finetune.run.folder import clear_run
-from finetune.run.lock import RunLock
-from finetune.run.manifest import build_manifest, input_changes, read_manifest, write_manifest
-from finetune.run.resume import check_run_dir, check_writable, record_stop, resume_point, stop_message
+from finetune.run.manifest import write_manifest
+from finetune.run.opening import check_inputs, open_run_dir
+from finetune.run.resume import record_stop, resume_point, stop_message
 from finetune.run.tracking import Tracker, open_tracker
-from finetune.stages.common import StageContext, StageResult
+from finetune.stages.common import StageContext, StageResult, quiet_library_noise
 
 
 @dataclass
@@ -111,57 +110,6 @@ def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") ->
     return out
 
 
-def prepare_run_dir(recipe: Recipe, from_stage: str | None = None, resume: bool = False, held: bool = False) -> Path:
-    """Create the run folder, refusing to replace a finished run unless the recipe says overwrite.
-
-    With `from_stage`, a finished run is reopened: the stages before it are kept, it and the ones after run again.
-    Unfinished runs (resume, checkpoints, locks) follow `finetune.run.resume.check_run_dir`; `held`: the caller holds
-    the folder's lock, so that an overwrite cannot race another `ft train`.
-    """
-    run_dir = recipe.output_dir()
-    check_run_dir(run_dir, dump_recipe(recipe), [s.name for s in recipe.effective_stages()],
-                  overwrite=recipe.output.overwrite, resume=resume, from_stage=from_stage, held=held)
-    summary = read_json(run_dir / "summary.json", {})
-    if summary.get("status") == "finished" and (recipe.output.overwrite or from_stage is None):
-        if not recipe.output.overwrite:
-            raise FinetuneError(
-                f"{run_dir} already holds a finished run. Pass --from-stage NAME to rerun from a stage, --overwrite "
-                "(or output.overwrite: true) to replace the whole run, or change output.dir / name."
-            )
-        clear_run(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-def _open_run_dir(recipe: Recipe, from_stage: str | None, resume: bool) -> tuple[Path, RunLock]:
-    """Lock the run folder first, then apply the run-folder rules (and any delete) under that lock."""
-    run_dir = recipe.output_dir()
-    check_writable(run_dir)
-    fresh = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(run_dir).acquire()  # one writer per run folder; released by the OS on kill -9
-    try:
-        prepare_run_dir(recipe, from_stage, resume, held=True)
-    except BaseException:
-        lock.release()
-        if fresh and run_dir.is_dir() and not any(run_dir.iterdir()):
-            run_dir.rmdir()  # refused before anything was written: leave no empty folder
-        raise
-    return run_dir, lock
-
-
-def _check_inputs(recipe: Recipe, run_dir: Path, recipe_path, resume: bool, allow_changed_data: bool) -> dict:
-    """The run's manifest; a resume whose data or base model changed since the run started is refused."""
-    manifest = build_manifest(recipe, recipe_path)
-    changes = input_changes(read_manifest(run_dir), manifest) if resume else []
-    if changes and not allow_changed_data:
-        raise FinetuneError(f"--resume: {run_dir} started on other inputs: {'; '.join(changes)}. Restore them, or "
-                            "add --allow-changed-data to continue on the new ones (manifest.json keeps both).")
-    for change in changes:
-        print(f"[resume] warning: {change}; continuing as --allow-changed-data asks", flush=True)
-    return manifest
-
-
 def run_pipeline(recipe: Recipe, recipe_path: str | Path | None = None, from_stage: str | None = None,
                  resume: bool = False, allow_changed_data: bool = False, resume_from: str | None = None) -> RunResult:
     """Run every unfinished stage of the recipe; finished stages in the same run folder are skipped.
@@ -170,12 +118,13 @@ def run_pipeline(recipe: Recipe, recipe_path: str | Path | None = None, from_sta
     `resume`); a resume on changed data or base model is refused unless `allow_changed_data` (finetune.run.resume).
     """
     resume = resume or resume_from is not None
+    quiet_library_noise()
     stages = recipe.effective_stages()
     names = [s.name for s in stages]
     if from_stage is not None and from_stage not in names:
         raise FinetuneError(f"--from-stage {from_stage}: the recipe has no such stage (stages: {', '.join(names)})")
     main = is_main_process()  # with several processes only the main one writes the run folder
-    run_dir, lock = _open_run_dir(recipe, from_stage, resume) if main else (recipe.output_dir(), None)
+    run_dir, lock = open_run_dir(recipe, from_stage, resume) if main else (recipe.output_dir(), None)
     try:
         return _run_stages(recipe, stages, run_dir, recipe_path, from_stage, resume, allow_changed_data,
                            resume_from)
@@ -188,7 +137,7 @@ def _run_stages(recipe: Recipe, stages: list[StageConfig], run_dir: Path, recipe
                 allow_changed_data: bool, resume_from: str | None) -> RunResult:
     main = is_main_process()
     if main:
-        manifest = _check_inputs(recipe, run_dir, recipe_path, resume, allow_changed_data)
+        manifest = check_inputs(recipe, run_dir, recipe_path, resume, allow_changed_data)
     wait_for_everyone()  # the others look into the folder only once the main process has (re)made it
     if main:
         write_text_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
@@ -205,69 +154,26 @@ def _run_stages(recipe: Recipe, stages: list[StageConfig], run_dir: Path, recipe
         if (warning := hub_warning(recipe)) is not None:
             print(f"[hub] warning: {warning}", flush=True)
 
-    from transformers import set_seed
-
-    from finetune.data.templates import apply_template
-    from finetune.model.loading import load_tokenizer
-
-    tokenizer = load_tokenizer(recipe.model)
-    apply_template(tokenizer, recipe.stage_data(stages[0]))  # the saved tokenizer carries the template trained with
-    if main:
-        tokenizer.save_pretrained(str(run_dir / "tokenizer"))
-    previous: Path | None = None
-    rerun = False
-    for stage in stages:
-        stage_summary = run_dir / stage.name / "summary.json"
-        rerun = rerun or stage.name == from_stage
-        if stage_summary.exists() and not rerun:
-            done = read_json(stage_summary)
-            print(f"[{stage.name}] already finished in {run_dir}; skipping (use --from-stage {stage.name} to rerun)")
-            changed = _changed_keys(done.get("config", {}), stage_settings(recipe, stage))
-            if changed:
-                print(f"[{stage.name}] note: it finished with different settings ({'; '.join(changed[:5])}); its "
-                      f"adapter is reused as it is. Use --from-stage {stage.name} to retrain it.", flush=True)
-            # The adapter where it is now, not the path recorded in the summary: the run folder may have been moved.
-            adapter = run_dir / stage.name / "adapter"
-            if not (adapter / "adapter_config.json").exists():
-                raise FinetuneError(f"stage '{stage.name}' is marked finished in {run_dir} but {adapter} holds no "
-                                    f"adapter; rerun it with --from-stage {stage.name}")
-            done["adapter"] = str(adapter)
-            run.stages[stage.name] = done
-            summary["stages"][stage.name] = done
-            previous = adapter
-            continue
-        if stage.init_from == "previous":
-            init = previous
-        elif stage.init_from == "new":
-            init = None
-        else:
-            init = Path(stage.init_from)
-        ctx = StageContext(recipe=recipe, stage=stage, run_dir=run_dir, init_adapter=init,
-                           resume_from=resume_point(run_dir / stage.name, resume, resume_from), tracker=tracker)
-        ctx.dir.mkdir(parents=True, exist_ok=True)
-        started = time.perf_counter()
-        # Seed before the stage builds anything: the fresh adapter's random init is made before the trainer seeds.
-        set_seed(ctx.training.seed)
-        try:
-            result: StageResult = _stage_runner(stage.kind)(ctx, tokenizer=tokenizer)
-        except BaseException as error:  # Ctrl-C, NaN guard, crash: say so in summary.json, close the tracker
-            message = stop_message(error, run_dir, stage.name) if main else None
-            if main:
-                record_stop(run_dir, summary, stage.name, FinetuneError(message) if message else error)
-                tracker.finish(exit_code=1)
-            if message:
-                raise FinetuneError(message) from None
-            raise
-        free_stage_memory()  # (model/loading.py) before the next stage loads its model: one model on the GPU at a time
-        result.metrics["stage_seconds"] = round(time.perf_counter() - started, 1)
-        done = {**asdict(result), "config": stage_settings(recipe, stage)}
-        run.stages[stage.name] = done
-        summary["stages"][stage.name] = done
+    current = "preflight"  # where a failure is recorded: every failure of a run leaves its reason for `ft runs`
+    try:
+        tokenizer, to_run = _preflight(recipe, run_dir, stages, from_stage)
+        previous: Path | None = None
+        for stage in stages:
+            if stage not in to_run:
+                previous = _reuse_finished(recipe, stage, run_dir, run, summary)
+                continue
+            current = stage.name
+            previous = _run_stage(recipe, stage, run_dir, previous, resume, resume_from, tracker, tokenizer, run,
+                                  summary)
+            free_stage_memory()  # (model/loading.py) before the next stage loads its model: one on the GPU at a time
+    except BaseException as error:  # Ctrl-C, NaN guard, bad data, crash: say so in summary.json, close the tracker
+        message = stop_message(error, run_dir, current) if main else None  # a full disk: one line, no leftovers
         if main:
-            write_json_atomic(stage_summary, done)
-            write_json_atomic(run_dir / "summary.json", summary)
-        wait_for_everyone()  # the next stage may load this stage's adapter, saved by the main process
-        previous = Path(result.adapter)
+            record_stop(run_dir, summary, current, FinetuneError(message) if message else error)
+            tracker.finish(exit_code=1)
+        if message:
+            raise FinetuneError(message) from None
+        raise
     if not main:
         return run
     summary["status"] = "finished"
@@ -275,6 +181,77 @@ def _run_stages(recipe: Recipe, stages: list[StageConfig], run_dir: Path, recipe
     tracker.finish()
     _print_summary(run)
     return run
+
+
+def _preflight(recipe: Recipe, run_dir: Path, stages: list[StageConfig], from_stage: str | None):
+    """The tokenizer (saved into the run folder) and the stages to train, after every one of them had its data
+    tokenized and checked: bad data in a later stage is refused now, not after the earlier stages trained."""
+    import copy
+
+    from finetune.data.templates import apply_template
+    from finetune.model.loading import load_tokenizer
+    from finetune.stages.preflight import check_stage_data
+
+    to_run: list[StageConfig] = []
+    rerun = False
+    for stage in stages:
+        rerun = rerun or stage.name == from_stage
+        if rerun or not (run_dir / stage.name / "summary.json").exists():
+            to_run.append(stage)
+    tokenizer = load_tokenizer(recipe.model)
+    if problems := check_stage_data(recipe, copy.deepcopy(tokenizer), to_run):
+        raise FinetuneError("the data was checked before training and nothing was trained:\n"
+                            + "\n".join(f"  - {p}" for p in problems))
+    apply_template(tokenizer, recipe.stage_data(stages[0]))  # the saved tokenizer carries the template trained with
+    if is_main_process():
+        tokenizer.save_pretrained(str(run_dir / "tokenizer"))
+    return tokenizer, to_run
+
+
+def _reuse_finished(recipe: Recipe, stage: StageConfig, run_dir: Path, run: RunResult,
+                    summary: dict[str, Any]) -> Path:
+    """A stage that finished in this run folder before: its adapter, reused as it is."""
+    done = read_json(run_dir / stage.name / "summary.json")
+    print(f"[{stage.name}] already finished in {run_dir}; skipping (use --from-stage {stage.name} to rerun)")
+    changed = _changed_keys(done.get("config", {}), stage_settings(recipe, stage))
+    if changed:
+        print(f"[{stage.name}] note: it finished with different settings ({'; '.join(changed[:5])}); its "
+              f"adapter is reused as it is. Use --from-stage {stage.name} to retrain it.", flush=True)
+    # The adapter where it is now, not the path recorded in the summary: the run folder may have been moved.
+    adapter = run_dir / stage.name / "adapter"
+    if not (adapter / "adapter_config.json").exists():
+        raise FinetuneError(f"stage '{stage.name}' is marked finished in {run_dir} but {adapter} holds no "
+                            f"adapter; rerun it with --from-stage {stage.name}")
+    done["adapter"] = str(adapter)
+    run.stages[stage.name] = done
+    summary["stages"][stage.name] = done
+    return adapter
+
+
+def _run_stage(recipe: Recipe, stage: StageConfig, run_dir: Path, previous: Path | None, resume: bool,
+               resume_from: str | None, tracker: Tracker, tokenizer: Any, run: RunResult,
+               summary: dict[str, Any]) -> Path:
+    """Train one stage, record its summary, and return its adapter folder."""
+    from transformers import set_seed
+
+    main = is_main_process()
+    init = {"previous": previous, "new": None}.get(stage.init_from, Path(stage.init_from))
+    ctx = StageContext(recipe=recipe, stage=stage, run_dir=run_dir, init_adapter=init,
+                       resume_from=resume_point(run_dir / stage.name, resume, resume_from), tracker=tracker)
+    ctx.dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    # Seed before the stage builds anything: the fresh adapter's random init is made before the trainer seeds.
+    set_seed(ctx.training.seed)
+    result: StageResult = _stage_runner(stage.kind)(ctx, tokenizer=tokenizer)
+    result.metrics["stage_seconds"] = round(time.perf_counter() - started, 1)
+    done = {**asdict(result), "config": stage_settings(recipe, stage)}
+    run.stages[stage.name] = done
+    summary["stages"][stage.name] = done
+    if main:
+        write_json_atomic(run_dir / stage.name / "summary.json", done)
+        write_json_atomic(run_dir / "summary.json", summary)
+    wait_for_everyone()  # the next stage may load this stage's adapter, saved by the main process
+    return Path(result.adapter)
 
 
 def _print_summary(run: RunResult) -> None:

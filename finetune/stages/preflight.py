@@ -1,8 +1,10 @@
 """Everything checked before the first training step, and `ft data preview`.
 
 `check_recipe_paths` (run by `ft validate`, `ft train` and `train()`) checks what needs the file system or the
-network but no model: every path the recipe names, the chat templates, the fused-kernel support rules and what the
-launch lacks. `run_preview` shows one stage's data as the tokenizer sees it.
+network but no model: every path the recipe names, the model folder's files, every stage's data files (readable,
+parsed, the columns of their format, not empty, preference pairs that differ), the chat templates, the fused-kernel
+support rules and what the launch lacks. `check_stage_data` (run where the pipeline starts, tokenizer loaded, model
+not) tokenizes every stage's data with the checks of `ft data preview`. `run_preview` shows one stage's data.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ def check_recipe_paths(recipe: Recipe) -> list[str]:
                 f"model.name_or_path: '{name}' does not exist (resolved against {Path.cwd()}) and is not a Hub id "
                 "(OWNER/NAME). Point it at a model folder with config.json and weights."
             )
-    elif Path(name).is_dir() and not (Path(name) / "config.json").exists():
-        problems.append(f"model.name_or_path: '{name}' has no config.json; is it a transformers model folder?")
+    else:
+        problems += model_folder_problems(recipe)
 
     stages = recipe.effective_stages()
     seen_data: set[int] = set()
@@ -67,8 +69,8 @@ def check_recipe_paths(recipe: Recipe) -> list[str]:
                 )
         problems += _alignment_paths(i, stage)
     problems += recipe_kernel_problems(recipe)
-
     problems += environment_problems(recipe)
+    problems += check_data_files(recipe)  # read every stage's data (no tokenizer) before anything loads
     return problems
 
 
@@ -90,6 +92,153 @@ def _alignment_paths(i: int, stage: Any) -> list[str]:
                 except FinetuneError as e:
                     problems.append(f"stages[{i}].grpo.rewards[{j}].function: {e}")
     return problems
+
+
+def model_folder_problems(recipe: Recipe) -> list[str]:
+    """What a local `model.name_or_path` lacks to load as we load it: a folder, config.json, safetensors weights
+    (never pickles), and no custom code unless `model.trust_remote_code` is on."""
+    import json
+
+    folder = Path(recipe.model.name_or_path)
+    key = f"model.name_or_path: '{folder}'"
+    if not folder.is_dir():
+        return [f"{key} is a file, not a model folder; point it at the folder that holds config.json and the "
+                "*.safetensors weights (or at a Hub id, OWNER/NAME)"]
+    if not (folder / "config.json").exists():
+        return [f"{key} has no config.json; is it a transformers model folder?"]
+    if not any(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+        if pickles:
+            return [f"{key} holds only pickle weights ({', '.join(pickles[:3])}): we load safetensors only, since "
+                    "loading a pickle can run code. Convert them where you trust the file (load the model with "
+                    "transformers, then save_pretrained(..., safe_serialization=True)) and point the recipe there."]
+        return [f"{key} has config.json but no weights (no *.safetensors file); copy the model's weights there"]
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return [f"{key}: config.json cannot be read as JSON ({e})"]
+    if isinstance(config, dict) and config.get("auto_map") and not recipe.model.trust_remote_code:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        if config.get("model_type") not in CONFIG_MAPPING_NAMES:
+            return [f"{key}: its architecture ('{config.get('model_type')}') exists only as custom Python code in "
+                    "the model folder (config.json auto_map), which runs when it loads. Read that code, then set "
+                    "model.trust_remote_code: true if you trust it."]
+    return []
+
+
+def _stage_sources(recipe: Recipe):
+    """(stage, data section, recipe key of the section) of each stage, as the stages will read them."""
+    for i, stage in enumerate(recipe.effective_stages()):
+        yield stage, recipe.stage_data(stage), f"stages[{i}].data" if stage.data is not None else "data"
+
+
+def check_data_files(recipe: Recipe) -> list[str]:
+    """Every stage's local data files read, parsed and normalised to the stage's format, without a tokenizer.
+
+    Catches unreadable files, bad encodings, parse errors, empty files, columns that fit no format (or not the
+    stage's), and preference pairs whose answers are identical. Hub and save_to_disk sources are left to training.
+    """
+    from finetune.data import formats
+    from finetune.data.readers import is_saved_dataset, read_source
+    from finetune.errors import FinetuneError
+
+    problems: list[str] = []
+    seen: set[tuple[int, str]] = set()
+    for stage, data, prefix in _stage_sources(recipe):
+        if (id(data), stage.kind) in seen:
+            continue
+        seen.add((id(data), stage.kind))
+        for group in ("train", "eval"):
+            for j, src in enumerate(getattr(data, group)):
+                path = Path(src.path)
+                if not path.exists() or is_saved_dataset(path):
+                    continue
+                key = f"{prefix}.{group}[{j}]"
+                try:
+                    table = read_source(src, key)
+                    formats.apply_columns(table, src.columns)
+                    fmt, _ = formats.resolve_format(table, src.format)
+                    if stage.kind == "dpo" and fmt != "preference":
+                        raise FinetuneError(f"{key} '{src.path}': a dpo stage needs preference rows (prompt, chosen, "
+                                            f"rejected); this source is '{fmt}'")
+                    if stage.kind == "dpo":
+                        formats.normalize_preference(table)
+                    else:
+                        formats.normalize_sft(table, fmt)
+                except FinetuneError as e:
+                    problems.append(f"stage {stage.name}: {e}")
+    return problems
+
+
+def data_checked(recipe: Recipe) -> str:
+    """What `check_data_files` covered, for `ft validate` to say."""
+    files = {src.path for _, data, _ in _stage_sources(recipe) for src in (*data.train, *data.eval)
+             if Path(src.path).exists()}
+    stages = recipe.effective_stages()
+    return (f"the data of {len(stages)} stage{'s' * (len(stages) > 1)} ({len(files)} local source"
+            f"{'s' * (len(files) != 1)}) read and checked without a tokenizer: readable, parsed, the columns of its "
+            "format, not empty, preference answers that differ; tokens, templates and masks are checked by "
+            "`ft train` before the first step and by `ft data preview`")
+
+
+def check_stage_data(recipe: Recipe, tokenizer: Any, stages: list[Any]) -> list[str]:
+    """Every split of the given stages tokenized with its chat template and checked as `ft data preview` checks it
+    (end-of-turn tokens trained, pad distinct, rows that cannot be encoded or trained on, named by file and line).
+
+    Returns the problems (empty when fine); prints one line per split checked. The tokenizer keeps the chat template
+    of the last stage checked: apply the one you need afterwards.
+    """
+    import contextlib
+    import io
+
+    from finetune.data.build import prepare
+    from finetune.data.preview import checks
+    from finetune.data.templates import apply_template
+    from finetune.errors import FinetuneError
+
+    problems: list[str] = []
+    for stage in stages:
+        data = recipe.stage_data(stage)
+        for split in ("train", "eval"):
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):  # the stage prints these notices when it starts
+                    template = apply_template(tokenizer, data)
+                    prepared = prepare(data, tokenizer, stage.kind, recipe.stage_training(stage).seed, split)
+            except FinetuneError as e:
+                problems.append(f"stage {stage.name} ({split} data): {e}")
+                continue
+            if prepared is None:
+                continue
+            failed = [text for ok, text in checks(prepared.report, tokenizer, template) if not ok]
+            problems += [f"stage {stage.name} ({split} data): {text}" for text in failed]
+            print(f"[preflight] stage {stage.name}, {split} data: {prepared.report.samples} "
+                  f"{'pairs' if stage.kind == 'dpo' else 'samples'}, {'FAILED' if failed else 'checks passed'}",
+                  flush=True)
+    return problems
+
+
+def refuse_finished_run(recipe: Recipe, from_stage: str | None = None) -> None:
+    """Refuse to start over a finished run without `--overwrite` or `--from-stage`: decided from summary.json alone,
+    before torch is imported, so the refusal is immediate.
+
+    Raises:
+        FinetuneError: The run folder holds a finished run and the recipe does not say to overwrite it.
+    """
+    import json
+
+    from finetune.errors import FinetuneError
+
+    run_dir = recipe.output_dir()
+    try:
+        status = json.loads((run_dir / "summary.json").read_text(encoding="utf-8")).get("status")
+    except (OSError, ValueError, AttributeError):
+        return
+    if status == "finished" and from_stage is None and not recipe.output.overwrite:
+        raise FinetuneError(
+            f"{run_dir} already holds a finished run. Pass --from-stage NAME to rerun from a stage, --overwrite "
+            "(or output.overwrite: true) to replace the whole run, or change output.dir / name."
+        )
 
 
 def hub_warning(recipe: Recipe) -> str | None:

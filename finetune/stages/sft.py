@@ -16,6 +16,7 @@ from finetune.stages.common import (
     StageContext,
     StageResult,
     build_stage_trainer,
+    final_evaluation,
     load_task_rows,
     padding_free_batches,
     print_patches,
@@ -77,7 +78,7 @@ def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
         write_dir_atomic(adapter_dir, lambda tmp: (model.save_pretrained(str(tmp), state_dict=state),
                                                    tokenizer.save_pretrained(str(tmp))))
     if eval_ds is not None:
-        metrics.update({k: v for k, v in trainer.evaluate().items() if k == "eval_loss"})
+        metrics.update({k: v for k, v in final_evaluation(trainer).items() if k == "eval_loss"})
     after = task_metric(model, tokenizer, task_rows, data.task_eval_max_new_tokens)
     if after is not None:
         metrics["task_before"], metrics["task_after"] = before, after

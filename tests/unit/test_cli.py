@@ -15,10 +15,11 @@ runner = CliRunner()
 
 def recipe(tmp_path: Path, body: str) -> Path:
     data = tmp_path / "train.jsonl"
-    data.write_text('{"messages": []}\n')
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey"}]}\n')
     p = tmp_path / "r.yaml"
     p.write_text(body.replace("DATA", str(data)).replace("MODEL", str(tmp_path)))
     (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")  # checked for, never loaded here
     return p
 
 

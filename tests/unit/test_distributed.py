@@ -23,6 +23,7 @@ def recipe_file(tmp_path: Path, body: str) -> Path:
     data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
     (tmp_path / "model").mkdir(exist_ok=True)
     (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"")  # checked for, never loaded here
     p = tmp_path / "r.yaml"
     p.write_text(f"model: {{name_or_path: {tmp_path / 'model'}}}\ndata: {{train: [{{path: {data}}}]}}\n" + body)
     return p

@@ -17,12 +17,11 @@ from transformers import TrainerControl, TrainerState
 from finetune.errors import FinetuneError
 from finetune.recipe.loading import RecipeError
 from finetune.recipe.schema import load_recipe, validate_data
-from finetune.run import checkpoints
+from finetune.run import checkpoints, opening
 from finetune.run.guards import SaveSchedule, divergence_message
 from finetune.run.lock import LOCK, RunLock, is_locked
 from finetune.run.records import redact, stage_eval_at_start, trim_metrics
 from finetune.run.resume import resume_point
-from finetune.stages import pipeline
 
 # Token shapes of the services a run may talk to (made up, never real).
 TOKENS = {"hf": "hf_" + "aB3" * 12, "openai": "sk-proj-" + "Zx9_" * 8, "wandb_v1": "wandb_v1_" + "Qw7" * 12,
@@ -58,7 +57,7 @@ def test_overwrite_deletes_only_what_ft_train_wrote_and_never_follows_links(tmp_
     (outside / "keep.txt").write_text("x")
     (run_dir / "export").symlink_to(outside, target_is_directory=True)  # a link named like a run entry
     recipe = recipe_for(tmp_path, data, **{"output": {"dir": str(run_dir), "overwrite": True}})
-    out_dir, lock = pipeline._open_run_dir(recipe, None, False)
+    out_dir, lock = opening.open_run_dir(recipe, None, False)
     lock.release()
     assert out_dir == run_dir
     assert sorted(p.name for p in run_dir.iterdir()) == ["notes.md", "train.jsonl"]
@@ -72,7 +71,7 @@ def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path):
     (folder / "thesis.tex").write_text("years of work")
     recipe = recipe_for(tmp_path, tmp_path / "d.jsonl", **{"output": {"dir": str(folder), "overwrite": True}})
     with pytest.raises(FinetuneError, match="is not a run folder of `ft train`.*nothing in it is deleted"):
-        pipeline._open_run_dir(recipe, None, False)
+        opening.open_run_dir(recipe, None, False)
     assert (folder / "thesis.tex").exists() and not (folder / LOCK).exists()
 
 
@@ -85,7 +84,7 @@ def test_overwrite_waits_for_the_lock_before_deleting(tmp_path):
         assert holder.stdout.readline().strip() == "locked"
         recipe = recipe_for(tmp_path, tmp_path / "d.jsonl", **{"output": {"dir": str(run_dir), "overwrite": True}})
         with pytest.raises(FinetuneError, match=f"in use by another `ft train` \\(pid {holder.pid}\\)"):
-            pipeline._open_run_dir(recipe, None, False)
+            opening.open_run_dir(recipe, None, False)
         assert (run_dir / "sft" / "adapter" / "adapter_model.safetensors").exists()  # nothing deleted
     finally:
         holder.stdin.close()
@@ -207,12 +206,12 @@ def test_resume_on_changed_data_is_refused_unless_allowed_and_the_manifest_keeps
     recipe = recipe_for(tmp_path, data)
     run_dir = tmp_path / "run"
     first = write_manifest(recipe, run_dir)
-    assert pipeline._check_inputs(recipe, run_dir, None, True, False)  # unchanged: fine
+    assert opening.check_inputs(recipe, run_dir, None, True, False)  # unchanged: fine
     data.write_text("".join(f'{{"i": {i}}}\n' for i in reversed(range(600))))
     with pytest.raises(FinetuneError, match=rf"--resume: .*data {data} \(data.train\[0\]\) changed.*"
                                             "--allow-changed-data"):
-        pipeline._check_inputs(recipe, run_dir, None, True, False)
-    manifest = pipeline._check_inputs(recipe, run_dir, None, True, True)
+        opening.check_inputs(recipe, run_dir, None, True, False)
+    manifest = opening.check_inputs(recipe, run_dir, None, True, True)
     assert "continuing as --allow-changed-data asks" in capsys.readouterr().out
     write_manifest(recipe, run_dir, manifest=manifest)
     kept = read_manifest(run_dir)

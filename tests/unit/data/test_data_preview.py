@@ -44,7 +44,7 @@ def test_preview_marks_trained_tokens_and_passes_checks(tmp_path, tiny_model, ad
     assert "«...» marks trained tokens" in out
     assert "lengths in tokens (64 samples, max_length 40):" in out and "#" in out
     assert "0 truncated" in out and "trained" in out
-    assert "ok   end-of-turn token <|im_end|> carries a label in every assistant turn (64/64)" in out
+    assert "ok   end-of-turn token <|im_end|> carries a label in every assistant turn (64/64 kept it)" in out
     assert "ok   pad token <|pad|> (0) differs from eos <|im_end|> (3)" in out
     assert "ok   no sample is fully masked" in out
 
@@ -57,16 +57,17 @@ def test_preview_colours_on_request(tmp_path, tiny_model, addition_data):
 
 
 def test_failed_checks_exit_1(tmp_path, tiny_model, write):
-    rows = [{"messages": [{"role": "user", "content": "q"}]},
-            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
+    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
     jinja = tmp_path / "noeot.jinja"
     jinja.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                      "{% if add_generation_prompt %}assistant: {% endif %}")
     path = recipe(tmp_path, tiny_model, write("d.jsonl", rows), template=str(jinja))
     result = CliRunner().invoke(app, ["data", "preview", str(path)])
     assert result.exit_code == 1, result.output
-    assert "FAIL end-of-turn token (none found) carries a label in every assistant turn (0/1)" in result.output
-    assert "FAIL 1 samples had no trained token" in result.output
+    assert "FAIL end-of-turn token (none found) carries a label in every assistant turn (0/1 kept it)" in result.output
+    no_answer = write("n.jsonl", [rows[0], {"messages": [{"role": "user", "content": "q"}]}])
+    result = CliRunner().invoke(app, ["data", "preview", str(recipe(tmp_path, tiny_model, no_answer))])
+    assert result.exit_code == 1 and "no assistant turn" in result.output and "(line 2)" in result.output
 
 
 def test_preview_of_a_dpo_stage(tmp_path, tiny_model, addition_data, write):

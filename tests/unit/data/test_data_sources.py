@@ -115,13 +115,22 @@ def test_empty_assistant_turns_are_counted_and_named(tok, cfg, write):
         build(tok, cfg(write("e.jsonl", [good, empty, good, empty])))
 
 
-def test_fully_masked_samples_are_dropped_and_counted_and_fail_when_all(tok, cfg, write, capsys):
+def test_rows_without_an_answer_are_refused_by_line(tok, cfg, write):
+    """`ft train`, `--dry-run` and `ft data preview` agree: such rows are refused, named, not silently dropped."""
     good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
     no_answer = {"messages": [{"role": "user", "content": "q"}]}
-    ds = build(tok, cfg(write("f.jsonl", [good, no_answer, good])))
+    with pytest.raises(FinetuneError, match=r"f.jsonl': rows with nothing to train on\n  1 row: no assistant turn.*"
+                                            r"\(line 2\)"):
+        build(tok, cfg(write("f.jsonl", [good, no_answer, good])))
+
+
+def test_samples_masked_by_truncation_are_dropped_and_counted_and_fail_when_all(tok, cfg, write, capsys):
+    good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    long_prompt = {"messages": [{"role": "user", "content": "q" * 60}, {"role": "assistant", "content": "a"}]}
+    ds = build(tok, cfg(write("f.jsonl", [good, long_prompt, good]), max_length=40))
     assert len(ds) == 2 and "1 dropped as fully masked" in capsys.readouterr().out
     with pytest.raises(FinetuneError, match="all 2 samples were dropped.*2 with no trained token"):
-        build(tok, cfg(write("g.jsonl", [no_answer, no_answer])))
+        build(tok, cfg(write("g.jsonl", [long_prompt, long_prompt]), max_length=40))
 
 
 def test_length_policy_truncate_and_drop_are_reported(tok, cfg, write, capsys):
