@@ -116,6 +116,24 @@ def prepare(data: DataConfig, tokenizer: Any, kind: str, seed: int, split: str =
     return Prepared(dataset, report)
 
 
+def normalised_rows(table: Table, fmt: str, kind: str, key: str, src: DatasetSource
+                    ) -> tuple[list[dict[str, Any]], str | None]:
+    """One source's rows in the shape a stage kind trains on, and a notice to print (KTO splitting pairs), or None.
+
+    Raises:
+        FinetuneError: the rows do not fit the kind (naming the source, the row and what to do).
+    """
+    stage_kind, kind = kind, DATA_KIND.get(kind, kind)
+    if kind == "dpo" and fmt != "preference":
+        raise FinetuneError(f"{key} '{src.path}': a {stage_kind} stage needs preference rows (prompt, chosen, "
+                            f"rejected); this source is '{fmt}'")
+    if kind == "kto":
+        return align_formats.normalize_unpaired(table, fmt)
+    if kind == "grpo":
+        return align_formats.normalize_prompts(table, fmt), None
+    return (formats.normalize_preference(table) if kind == "dpo" else formats.normalize_sft(table, fmt)), None
+
+
 def _select(data: DataConfig, sources: list[tuple[str, DatasetSource]], kind: str, seed: int, split: str,
             held_out: bool, report: DataReport) -> list[tuple[Table, int, dict[str, Any]]]:
     """Normalised examples of the split as (table, row index, example), shuffled, capped, split and mixed."""
@@ -126,17 +144,9 @@ def _select(data: DataConfig, sources: list[tuple[str, DatasetSource]], kind: st
         fmt, notice = formats.resolve_format(table, src.format)
         if notice:
             print(f"data: {notice}", flush=True)
-        if kind == "dpo" and fmt != "preference":
-            raise FinetuneError(f"{key} '{src.path}': a dpo stage needs preference rows (prompt, chosen, rejected); "
-                                f"this source is '{fmt}'")
-        if kind == "kto":
-            normalised, notice = align_formats.normalize_unpaired(table, fmt)
-            if notice:
-                print(f"data: {notice}", flush=True)
-        elif kind == "grpo":
-            normalised = align_formats.normalize_prompts(table, fmt)
-        else:
-            normalised = formats.normalize_preference(table) if kind == "dpo" else formats.normalize_sft(table, fmt)
+        normalised, notice = normalised_rows(table, fmt, kind, key, src)
+        if notice:
+            print(f"data: {notice}", flush=True)
         order = list(range(len(normalised)))  # kto: split pairs give two rows each
         if data.shuffle:
             random.Random(f"{seed}:{key}").shuffle(order)  # str seeds are hashed stably (not by PYTHONHASHSEED)

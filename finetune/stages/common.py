@@ -164,11 +164,12 @@ def build_stage_trainer(trainer_cls: Any, ctx: StageContext, model, config, toke
     return trainer
 
 
-def final_evaluation(trainer) -> dict[str, float]:
+def final_evaluation(trainer, reuse: bool = True) -> dict[str, float]:
     """The held-out metrics after training (`eval_*` keys): the evaluation the trainer already ran at the last step
-    (when `eval_steps` divides the step count), or a new one. Evaluating twice would cost time and log a second row."""
+    (when `eval_steps` divides the step count and `reuse`), or a new one. Evaluating twice would cost time and log a
+    second row; pass `reuse=False` when the weights changed since (keep_best put back an earlier adapter)."""
     step = trainer.state.global_step
-    for entry in reversed(trainer.state.log_history):
+    for entry in reversed(trainer.state.log_history if reuse else []):
         if entry.get("step") != step:
             break
         if "eval_loss" in entry:

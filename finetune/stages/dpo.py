@@ -40,7 +40,7 @@ from finetune.stages.common import (
     task_metric,
     trainer_kwargs,
 )
-from finetune.stages.watch import finish_watch, watch_of
+from finetune.stages.watch import best_restored, finish_watch, watch_of
 
 REF = "ref"  # the adapter name trl's DPOTrainer switches to for the reference forward
 EVAL_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
@@ -80,7 +80,8 @@ def run_dpo(ctx: StageContext, tokenizer=None) -> StageResult:
                                "loss": describe_loss(dpo), "beta": dpo.beta, "train_loss": result.training_loss,
                                "train_seconds": round(time.perf_counter() - started, 1),
                                "steps": trainer.state.global_step}
-    metrics.update(finish_watch(watch_of(trainer), model, tokenizer, ctx))  # keep_best, early stop, forgetting
+    watched = finish_watch(watch_of(trainer), model, tokenizer, ctx)  # keep_best, early stop, forgetting
+    metrics.update(watched)
 
     # --- save the policy adapter only (atomically) as soon as training ends, then measure what it does now
     adapter_dir = ctx.dir / "adapter"
@@ -90,7 +91,8 @@ def run_dpo(ctx: StageContext, tokenizer=None) -> StageResult:
             model.save_pretrained(str(tmp), selected_adapters=["default"], state_dict=state),
             tokenizer.save_pretrained(str(tmp))))
     if eval_ds is not None:
-        metrics["eval_before"], metrics["eval_after"] = eval_before, held_out(trainer, after_training=True)
+        after = held_out(trainer, after_training=not best_restored(watched, trainer))
+        metrics["eval_before"], metrics["eval_after"] = eval_before, after
         print(f"[{name}] held-out pairs after training: {_fmt(metrics['eval_after'])}", flush=True)
     task_after = task_metric(model, tokenizer, task_rows, data.task_eval_max_new_tokens)
     if task_after is not None:

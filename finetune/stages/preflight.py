@@ -140,6 +140,7 @@ def check_data_files(recipe: Recipe) -> list[str]:
     stage's), and preference pairs whose answers are identical. Hub and save_to_disk sources are left to training.
     """
     from finetune.data import formats
+    from finetune.data.build import normalised_rows
     from finetune.data.readers import is_saved_dataset, read_source
     from finetune.errors import FinetuneError
 
@@ -159,13 +160,7 @@ def check_data_files(recipe: Recipe) -> list[str]:
                     table = read_source(src, key)
                     formats.apply_columns(table, src.columns)
                     fmt, _ = formats.resolve_format(table, src.format)
-                    if stage.kind == "dpo" and fmt != "preference":
-                        raise FinetuneError(f"{key} '{src.path}': a dpo stage needs preference rows (prompt, chosen, "
-                                            f"rejected); this source is '{fmt}'")
-                    if stage.kind == "dpo":
-                        formats.normalize_preference(table)
-                    else:
-                        formats.normalize_sft(table, fmt)
+                    normalised_rows(table, fmt, stage.kind, key, src)
                 except FinetuneError as e:
                     problems.append(f"stage {stage.name}: {e}")
     return problems

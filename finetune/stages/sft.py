@@ -23,7 +23,7 @@ from finetune.stages.common import (
     task_metric,
     trainer_kwargs,
 )
-from finetune.stages.watch import finish_watch, watch_of
+from finetune.stages.watch import best_restored, finish_watch, watch_of
 
 
 def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
@@ -68,7 +68,8 @@ def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
     train_seconds = time.perf_counter() - started
     metrics = {"train_loss": result.training_loss, "train_seconds": round(train_seconds, 1),
                "steps": trainer.state.global_step}
-    metrics.update(finish_watch(watch_of(trainer), model, tokenizer, ctx))  # keep_best, early stop, forgetting
+    watched = finish_watch(watch_of(trainer), model, tokenizer, ctx)  # keep_best, early stop, forgetting
+    metrics.update(watched)
 
     # --- save (atomically: a crash leaves no half-written adapter) as soon as training ends, then measure; training
     # is also in the last-step checkpoint, so an interrupted evaluation resumes at the evaluation
@@ -78,7 +79,8 @@ def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
         write_dir_atomic(adapter_dir, lambda tmp: (model.save_pretrained(str(tmp), state_dict=state),
                                                    tokenizer.save_pretrained(str(tmp))))
     if eval_ds is not None:
-        metrics.update({k: v for k, v in final_evaluation(trainer).items() if k == "eval_loss"})
+        final = final_evaluation(trainer, reuse=not best_restored(watched, trainer))
+        metrics.update({k: v for k, v in final.items() if k == "eval_loss"})
     after = task_metric(model, tokenizer, task_rows, data.task_eval_max_new_tokens)
     if after is not None:
         metrics["task_before"], metrics["task_after"] = before, after

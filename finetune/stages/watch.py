@@ -140,6 +140,13 @@ def finish_watch(watch: EvalWatch | None, model, tokenizer, ctx) -> dict[str, An
     return out
 
 
+def best_restored(watched: dict[str, Any], trainer) -> bool:
+    """True when `finish_watch` put back an adapter other than the last step's: the trainer's last evaluation is then
+    not the kept adapter's and must be run again."""
+    step = (watched.get("best") or {}).get("step")
+    return step is not None and step != trainer.state.global_step
+
+
 def stage_forgetting(model, tokenizer, ctx) -> dict[str, Any] | None:
     """Loss change and mean KL against the base (adapter disabled) on `eval.general_text`, or None without it."""
     cfg = ctx.recipe.eval

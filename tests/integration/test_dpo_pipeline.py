@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -140,7 +141,8 @@ def test_from_stage_reruns_only_that_stage_and_notes_changed_settings(run):
 
 def test_rerun_after_a_crash_skips_the_finished_stage(run):
     d = run["dir"]
-    (d / "dpo" / "summary.json").unlink()  # as if the process died during dpo
+    (d / "dpo" / "summary.json").unlink()  # as if the process died during dpo, before its first checkpoint
+    shutil.rmtree(d / "dpo" / "checkpoints", ignore_errors=True)  # (with one, the rerun asks for --resume)
     top = json.loads((d / "summary.json").read_text())
     (d / "summary.json").write_text(json.dumps({**top, "status": "failed"}))
     sft_mtime = (d / "sft" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns

@@ -36,8 +36,8 @@ def _trainer(tiny_model, tmp_path, init_from=None):
     model = attach(prepare_base(_bf16_4bit(tiny_model), gradient_checkpointing=False), LoraConfig(r=8, alpha=16),
                    init_from)
     recipe = Recipe(model={"name_or_path": str(tiny_model)}, data={"train": [{"path": "unused.jsonl"}]})
-    ctx = StageContext(recipe=recipe, stage=StageConfig(name="sft", kind="sft"), index=0, run_dir=tmp_path,
-                       init_adapter=init_from, previous_adapter=None)
+    ctx = StageContext(recipe=recipe, stage=StageConfig(name="sft", kind="sft"), run_dir=tmp_path,
+                       init_adapter=init_from)
     config = SFTConfig(output_dir=str(tmp_path / "out"), bf16=True, use_cpu=True, report_to=[],
                        learning_rate=LR_DPO, max_length=None)
     from datasets import Dataset

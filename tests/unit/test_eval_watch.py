@@ -39,13 +39,13 @@ def test_early_stopping_after_patience_evaluations_without_improvement():
 
 def test_recipe_rules_for_early_stopping_and_keep_best(tmp_path):
     data = {"train": [{"path": "x.jsonl"}]}
-    with pytest.raises(ValueError, match="early_stopping needs training.eval_steps"):
+    with pytest.raises(RecipeError, match="early_stopping needs training.eval_steps"):
         Recipe(data=data | {"eval_fraction": 0.1}, training={"early_stopping": {"metric": "eval_loss"}})
-    with pytest.raises(ValueError, match="keep_best watches 'task_exact_match', which needs data.task_eval"):
+    with pytest.raises(RecipeError, match="keep_best watches 'task_exact_match', which needs data.task_eval"):
         Recipe(data=data | {"eval_fraction": 0.1}, training={"eval_steps": 5, "keep_best": "task_exact_match"})
-    with pytest.raises(ValueError, match="metric 'accuracy' is not one a stage computes"):
+    with pytest.raises(RecipeError, match="metric 'accuracy' is not one a stage computes"):
         Recipe(data=data | {"eval_fraction": 0.1}, training={"eval_steps": 5, "keep_best": "accuracy"})
-    with pytest.raises(ValueError, match="needs eval data"):
+    with pytest.raises(RecipeError, match="needs eval data"):
         Recipe(data=data, training={"eval_steps": 5, "keep_best": "eval_loss"})
     Recipe(data=data | {"eval_fraction": 0.1}, training={"eval_steps": 5, "keep_best": "eval_loss",
                                                           "early_stopping": {"patience": 2}})
