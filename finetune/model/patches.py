@@ -53,7 +53,7 @@ def record(model: Any, patch: str, what: str) -> None:
     setattr(lm, RECORD, [*lines, f"{patch}: {what}"])
 
 
-def apply_patches(model: Any, recipe: Recipe, stage: str, kind: Literal["sft", "dpo"], padding_free: bool,
+def apply_patches(model: Any, recipe: Recipe, stage: str, kind: Literal["sft", "dpo", "trl"], padding_free: bool,
                   ) -> list[str]:
     """Apply every change this stage makes to its (peft-wrapped) model, in the order of the module docstring.
 
@@ -63,7 +63,8 @@ def apply_patches(model: Any, recipe: Recipe, stage: str, kind: Literal["sft", "
         model: The peft-wrapped causal LM the trainer holds.
         recipe: The typed recipe (`kernels:` switches, `lora` for the kernel checks).
         stage: The stage's name, for error messages.
-        kind: `sft` (label-positions loss) or `dpo` (compact fused head under trl's DPO loss).
+        kind: `sft` (label-positions loss), `dpo` (compact fused head under trl's DPO loss) or `trl` (the other
+            alignment stages: trl's own loss, kernels only).
         padding_free: Whether the stage's batches are, or may be made, padding-free rows.
 
     Returns:
@@ -78,7 +79,7 @@ def apply_patches(model: Any, recipe: Recipe, stage: str, kind: Literal["sft", "
                             "once per loaded model")
     for line in apply_recipe_kernels(model, recipe):
         record(model, "kernel", line)
-    no_head = loss_heads.unsupported_reason(model)
+    no_head = "this stage's trl loss" if kind == "trl" else loss_heads.unsupported_reason(model)
     # SFT's collator makes the padding-free rows itself; in DPO the compact head makes them, so only with that head.
     rows = padding_free and (kind == "sft" or no_head is None)
     if rows and use_per_sample_attention(model):

@@ -12,22 +12,30 @@ from typing import Any
 
 from finetune.data.formats import to_messages
 from finetune.distributed.process import gathered_state_dict, is_main_process
-from finetune.model.adapters import apply_recipe_kernels, attach, prepare_base
+from finetune.model.adapters import attach, prepare_base
 from finetune.model.loading import load_model
+from finetune.model.patches import apply_patches
 from finetune.run.files import write_dir_atomic
-from finetune.stages.common import StageContext, load_task_rows, task_metric
+from finetune.stages.common import StageContext, load_task_rows, print_patches, task_metric
 
 TASK_KEYS = ("exact_match", "concise_rate")
 PAIR_KEYS = ("preference_accuracy", "preference_accuracy_total")
 
 
 def policy_model(ctx: StageContext, tokenizer):
-    """The (4-bit) base with the adapter this stage starts from (or a fresh one), kernels applied: the policy."""
+    """The (4-bit) base with the adapter this stage starts from (or a fresh one): the policy. Patch it with
+    `patch_policy` once the trainer is built."""
     model = load_model(ctx.recipe, ctx.training, tokenizer)
-    model = prepare_base(model, ctx.recipe.quantization.mode != "none", ctx.training.gradient_checkpointing)
-    model = attach(model, ctx.recipe.lora, ctx.init_adapter)
-    apply_recipe_kernels(model, ctx.recipe, ctx.stage.name)
-    return model
+    model = prepare_base(model, ctx.training.gradient_checkpointing)
+    return attach(model, ctx.recipe.lora, ctx.init_adapter, stage=ctx.stage.name)
+
+
+def patch_policy(ctx: StageContext, trainer) -> list[str]:
+    """The recipe's kernels on the trainer's model (`finetune.model.patches`; trl's own loss stays), printed; the
+    model's record, for the stage summary."""
+    patches = apply_patches(trainer.model, ctx.recipe, ctx.stage.name, "trl", padding_free=False)
+    print_patches(ctx, patches)
+    return patches
 
 
 def held_out(ctx: StageContext, model, tokenizer, rows: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:

@@ -22,7 +22,7 @@ from finetune.data import apply_template, build_dataset
 from finetune.errors import FinetuneError
 from finetune.model.loading import load_tokenizer
 from finetune.run.resume import guarded_train
-from finetune.stages.alignment import policy_model, save_policy
+from finetune.stages.alignment import patch_policy, policy_model, save_policy
 from finetune.stages.common import StageContext, StageResult, build_stage_trainer, load_task_rows, trainer_kwargs
 from finetune.stages.dpo import install_reference, reference_folder
 from finetune.stages.rewards import build_rewards, check_reward_data
@@ -63,6 +63,7 @@ def run_grpo(ctx: StageContext, tokenizer=None) -> StageResult:
     )
     trainer_cls = functools.partial(GRPOTrainer, reward_funcs=rewards)
     trainer = build_stage_trainer(trainer_cls, ctx, model, config, tokenizer, train_ds, None)
+    patches = patch_policy(ctx, trainer)
     if grpo.beta > 0:
         install_reference(trainer.model, ref_folder)
         print(f"[{name}] reference policy: " + (f"adapter {ref_folder} (frozen)" if ref_folder else
@@ -93,7 +94,7 @@ def run_grpo(ctx: StageContext, tokenizer=None) -> StageResult:
         print(f"[{name}] held-out before -> after GRPO: exact match {before['exact_match']:.1%} -> "
               f"{after['exact_match']:.1%}, mean reward {before['mean_reward']:.3f} -> {after['mean_reward']:.3f}",
               flush=True)
-    return StageResult(name=name, kind="grpo", adapter=adapter, metrics=metrics)
+    return StageResult(name=name, kind="grpo", adapter=adapter, metrics=metrics, patches=patches)
 
 
 def held_out_rewards(model, tokenizer, rows: list[dict[str, Any]], rewards: list, weights: list[float],

@@ -17,7 +17,7 @@ from typing import Any
 from finetune.data import apply_template, build_dataset
 from finetune.model.loading import load_tokenizer
 from finetune.run.resume import guarded_train
-from finetune.stages.alignment import describe_change, held_out, policy_model, save_policy
+from finetune.stages.alignment import describe_change, held_out, patch_policy, policy_model, save_policy
 from finetune.stages.common import StageContext, StageResult, build_stage_trainer, trainer_kwargs
 from finetune.stages.dpo import install_reference, reference_folder
 
@@ -46,6 +46,7 @@ def run_kto(ctx: StageContext, tokenizer=None) -> StageResult:
                           max_length=data.max_length, precompute_ref_log_probs=False)
     trainer = build_stage_trainer(KTOTrainer, ctx, model, config, tokenizer, train_ds, eval_ds)
     install_reference(trainer.model, ref_folder)
+    patches = patch_policy(ctx, trainer)
     reference = f"adapter {ref_folder} (frozen)" if ref_folder else "base (adapter disabled)"
     print(f"[{name}] reference policy: {reference}", flush=True)
     before = held_out(ctx, trainer.model, tokenizer)
@@ -66,4 +67,4 @@ def run_kto(ctx: StageContext, tokenizer=None) -> StageResult:
     if before is not None and after is not None:
         metrics["task_before"], metrics["task_after"] = before, after
         print(f"[{name}] held-out before -> after KTO: {describe_change(before, after)}", flush=True)
-    return StageResult(name=name, kind="kto", adapter=adapter, metrics=metrics)
+    return StageResult(name=name, kind="kto", adapter=adapter, metrics=metrics, patches=patches)

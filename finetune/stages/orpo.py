@@ -21,7 +21,7 @@ from finetune.data import apply_template, build_dataset
 from finetune.errors import FinetuneError
 from finetune.model.loading import load_tokenizer
 from finetune.run.resume import guarded_train
-from finetune.stages.alignment import describe_change, held_out, policy_model, save_policy
+from finetune.stages.alignment import describe_change, held_out, patch_policy, policy_model, save_policy
 from finetune.stages.common import StageContext, StageResult, build_stage_trainer, trainer_kwargs
 
 EVAL_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "nll_loss")
@@ -63,6 +63,7 @@ def run_orpo(ctx: StageContext, tokenizer=None) -> StageResult:
     model = policy_model(ctx, tokenizer)
     config = config_cls(**trainer_kwargs(ctx, has_eval=eval_ds is not None), **loss_args, max_length=data.max_length)
     trainer = build_stage_trainer(trainer_cls, ctx, model, config, tokenizer, train_ds, eval_ds)
+    patches = patch_policy(ctx, trainer)
     before = held_out(ctx, trainer.model, tokenizer)
 
     # --- train
@@ -80,4 +81,4 @@ def run_orpo(ctx: StageContext, tokenizer=None) -> StageResult:
     if before is not None and after is not None:
         metrics["task_before"], metrics["task_after"] = before, after
         print(f"[{name}] held-out before -> after {kind.upper()}: {describe_change(before, after)}", flush=True)
-    return StageResult(name=name, kind=kind, adapter=adapter, metrics=metrics)
+    return StageResult(name=name, kind=kind, adapter=adapter, metrics=metrics, patches=patches)
