@@ -30,6 +30,21 @@ def policy_model(ctx: StageContext, tokenizer):
     return attach(model, ctx.recipe.lora, ctx.init_adapter, stage=ctx.stage.name)
 
 
+def evaluate_and_save(ctx: StageContext, trainer, tokenizer, eval_keys: tuple[str, ...], has_eval: bool,
+                      before: dict[str, Any] | None, metrics: dict[str, Any], method: str) -> str:
+    """After training: the held-out loss terms (`eval_after`), the policy adapter saved, and the held-out measure
+    before and after (`task_before`, `task_after`) added to `metrics`, printed. Returns the adapter folder."""
+    if has_eval:
+        out = trainer.evaluate()
+        metrics["eval_after"] = {k: out[f"eval_{k}"] for k in eval_keys if f"eval_{k}" in out}
+    adapter = save_policy(ctx, trainer, tokenizer)
+    after = held_out(ctx, trainer.model, tokenizer)
+    if before is not None and after is not None:
+        metrics["task_before"], metrics["task_after"] = before, after
+        print(f"[{ctx.stage.name}] held-out before -> after {method}: {describe_change(before, after)}", flush=True)
+    return adapter
+
+
 def patch_policy(ctx: StageContext, trainer) -> list[str]:
     """The recipe's kernels on the trainer's model (`finetune.model.patches`; trl's own loss stays), printed; the
     model's record, for the stage summary."""

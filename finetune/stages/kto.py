@@ -17,7 +17,7 @@ from typing import Any
 from finetune.data import apply_template, build_dataset
 from finetune.model.loading import load_tokenizer
 from finetune.run.resume import guarded_train
-from finetune.stages.alignment import describe_change, held_out, patch_policy, policy_model, save_policy
+from finetune.stages.alignment import evaluate_and_save, held_out, patch_policy, policy_model
 from finetune.stages.common import StageContext, StageResult, build_stage_trainer, trainer_kwargs
 from finetune.stages.dpo import install_reference, reference_folder
 
@@ -57,14 +57,7 @@ def run_kto(ctx: StageContext, tokenizer=None) -> StageResult:
     metrics: dict[str, Any] = {"reference": kto.reference, "reference_adapter": str(ref_folder) if ref_folder else None,
                                "beta": kto.beta, "train_loss": result.training_loss, "steps": trainer.state.global_step,
                                "train_seconds": round(time.perf_counter() - started, 1)}
-    if eval_ds is not None:
-        out = trainer.evaluate()
-        metrics["eval_after"] = {k: out[f"eval_{k}"] for k in EVAL_KEYS if f"eval_{k}" in out}
 
-    # --- save the policy adapter, then measure the held-out change
-    adapter = save_policy(ctx, trainer, tokenizer)
-    after = held_out(ctx, trainer.model, tokenizer)
-    if before is not None and after is not None:
-        metrics["task_before"], metrics["task_after"] = before, after
-        print(f"[{name}] held-out before -> after KTO: {describe_change(before, after)}", flush=True)
+    # --- held-out loss terms, save the policy adapter, then measure the held-out change
+    adapter = evaluate_and_save(ctx, trainer, tokenizer, EVAL_KEYS, eval_ds is not None, before, metrics, "KTO")
     return StageResult(name=name, kind="kto", adapter=adapter, metrics=metrics, patches=patches)

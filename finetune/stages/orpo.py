@@ -21,7 +21,7 @@ from finetune.data import apply_template, build_dataset
 from finetune.errors import FinetuneError
 from finetune.model.loading import load_tokenizer
 from finetune.run.resume import guarded_train
-from finetune.stages.alignment import describe_change, held_out, patch_policy, policy_model, save_policy
+from finetune.stages.alignment import evaluate_and_save, held_out, patch_policy, policy_model
 from finetune.stages.common import StageContext, StageResult, build_stage_trainer, trainer_kwargs
 
 EVAL_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "nll_loss")
@@ -71,14 +71,7 @@ def run_orpo(ctx: StageContext, tokenizer=None) -> StageResult:
     result = guarded_train(trainer, ctx)  # atomic checkpoints, --resume, Ctrl-C, NaN guard
     metrics: dict[str, Any] = {"loss": words, "train_loss": result.training_loss, "steps": trainer.state.global_step,
                                "train_seconds": round(time.perf_counter() - started, 1)}
-    if eval_ds is not None:
-        out = trainer.evaluate()
-        metrics["eval_after"] = {k: out[f"eval_{k}"] for k in EVAL_KEYS if f"eval_{k}" in out}
 
-    # --- save the policy adapter, then measure the held-out change
-    adapter = save_policy(ctx, trainer, tokenizer)
-    after = held_out(ctx, trainer.model, tokenizer)
-    if before is not None and after is not None:
-        metrics["task_before"], metrics["task_after"] = before, after
-        print(f"[{name}] held-out before -> after {kind.upper()}: {describe_change(before, after)}", flush=True)
+    # --- held-out loss terms, save the policy adapter, then measure the held-out change
+    adapter = evaluate_and_save(ctx, trainer, tokenizer, EVAL_KEYS, eval_ds is not None, before, metrics, kind.upper())
     return StageResult(name=name, kind=kind, adapter=adapter, metrics=metrics, patches=patches)
