@@ -7,19 +7,12 @@ be reached or refuses the token, the error says so and the files stay where they
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from finetune.errors import FinetuneError
 from finetune.recipe.checks import HUB_ID, hub_offline_reason
 from finetune.recipe.schema import Recipe
-
-_TOKEN = re.compile(r"hf_[A-Za-z0-9]{20,}")
-
-
-def _redact(text: str) -> str:
-    """Error text from the Hub with anything shaped like a token removed (belt and braces: it should hold none)."""
-    return _TOKEN.sub("<redacted>", text)
+from finetune.run.records import redact_text
 
 
 def _later(folder: Path, repo_id: str) -> str:
@@ -84,9 +77,9 @@ def push(folder: str | Path, repo_id: str, private: bool = True, revision: str |
                 f"or has no access to {repo_id.split('/')[0]}. Use a token with write access (HF_TOKEN or "
                 f"`hf auth login`). {_later(folder, repo_id)}"
             ) from None
-        raise FinetuneError(f"upload to {repo_id} failed: {_redact(str(e))}. {_later(folder, repo_id)}") from None
+        raise FinetuneError(f"upload to {repo_id} failed: {redact_text(str(e))}. {_later(folder, repo_id)}") from None
     except (OfflineModeIsEnabled, OSError) as e:
-        raise FinetuneError(f"cannot reach the Hugging Face Hub ({_redact(str(e)) or type(e).__name__}). "
+        raise FinetuneError(f"cannot reach the Hugging Face Hub ({redact_text(str(e)) or type(e).__name__}). "
                             f"{_later(folder, repo_id)}") from None
     except Exception as e:  # httpx transport errors do not derive from OSError
         if type(e).__module__.startswith(("httpx", "httpcore")):

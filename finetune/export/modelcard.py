@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 
 PACKAGES = ("finetune", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets",
             "huggingface_hub", "safetensors")
-_TOKEN = re.compile(r"hf_[A-Za-z0-9]{20,}")
 # An absolute path inside a longer string (`--set model.name_or_path=/home/me/base`); not URLs, not `a/b` ratios.
 _EMBEDDED_PATH = re.compile(r"(?<![\w.:/~-])/(?:[\w.-]+/)+([\w.-]+)")
 
@@ -39,7 +38,7 @@ def public_path(value: str) -> str:
 
 def public_text(text: str) -> str:
     """`text` with absolute paths inside it shortened and secret-shaped strings (HF, OpenAI, W&B keys) redacted."""
-    return redact(_TOKEN.sub("<redacted>", _EMBEDDED_PATH.sub(r"<local>/\1", text)))
+    return redact(_EMBEDDED_PATH.sub(r"<local>/\1", text))
 
 
 def _scrub(value: Any) -> Any:
@@ -57,7 +56,7 @@ def _short_paths(value: Any) -> Any:
     if isinstance(value, list):
         return [_short_paths(v) for v in value]
     if isinstance(value, str):
-        return _TOKEN.sub("<redacted>", _EMBEDDED_PATH.sub(r"<local>/\1", public_path(value)))
+        return _EMBEDDED_PATH.sub(r"<local>/\1", public_path(value))  # tokens: already redacted by `redact`
     return value
 
 

@@ -21,7 +21,8 @@ from finetune.run.files import write_text_atomic
 SECRET_KEY = re.compile(
     r"^(?:(?:hf|hub|access|auth|api|wandb|bearer|github)_)?token$|secret|passw|api_?key|credential", re.IGNORECASE
 )
-SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|wandb_v1_[A-Za-z0-9_]{20,})\b")
+# A Hugging Face token wherever it stands (inside a longer word or URL too); OpenAI and W&B keys as whole words.
+SECRET_VALUE = re.compile(r"hf_[A-Za-z0-9]{20,}|\b(?:sk-[A-Za-z0-9_-]{20,}|wandb_v1_[A-Za-z0-9_]{20,})\b")
 HEX_KEY = re.compile(r"(?<![0-9A-Za-z])[0-9a-fA-F]{40}(?![0-9A-Za-z])")  # classic W&B API key; or a git commit
 COMMIT_KEY = re.compile(r"revision|commit", re.IGNORECASE)
 _COMMIT_BEFORE = re.compile(r"(?:revision|commit)\w*\s*[=:]\s*['\"]?$", re.IGNORECASE)
