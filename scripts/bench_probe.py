@@ -199,7 +199,8 @@ def _patch_trainer(module: Any, timeline: _Timeline) -> None:
             timeline.data["train_begin"] = time.time()
 
         def on_step_end(self, args, state, control, **kwargs):
-            timeline.data["steps"].append([state.global_step, time.time()])
+            # [step, time, real tokens so far]: the rate after the first step leaves compilation out
+            timeline.data["steps"].append([state.global_step, time.time(), timeline.data["tokens_real"]])
             timeline.write()
 
         def on_log(self, args, state, control, logs=None, **kwargs):

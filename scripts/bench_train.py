@@ -45,7 +45,7 @@ from bench_assets import PRESETS, build_assets  # noqa: E402
 from bench_report import summarize, write_reports  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+BIN = Path(os.environ.get("FT_BENCH_BIN") or Path(sys.executable).parent)  # where `ft` and `trl` are
 SIDES = ("ours", "trl-default", "trl-best", "trl-packed")
 TRL_FLAGS = {
     "sft": {
@@ -79,8 +79,8 @@ def ours_command(run: Path, assets: dict, w: dict, max_steps: int | None, extra:
         train["max_steps"] = max_steps
     recipe = {
         "name": "bench",
-        "model": {"name_or_path": assets["model"], "dtype": "float32"},
-        "quantization": {"mode": "nf4", "double_quant": True, "compute_dtype": "float32"},
+        "model": {"name_or_path": assets["model"], "dtype": w.get("dtype", "float32")},
+        "quantization": {"mode": "nf4", "double_quant": True, "compute_dtype": w.get("dtype", "float32")},
         "lora": {"r": w["lora_r"], "alpha": w["lora_alpha"], "dropout": w["lora_dropout"],
                  "target_modules": w["targets"]},
         "data": {"train": [{"path": assets["train"]}], "max_length": w["max_length"], "train_on": "assistant",
@@ -99,15 +99,18 @@ def ours_command(run: Path, assets: dict, w: dict, max_steps: int | None, extra:
 def trl_command(side: str, run: Path, assets: dict, w: dict, max_steps: int | None) -> list[str]:
     cfg = {
         "model_name_or_path": assets["model"], "dataset_name": assets["train_dir"], "output_dir": str(run / "out"),
-        "dtype": "float32", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "use_bnb_nested_quant": True,
+        "dtype": w.get("dtype", "float32"), "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+        "use_bnb_nested_quant": True,
         "use_peft": True, "lora_r": w["lora_r"], "lora_alpha": w["lora_alpha"], "lora_dropout": w["lora_dropout"],
         "lora_target_modules": [w["targets"]], "max_length": w["max_length"],
         "per_device_train_batch_size": w["micro_batch"], "gradient_accumulation_steps": w["grad_accum"],
         "learning_rate": w["lr"], "lr_scheduler_type": w["scheduler"], "num_train_epochs": w["epochs"],
         "seed": w["seed"], "logging_steps": 1, "save_strategy": "no", "report_to": "none", "optim": w["optimizer"],
         "dataloader_num_workers": 0, "disable_tqdm": True,
-        "use_cpu": True,  # without it trl's default bf16=True refuses to start on a machine without a GPU
-        **TRL_FLAGS[w["mode"]][side],
+        # without use_cpu trl's default bf16=True refuses to start on a machine without a GPU; a GPU profile
+        # (scripts/gpu/bench_gpu.py) sets dtype, use_cpu and the flags of each side in the work settings
+        "use_cpu": w.get("use_cpu", True),
+        **w.get("trl_flags", TRL_FLAGS[w["mode"]])[side],
     }
     if w["mode"] == "sft":
         cfg["assistant_only_loss"] = True

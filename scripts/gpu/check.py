@@ -1,0 +1,257 @@
+"""The GPU acceptance check's driver: every step in its own process, each with a time budget, one summary.
+
+    python scripts/gpu/check.py --wheels .whl --out OUT            # on the GPU machine (scripts/gpu/check.sh does this)
+    python scripts/gpu/check.py --rehearse --out OUT               # every step on this CPU, tiny model
+
+Standard library only: the driver imports nothing that a step installs, so a step that crashes, hangs or runs out
+of memory ends as one failed row of the summary, not as a lost run. A step runs as `steps.py NAME` (see there) in a
+process group of its own and is killed when it passes its budget or the check's total budget (`--budget`, 480 s on
+the GPU: the machine allows 10 minutes per command). A step whose inputs failed is skipped, with the reason. After
+every step `summary.json` and `summary.md` are rewritten in OUT, so a check stopped from outside still leaves what
+it measured; the output of every step goes to stdout (check.sh copies it to OUT/check.log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+import summary as summary_md  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step: its name, what it is, its budget in seconds (GPU, rehearsal) and the steps it needs."""
+
+    name: str
+    title: str
+    budget: tuple[int, int]
+    needs: tuple[str, ...] = ()
+    any_of: tuple[str, ...] = ()  # at least one of these must have passed
+
+
+STEPS = (
+    Step("install", "install the wheels ahead of the image's packages (pip --no-index --no-deps --target)", (60, 60)),
+    Step("env", "versions, where each package is imported from, CUDA, the bitsandbytes library loaded", (90, 60)),
+    Step("gpu-tests", "tests/gpu in its own pytest process: compiled Triton kernels, forward and backward", (150, 90),
+         needs=("env",)),
+    Step("matmul-peak", "bf16 (and fp32) matmul peak of this device, measured in this run", (45, 30), needs=("env",)),
+    Step("assets", "random Llama (1.24B, 128k vocabulary; tiny on the CPU), tokenizer, SFT and DPO data", (90, 60),
+         needs=("env",)),
+    Step("sft-ours", "ft train: QLoRA SFT, recipe defaults", (150, 90), needs=("assets",)),
+    Step("sft-trl-best", "trl sft: the same work, trl's best flags", (180, 120), needs=("assets",)),
+    Step("dpo-ours", "ft train: QLoRA DPO, recipe defaults", (150, 90), needs=("assets",)),
+    Step("dpo-trl-best", "trl dpo: the same work, trl's best flags", (180, 120), needs=("assets",)),
+    Step("sft-compare", "SFT side by side: tokens/s, peak GPU memory, MFU", (60, 45), needs=("matmul-peak",),
+         any_of=("sft-ours", "sft-trl-best")),
+    Step("dpo-compare", "DPO side by side: tokens/s, pairs/s, peak GPU memory, MFU", (60, 45), needs=("matmul-peak",),
+         any_of=("dpo-ours", "dpo-trl-best")),
+    Step("dry-run", "ft train --dry-run of the SFT and DPO recipes: the memory estimate", (90, 60), needs=("assets",)),
+    Step("memory", "the dry run's estimate against the measured peak GPU memory", (30, 30), needs=("dry-run",),
+         any_of=("sft-ours", "dpo-ours")),
+    Step("export", "ft export --format merged of the SFT run, verified against the trained model", (150, 90),
+         needs=("sft-ours",)),
+    Step("fsdp-sft", "SFT with distributed.strategy fsdp, one process: loss vs the plain run", (120, 90),
+         needs=("sft-ours",)),
+    Step("fsdp-dpo", "DPO with distributed.strategy fsdp, one process: loss vs the plain run", (120, 90),
+         needs=("dpo-ours",)),
+)
+DERIVED = {"nf4-bit-exact": ("gpu-tests", "NF4 dequantization bit-exact against bitsandbytes' CUDA kernels")}
+SECRET = re.compile(r"TOKEN|SECRET|PASSWORD|API_KEY|_KEY$|CREDENTIAL", re.IGNORECASE)
+
+
+def write_wrappers(bin_dir: Path) -> Path:
+    """`ft` and `trl` commands that run this interpreter (the wheels are importable, not installed as scripts)."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for name, module in (("ft", "finetune"), ("trl", "trl.cli.main")):
+        path = bin_dir / name
+        path.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m {module} "$@"\n')
+        path.chmod(0o755)
+    return bin_dir
+
+
+def step_env(work: Path, site: Path | None) -> dict[str, str]:
+    """The environment of every step: the wheels first on the path, offline, no credentials."""
+    env = {k: v for k, v in os.environ.items() if not SECRET.search(k)}
+    path = [str(site)] if site else []
+    path += [str(ROOT), str(HERE.parent), str(HERE)]
+    if env.get("PYTHONPATH"):
+        path.append(env["PYTHONPATH"])
+    env.update(PYTHONPATH=os.pathsep.join(path), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false",
+               HF_HOME=str(work / "hf-home"), FT_BENCH_BIN=str(write_wrappers(work / "bin")),
+               FT_GPU_SITE=str(site or ""))
+    return env
+
+
+def run_process(cmd: list[str], env: dict, timeout: float, prefix: str) -> tuple[int | None, float, list[str]]:
+    """Run `cmd` in its own process group, echoing its output; kill the group at `timeout` seconds.
+
+    Returns:
+        The exit code (None when killed at the timeout), the wall seconds and the last 40 lines of output.
+    """
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True, text=True, errors="replace", bufsize=1)
+    tail: list[str] = []
+    timed_out = [False]
+
+    def kill() -> None:
+        timed_out[0] = True
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                proc.wait(timeout=10)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    timer = threading.Timer(max(timeout, 1), kill)
+    timer.start()
+    try:
+        for line in proc.stdout:
+            print(f"[{prefix}] {line.rstrip()}", flush=True)
+            tail = (tail + [line.rstrip()])[-40:]
+        proc.wait()
+    finally:
+        timer.cancel()
+    return (None if timed_out[0] else proc.returncode), time.time() - t0, tail
+
+
+def install(wheels: Path | None, site: Path, rehearse: bool, env: dict, timeout: float) -> dict:
+    """The install step: every wheel (on the GPU), or those that fit this interpreter (rehearsal)."""
+    if wheels is None:
+        return {"status": "skipped", "reason": "no WHEELDIR given: the rehearsal uses this interpreter's packages"}
+    from wheels import fitting
+
+    fit, other = fitting(wheels)
+    if other and not rehearse:
+        return {"status": "failed", "reason": "wheels for another Python or platform: "
+                + ", ".join(w.name for w in other)}
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-compile",
+           "--no-cache-dir", "--upgrade", "--target", str(site), *map(str, fit)]
+    code, seconds, tail = run_process(cmd, env, timeout, "install")
+    figures = {"installed": [w.name for w in fit], "not_for_this_python": [w.name for w in other],
+               "target": str(site)}
+    if code != 0:
+        return {"status": "failed", "reason": f"pip exited with {code}", "figures": figures, "log_tail": tail}
+    note = f"; {len(other)} wheel(s) for Python 3.12 left out on this Python" if other else ""
+    return {"status": "passed", "reason": f"{len(fit)} wheels into {site}{note}", "figures": figures}
+
+
+def expand(names: set[str]) -> set[str]:
+    """`names` with every step they need (directly or through others), install and env always."""
+    if not names:
+        return names
+    by_name = {s.name: s for s in STEPS}
+    unknown = names - by_name.keys()
+    if unknown:
+        raise SystemExit(f"--only: unknown step(s) {sorted(unknown)}; steps: {', '.join(by_name)}")
+    todo, out = list(names | {"install", "env"}), set()
+    while todo:
+        name = todo.pop()
+        if name not in out:
+            out.add(name)
+            todo += [*by_name[name].needs, *by_name[name].any_of]
+    return out
+
+
+def blocked(step: Step, results: dict) -> str | None:
+    """Why a step cannot run (an input step did not pass), or None."""
+    for need in step.needs:
+        if results.get(need, {}).get("status") != "passed":
+            return f"needs {need}, which {results.get(need, {}).get('status', 'did not run')}"
+    if step.any_of and not any(results.get(n, {}).get("status") == "passed" for n in step.any_of):
+        return f"needs one of {', '.join(step.any_of)} to have passed"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="summary.json, summary.md (and check.log, written by check.sh)")
+    ap.add_argument("--wheels", default=None, help="the wheelhouse (scripts/gpu/wheelhouse.sh)")
+    ap.add_argument("--work", default=None, help="models, data and runs (default: $TMPDIR/ft-gpu-check)")
+    ap.add_argument("--rehearse", action="store_true", help="run every step on the CPU with a tiny model")
+    ap.add_argument("--budget", type=float, default=None, help="total seconds (default 480 on a GPU, 900 rehearsal)")
+    ap.add_argument("--only", default="", help="comma list of steps to run (the steps they need run too)")
+    args = ap.parse_args(argv)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    mode = "rehearse" if args.rehearse else "gpu"
+    work = Path(args.work or Path(os.environ.get("TMPDIR", "/tmp")) / f"ft-gpu-{mode}").resolve()
+    if work.exists():
+        import shutil
+
+        shutil.rmtree(work)
+    (work / "results").mkdir(parents=True)
+    wheels = Path(args.wheels).resolve() if args.wheels else None
+    site = work / "site" if wheels else None
+    env = step_env(work, site)
+    budget = args.budget or (900.0 if args.rehearse else 480.0)
+    started = time.time()
+    only = expand({s for s in args.only.split(",") if s})
+    results: dict[str, dict] = {}
+    state = {"mode": mode, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "budget_seconds": budget,
+             "command": " ".join([Path(sys.executable).name, *(sys.argv if argv is None else argv)]),
+             "work": str(work), "python": sys.version.split()[0]}
+    for step in STEPS:
+        left = budget - (time.time() - started)
+        limit = min(step.budget[1 if args.rehearse else 0], left)
+        if only and step.name not in only:
+            results[step.name] = {"status": "skipped", "reason": "not asked for (--only)"}
+        elif (why := blocked(step, results)) is not None:
+            results[step.name] = {"status": "skipped", "reason": why}
+        elif limit < min(20, step.budget[0] / 2):
+            results[step.name] = {"status": "skipped", "reason": f"the check's {budget:.0f} s budget is spent "
+                                  f"({left:.0f} s left)"}
+        else:
+            print(f"\n=== {step.name}: {step.title} (up to {limit:.0f} s)", flush=True)
+            t0 = time.time()
+            if step.name == "install":
+                result = install(wheels, site, args.rehearse, env, limit)
+            else:
+                cmd = [sys.executable, str(HERE / "steps.py"), "--work", str(work), step.name]
+                cmd += ["--rehearse"] if args.rehearse else []
+                code, _, tail = run_process(cmd, env, limit, step.name)
+                path = work / "results" / f"{step.name}.json"
+                result = json.loads(path.read_text()) if path.exists() else {}
+                if code is None:
+                    result = {"status": "failed", "reason": f"timed out after {limit:.0f} s", "log_tail": tail}
+                elif not result:
+                    result = {"status": "failed", "reason": f"exit code {code}, no result", "log_tail": tail}
+                elif code != 0 and result.get("status") == "passed":
+                    result.update(status="failed", reason=f"exit code {code} after it reported passing")
+            result["seconds"] = round(time.time() - t0, 1)
+            results[step.name] = result
+            print(f"=== {step.name}: {result['status']} in {result['seconds']} s: {result.get('reason', '')}",
+                  flush=True)
+        for derived, (parent, _) in DERIVED.items():
+            path = work / "results" / f"{derived}.json"
+            if step.name == parent:
+                results[derived] = (json.loads(path.read_text()) if path.exists()
+                                    else {"status": "skipped", "reason": f"{parent}: {results[parent]['status']}"})
+        state["wall_seconds"] = round(time.time() - started, 1)
+        summary_md.write(out, state, results, STEPS, DERIVED)
+    failed = [n for n, r in results.items() if r["status"] == "failed"]
+    print(f"\ncheck {'passed' if not failed else 'FAILED: ' + ', '.join(failed)} in {state['wall_seconds']} s; "
+          f"{out / 'summary.md'}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
