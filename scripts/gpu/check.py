@@ -82,17 +82,38 @@ def write_wrappers(bin_dir: Path) -> Path:
     return bin_dir
 
 
+def project_overlay(work: Path) -> Path:
+    """An importable `finetune` for a checkout that is not installed; returns the folder to put on the path.
+
+    The package's `finetune.kernels` lives in `kernels/` (pyproject's package-dir), which only an install maps: the
+    GPU machine has the tree alone. `WORK/src/finetune` holds a link to every entry of `finetune/` and `kernels` ->
+    `kernels/`, so the steps run the tree's own files (edits included) without installing anything.
+    """
+    pkg = work / "src" / "finetune"
+    pkg.mkdir(parents=True, exist_ok=True)
+    for entry in sorted((ROOT / "finetune").iterdir()):
+        if entry.name != "__pycache__":
+            (pkg / entry.name).symlink_to(entry)
+    (pkg / "kernels").symlink_to(ROOT / "kernels")
+    return pkg.parent
+
+
 def step_env(work: Path, site: Path | None) -> dict[str, str]:
-    """The environment of every step: the wheels first on the path, offline, no credentials."""
+    """The environment of every step: the wheels first on the path, offline, no credentials.
+
+    `PYTHONSAFEPATH` keeps `python -m ...` run from the tree from putting the tree's `finetune/` (no kernels) ahead
+    of the overlay; the tree itself comes last, for `scripts/` and `tests/`.
+    """
     env = {k: v for k, v in os.environ.items() if not SECRET.search(k)}
     path = [str(site)] if site else []
-    path += [str(ROOT), str(HERE.parent), str(HERE)]
+    path += [str(project_overlay(work)), str(HERE.parent), str(HERE)]
     if env.get("PYTHONPATH"):
         path.append(env["PYTHONPATH"])
-    env.update(PYTHONPATH=os.pathsep.join(path), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false",
+    path.append(str(ROOT))
+    env.update(PYTHONPATH=os.pathsep.join(path), PYTHONSAFEPATH="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false",
                HF_HOME=str(work / "hf-home"), FT_BENCH_BIN=str(write_wrappers(work / "bin")),
-               FT_GPU_SITE=str(site or ""))
+               FT_GPU_SITE=str(site or ""), FT_GPU_SRC=path[1 if site else 0])
     return env
 
 

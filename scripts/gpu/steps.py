@@ -27,11 +27,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-for _p in (HERE, HERE.parent, ROOT):
+for _p in (HERE, HERE.parent):  # not ROOT: finetune comes from PYTHONPATH (check.py's project_overlay)
     sys.path.insert(0, str(_p))
 import bench_gpu  # noqa: E402
 
-REQUIRED = ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate", "pydantic", "finetune")
+REQUIRED = ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate", "pydantic", "finetune",
+            "finetune.kernels")
 OPTIONAL = ("tokenizers", "huggingface_hub", "typer", "safetensors", "triton", "liger_kernel", "flash_attn", "pyarrow",
             "numpy")
 
@@ -64,6 +65,14 @@ def step_env(work: Path, rehearse: bool) -> dict:
             modules[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
             if name in REQUIRED:
                 broken.append(name)
+    problems = []
+    if "finetune" not in broken:  # the tree's files through check.py's overlay, not an installed or stale copy
+        import finetune
+
+        pkg_dir = Path(finetune.__path__[0])
+        src = os.environ.get("FT_GPU_SRC")
+        if src and pkg_dir.parent != Path(src):
+            problems.append(f"finetune imported from {pkg_dir}, not the check's copy of the tree in {src}")
     import torch
 
     figures: dict = {"modules": modules, "python": sys.version.split()[0],
@@ -103,7 +112,7 @@ def step_env(work: Path, rehearse: bool) -> dict:
             if not req.specifier.contains(Version(dep), prereleases=True):
                 unmet.append(f"{name} needs {req}: {dep} installed")
     figures.update(pins_not_first=wrong, unmet_requirements=unmet)
-    problems = [f"cannot import {', '.join(broken)}"] if broken else []
+    problems += [f"cannot import {', '.join(broken)}"] if broken else []
     problems += wrong if site else []
     if not rehearse and not torch.cuda.is_available():
         problems.append("torch sees no CUDA device")
