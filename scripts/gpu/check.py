@@ -210,7 +210,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rehearse", action="store_true", help="run every step on the CPU with a tiny model")
     ap.add_argument("--budget", type=float, default=None, help="total seconds (default 480 on a GPU, 900 rehearsal)")
     ap.add_argument("--only", default="", help="comma list of steps to run (the steps they need run too)")
+    ap.add_argument("--limit", action="append", default=[], metavar="STEP=SECONDS",
+                    help="another time budget for one step (repeatable)")
     args = ap.parse_args(argv)
+    limits = {}
+    for item in args.limit:
+        step_name, _, seconds = item.partition("=")
+        if step_name not in {s.name for s in STEPS} or not seconds.replace(".", "", 1).isdigit():
+            raise SystemExit(f"--limit {item}: expected STEP=SECONDS with one of {', '.join(s.name for s in STEPS)}")
+        limits[step_name] = float(seconds)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     mode = "rehearse" if args.rehearse else "gpu"
@@ -232,12 +240,12 @@ def main(argv: list[str] | None = None) -> int:
              "work": str(work), "python": sys.version.split()[0]}
     for step in STEPS:
         left = budget - (time.time() - started)
-        limit = min(step.budget[1 if args.rehearse else 0], left)
+        limit = min(limits.get(step.name, step.budget[1 if args.rehearse else 0]), left)
         if only and step.name not in only:
             results[step.name] = {"status": "skipped", "reason": "not asked for (--only)"}
         elif (why := blocked(step, results)) is not None:
             results[step.name] = {"status": "skipped", "reason": why}
-        elif limit < min(20, step.budget[0] / 2):
+        elif limit < min(20, step.budget[0] / 2, limits.get(step.name, 20)):
             results[step.name] = {"status": "skipped", "reason": f"the check's {budget:.0f} s budget is spent "
                                   f"({left:.0f} s left)"}
         else:

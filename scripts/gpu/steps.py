@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -282,6 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     name = args.name
     try:
+        # planted faults, for the check's own tests: a step that fails, or hangs until check.py kills it
+        if name in os.environ.get("FT_GPU_CHECK_FAIL", "").split(","):
+            raise RuntimeError("failure planted by FT_GPU_CHECK_FAIL")
+        if name in os.environ.get("FT_GPU_CHECK_HANG", "").split(","):
+            time.sleep(3600)
         if name in ("sft-ours", "sft-trl-best", "dpo-ours", "dpo-trl-best"):
             mode, side = name.split("-", 1)
             result = step_bench(work, args.rehearse, mode, side)
