@@ -166,14 +166,20 @@ def settings(mode: str, rehearse: bool) -> tuple[object, dict]:
 
 
 def run_side(work: Path, mode: str, side: str, rehearse: bool, max_steps: int | None = None,
-             extra: list[str] | None = None, label: str | None = None) -> dict:
+             extra: list[str] | None = None, label: str | None = None, drop_flags: tuple[str, ...] = ()) -> dict:
     """One training run of the benchmark (`ours` or a trl side) in its own process; its figures.
+
+    `drop_flags` leaves those trl-best flags out (the retry of a run that a flag broke).
 
     Raises:
         SystemExit: the run failed (the message holds the end of its log).
     """
     assets = json.loads((work / "assets" / "assets.json").read_text())
     args, w = settings(mode, rehearse)
+    if drop_flags and "trl_flags" in w:
+        best = {k: v for k, v in w["trl_flags"]["trl-best"].items() if k not in drop_flags}
+        w["trl_flags"] = {**w["trl_flags"], "trl-best": best}
+        w["trl_notes"] = [*w["trl_notes"], f"left out after the first try failed: {', '.join(drop_flags)}"]
     args.work = str(work / "bench")
     args.cap = {side: max_steps} if max_steps else {}
     args.ours_set = list(extra or [])
@@ -225,10 +231,11 @@ def compare(work: Path, mode: str, rehearse: bool, peaks: dict) -> dict:
                        "tokens_real": run["probe"]["tokens_real"], "tokens_labels": run["probe"]["tokens_labels"],
                        "final_train_loss": run["final_train_loss"],
                        "mfu": per_token * rate / peaks[peak_key]["flops"]}
+    used = results.get("trl-best", {}).get("work", w)  # the flags the trl run had (a retry may have dropped one)
     out = {"mode": mode, "sides": sides, "dataset": summary["dataset"], "flops_per_token": per_token,
            "flops_terms": flops, "mfu_against": f"{peak_key} matmul peak {peaks[peak_key]['flops'] / 1e12:.3g} TFLOP/s",
-           "trl_best_flags": w.get("trl_flags", bench_train.TRL_FLAGS[mode])["trl-best"],
-           "trl_notes": w.get("trl_notes", ["rehearsal: the CPU benchmark's trl-best flags"])}
+           "trl_best_flags": used.get("trl_flags", bench_train.TRL_FLAGS[mode])["trl-best"],
+           "trl_notes": used.get("trl_notes", ["rehearsal: the CPU benchmark's trl-best flags"])}
     if {"ours", "trl-best"} <= sides.keys():
         ours, trl = sides["ours"], sides["trl-best"]
         ratios = {"tokens_per_second": ours["tokens_per_second"] / trl["tokens_per_second"],

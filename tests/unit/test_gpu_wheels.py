@@ -136,3 +136,28 @@ def test_steps_skip_when_an_input_step_did_not_pass(gpu):
     assert check.expand({"memory"}) >= {"install", "env", "assets", "dry-run", "sft-ours", "dpo-ours", "memory"}
     with pytest.raises(SystemExit, match="unknown step"):
         check.expand({"nope"})
+
+
+def test_trl_best_is_tried_again_without_liger_when_liger_breaks_it(gpu, monkeypatch):
+    sys.path[:0] = [str(ROOT / "scripts")]
+    try:
+        steps = importlib.import_module("steps")
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    calls = []
+
+    def run_side(work, mode, side, rehearse, label=None, drop_flags=()):
+        calls.append(drop_flags)
+        if not drop_flags:
+            raise SystemExit("[bench] trl-best rep 0 failed (exit 1): liger error")
+        return {"tokens_per_second": 10.0, "probe": {"steps": [[1, 0.0, 0]]}, "peak_gpu_bytes": None}
+
+    monkeypatch.setattr(steps.bench_gpu, "run_side", run_side)
+    monkeypatch.setattr(steps.bench_gpu, "availability", lambda: {"liger_kernel": True, "flash_attn_2": False})
+    result = steps.step_bench(Path("unused"), False, "sft", "trl-best")
+    assert calls == [(), ("use_liger_kernel",)] and result["status"] == "passed"
+    assert "liger error" in result["figures"]["run"]["first_try_failed"]
+    calls.clear()
+    with pytest.raises(SystemExit):  # ours is never retried
+        steps.step_bench(Path("unused"), False, "sft", "ours")
+    assert calls == [()]
