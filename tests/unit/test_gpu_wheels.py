@@ -161,3 +161,28 @@ def test_trl_best_is_tried_again_without_liger_when_liger_breaks_it(gpu, monkeyp
     with pytest.raises(SystemExit):  # ours is never retried
         steps.step_bench(Path("unused"), False, "sft", "ours")
     assert calls == [()]
+
+
+def test_memory_step_states_the_estimates_error_against_the_measured_peak(gpu, tmp_path):
+    import json
+
+    sys.path[:0] = [str(ROOT / "scripts")]
+    try:
+        steps = importlib.import_module("steps")
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    (tmp_path / "results").mkdir()
+    gib = 2**30
+
+    def put(name, figures):
+        (tmp_path / "results" / f"{name}.json").write_text(json.dumps({"status": "passed", "figures": figures}))
+
+    put("dry-run", {"sft": {"peak_memory": 12 * gib}, "dpo": {"peak_memory": 9 * gib}})
+    put("sft-ours", {"run": {"peak_gpu_bytes": 10 * gib}})
+    put("dpo-ours", {"run": {"peak_gpu_bytes": None}})  # a run without CUDA measures nothing
+    result = steps.step_memory(tmp_path, False)
+    assert result["status"] == "passed"
+    assert result["figures"]["sft"]["error"] == pytest.approx(0.2) and result["figures"]["dpo"]["error"] is None
+    assert result["reason"] == "sft: estimate 12.00 GiB vs measured 10.00 GiB (+20%)"
+    put("sft-ours", {"run": {"peak_gpu_bytes": None}})
+    assert steps.step_memory(tmp_path, True)["status"] == "skipped"
