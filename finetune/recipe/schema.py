@@ -165,6 +165,10 @@ class DataConfig(Section):
     notice), a registry name (chatml, llama-3, mistral, gemma, phi-3, plain), or a path to a Jinja file."""
     train_on: Literal["assistant", "all"] = "assistant"
     """Which tokens carry labels: every assistant turn (and its end-of-turn token), or the whole text."""
+    train_on_reasoning: bool = True
+    """Train on the reasoning of assistant turns (`reasoning_content` / `thinking` fields, or `<think>...</think>` in
+    the content) as the chat template renders it. False: the reasoning and its closing marker carry no label, so the
+    model learns the answer and tool calls given the reasoning. Needs `train_on: assistant`."""
     max_length: Annotated[int, Field(ge=8)] = 1024
     """Longest sample in tokens (and the length of a packed row with `packing`)."""
     length_policy: Literal["truncate", "drop"] = "truncate"
@@ -198,6 +202,9 @@ class DataConfig(Section):
             problems.append("data.train: set `weight` on every source or on none (weights are shares of the mix)")
         if any(src.weight is not None for src in self.eval):
             problems.append("data.eval: `weight` applies to training sources only")
+        if not self.train_on_reasoning and self.train_on == "all":
+            problems.append("data.train_on_reasoning: false masks the reasoning inside assistant turns; it needs "
+                            "train_on: assistant (train_on: all trains every token)")
         if self.eval and self.eval_fraction:
             problems.append("data: both `eval` sources and `eval_fraction` are set; keep one")
         if problems:
