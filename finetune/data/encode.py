@@ -3,13 +3,14 @@
 The whole conversation is rendered once (with the row's `tools`), exactly as `apply_chat_template` renders it. For
 each assistant turn the conversation before it is rendered with the generation prompt (`head`), which must be the
 start of the whole text; the turn's trained span runs from there to its end-of-turn token, inclusive (the last one
-the turn's own rendering holds; anything the template writes after it, such as a newline, is not trained). The span holds what the model must produce:
-its reasoning as the template renders it, the answer, the tool calls. Tool results, user and system turns lie
-outside every span. Templates that render a turn differently once later turns follow (Qwen3 drops the reasoning of
-turns before the last user message) are handled as the template renders the whole conversation: such a turn ends at
-the first end-of-turn token after its head, and a turn whose reasoning the template drops trains without it. With `train_on_reasoning` off, a turn's span starts after its
-reasoning and the template's closing marker (`</think>`), so the reasoning is context, not target. The text is
-tokenized once and a token carries a label when its last character falls inside a trained span.
+the turn's own rendering holds; anything the template writes after it, such as a newline, is not trained). The span
+holds what the model must produce: its reasoning as the template renders it, the answer, the tool calls. Tool
+results, user and system turns lie outside every span. Templates that render a turn differently once later turns
+follow (Qwen3 drops the reasoning of turns before the last user message) are handled as the template renders the
+whole conversation: such a turn ends at the first end-of-turn token after its head, and a turn whose reasoning the
+template drops trains without it. With `train_on_reasoning` off, a turn's span starts after its reasoning and the
+template's closing marker (`</think>`), so the reasoning is context, not target. The text is tokenized once and a
+token carries a label when its last character falls inside a trained span.
 
 `encode_example` is the per-row entry point (a normalised row in, ids and labels out).
 """

@@ -180,9 +180,9 @@ def check_tool_results(messages: list[dict[str, Any]]) -> Problem | None:
         elif m["role"] == "tool":
             where = f"message {k + 1} (tool)"
             if answered >= len(calls):
+                more = f": {len(calls)} call(s), more results" if calls else ""
                 return Problem("a tool result with no tool call before it (each tool message answers a call of the "
-                               "assistant message before it)", where + ("" if not calls else
-                                                                        f": {len(calls)} call(s), more results"))
+                               "assistant message before it: add the call, or drop the result)", where + more)
             ids = {c["id"] for c in calls if "id" in c}
             if m.get("tool_call_id") and ids and m["tool_call_id"] not in ids:
                 return Problem("a tool result whose tool_call_id matches no call before it",
@@ -201,6 +201,8 @@ def normalise_tools(value: Any) -> str | None | Problem:
             value = json.loads(value)
         except json.JSONDecodeError as e:
             return Problem("a 'tools' column that is not valid JSON", f"{e.msg} at character {e.pos}")
+        if value == []:
+            return None
     kind = ("a 'tools' column that is not a list of JSON schemas (each one {\"type\": \"function\", \"function\": "
             "{\"name\": ..., \"parameters\": {...}}})")
     if not isinstance(value, list):
