@@ -95,6 +95,22 @@ def _template_input(tokenizer: Any, messages: list[dict[str, Any]], tools: Any
     return for_support(messages, found), schemas, found
 
 
+def _dropping_as_the_template(tokenizer: Any, messages: list[dict[str, Any]], schemas: Any, found: Any
+                              ) -> list[dict[str, Any]]:
+    """The messages without the past reasoning the template drops, when that renders the whole conversation the
+    same (Qwen3: else a turn after a tool result would find earlier turns rendered with their reasoning)."""
+    from finetune.data.probe import without_dropped_reasoning
+
+    stripped = without_dropped_reasoning(messages, found)
+    if stripped is messages or stripped == messages:
+        return messages
+    try:
+        same = render(tokenizer, stripped, tools=schemas) == render(tokenizer, messages, tools=schemas)
+    except Exception:  # refused either way: assistant_spans reports it
+        return messages
+    return stripped if same else messages
+
+
 def _reasoning_stats(text: str, spans: list[tuple[int, int]], reasoning: list[str], found: Any,
                      train_on_reasoning: bool) -> tuple[list[tuple[int, int]], dict[str, int]]:
     """The spans with each rendered reasoning left out when it is not trained, and the reasoning counts."""
@@ -149,6 +165,8 @@ def encode_messages(tokenizer: Any, messages: list[dict[str, Any]], train_on: st
         return Encoded(ids, list(ids), turns, max(0, turns - ids.count(eot_id)), stats)
     import numpy as np  # here, not at the top: `ft validate` imports this package and should stay light
 
+    if found is not None:
+        messages = _dropping_as_the_template(tokenizer, messages, schemas, found)
     text, spans = assistant_spans(tokenizer, messages, eot, schemas)
     spans, more = _reasoning_stats(text, spans, reasoning, found, train_on_reasoning)
     stats.update(more)

@@ -103,3 +103,15 @@ def for_support(messages: list[dict[str, Any]], found: Support) -> list[dict[str
                 m["content"] = f"{INLINE_OPEN}{reasoning}{INLINE_CLOSE}{m['content']}"
         out.append(m)
     return out
+
+
+def without_dropped_reasoning(messages: list[dict[str, Any]], found: Support) -> list[dict[str, Any]]:
+    """The messages with the reasoning that a template dropping past reasoning leaves out of the whole conversation
+    (that of assistant turns before the last user message) already removed, so that conversations cut short before
+    a later turn render those turns as the whole conversation does (`encode` finds each turn from such prefixes)."""
+    field = found.reasoning_field
+    if not (found.drops_past_reasoning and field):
+        return messages
+    last_user = max((k for k, m in enumerate(messages) if m["role"] == "user"), default=-1)
+    return [{k: v for k, v in m.items() if k != field} if i < last_user and m["role"] == "assistant" else m
+            for i, m in enumerate(messages)]

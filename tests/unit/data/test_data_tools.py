@@ -115,6 +115,22 @@ def test_qwen3_drops_past_reasoning_as_the_template_does(cfg, qwen3, write):
                                      "reasoning_rendered": 1, "reasoning_trained": 1}
 
 
+def test_qwen3_agent_loop_then_a_new_question_drops_the_loops_reasoning(cfg, qwen3, write):
+    # The reasoning of the tool-calling turns is dropped once a later user message follows (as Qwen3 renders it);
+    # a prefix ending at the tool result would render it, so it is left out of every rendering of the row.
+    row = {"messages": [user("Oslo?"), {**CALL, "reasoning_content": "Need data."}, RESULT,
+                        assistant("Cold.", reasoning_content="Below zero."), user("Rome?"),
+                        assistant("Warm.", reasoning_content="Mild.")], "tools": [WEATHER]}
+    prepared, [sample] = encoded(cfg, qwen3, [row], write)
+    assert sample == parse(qwen3, (
+        f"{QWEN_TOOLS}{S}user\nOslo?{E}\n"
+        f"{S}assistant\n«<tool_call>\n{{\"name\": \"weather\", \"arguments\": {{\"city\": \"Oslo\"}}}}\n"
+        f"</tool_call>{E}»\n{S}user\n<tool_response>\n-3C\n</tool_response>{E}\n"
+        f"{S}assistant\n«Cold.{E}»\n{S}user\nRome?{E}\n"
+        f"{S}assistant\n«<think>\nMild.\n</think>\n\nWarm.{E}»\n"))
+    assert prepared.report.stats["reasoning_turns"] == 3 and prepared.report.stats["reasoning_rendered"] == 1
+
+
 def test_reasoning_masked_with_train_on_reasoning_false(cfg, qwen3, write):
     # An agent loop after one user message: both turns keep their reasoning; neither trains it.
     row = {"messages": [user("Oslo?"), {**CALL, "reasoning_content": "Need data."}, RESULT,
