@@ -141,7 +141,8 @@ def normalise_message(item: Any, default_role: str, where: str) -> dict[str, Any
         calls, raw = _sharegpt_call(raw, where), ""
     elif item.get("tool_calls") not in (None, []):
         if role != "assistant":
-            return Problem("tool calls on a turn that is not the assistant's", where)
+            return Problem("tool calls on a turn that is not the assistant's (only the model calls tools; move them to "
+                           "the assistant message)", where)
         calls = tool_calls(item["tool_calls"], where)
     if isinstance(calls, Problem):
         return calls
@@ -200,7 +201,8 @@ def normalise_tools(value: Any) -> str | None | Problem:
         try:
             value = json.loads(value)
         except json.JSONDecodeError as e:
-            return Problem("a 'tools' column that is not valid JSON", f"{e.msg} at character {e.pos}")
+            return Problem("a 'tools' column that is not valid JSON (write it as a JSON list of schemas)",
+                           f"{e.msg} at character {e.pos}")
         if value == []:
             return None
     kind = ("a 'tools' column that is not a list of JSON schemas (each one {\"type\": \"function\", \"function\": "
