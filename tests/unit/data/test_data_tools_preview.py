@@ -92,3 +92,26 @@ def test_template_that_ignores_tools_is_reported_with_file_and_line(tmp_path, ti
     assert ("1 row: the tools column and tool calls that the chat template does not render (it ignores them, so "
             "training would silently cut them out)") in out
     assert "data.template: tokenizer" in out
+
+
+def test_shipped_tool_data_is_the_generators_and_previews_as_the_readme_shows(in_root, no_model):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_data", in_root / "scripts" / "make_data.py")
+    make_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_data)
+    shipped = [json.loads(line) for line in (in_root / "data/quickstart/tools_train.jsonl").read_text().splitlines()]
+    assert make_data.make_tools(make_data.build_world()) == shipped
+    result = CliRunner().invoke(app, [  # the README's command, without the on-disk cache
+        "data", "preview", "recipes/quickstart.yaml", "--set", "data.train[0].path=data/quickstart/tools_train.jsonl",
+        "--set", "data.template=tests/templates/qwen3_tools.jinja", "--set", "data.max_length=1024",
+        "--set", "data.cache_dir=null", "-n", "1"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert ("<|im_start|>assistant\n«<think>\nThe registry has the instrument of Druna Graixquist.\n</think>\n\n"
+            "<tool_call>\n{\"name\": \"lookup\", \"arguments\": {\"name\": \"Druna Graixquist\", \"attribute\": "
+            "\"instrument\"}}\n</tool_call><|im_end|>»\n<|im_start|>user\n<tool_response>\n{\"name\": \"Druna "
+            "Graixquist\", \"instrument\": \"drum\"}\n</tool_response><|im_end|>\n") in out
+    assert "32 tool calls (trained: they are the assistant's), 32 tool results (masked)" in out
+    assert "16 assistant turns carry it; 16 rendered by the chat template; 16 trained, 0 masked" in out
+    assert "18,530 tokens, 18.4% trained" in out and "FAIL" not in out
