@@ -21,8 +21,9 @@ _FN, _ARG, _RESULT, _R1, _R2, _ANSWER = "probe_fn_q7", "probe_arg_q7", "probe_re
     "probe_r2_q7", "probe_answer_q7"
 _TOOL = {"type": "function", "function": {"name": _FN, "description": "probe",
                                            "parameters": {"type": "object", "properties": {"x": {"type": "string"}}}}}
+# The call id has 9 alphanumeric characters: Mistral's templates refuse any other.
 _CALL = {"role": "assistant", "content": "",
-         "tool_calls": [{"type": "function", "id": "call_q7", "function": {"name": _FN, "arguments": {"x": _ARG}}}]}
+         "tool_calls": [{"type": "function", "id": "q7probe01", "function": {"name": _FN, "arguments": {"x": _ARG}}}]}
 _USER = {"role": "user", "content": "Hi"}
 
 
@@ -69,7 +70,7 @@ def support(tokenizer: Any) -> Support:
     with_tools = _try(tokenizer, [_USER], True, [_TOOL])
     tools = _FN in with_tools and with_tools != _try(tokenizer, [_USER], True)
     called = _try(tokenizer, [_USER, _CALL])
-    results = _try(tokenizer, [_USER, _CALL, {"role": "tool", "content": _RESULT, "tool_call_id": "call_q7",
+    results = _try(tokenizer, [_USER, _CALL, {"role": "tool", "content": _RESULT, "tool_call_id": "q7probe01",
                                                "name": _FN}])
     field, opening, close, drops = None, INLINE_OPEN, INLINE_CLOSE, False
     head = _try(tokenizer, [_USER], True)

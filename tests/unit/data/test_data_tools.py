@@ -204,3 +204,24 @@ def test_template_refusal_names_the_row(cfg, llama31, write):
 def test_train_on_reasoning_false_needs_train_on_assistant(cfg):
     with pytest.raises(ValueError, match="train_on_reasoning: false masks the reasoning"):
         cfg("d.jsonl", train_on="all", train_on_reasoning=False)
+
+
+def test_probe_passes_templates_that_demand_mistral_style_call_ids(cfg, tok, write):
+    # Mistral's templates raise unless every call id is 9 alphanumeric characters; the probe's call has such an id,
+    # so the calls are found rendered, and rows whose ids do not fit are refused with the template's own message.
+    tok.chat_template = (
+        "{% for m in messages %}{% if m.tool_calls %}assistant: {% for c in m.tool_calls %}"
+        "{% if c.id is not defined or c.id|length != 9 %}{{ raise_exception('Tool call ids need 9 characters') }}"
+        "{% endif %}[CALL]{{ c.function.name }} {{ c.function.arguments|tojson }}{% endfor %}<|im_end|>"
+        "{% elif m.role == 'tool' %}[RESULT]{{ m.content }}{% else %}{{ m.role }}: {{ m.content }}<|im_end|>"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    from finetune.data.probe import support
+
+    found = support(tok)
+    assert found.tool_calls and found.tool_results and not found.tools
+    ok = {**CALL, "tool_calls": [{**CALL["tool_calls"][0], "id": "abcdefghi"}]}
+    _, [sample] = encoded(cfg, tok, [{"messages": [user("Oslo?"), ok, RESULT, assistant("Cold.")]}], write)
+    assert tok.decode([i for i, label in zip(*sample, strict=True) if label != -100]) == (
+        "[CALL]weather {\"city\": \"Oslo\"}<|im_end|>Cold.<|im_end|>")
+    with pytest.raises(FinetuneError, match=r"refused by the chat template \(Tool call ids need 9 characters\)"):
+        encoded(cfg, tok, [{"messages": [user("Oslo?"), CALL, RESULT, assistant("Cold.")]}], write)
