@@ -162,6 +162,7 @@ def encode_messages(tokenizer: Any, messages: list[dict[str, Any]], train_on: st
         except Exception as e:
             raise EncodeError(f"refused by the chat template ({e})") from None
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        stats.update(trained_all=1, reasoning_turns=sum(bool(r) for r in reasoning))  # results trained too
         return Encoded(ids, list(ids), turns, max(0, turns - ids.count(eot_id)), stats)
     import numpy as np  # here, not at the top: `ft validate` imports this package and should stay light
 

@@ -58,6 +58,10 @@ def shape_lines(report: DataReport, tokenizer: Any) -> list[str]:
         return []
     from finetune.data.probe import support
 
+    if stats.get("trained_all"):  # data.train_on: all
+        return [f"tool use: {calls} tool calls, {results} tool results, {given} assistant turns with reasoning: all "
+                "trained, as every token (data.train_on: all; `assistant` masks the results)",
+                *[f"template: {line}" for line in support(tokenizer).lines()]]
     lines = [f"tool use: {calls} tool calls (trained: they are the assistant's), {results} tool results (masked)"]
     if given:
         shown, trained = stats.get("reasoning_rendered", 0), stats.get("reasoning_trained", 0)

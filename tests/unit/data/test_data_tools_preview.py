@@ -115,3 +115,11 @@ def test_shipped_tool_data_is_the_generators_and_previews_as_the_readme_shows(in
     assert "32 tool calls (trained: they are the assistant's), 32 tool results (masked)" in out
     assert "16 assistant turns carry it; 16 rendered by the chat template; 16 trained, 0 masked" in out
     assert "18,530 tokens, 18.4% trained" in out and "FAIL" not in out
+
+
+def test_preview_says_results_are_trained_with_train_on_all(tmp_path, tiny_model, no_model):
+    result = preview(tmp_path, build_tool_model(tiny_model, tmp_path / "qwen3", "qwen3"), extra=", train_on: all")
+    assert result.exit_code == 0, result.output
+    assert ("tool use: 1 tool calls, 1 tool results, 3 assistant turns with reasoning: all trained, as every token "
+            "(data.train_on: all; `assistant` masks the results)") in result.output
+    assert "«<|im_start|>system\n# Tools" in result.output and "(masked)" not in result.output
