@@ -132,9 +132,11 @@ class DatasetSource(Section):
     path: str
     """A local file (.jsonl, .json, .parquet, .csv), a folder of them, a `save_to_disk` folder, or a Hub dataset id."""
     format: DataFormat = "auto"
-    """Row format. `auto` detects it from the columns and reports what it found. `unpaired` (kto stages): prompt,
-    completion and a true/false `label`. `prompts` (grpo stages): a `prompt` and, for answer-checking rewards, an
-    `answer`."""
+    """Row format. `auto` detects it from the columns and reports what it found. `messages` and `sharegpt` rows may
+    hold assistant tool calls (`tool_calls`; sharegpt `function_call` turns), tool results (`tool` / `observation`
+    turns), reasoning (`reasoning_content`, `thinking`, or `<think>...</think>`) and a `tools` column of JSON schemas
+    (README "Tool calls and reasoning"). `unpaired` (kto stages): prompt, completion and a true/false `label`.
+    `prompts` (grpo stages): a `prompt` and, for answer-checking rewards, an `answer`."""
     split: str = "train"
     """Split to read (Hub datasets and `save_to_disk` dataset dicts)."""
     subset: str | None = None
