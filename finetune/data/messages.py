@@ -4,7 +4,8 @@ A normalised message is `{"role", "content"}` plus, where the row has them: `too
 (OpenAI's shape, `[{"type": "function", "function": {"name", "arguments"}, "id"?}]`), `reasoning_content` on an
 assistant message (from a `reasoning_content`, `thinking` or `reasoning` field, or a leading `<think>...</think>` in
 the content), and `tool_call_id` / `name` on a `tool` message. sharegpt's `function_call` turns become assistant
-messages with `tool_calls`, its `observation` turns `tool` messages.
+messages with `tool_calls`, its `observation` turns `tool` messages; so does OpenAI's older `function_call` field on
+an assistant message (with `function` role results).
 
 Tool call arguments and the `tools` schemas are kept as canonical JSON strings (checked here, parsed back to objects
 by `encode` just before the chat template renders them): Arrow stores rows of differing argument keys or schemas
@@ -139,11 +140,12 @@ def normalise_message(item: Any, default_role: str, where: str) -> dict[str, Any
     calls: list[dict[str, Any]] | Problem = []
     if raw_role == "function_call":
         calls, raw = _sharegpt_call(raw, where), ""
-    elif item.get("tool_calls") not in (None, []):
+    elif item.get("tool_calls") not in (None, []) or item.get("function_call") not in (None, {}):
         if role != "assistant":
             return Problem("tool calls on a turn that is not the assistant's (only the model calls tools; move them to "
                            "the assistant message)", where)
-        calls = tool_calls(item["tool_calls"], where)
+        given = item.get("tool_calls") or item["function_call"]  # function_call: OpenAI's older single-call field
+        calls = tool_calls(given, where)
     if isinstance(calls, Problem):
         return calls
     if raw is None and (calls or role == "tool"):

@@ -184,6 +184,15 @@ def test_sharegpt_function_call_and_observation_map_to_tool_messages(cfg, qwen3,
     assert encoded(cfg, qwen3, [sharegpt], write)[1] == encoded(cfg, qwen3, [messages], write)[1]
 
 
+def test_openai_legacy_function_call_field_is_a_tool_call(cfg, qwen3, write):
+    messages = {"messages": [user("Oslo?"), CALL, RESULT, assistant("Cold.")], "tools": [WEATHER]}
+    legacy = {"messages": [user("Oslo?"), {"role": "assistant", "content": None, "function_call": {
+        "name": "weather", "arguments": "{\"city\": \"Oslo\"}"}}, {"role": "function", "name": "weather",
+                                                                      "content": "-3C"}, assistant("Cold.")],
+              "tools": [WEATHER]}
+    assert encoded(cfg, qwen3, [legacy], write)[1] == encoded(cfg, qwen3, [messages], write)[1]
+
+
 def test_template_that_ignores_tool_calls_is_refused_naming_rows(cfg, tok, write):
     rows = [{"messages": [user("hi"), assistant("hello")]},
             {"messages": [user("Oslo?"), CALL, RESULT, assistant("Cold.")], "tools": [WEATHER]}]
