@@ -62,7 +62,8 @@ def shape_lines(report: DataReport, tokenizer: Any) -> list[str]:
         return [f"tool use: {calls} tool calls, {results} tool results, {given} assistant turns with reasoning: all "
                 "trained, as every token (data.train_on: all; `assistant` masks the results)",
                 *[f"template: {line}" for line in support(tokenizer).lines()]]
-    lines = [f"tool use: {calls} tool calls (trained: they are the assistant's), {results} tool results (masked)"]
+    lines = [f"tool use: {calls} tool calls (trained: they are the assistant's), {results} tool results (masked)"
+             ] if calls or results else []
     if given:
         shown, trained = stats.get("reasoning_rendered", 0), stats.get("reasoning_trained", 0)
         lines.append(f"reasoning: {given} assistant turns carry it; {shown} rendered by the chat template"

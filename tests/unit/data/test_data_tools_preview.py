@@ -123,3 +123,17 @@ def test_preview_says_results_are_trained_with_train_on_all(tmp_path, tiny_model
     assert ("tool use: 1 tool calls, 1 tool results, 3 assistant turns with reasoning: all trained, as every token "
             "(data.train_on: all; `assistant` masks the results)") in result.output
     assert "«<|im_start|>system\n# Tools" in result.output and "(masked)" not in result.output
+
+
+def test_preview_of_reasoning_without_tools(tmp_path, tiny_model, no_model):
+    data = tmp_path / "r.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "2+2?"},
+                                             {"role": "assistant", "content": "<think>Add them.</think>4"}]}) + "\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"name: t\nmodel: {{name_or_path: {build_tool_model(tiny_model, tmp_path / 'q', 'qwen3')}}}\n"
+                      f"data: {{train: [{{path: {data}}}], cache_dir: null}}\n")
+    result = CliRunner().invoke(app, ["data", "preview", str(recipe)])
+    assert result.exit_code == 0, result.output
+    assert "«<think>\nAdd them.\n</think>\n\n4<|im_end|>»" in result.output
+    assert "reasoning: 1 assistant turns carry it; 1 rendered by the chat template; 1 trained" in result.output
+    assert "tool use:" not in result.output
