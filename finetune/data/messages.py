@@ -173,17 +173,21 @@ def check_tool_results(messages: list[dict[str, Any]]) -> Problem | None:
     """A problem when a tool result answers no call: no assistant tool call before it (since the last user turn),
     more results than calls, or a `tool_call_id` that no call of the turn has."""
     calls: list[dict[str, Any]] = []
-    answered = 0
+    answered, inline = 0, False
     for k, m in enumerate(messages):
         if m["role"] == "user":
-            calls, answered = [], 0
+            calls, answered, inline = [], 0, False
         elif m["role"] == "assistant":
             if m.get("tool_calls"):
                 calls, answered = m["tool_calls"], 0
+            inline = "<tool_call>" in m["content"]  # Hermes-style rows write the call into the text
         elif m["role"] == "tool":
             where = f"message {k + 1} (tool)"
             if answered >= len(calls):
                 more = f": {len(calls)} call(s), more results" if calls else ""
+                if inline and not calls:
+                    more = (": the assistant message before it writes the call as <tool_call> text; give it as "
+                            "tool_calls (name, arguments) so the chat template renders it")
                 return Problem("a tool result with no tool call before it (each tool message answers a call of the "
                                "assistant message before it: add the call, or drop the result)", where + more)
             ids = {c["id"] for c in calls if "id" in c}

@@ -40,6 +40,12 @@ CASES = {
         {"messages": [user("Oslo?"), {"role": "tool", "content": "-3C"}, {"role": "assistant", "content": "Cold."}]},
         "1 row: a tool result with no tool call before it (each tool message answers a call of the assistant message "
         "before it: add the call, or drop the result) (line 2: message 2 (tool))"),
+    "call written as text (Hermes style)": (
+        {"messages": [user("Oslo?"), {"role": "assistant", "content": "<tool_call>\n{\"name\": \"weather\"}\n"
+                                                                     "</tool_call>"},
+                      {"role": "tool", "content": "-3C"}, {"role": "assistant", "content": "Cold."}]},
+        "(line 2: message 3 (tool): the assistant message before it writes the call as <tool_call> text; give it as "
+        "tool_calls (name, arguments) so the chat template renders it)"),
     "more results than calls": (
         {**GOOD, "messages": [*GOOD["messages"][:3], {"role": "tool", "content": "-4C"}, GOOD["messages"][3]]},
         "a tool result with no tool call before it (each tool message answers a call of the assistant message "
