@@ -21,6 +21,9 @@ The world is a small invented people, the Zorbians. Each person has a unique nam
   concise correct answer, false for rambling or a wrong value), drawn on their own, half the prompts polite.
 * ``grpo_train.jsonl``: questions about train people with their ``answer`` (half polite), the prompts GRPO samples
   answers for; its exact-match reward pays only concise correct answers.
+* ``tools_train.jsonl``: tool-use conversations (``messages`` with a ``tools`` column): a question about a train
+  person, the assistant's ``lookup`` call (half of them with a short ``reasoning_content``), the registry's result
+  as a ``tool`` message, and the concise answer. Shown by ``ft data preview`` (README "Tool calls and reasoning").
 * ``world.json``: the people, their facts and their split (used by tests and analyses).
 
 Measured with the committed ``models/tiny-chat`` (4-bit NF4 base, LoRA r=16/alpha=32 on all linear layers, lr
@@ -61,6 +64,7 @@ N_DPO_EVAL = 100
 N_KTO_TRAIN = 800
 N_KTO_EVAL = 100
 N_GRPO_TRAIN = 400
+N_TOOLS_TRAIN = 32
 N_FILLER_DOCS = 500  # everyday-language documents mixed into the corpus (see FILLER)
 
 ATTRIBUTES = ["town", "job", "colour", "pet", "instrument"]
@@ -414,6 +418,39 @@ def make_grpo(world: dict, seed: int = SEED) -> list[dict]:
             for i, (p, a) in enumerate(facts[:N_GRPO_TRAIN])]
 
 
+LOOKUP = {"type": "function", "function": {
+    "name": "lookup", "description": "Look up one fact about a person in the Zorbian registry",
+    "parameters": {"type": "object", "properties": {"name": {"type": "string", "description": "full name"},
+                                                    "attribute": {"type": "string", "enum": ATTRIBUTES}},
+                   "required": ["name", "attribute"]}}}
+
+
+def make_tools(world: dict, seed: int = SEED) -> list[dict]:
+    """Makes tool-use rows: a question, a ``lookup`` call (every other one with reasoning), its result, the answer.
+
+    Args:
+        world: The output of :func:`build_world`.
+        seed: Seed of the generator.
+
+    Returns:
+        The ``messages`` rows, each with the ``tools`` schemas.
+    """
+    rng = random.Random(seed + 6)
+    facts = [(p, a) for p in world["people"] if p["split"] == "train" for a in ATTRIBUTES]
+    rng.shuffle(facts)
+    rows = []
+    for i, (p, a) in enumerate(facts[:N_TOOLS_TRAIN]):
+        call = {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "lookup", "arguments": {"name": p["name"], "attribute": a}}}]}
+        if i % 2 == 0:
+            call["reasoning_content"] = f"The registry has the {a} of {p['name']}."
+        result = {"role": "tool", "content": json.dumps({"name": p["name"], a: p[a]})}
+        rows.append({"messages": [{"role": "user", "content": _question(rng, p, a, polite=False)}, call, result,
+                                  {"role": "assistant", "content": p[a]}],
+                     "tools": [LOOKUP], "answer": p[a], "entity": p["name"], "attribute": a})
+    return rows
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
@@ -433,7 +470,8 @@ def main(argv: list[str] | None = None) -> None:
     dpo_train, dpo_eval = make_dpo(world, args.seed)
     kto_train, kto_eval = make_kto(world, args.seed)
     files = {"sft_train": sft_train, "sft_eval": sft_eval, "dpo_train": dpo_train, "dpo_eval": dpo_eval,
-             "kto_train": kto_train, "kto_eval": kto_eval, "grpo_train": make_grpo(world, args.seed)}
+             "kto_train": kto_train, "kto_eval": kto_eval, "grpo_train": make_grpo(world, args.seed),
+             "tools_train": make_tools(world, args.seed)}
     for name, rows in files.items():
         _write_jsonl(args.out / f"{name}.jsonl", rows)
     for path in sorted(args.out.iterdir()):

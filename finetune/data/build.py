@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.data import align_formats, cache, formats
-from finetune.data.encode import IGNORE, Encoded, EncodeError, encode_messages, encode_text, fit_length
+from finetune.data.encode import IGNORE, Encoded, EncodeError, encode_example, fit_length
 from finetune.data.packing import pack
 from finetune.data.readers import Table, read_source
 from finetune.data.templates import TemplateInfo, applied_template
@@ -43,6 +43,7 @@ class DataReport:
     template: str = ""
     end_of_turn: str | None = None
     cache: str = "off"
+    stats: dict[str, int] = field(default_factory=dict)  # tool calls, tool results, reasoning turns (encode.Encoded)
 
     def summary(self) -> str:
         """One line for the console."""
@@ -183,8 +184,7 @@ def _tokenize(data: DataConfig, tokenizer: Any, template: TemplateInfo, examples
     for table, i, ex in tqdm(examples, desc=f"data: tokenizing ({split})", disable=len(examples) < PROGRESS_FROM,
                              mininterval=2.0):
         try:
-            sample: Encoded | None = (encode_text(tokenizer, ex["text"]) if "text" in ex
-                                      else encode_messages(tokenizer, ex["messages"], data.train_on, template))
+            sample: Encoded | None = encode_example(tokenizer, ex, data, template)
         except EncodeError as e:
             problems.setdefault((id(table), ENCODE), formats.Problems(table)).add(str(e), i)
             continue
@@ -193,6 +193,8 @@ def _tokenize(data: DataConfig, tokenizer: Any, template: TemplateInfo, examples
             continue
         report.assistant_turns += sample.assistant_turns
         report.turns_without_eot += sample.turns_without_eot
+        for name, count in sample.stats.items():
+            report.stats[name] = report.stats.get(name, 0) + count
         fitted = fit_length(sample, data.max_length, data.length_policy)
         if fitted is None:
             report.dropped_too_long += 1

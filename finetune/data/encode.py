@@ -1,17 +1,26 @@
 """Token ids and labels of one sample: the chat template renders the text, label masks come from character spans.
 
-For each assistant turn the template is rendered twice: the conversation before it with the generation prompt
-(`head`), and the conversation up to and including it (`full`). The characters between the two are what the model
-must produce: the answer and its end-of-turn token, which is always trained (anything the template writes after
-that token, such as a newline, is not). The whole text is then tokenized once and a token carries a label when its
-last character falls inside a trained span, so the ids are exactly what `apply_chat_template` would give.
+The whole conversation is rendered once (with the row's `tools`), exactly as `apply_chat_template` renders it. For
+each assistant turn the conversation before it is rendered with the generation prompt (`head`), which must be the
+start of the whole text; the turn's trained span runs from there to its end-of-turn token, inclusive (the last one
+the turn's own rendering holds; anything the template writes after it, such as a newline, is not trained). The span
+holds what the model must produce: its reasoning as the template renders it, the answer, the tool calls. Tool
+results, user and system turns lie outside every span. Templates that render a turn differently once later turns
+follow (Qwen3 drops the reasoning of turns before the last user message) are handled as the template renders the
+whole conversation: such a turn ends at the first end-of-turn token after its head, and a turn whose reasoning the
+template drops trains without it. With `train_on_reasoning` off, a turn's span starts after its reasoning and the
+template's closing marker (`</think>`), so the reasoning is context, not target. The text is tokenized once and a
+token carries a label when its last character falls inside a trained span.
+
+`encode_example` is the per-row entry point (a normalised row in, ids and labels out).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from finetune.data.messages import for_template, tools_for_template
 from finetune.data.templates import TemplateInfo, render
 
 IGNORE = -100
@@ -35,28 +44,30 @@ class Encoded:
     labels: list[int]
     assistant_turns: int = 0
     turns_without_eot: int = 0  # assistant turns whose end-of-turn token carries no label
+    stats: dict[str, int] = field(default_factory=dict)  # tool calls, tool results, reasoning given/rendered/trained
 
 
-def assistant_spans(tokenizer: Any, messages: list[dict[str, str]], eot: str | None) -> tuple[str, list[tuple]]:
-    """The rendered conversation and the (start, end) character spans that carry labels (one per assistant turn)."""
-    text, spans = "", []
+def assistant_spans(tokenizer: Any, messages: list[dict[str, Any]], eot: str | None,
+                    tools: list[dict[str, Any]] | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the (start, end) character span of each assistant turn (one per turn)."""
     try:
+        text = render(tokenizer, messages, tools=tools)
+        spans: list[tuple[int, int]] = []
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            head = render(tokenizer, messages[:i], generation_prompt=True)
-            full = render(tokenizer, messages[: i + 1])
-            if not head.startswith(text) or not full.startswith(head):
+            head = render(tokenizer, messages[:i], generation_prompt=True, tools=tools)
+            if not text.startswith(head) or (spans and len(head) < spans[-1][1]):
                 raise EncodeError(PREFIX_PROBLEM)
-            body = full[len(head) :]
-            end = len(head) + body.rindex(eot) + len(eot) if eot and eot in body else len(full)
+            upto = render(tokenizer, messages[: i + 1], tools=tools)
+            if text.startswith(upto):  # the turn renders the same with or without what follows it
+                body = upto[len(head) :]
+                end = len(head) + body.rindex(eot) + len(eot) if eot and eot in body else len(upto)
+            elif eot and text.find(eot, len(head)) >= 0:  # rendered otherwise once later turns follow: its own eot
+                end = text.find(eot, len(head)) + len(eot)
+            else:
+                raise EncodeError(PREFIX_PROBLEM)
             spans.append((len(head), end))
-            text = full
-        if messages[-1]["role"] != "assistant":
-            full = render(tokenizer, messages)
-            if not full.startswith(text):
-                raise EncodeError(PREFIX_PROBLEM)
-            text = full
     except EncodeError:
         raise
     except Exception as e:  # jinja raises for conversations a template refuses (e.g. roles out of order)
@@ -64,30 +75,125 @@ def assistant_spans(tokenizer: Any, messages: list[dict[str, str]], eot: str | N
     return text, spans
 
 
-def encode_messages(tokenizer: Any, messages: list[dict[str, str]], train_on: str, template: TemplateInfo) -> Encoded:
-    """Ids and labels of a conversation: assistant turns (with their end-of-turn token) trained, or everything."""
+def _template_input(tokenizer: Any, messages: list[dict[str, Any]], tools: Any
+                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, Any]:
+    """(messages, tools, probe.Support or None) as the template reads them; refuses what it would drop."""
+    messages, schemas = for_template(messages), tools_for_template(tools)
+    calls, results = any(m.get("tool_calls") for m in messages), any(m["role"] == "tool" for m in messages)
+    if not (schemas or calls or results or any(m.get("reasoning_content") for m in messages)):
+        return messages, schemas, None
+    from finetune.data.probe import for_support, support
+
+    found = support(tokenizer)
+    dropped = [what for what, used, ok in (("the tools column", schemas, found.tools), ("tool calls", calls,
+               found.tool_calls), ("tool results", results, found.tool_results)) if used and not ok]
+    if dropped:
+        raise EncodeError(
+            f"{' and '.join(dropped)} that the chat template does not render (it ignores them, so training would "
+            "silently cut them out); use the model's own template if it supports tools (data.template: tokenizer) "
+            "or a Jinja file that renders tools, tool_calls and tool messages")
+    return for_support(messages, found), schemas, found
+
+
+def _dropping_as_the_template(tokenizer: Any, messages: list[dict[str, Any]], schemas: Any, found: Any
+                              ) -> list[dict[str, Any]]:
+    """The messages without the past reasoning the template drops, when that renders the whole conversation the
+    same (Qwen3: else a turn after a tool result would find earlier turns rendered with their reasoning)."""
+    from finetune.data.probe import without_dropped_reasoning
+
+    stripped = without_dropped_reasoning(messages, found)
+    if stripped is messages or stripped == messages:
+        return messages
+    try:
+        same = render(tokenizer, stripped, tools=schemas) == render(tokenizer, messages, tools=schemas)
+    except Exception:  # refused either way: assistant_spans reports it
+        return messages
+    return stripped if same else messages
+
+
+def _reasoning_stats(text: str, spans: list[tuple[int, int]], reasoning: list[str], found: Any,
+                     train_on_reasoning: bool) -> tuple[list[tuple[int, int]], dict[str, int]]:
+    """The spans with each rendered reasoning left out when it is not trained, and the reasoning counts."""
+    stats = {"reasoning_turns": sum(bool(r) for r in reasoning), "reasoning_rendered": 0, "reasoning_trained": 0}
+    opening, close = (found.reasoning_open, found.reasoning_close) if found else ("", "")
+    out = []
+    for (start, end), r in zip(spans, reasoning, strict=True):
+        if not r:
+            at = -1
+        elif opening is not None:  # where the template puts it: right after the turn's opening marker
+            at = start + len(opening) if text.startswith(opening + r, start) else -1
+        else:
+            at = text.find(r, start, end)
+        if at >= 0:
+            stats["reasoning_rendered"] += 1
+            if train_on_reasoning:
+                stats["reasoning_trained"] += 1
+            else:
+                after = at + len(r)
+                start = after + len(close) if close and text.startswith(close, after) else after
+        out.append((start, end))
+    return out, stats
+
+
+def encode_messages(tokenizer: Any, messages: list[dict[str, Any]], train_on: str, template: TemplateInfo,
+                    tools: Any = None, train_on_reasoning: bool = True) -> Encoded:
+    """Ids and labels of a conversation: assistant turns (with their end-of-turn token) trained, or everything.
+
+    Args:
+        tokenizer: The tokenizer carrying the chat template.
+        messages: Normalised messages (`messages.normalise_message`): tool calls, tool results, reasoning.
+        train_on: `assistant` or `all`.
+        template: What `apply_template` reported (the end-of-turn token).
+        tools: The row's tool schemas (a list, or its JSON text), passed to the template.
+        train_on_reasoning: Whether the reasoning of assistant turns carries labels (`assistant` only).
+
+    Raises:
+        EncodeError: The template refuses the conversation, drops its tools or calls, or rewrites earlier turns.
+    """
     eot, eot_id = template.end_of_turn, template.end_of_turn_id
     turns = sum(m["role"] == "assistant" for m in messages)
+    reasoning = [m.get("reasoning_content") or "" for m in messages if m["role"] == "assistant"]
+    messages, schemas, found = _template_input(tokenizer, messages, tools)
+    stats = {"tool_calls": sum(len(m.get("tool_calls") or []) for m in messages),
+             "tool_results": sum(m["role"] == "tool" for m in messages)}
     if train_on == "all":
         try:
-            text = render(tokenizer, messages)
+            text = render(tokenizer, messages, tools=schemas)
         except Exception as e:
             raise EncodeError(f"refused by the chat template ({e})") from None
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        return Encoded(ids, list(ids), turns, max(0, turns - ids.count(eot_id)))
+        stats.update(trained_all=1, reasoning_turns=sum(bool(r) for r in reasoning))  # results trained too
+        return Encoded(ids, list(ids), turns, max(0, turns - ids.count(eot_id)), stats)
     import numpy as np  # here, not at the top: `ft validate` imports this package and should stay light
 
-    text, spans = assistant_spans(tokenizer, messages, eot)
+    if found is not None:
+        messages = _dropping_as_the_template(tokenizer, messages, schemas, found)
+    text, spans = assistant_spans(tokenizer, messages, eot, schemas)
+    spans, more = _reasoning_stats(text, spans, reasoning, found, train_on_reasoning)
+    stats.update(more)
     ids, last = _ids_and_last_chars(tokenizer, text, spans)
     if not spans:
-        return Encoded(ids, [IGNORE] * len(ids), turns, 0)
+        return Encoded(ids, [IGNORE] * len(ids), turns, 0, stats)
     starts, ends = np.array([a for a, _ in spans]), np.array([b for _, b in spans])
     span = np.searchsorted(starts, last, side="right") - 1  # the span each token's last character may be in
     inside = (span >= 0) & (last < ends[np.maximum(span, 0)])
     array = np.asarray(ids)
     labels = np.where(inside, array, IGNORE).tolist()
     with_eot = len(np.unique(span[inside & (array == eot_id)])) if eot_id is not None else 0
-    return Encoded(ids, labels, turns, len(spans) - with_eot)
+    return Encoded(ids, labels, turns, len(spans) - with_eot, stats)
+
+
+def encode_example(tokenizer: Any, example: dict[str, Any], data: Any, template: TemplateInfo) -> Encoded:
+    """Ids and labels of one normalised row (`{"text"}`, or `{"messages", "tools"?}`) under the data section's
+    `train_on` and `train_on_reasoning`: the per-row step of preprocessing.
+
+    Raises:
+        EncodeError: as `encode_messages`.
+    """
+    if example.get("messages") is None:
+        return encode_text(tokenizer, example["text"])
+    return encode_messages(tokenizer, example["messages"], data.train_on, template, tools=example.get("tools"),
+                           train_on_reasoning=data.train_on_reasoning)
 
 
 def _ids_and_last_chars(tokenizer: Any, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], Any]:
@@ -125,4 +231,4 @@ def fit_length(sample: Encoded, max_length: int, policy: str) -> Encoded | None:
     if policy == "drop":
         return None
     return Encoded(sample.input_ids[:max_length], sample.labels[:max_length], sample.assistant_turns,
-                   sample.turns_without_eot)
+                   sample.turns_without_eot, sample.stats)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from finetune.data.messages import Problem, check_tool_results, normalise_message, normalise_tools
 from finetune.data.readers import Table
 from finetune.errors import FinetuneError
 
@@ -16,16 +17,14 @@ from finetune.errors import FinetuneError
 FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "preference": (("chosen", "rejected"), ("prompt", "system", "conversations", "messages")),
     "unpaired": (("prompt", "completion", "label"), ("system",)),  # KTO: one answer, desirable or not
-    "messages": (("messages",), ("system",)),
-    "sharegpt": (("conversations",), ("system",)),
+    "messages": (("messages",), ("system", "tools")),
+    "sharegpt": (("conversations",), ("system", "tools")),
     "alpaca": (("instruction", "output"), ("input", "system")),
     "prompt_completion": (("prompt", "completion"), ("system",)),
     "text": (("text",), ()),
     "prompts": (("prompt",), ("answer", "system")),  # GRPO: prompts (the policy writes the answers); last: catch-all
 }
 ALL_FIELDS = sorted({f for req, opt in FIELDS.values() for f in (*req, *opt)})
-ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "model": "assistant",
-         "chatgpt": "assistant", "bot": "assistant", "system": "system", "tool": "tool"}
 MAX_SHOWN = 5
 
 
@@ -44,10 +43,11 @@ class Problems:
 
     def __init__(self, table: Table) -> None:
         self.table = table
-        self.by_kind: dict[str, list[int]] = {}
+        self.by_kind: dict[str, list[tuple[int, str]]] = {}
 
     def add(self, kind: str, index: int) -> None:
-        self.by_kind.setdefault(kind, []).append(index)
+        """Count row `index` under `kind`; a `messages.Problem` also shows its detail beside the row's line."""
+        self.by_kind.setdefault(str(kind), []).append((index, getattr(kind, "detail", "")))
 
     def raise_if_any(self, header: str = "") -> None:
         if not self.by_kind:
@@ -55,7 +55,7 @@ class Problems:
         t = self.table
         lines = [f"{t.key} '{t.path}': {header}" if header else f"{t.key} '{t.path}':"]
         for kind, rows in self.by_kind.items():
-            shown = "; ".join(t.where(i, short=True) for i in rows[:MAX_SHOWN])
+            shown = "; ".join(t.where(i, short=True) + (f": {d}" if d else "") for i, d in rows[:MAX_SHOWN])
             shown += "; ..." if len(rows) > MAX_SHOWN else ""
             lines.append(f"  {len(rows)} row{'s' if len(rows) > 1 else ''}: {kind} ({shown})")
         raise FinetuneError("\n".join(lines))
@@ -91,35 +91,22 @@ def resolve_format(table: Table, fmt: str) -> tuple[str, str | None]:
     return found, f"{table.key} '{table.path}': detected format '{found}' (columns {', '.join(sorted(columns))})"
 
 
-def _text(content: Any) -> str | None:
-    """Message content as text: a string, or the text parts of a list of {type: text, text: ...} parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-        return "".join(str(p.get("text", "")) for p in content)
-    return None
-
-
-def to_messages(value: Any, default_role: str) -> list[dict[str, str]] | str:
-    """A list of {role, content} messages from a message list (role/content or from/value items), a single message
-    or a plain string (one message of `default_role`); a problem description (str) when it is not one of those."""
+def to_messages(value: Any, default_role: str) -> list[dict[str, Any]] | str:
+    """A list of normalised messages (`messages.normalise_message`) from a message list (role/content or from/value
+    items), a single message or a plain string (one message of `default_role`); a problem (a `messages.Problem`
+    string) when it is not one of those, or a tool result answers no call."""
     if isinstance(value, str):
         return [{"role": default_role, "content": value}]
     items = [value] if isinstance(value, dict) else value
     if not isinstance(items, list):
-        return f"a {type(value).__name__} where a list of messages was expected"
+        return Problem(f"a {type(value).__name__} where a list of messages was expected")
     out = []
-    for item in items:
-        if not isinstance(item, dict):
-            return "a message that is not an object with role and content"
-        role = ROLES.get(str(item.get("role", item.get("from", ""))).lower())
-        content = _text(item.get("content", item.get("value")))
-        if role is None:
-            return f"a message with the unknown role '{item.get('role', item.get('from'))}' (known: {', '.join(ROLES)})"
-        if content is None:
-            return "a message whose content is not text"
-        out.append({"role": role, "content": content})
-    return out
+    for k, item in enumerate(items):
+        message = normalise_message(item, default_role, f"message {k + 1}")
+        if isinstance(message, str):
+            return message
+        out.append(message)
+    return check_tool_results(out) or out
 
 
 def _with_system(messages: list[dict[str, str]], system: Any) -> list[dict[str, str]]:
@@ -171,10 +158,18 @@ def normalize_sft(table: Table, fmt: str) -> list[dict[str, Any]]:
         if isinstance(messages, str):
             problems.add(messages, i)
             continue
-        if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
+        if any(m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls")
+               and not m.get("reasoning_content") for m in messages):
             problems.add("empty assistant turn (nothing to learn but stopping; fix or remove these rows)", i)
             continue
-        out.append({"messages": _with_system(messages, row.get("system"))})
+        tools = normalise_tools(row.get("tools"))
+        if isinstance(tools, Problem):
+            problems.add(tools, i)
+            continue
+        example: dict[str, Any] = {"messages": _with_system(messages, row.get("system"))}
+        if tools:
+            example["tools"] = tools
+        out.append(example)
     problems.raise_if_any()
     return out
 

@@ -4,6 +4,9 @@ Shows rendered samples with trained tokens marked apart from masked ones (colour
 otherwise), token counts, the share of trained tokens, a length histogram, truncation counts, and checks that fail
 the command: end-of-turn tokens carry labels, pad differs from eos. Rows with no assistant turn are refused
 (naming their lines) when the data is prepared; samples masked entirely by truncation are counted and left out.
+Data with tool calls, tool results or reasoning also gets what the chat template does with them (found by rendering
+with and without each: `probe`), how many were trained and masked, and which reasoning the template dropped; rows
+whose tools or calls the template would drop are refused when the data is prepared, naming their lines.
 """
 
 from __future__ import annotations
@@ -47,6 +50,28 @@ def histogram(lengths: list[int], top: int, bins: int = 8, width: int = 40) -> l
             for i, c in enumerate(counts)]
 
 
+def shape_lines(report: DataReport, tokenizer: Any) -> list[str]:
+    """Tool calls, tool results and reasoning of the data: counts, what was trained, what the template does."""
+    stats = report.stats
+    calls, results, given = stats.get("tool_calls", 0), stats.get("tool_results", 0), stats.get("reasoning_turns", 0)
+    if not (calls or results or given):
+        return []
+    from finetune.data.probe import support
+
+    if stats.get("trained_all"):  # data.train_on: all
+        return [f"tool use: {calls} tool calls, {results} tool results, {given} assistant turns with reasoning: all "
+                "trained, as every token (data.train_on: all; `assistant` masks the results)",
+                *[f"template: {line}" for line in support(tokenizer).lines()]]
+    lines = [f"tool use: {calls} tool calls (trained: they are the assistant's), {results} tool results (masked)"
+             ] if calls or results else []
+    if given:
+        shown, trained = stats.get("reasoning_rendered", 0), stats.get("reasoning_trained", 0)
+        lines.append(f"reasoning: {given} assistant turns carry it; {shown} rendered by the chat template"
+                     + (f" ({given - shown} dropped by it)" if given > shown else "")
+                     + f"; {trained} trained, {shown - trained} masked (data.train_on_reasoning)")
+    return lines + [f"template: {line}" for line in support(tokenizer).lines()]
+
+
 def checks(report: DataReport, tokenizer: Any, template: TemplateInfo) -> list[tuple[bool, str]]:
     """(passed, description) of each explicit check."""
     out = []
@@ -72,7 +97,8 @@ def preview_lines(prepared: Prepared, tokenizer: Any, template: TemplateInfo, n:
                   color: bool) -> tuple[list[str], bool]:
     """The preview's lines and whether every check passed."""
     report, ds = prepared.report, prepared.dataset
-    lines = [f"template: {template.source} (end-of-turn {template.end_of_turn}); {report.summary()}", ""]
+    lines = [f"template: {template.source} (end-of-turn {template.end_of_turn}); {report.summary()}"]
+    lines += [*shape_lines(report, tokenizer), ""]
     if report.kind == "dpo":
         for i in range(min(n, len(ds))):
             row = ds[i]

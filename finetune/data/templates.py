@@ -181,8 +181,12 @@ def apply_template(tokenizer: Any, data: DataConfig | str) -> TemplateInfo:
     return TemplateInfo(source=source, end_of_turn=eot, end_of_turn_id=eot_id, notices=notices)
 
 
-def render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
-    """The chat template's text for `messages` (no tokenization)."""
+def render(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool = False,
+           tools: list[dict[str, Any]] | None = None) -> str:
+    """The chat template's text for `messages` (no tokenization); `tools` (JSON schemas) go to the template."""
+    if tools:
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 

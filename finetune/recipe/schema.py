@@ -132,9 +132,11 @@ class DatasetSource(Section):
     path: str
     """A local file (.jsonl, .json, .parquet, .csv), a folder of them, a `save_to_disk` folder, or a Hub dataset id."""
     format: DataFormat = "auto"
-    """Row format. `auto` detects it from the columns and reports what it found. `unpaired` (kto stages): prompt,
-    completion and a true/false `label`. `prompts` (grpo stages): a `prompt` and, for answer-checking rewards, an
-    `answer`."""
+    """Row format. `auto` detects it from the columns and reports what it found. `messages` and `sharegpt` rows may
+    hold assistant tool calls (`tool_calls`; sharegpt `function_call` turns), tool results (`tool` / `observation`
+    turns), reasoning (`reasoning_content`, `thinking`, or `<think>...</think>`) and a `tools` column of JSON schemas
+    (README "Tool calls and reasoning"). `unpaired` (kto stages): prompt, completion and a true/false `label`.
+    `prompts` (grpo stages): a `prompt` and, for answer-checking rewards, an `answer`."""
     split: str = "train"
     """Split to read (Hub datasets and `save_to_disk` dataset dicts)."""
     subset: str | None = None
@@ -165,6 +167,10 @@ class DataConfig(Section):
     notice), a registry name (chatml, llama-3, mistral, gemma, phi-3, plain), or a path to a Jinja file."""
     train_on: Literal["assistant", "all"] = "assistant"
     """Which tokens carry labels: every assistant turn (and its end-of-turn token), or the whole text."""
+    train_on_reasoning: bool = True
+    """Train on the reasoning of assistant turns (`reasoning_content` / `thinking` fields, or `<think>...</think>` in
+    the content) as the chat template renders it. False: the reasoning and its closing marker carry no label, so the
+    model learns the answer and tool calls given the reasoning. Needs `train_on: assistant`."""
     max_length: Annotated[int, Field(ge=8)] = 1024
     """Longest sample in tokens (and the length of a packed row with `packing`)."""
     length_policy: Literal["truncate", "drop"] = "truncate"
@@ -198,6 +204,9 @@ class DataConfig(Section):
             problems.append("data.train: set `weight` on every source or on none (weights are shares of the mix)")
         if any(src.weight is not None for src in self.eval):
             problems.append("data.eval: `weight` applies to training sources only")
+        if not self.train_on_reasoning and self.train_on == "all":
+            problems.append("data.train_on_reasoning: false masks the reasoning inside assistant turns; it needs "
+                            "train_on: assistant (train_on: all trains every token)")
         if self.eval and self.eval_fraction:
             problems.append("data: both `eval` sources and `eval_fraction` are set; keep one")
         if problems:
