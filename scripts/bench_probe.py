@@ -150,13 +150,17 @@ class _Timeline:
         self.path = path
         self.data: dict[str, Any] = {"probe_installed": time.time(), "train_begin": None, "train_end": None,
                                      "steps": [], "losses": [], "micro_batches": 0, "rows": 0, "tokens_real": 0,
-                                     "tokens_slots": 0, "tokens_labels": 0}
+                                     "tokens_slots": 0, "tokens_labels": 0, "phases": {}, "logs": []}
 
     def count(self, inputs: Any, padding_free: bool = False) -> None:
         """Tokens of one micro-batch: real (non-padding) tokens, tensor slots (with padding), label tokens.
 
         `padding_free`: the model ran the padded batch without its padding (our DPO head), so slots = real tokens."""
         d = self.data
+        if isinstance(inputs, list):  # GRPO: the prompts of a generation batch; trl tokenizes and generates inside
+            d["micro_batches"] += 1
+            d["rows"] += len(inputs)
+            return
         ids = inputs.get("input_ids")
         if ids is None:  # preference batches: prompt + chosen + rejected tensors
             ids_keys = [k for k in inputs if k.endswith("input_ids")]
@@ -206,6 +210,8 @@ def _patch_trainer(module: Any, timeline: _Timeline) -> None:
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 timeline.data["losses"].append([state.global_step, float(logs["loss"])])
+            if logs and "num_tokens" in logs:  # GRPO: tokens so far, completion lengths, rewards
+                timeline.data["logs"].append({k: v for k, v in logs.items() if isinstance(v, (int, float))})
 
         def on_train_end(self, args, state, control, **kwargs):
             timeline.data["train_end"] = time.time()
@@ -219,7 +225,7 @@ def _patch_trainer(module: Any, timeline: _Timeline) -> None:
         self.add_callback(ProbeCallback())
 
     def training_step(self, model, inputs, *args, **kwargs):
-        counted = dict(inputs)  # the trainer may move or pop keys
+        counted = list(inputs) if isinstance(inputs, list) else dict(inputs)  # the trainer may move or pop keys
         out = original_step(self, model, inputs, *args, **kwargs)
         lm = getattr(model, "module", model)  # DDP wrapper
         lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
@@ -230,6 +236,20 @@ def _patch_trainer(module: Any, timeline: _Timeline) -> None:
     trainer_cls.training_step = training_step
 
 
+def _patch_profiling(module: Any, timeline: _Timeline) -> None:
+    """trl times its GRPO phases with `ProfilingContext` (generate, reward functions, log-prob forwards, loss) and
+    reports them only to trackers; add each duration to the timeline's `phases` (name -> [seconds, calls])."""
+    original = module.ProfilingContext._log_metrics
+
+    def _log_metrics(self, duration: float) -> None:
+        total = timeline.data["phases"].setdefault(self.name, [0.0, 0])
+        total[0] += duration
+        total[1] += 1
+        original(self, duration)
+
+    module.ProfilingContext._log_metrics = _log_metrics
+
+
 def install_probe(path: str) -> None:
     """Record this process's training timeline to `path` once `transformers.trainer` gets imported."""
     import importlib.abc
@@ -238,17 +258,24 @@ def install_probe(path: str) -> None:
 
     timeline = _Timeline(path)
 
+    patches = {"transformers.trainer": _patch_trainer, "trl.extras.profiling": _patch_profiling}
+
     class AfterTrainerImport(importlib.abc.MetaPathFinder):
         def find_spec(self, fullname, path=None, target=None):
-            if fullname != "transformers.trainer":
+            if fullname not in patches:
                 return None
-            sys.meta_path.remove(self)
-            spec = importlib.util.find_spec(fullname)
+            patch = patches.pop(fullname)
+            sys.meta_path.remove(self)  # find the real spec without this finder, then come back
+            try:
+                spec = importlib.util.find_spec(fullname)
+            finally:
+                if patches:
+                    sys.meta_path.insert(0, self)
             run = spec.loader.exec_module
 
             def exec_module(module):
                 run(module)
-                _patch_trainer(module, timeline)
+                patch(module, timeline)
 
             spec.loader.exec_module = exec_module
             return spec

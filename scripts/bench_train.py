@@ -23,7 +23,8 @@ peaks measured here, with the same thread count, before and after the runs. The 
 and of `ours` trained with `--noise-seeds` other data orders (the sides shuffle differently) say how much of a
 held-out difference is noise.
 
-Outputs in --out (default bench/): sft.json, sft.md, sft.png.
+Outputs in --out (default bench/): sft.json, sft.md, sft.png (or the --mode / --tag stem). `--mode kto` and `--mode
+grpo` run `bench_align.py` (against `trl kto` / `trl grpo`; GRPO with completions/s and its time by phase).
 """
 
 from __future__ import annotations
@@ -33,15 +34,13 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_heldout  # noqa: E402
 from bench_assets import PRESETS, build_assets  # noqa: E402
+from bench_proc import child_env, run_measured, write_probe_hook  # noqa: E402
 from bench_report import summarize, write_reports  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,54 +133,6 @@ def heldout(side: str, run: Path, assets: dict, w: dict, threads: int) -> dict:
     return bench_heldout.sft_loss(assets["model"], adapter, assets["eval"], threads)
 
 
-def child_env(run: Path, threads: int, probe_dir: Path) -> dict:
-    env = dict(os.environ)
-    env.update({
-        "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
-        "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_CACHE": str(run / "hf-datasets-cache"),
-        # the caller's path before the tree: the GPU check puts its wheels and its importable copy of the project
-        # there (scripts/gpu/check.py), ahead of a checkout that is not installed
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(probe_dir), env.get("PYTHONPATH", ""), str(ROOT)])),
-        "FT_BENCH_PROBE": str(run / "probe.json"),
-    })
-    return env
-
-
-def run_measured(cmd: list[str], env: dict, log: Path, poll: float = 0.2) -> dict:
-    """Run a command; wall time, exit code, peak RSS of its largest process (wait4) and of its tree (sampled)."""
-    import psutil
-
-    tree_peak = [0]
-    with log.open("w") as out:
-        t0 = time.time()
-        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-
-        def sample() -> None:
-            try:
-                root = psutil.Process(proc.pid)
-                while proc.returncode is None:
-                    total = 0
-                    for p in [root, *root.children(recursive=True)]:
-                        try:
-                            total += p.memory_info().rss
-                        except psutil.Error:
-                            pass
-                    tree_peak[0] = max(tree_peak[0], total)
-                    time.sleep(poll)
-            except psutil.Error:
-                pass
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        wall = time.time() - t0
-        sampler.join(timeout=2)
-    return {"t_launch": t0, "wall_seconds": wall, "exit_code": proc.returncode,
-            "peak_rss_mb": usage.ru_maxrss / 1024, "tree_peak_rss_mb": tree_peak[0] / 2**20}
-
-
 def run_one(side: str, rep: int, args: argparse.Namespace, assets: dict, w: dict, probe_dir: Path,
             label: str | None = None) -> dict:
     run = Path(args.work) / "runs" / f"{args.mode}-{side}-{label or rep}"
@@ -220,20 +171,10 @@ def matmul_peaks(threads: int, budget: float) -> dict:
             "bfloat16": measure_matmul_peak("bfloat16", sizes=(256, 512), repeats=1, budget_seconds=budget / 2)}
 
 
-def write_probe_hook(work: Path) -> Path:
-    """A `sitecustomize` that installs the probe in child processes that have FT_BENCH_PROBE set."""
-    d = work / "probe"
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "sitecustomize.py").write_text(
-        "import os, sys\nif os.environ.get('FT_BENCH_PROBE'):\n"
-        f"    sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
-        "    from bench_probe import install_probe\n    install_probe(os.environ['FT_BENCH_PROBE'])\n")
-    return d
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mode", choices=("sft", "dpo"), default="sft", help="sft: vs `trl sft`; dpo: vs `trl dpo`")
+    ap.add_argument("--mode", choices=("sft", "dpo", "kto", "grpo"), default="sft",
+                    help="vs `trl sft`, `trl dpo`, `trl kto`, `trl grpo` (kto, grpo: see bench_align.py)")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
     ap.add_argument("--samples", type=int, default=None, help="training samples (default: the preset's)")
     ap.add_argument("--reps", type=int, default=3)
@@ -260,13 +201,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"unknown side(s) {unknown}; choose from {SIDES}")
     args.cap = {k: int(v) for k, v in (c.split("=", 1) for c in args.cap)}
     args.once = [s.strip() for s in args.once.split(",") if s.strip()]
-    args.micro_batch = args.micro_batch or (2 if args.mode == "dpo" else 4)
+    args.micro_batch = args.micro_batch or {"dpo": 2, "grpo": 8}.get(args.mode, 4)  # grpo: completions
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     args.tag = args.tag or args.mode
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.mode in ("kto", "grpo"):
+        import bench_align
+
+        return bench_align.main(args)
     work = Path(args.work)
     assets = build_assets(work / f"assets-{args.mode}-{args.preset}", args.preset, train_samples=args.samples,
                           mode=args.mode)

@@ -190,6 +190,18 @@ def render(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bo
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
+def answer_text(tokenizer: Any, prompt: list[dict[str, str]], answer: list[dict[str, str]],
+                end_of_turn: str | None) -> tuple[str, str]:
+    """(the prompt's text with the generation prompt, the answer's text after it), the answer cut right after its
+    end-of-turn token: what generation produces, without the separator a template writes between turns (ChatML's
+    newline), which no trained label covers and which a sampled answer never contains."""
+    head = render(tokenizer, prompt, generation_prompt=True)
+    full = render(tokenizer, prompt + answer)
+    text = full[len(head):] if full.startswith(head) else full
+    cut = text.find(end_of_turn) if end_of_turn else -1
+    return head, (text[: cut + len(end_of_turn)] if end_of_turn and cut >= 0 else text)
+
+
 def find_end_of_turn(tokenizer: Any, source: str) -> str | None:
     """The special token the template puts right after an assistant message's content, or None if there is none."""
     probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes"}]

@@ -1,7 +1,9 @@
 """Held-out preference accuracy: does the model score the chosen answer of a pair above the rejected one?
 
 One measure for every alignment method, with or without a reference model: the policy's own log-probability of each
-answer given the prompt (rendered with the chat template, answer tokens only, end-of-turn included). Two scores:
+answer given the prompt (rendered with the chat template, answer tokens only, up to and including the end-of-turn
+token: not the separator the template writes after it, which no label trains and sampling never produces; in a
+two-token answer that untrained newline alone decided the mean). Two scores:
 
 * `preference_accuracy`: the chosen answer's mean log-prob per token beats the rejected one's (length-normalised,
   so a long rejected answer is not favoured or penalised for its length alone);
@@ -14,7 +16,7 @@ from typing import Any
 
 import torch
 
-from finetune.data.templates import render
+from finetune.data.templates import answer_text, find_end_of_turn
 
 
 def answer_logps(model: torch.nn.Module, tokenizer: Any, prompts: list[list[dict]], answers: list[list[dict]],
@@ -33,9 +35,11 @@ def answer_logps(model: torch.nn.Module, tokenizer: Any, prompts: list[list[dict
     """
     device = next(model.parameters()).device
     seqs = []
+    end_of_turn = find_end_of_turn(tokenizer, "the chat template") or tokenizer.eos_token
     for prompt, answer in zip(prompts, answers, strict=True):
-        head = tokenizer(render(tokenizer, prompt, generation_prompt=True), add_special_tokens=False)["input_ids"]
-        full = tokenizer(render(tokenizer, prompt + answer), add_special_tokens=False)["input_ids"]
+        head_text, answer_part = answer_text(tokenizer, prompt, answer, end_of_turn)
+        head = tokenizer(head_text, add_special_tokens=False)["input_ids"]
+        full = tokenizer(head_text + answer_part, add_special_tokens=False)["input_ids"]
         seqs.append((full, len(head)))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out: list[tuple[float, int]] = []

@@ -2,7 +2,8 @@
 with llama.cpp itself, and write an Ollama Modelfile, the model card and export.json beside it.
 
 Every check that needs no model (the quantisation name, a finished run, an architecture and rope type we map, a
-byte-level BPE tokenizer with a chat template, llama-cpp-python when it is needed) runs before the base model loads.
+tokenizer llama.cpp reads the same way (byte-level BPE, or SentencePiece style with a space prefix llama.cpp reproduces)
+with a chat template, llama-cpp-python when it is needed) runs before the base model loads.
 The file is compared with the merged float32 transformers model on held-out conversations (`finetune.export.
 llamacpp`) and refused, with nothing written, above the thresholds of its quantisation.
 """

@@ -15,6 +15,11 @@ The parts, in bytes, at the longest micro-batch (`tokens` = sequences x their le
   labelled positions' hidden states and their float32 gradient, and one chunk of logits at a time (rows from
   `loss_heads.chunk_rows`); trl's loss (models whose logits are transformed) keeps the full logits, their float32
   copy and log-softmax. DPO's compact head keeps the labelled positions and one tile of trl's kernel.
+- `generation_cache` (GRPO only): the key/value cache of sampling. trl generates a whole generation batch (micro
+  batch x gradient accumulation completions, `grpo.num_generations` per prompt) in one `generate` call:
+  completions x (prompt + completion tokens) x layers x 2 (keys, values) x key/value heads x head size x bytes, plus
+  the float32 next-token logits of the batch. Sampling runs without gradients between optimizer steps, when the
+  training step's activations are freed, so the peak is the larger of the two phases, not their sum.
 
 CUDA context and allocator fragmentation come on top (typically 0.5-1.5 GB): recipes keep 15% of the GPU for them.
 """
@@ -86,13 +91,19 @@ class Memory:
     kept_activations: int
     recomputed_layer: int
     loss: int
+    generation_cache: int = 0
 
     @property
     def total(self) -> int:
-        return sum(asdict(self).values())
+        """The weights and optimizer state, plus the larger of the training step's buffers and sampling's cache."""
+        static = self.quantized_weights + self.frozen_weights + self.adapter
+        return static + max(self.kept_activations + self.recomputed_layer + self.loss, self.generation_cache)
 
     def line(self) -> str:
-        parts = ", ".join(f"{k.replace('_', ' ')} {gb(v)}" for k, v in asdict(self).items() if v)
+        parts = ", ".join(f"{k.replace('_', ' ')} {gb(v)}" for k, v in asdict(self).items()
+                          if v and k != "generation_cache")
+        if self.generation_cache:
+            parts += f"; while sampling (instead of those) generation KV cache {gb(self.generation_cache)}"
         return f"{parts}: about {gb(self.total)} in all"
 
 
@@ -152,9 +163,15 @@ def loss_bytes(shape: ModelShape, tokens: int, labelled: int, act_bytes: int, la
     return final_norm + picked + rows * shape.vocab * per_logit
 
 
+def generation_cache_bytes(shape: ModelShape, completions: int, tokens: int, act_bytes: int) -> int:
+    """Sampling's key/value cache for `completions` sequences of up to `tokens` (prompt + completion) tokens, with
+    the float32 next-token logits of the batch (see the module docstring)."""
+    return completions * tokens * shape.layers * 2 * shape.kv_dim * act_bytes + completions * shape.vocab * 4
+
+
 def estimate(shape: ModelShape, *, recipe: Any, training: Any, kind: str, sequences: int, seq_len: int,
              labelled: int | None = None, act_bytes: int = 2, label_loss: bool = True, eager: bool = False,
-             trainable: int | None = None) -> Memory:
+             trainable: int | None = None, generation: tuple[int, int] | None = None) -> Memory:
     """Peak memory of a training step over `sequences` x `seq_len` tokens (`labelled` of them carry a label).
 
     Args:
@@ -169,6 +186,7 @@ def estimate(shape: ModelShape, *, recipe: Any, training: Any, kind: str, sequen
         label_loss: Whether the label-positions loss head runs (else trl's full logits).
         eager: Whether attention is eager (keeps the score matrices).
         trainable: Trainable weights when known (the loaded model's count); else from the LoRA settings.
+        generation: GRPO's sampling: (completions generated together, prompt + completion tokens of each).
 
     Returns:
         The parts.
@@ -190,7 +208,8 @@ def estimate(shape: ModelShape, *, recipe: Any, training: Any, kind: str, sequen
     else:
         kept, recomputed = shape.layers * layer, 0
     return Memory(quantized_weights=q_bytes, frozen_weights=frozen, adapter=adapter, kept_activations=kept,
-                  recomputed_layer=recomputed, loss=loss_bytes(shape, tokens, labelled, act_bytes, label_loss, kind))
+                  recomputed_layer=recomputed, loss=loss_bytes(shape, tokens, labelled, act_bytes, label_loss, kind),
+                  generation_cache=generation_cache_bytes(shape, *generation, act_bytes) if generation else 0)
 
 
 def sequences_per_micro_batch(kind: str, micro_batch_size: int) -> int:
@@ -208,8 +227,12 @@ def recipe_estimate(config: Any, recipe: Any, stage: Any, seq_len: int | None = 
     training, data = recipe.stage_training(stage), recipe.stage_data(stage)
     sequences = sequences_per_micro_batch(stage.kind, training.micro_batch_size)
     attn = recipe.model.attn_implementation or getattr(config, "_attn_implementation", None) or "sdpa"
+    seq_len = seq_len or data.max_length
+    generation = None
+    if stage.kind == "grpo":  # one generate call per generation batch (trl: steps_per_generation = accumulation)
+        generation = (training.micro_batch_size * training.gradient_accumulation_steps, seq_len)
     return estimate(ModelShape.of(config), recipe=recipe, training=training, kind=stage.kind, sequences=sequences,
-                    seq_len=seq_len or data.max_length, labelled=labelled,
+                    seq_len=seq_len, labelled=labelled,
                     act_bytes=4 if resolve_precision(training) == "fp32" else 2,
                     label_loss=loss_heads.config_unsupported_reason(config) is None, eager=attn == "eager",
-                    trainable=trainable)
+                    trainable=trainable, generation=generation)

@@ -8,8 +8,12 @@ adapter is in memory beside the (4-bit) base.
            - gamma), the log-probs averaged per token; `simpo.nll_weight` (trl's `cpo_alpha`) adds the chosen NLL
     cpo    trl's CPOTrainer: a DPO-style loss on the policy's own log-probs + the chosen NLL (behaviour cloning)
 
-Both trainers live in `trl.experimental` in trl 1.16; they render conversational pairs with the tokenizer's chat
-template themselves (the recipe's template, applied to the tokenizer before they see it).
+Both trainers live in `trl.experimental` in trl 1.16. Given conversations, they render each answer as the chat
+template's text after the prompt and then append the eos token unless the answer's last token is eos. Templates
+put a separator after the end-of-turn token (the tiny model's and ChatML's `<|im_end|>\n`), so trl would train
+on `answer<|im_end|>\n<|im_end|>`: two tokens the model never produces, whose log-probs (about -8 nats each after
+SFT) swamp a short answer's mean log-prob, the quantity these losses compare. `rendered_pairs` hands trl the text
+itself instead, each answer cut right after its end-of-turn token, so trl scores what generation would produce.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import time
 from typing import Any
 
 from finetune.data import apply_template, build_dataset
+from finetune.data.templates import answer_text
 from finetune.errors import FinetuneError
 from finetune.model.loading import load_tokenizer
 from finetune.run.resume import guarded_train
@@ -49,15 +54,30 @@ def loss_settings(ctx: StageContext) -> tuple[Any, Any, dict[str, Any], str]:
     raise FinetuneError(f"stage '{ctx.stage.name}': kind {kind} is not a reference-free pair method")
 
 
+def rendered_pairs(dataset: Any, tokenizer: Any, end_of_turn: str | None) -> Any:
+    """Conversational pairs as trl's plain-text pairs: the prompt with the generation prompt, each answer the
+    template's text after it, cut right after the answer's end-of-turn token (see the module docstring)."""
+    if dataset is None:
+        return None
+
+    def text(row: dict[str, Any]) -> dict[str, str]:
+        prompt, chosen = answer_text(tokenizer, row["prompt"], row["chosen"], end_of_turn)
+        return {"prompt": prompt, "chosen": chosen,
+                "rejected": answer_text(tokenizer, row["prompt"], row["rejected"], end_of_turn)[1]}
+
+    return dataset.map(text, remove_columns=[c for c in dataset.column_names if c not in ("prompt", "chosen",
+                                                                                         "rejected")])
+
+
 def run_orpo(ctx: StageContext, tokenizer=None) -> StageResult:
     """Align the adapter on preference pairs without a reference model (orpo, simpo or cpo, by the stage's kind)."""
     recipe, data, training, name, kind = ctx.recipe, ctx.data, ctx.training, ctx.stage.name, ctx.stage.kind
 
     # --- setup: tokenizer and pairs first (cheap, fails early), then the policy model
     tokenizer = tokenizer or load_tokenizer(recipe.model)
-    apply_template(tokenizer, data)
-    train_ds = build_dataset(data, tokenizer, kind, seed=training.seed, split="train")
-    eval_ds = build_dataset(data, tokenizer, kind, seed=training.seed, split="eval")
+    eot = apply_template(tokenizer, data).end_of_turn
+    train_ds = rendered_pairs(build_dataset(data, tokenizer, kind, seed=training.seed, split="train"), tokenizer, eot)
+    eval_ds = rendered_pairs(build_dataset(data, tokenizer, kind, seed=training.seed, split="eval"), tokenizer, eot)
     trainer_cls, config_cls, loss_args, words = loss_settings(ctx)
     print(f"[{name}] {words}; no reference model; {len(train_ds)} training pairs", flush=True)
     model = policy_model(ctx, tokenizer)

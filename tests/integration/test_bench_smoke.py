@@ -86,3 +86,47 @@ def test_trl_configs_parse(bench, tmp_path, mode, side):
         assert training.assistant_only_loss and training.padding_free is (side == "trl-best")
     else:
         assert training.beta == 0.1 and training.loss_type == ["sigmoid"]
+
+
+@pytest.mark.parametrize("mode", ["grpo", "kto"])
+def test_ours_side_alignment_modes(bench, tmp_path, mode):
+    """`--mode grpo|kto` (bench_align.py): the ours side end to end on the tiny preset, with GRPO's phases."""
+    out = tmp_path / "out"
+    summary = bench.main(["--mode", mode, "--preset", "tiny", "--samples", "4", "--reps", "1", "--sides", "ours",
+                          "--work", str(tmp_path / "work"), "--out", str(out)])
+    (run,) = summary["runs"]
+    assert run["steps"] == 1 and run["exit_code"] == 0 and 0 < run["time_to_first_step"] < run["wall_seconds"]
+    if mode == "grpo":  # 4 prompts x 4 completions; a random model never stops early: every one full length
+        assert run["completions"] == 16 and run["mean_completion_length"] == 32 and run["completions_per_second"] > 0
+        phases = run["phases"]
+        assert phases["generation"] > 0 and phases["train_step"] > 0 and phases["scoring"] >= 0
+        assert sum(phases.values()) == pytest.approx(run["train_seconds"], rel=0.05)
+        assert "Where GRPO's time goes" in (out / "grpo.md").read_text()
+    else:  # 4 pairs split into 8 rows: one step of micro batch 4 x 2 accumulation steps
+        assert run["rows"] == 8 and run["rows_per_second"] > 0
+    assert "| ours |" in (out / f"{mode}.md").read_text()
+
+
+@pytest.mark.parametrize("mode", ["grpo", "kto"])
+@pytest.mark.parametrize("side", ["trl-default", "trl-best"])
+def test_trl_alignment_configs_parse(bench, tmp_path, mode, side):
+    import bench_align
+    import trl.scripts.grpo
+    import trl.scripts.kto
+
+    args = bench.parse_args(["--mode", mode, "--preset", "tiny", "--sides", side])
+    run = tmp_path / "run"
+    run.mkdir()
+    work = bench_align.settings(args)
+    cmd = bench_align.command(side, run, {"model": "m", "train_dir": "d"}, work, [], Path("bin"))
+    assert cmd[1:3] == [mode, "--config"]
+    parser = (trl.scripts.grpo if mode == "grpo" else trl.scripts.kto).make_parser()
+    script, training, model, *_ = parser.parse_args_and_config(cmd[2:])
+    assert model.load_in_4bit and model.use_peft and model.lora_r == 16 and training.use_cpu
+    assert training.bf16 is (side == "trl-default") and training.beta == work["beta"]
+    assert training.per_device_train_batch_size == work["micro_batch"]
+    if mode == "grpo":
+        assert training.num_generations == 4 and training.max_completion_length == 32
+        assert script.reward_funcs == ["bench_align.trl_exact_match"]
+        assert bench_align.trl_exact_match([[{"role": "assistant", "content": "cat"}], "dog"], ["cat", "cat"]) == [
+            1.0, 0.0]

@@ -124,8 +124,8 @@ def _config(arch: str):
             "qwen2": transformers.Qwen2Config, "phi3": transformers.Phi3Config}[arch](**common)
 
 
-# phi3 is mapped (gguf_arch.ARCHS) but not tested here: llama.cpp's phi3 vocabulary loader looks up Phi-3's own
-# special tokens, which this tokenizer lacks, and Phi-3's real tokenizer is SentencePiece, which GGUF export refuses.
+# phi3 is tested in test_gguf_spm.py, with a Phi-3-shaped SentencePiece tokenizer: llama.cpp's phi3 vocabulary
+# loader looks up Phi-3's own chat tokens, which this byte-level tokenizer lacks.
 @pytest.mark.parametrize("arch", ["llama", "llama3-rope", "mistral", "qwen2", "qwen3", "gemma2"])
 def test_architecture_mapping_matches_transformers(arch, tmp_path):
     """f32 GGUF of a random model: llama.cpp's logits are transformers' up to float rounding (a wrong q/k order,

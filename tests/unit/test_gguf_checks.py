@@ -94,7 +94,7 @@ def test_options_of_other_formats_refused():
 
 
 def test_pre_tokenizers_recognised_or_refused():
-    from finetune.export.gguf_vocab import KNOWN_SPLITS, pre_tokenizer_name
+    from finetune.export.gguf_vocab import KNOWN_SPLITS, pre_tokenizer_name, tokenizer_model
 
     tiny = json.loads((TINY_CHAT / "tokenizer.json").read_text())
     assert pre_tokenizer_name(tiny, "t") == "gpt-2"
@@ -106,9 +106,27 @@ def test_pre_tokenizers_recognised_or_refused():
         seq["pretokenizers"][0]["pattern"]["Regex"] = split.replace(r"\p{N}", r"\d")
         with pytest.raises(FinetuneError, match="not one llama.cpp is known to reproduce"):
             pre_tokenizer_name({**tiny, "pre_tokenizer": seq}, "t")
-    spm = {**tiny, "model": {**tiny["model"], "byte_fallback": True}}
-    with pytest.raises(FinetuneError, match="byte fallback"):
-        pre_tokenizer_name(spm, "t")
+    spm = {**tiny, "model": {**tiny["model"], "byte_fallback": True}}  # byte fallback, but a byte-level pre-tokenizer
+    with pytest.raises(FinetuneError, match="SentencePiece-style tokenizer with normalizer .* not one llama.cpp"):
+        tokenizer_model(spm, "t")
+
+
+@pytest.mark.parametrize("prefix, expected", [("legacy", True), ("none", False), ("first", None)])
+def test_sentencepiece_space_prefix_recognised_or_refused(tmp_path, prefix, expected):
+
+    """Mistral / Phi-3 (`Prepend("▁")`: after every special token, as llama.cpp does) and Gemma (no prefix) are
+    written with llama.cpp's SentencePiece model; Metaspace `first` (the first text only) is refused, naming why."""
+    from tinyspm import build_spm_tokenizer
+
+    from finetune.export.gguf_vocab import spm_space_prefix, tokenizer_model
+
+    build_spm_tokenizer(tmp_path, vocab_size=400, space_prefix=prefix)
+    data = json.loads((tmp_path / "tokenizer.json").read_text())
+    if expected is None:
+        with pytest.raises(FinetuneError, match="prepend_scheme 'first'.*after every special token"):
+            tokenizer_model(data, "t")
+        return
+    assert tokenizer_model(data, "t") == "llama" and spm_space_prefix(data, "t") is expected
 
 
 def test_chat_template_in_gguf_renders_like_the_trained_one():
