@@ -141,7 +141,8 @@ DPO_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
 VOCAB_CHUNK = 8192  # vocabulary columns per tile of trl's kernel (its own default is 32768: 4x the tile memory)
 
 
-def install_compact_fused_head(model: Any, outputs: tuple[str, ...] = DPO_OUTPUTS, padding_free: bool = False) -> None:
+def install_compact_fused_head(model: Any, outputs: tuple[str, ...] = DPO_OUTPUTS, padding_free: bool = False,
+                               chunked_ce: bool = False) -> None:
     """Answer trl's `fused_lm_head=True` forwards from the labelled positions only, with trl's own kernel.
 
     trl's fused head gathers the labelled positions before its chunked kernel on Triton devices only; elsewhere (CPU)
@@ -152,16 +153,21 @@ def install_compact_fused_head(model: Any, outputs: tuple[str, ...] = DPO_OUTPUT
 
     `padding_free`: run right-padded batches as one padding-free row (see the module docstring); it needs an attention
     that reads sample boundaries (`finetune.model.attention.use_per_sample_attention`), else it is ignored.
+    `chunked_ce` (the recipe's `kernels.fused_ce`): the labelled positions go through our chunked cross-entropy
+    (`finetune.kernels.cross_entropy.token_nll_and_stats`, Triton row kernels on CUDA, the frozen head's gradient
+    formed in the forward) instead of trl's kernel; same log-probs and logged metrics.
     """
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(lm, "_ft_compact_head", False):
         return
+    if chunked_ce and "log_sum_sq_probs" in outputs:
+        raise ValueError("the chunked cross-entropy does not compute log_sum_sq_probs; use trl's kernel")
     original = lm.forward
 
     def forward(self, *args, fused_lm_head: bool = False, **kwargs):
         if fused_lm_head and not args and kwargs.get("shift_labels") is None and "labels" in kwargs:
             pack = padding_free and getattr(self.config, "_attn_implementation", None) == PER_SAMPLE_ATTENTION
-            return _compact_fused(self, outputs, pack=pack, **kwargs)
+            return _compact_fused(self, outputs, pack=pack, chunked_ce=chunked_ce, **kwargs)
         if fused_lm_head:  # pre-shifted labels (context parallelism) and positional calls: trl's own path
             kwargs["fused_lm_head"] = True
         return original(*args, **kwargs)
@@ -192,7 +198,7 @@ def _padding_free_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], torch.
 
 
 def _compact_fused(lm: Any, outputs: tuple[str, ...], labels: torch.Tensor, num_items_in_batch: Any = None,
-                   shift_labels: None = None, pack: bool = False, **kwargs: Any):
+                   shift_labels: None = None, pack: bool = False, chunked_ce: bool = False, **kwargs: Any):
     from trl.kernels import ChunkedLogProbFunction
     from trl.trainer.utils import FusedCausalLMOutput
 
@@ -213,8 +219,18 @@ def _compact_fused(lm: Any, outputs: tuple[str, ...], labels: torch.Tensor, num_
         picked_hidden = row[at[mask]]
     shifted = shifted.to(mask.device)
     head = lm.get_output_embeddings()
-    picked = ChunkedLogProbFunction.apply(picked_hidden, head.weight, head.bias, shifted[mask], 1.0, VOCAB_CHUNK,
-                                          None, 1.0, outputs)
+    if chunked_ce:
+        from finetune.kernels.cross_entropy import token_nll_and_stats
+
+        chunk = chunk_rows(head.weight.shape[0], picked_hidden.device)
+        nll, entropy, mean_logits, top1 = token_nll_and_stats(picked_hidden, head.weight, shifted[mask], head.bias,
+                                                              chunk_size=chunk)
+        got = {"log_probs": -nll, "entropy": entropy, "mean_logits": mean_logits, "is_top1": top1.bool()}
+        picked = [got.get(name) if name in outputs or name == "log_probs" else None
+                  for name in ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")]
+    else:
+        picked = ChunkedLogProbFunction.apply(picked_hidden, head.weight, head.bias, shifted[mask], 1.0, VOCAB_CHUNK,
+                                              None, 1.0, outputs)
     # back to [batch, seq - 1], zero where no label; masked_scatter keeps an all-masked batch differentiable
     log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = (
         None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x) for x in picked)
