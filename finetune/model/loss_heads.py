@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from finetune.model.attention import NAME as PER_SAMPLE_ATTENTION
+from finetune.model.attention import PACKED as PACKED_ATTENTION
 
 FLAG = "label_positions_loss"
 # Logit transforms the plain `hidden @ W.T` of the chunked loss would silently skip: such models keep trl's path.
@@ -192,7 +192,7 @@ def install_compact_fused_head(model: Any, outputs: tuple[str, ...] = DPO_OUTPUT
 
     def forward(self, *args, fused_lm_head: bool = False, **kwargs):
         if fused_lm_head and not args and kwargs.get("shift_labels") is None and "labels" in kwargs:
-            pack = padding_free and getattr(self.config, "_attn_implementation", None) == PER_SAMPLE_ATTENTION
+            pack = padding_free and getattr(self.config, "_attn_implementation", None) in PACKED_ATTENTION
             return _compact_fused(self, outputs, pack=pack, chunked_ce=chunked_ce, **kwargs)
         if fused_lm_head:  # pre-shifted labels (context parallelism) and positional calls: trl's own path
             kwargs["fused_lm_head"] = True
