@@ -25,15 +25,12 @@ quickstart: setup
 	$(BIN)/ft train recipes/quickstart.yaml --overwrite
 
 # The CPU kernel tests build the Triton kernels for the interpreter for their whole pytest process, so the GPU tests
-# (compiled kernels) run in a process of their own, where CUDA exists.
+# (compiled kernels) run in a process of their own, where CUDA exists: scripts/run_tests.py decides (and is tested).
 test: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests --ignore=tests/gpu
-	@if $(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
-		$(MAKE) --no-print-directory test-gpu; \
-	else echo "tests/gpu not run: no CUDA device here (make test-gpu runs them alone on a GPU machine)"; fi
+	$(BIN)/python scripts/run_tests.py all
 
 test-gpu: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m gpu tests/gpu
+	$(BIN)/python scripts/run_tests.py gpu
 
 lint: setup
 	$(BIN)/ruff check finetune kernels scripts tests

@@ -59,10 +59,13 @@ class ChunkedNLLFunction(torch.autograd.Function):
         chunk_size: int,
         ignore_index: int,
         triton: bool,
-    ) -> torch.Tensor:
+        stats: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         n = hidden.shape[0]
         nll = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        # per-token metrics for logs (entropy, mean logit, label is the argmax), not differentiated: `[n, 3]` or empty
+        row_stats = torch.empty((n if stats else 0, 3), dtype=torch.float32, device=hidden.device)
         # Frozen head (the LoRA case): d nll[t] / d h[t] = softmax[t] @ W - W[label[t]] needs nothing from the
         # backward but the per-token scale, so it is formed here while the chunk's softmax exists, and the backward
         # neither recomputes the logits nor touches a [chunk, V] buffer.
@@ -73,10 +76,17 @@ class ChunkedNLLFunction(torch.autograd.Function):
         for start in range(0, n, chunk_size):
             sl = slice(start, min(n, start + chunk_size))
             logits = _chunk_logits(hidden[sl], weight, bias)
+            if stats:
+                row_stats[sl, 1] = logits.mean(1)
+                row_stats[sl, 2] = (logits.argmax(1) == labels[sl]).float()
             if triton:
                 from finetune.kernels.cross_entropy_triton import lse_and_nll, nll_grad_
 
                 lse[sl], nll[sl] = lse_and_nll(logits, labels[sl], ignore_index)
+                if stats:  # entropy = lse - sum(softmax * logits), before the gradient overwrites the logits
+                    probs = (logits - lse[sl].unsqueeze(1)).exp_()
+                    row_stats[sl, 0] = lse[sl] - (probs.unsqueeze(1) @ logits.unsqueeze(2)).view(-1)
+                    del probs
                 if unit_grad:  # softmax - onehot in place (0 on ignored rows), then one GEMM
                     nll_grad_(logits, labels[sl], lse[sl], torch.ones_like(lse[sl]), ignore_index)
                     dh_unit[sl] = (logits.to(hidden.dtype) @ weight).float()
@@ -88,6 +98,8 @@ class ChunkedNLLFunction(torch.autograd.Function):
                 # logsumexp in place: no second [chunk, V] buffer
                 sum_exp = logits.sub_(row_max).exp_().sum(dim=1)
                 lse[sl] = row_max.squeeze(1) + sum_exp.log()
+                if stats:  # with e = exp(x - max), s = sum(e): entropy = log(s) - sum(e log e) / s
+                    row_stats[sl, 0] = sum_exp.log() - torch.special.xlogy(logits, logits).sum(1) / sum_exp
                 nll[sl] = torch.where(valid, lse[sl] - target, 0.0)
                 if unit_grad:
                     probs = logits.div_(sum_exp.unsqueeze(1)).to(hidden.dtype)
@@ -101,14 +113,15 @@ class ChunkedNLLFunction(torch.autograd.Function):
             ctx.save_for_backward(dh_unit)
         else:
             ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        return nll
+        ctx.mark_non_differentiable(row_stats)
+        return nll, row_stats
 
     @staticmethod
-    def backward(ctx: Any, grad_nll: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, grad_nll: torch.Tensor, _grad_stats: Any = None) -> tuple[torch.Tensor | None, ...]:
         if ctx.unit_grad:
             (dh_unit,) = ctx.saved_tensors
             dh = (dh_unit * grad_nll.float().unsqueeze(1)).to(ctx.hidden_dtype)
-            return dh, None, None, None, None, None, None
+            return dh, None, None, None, None, None, None, None
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         n = hidden.shape[0]
@@ -141,7 +154,7 @@ class ChunkedNLLFunction(torch.autograd.Function):
             del g  # before the next chunk's logits exist: one [chunk, V] buffer at a time
         dw = dw.to(weight.dtype) if dw is not None else None
         db = db.to(bias.dtype) if db is not None else None
-        return dh, dw, db, None, None, None, None
+        return dh, dw, db, None, None, None, None, None
 
 
 def token_nll(
@@ -165,6 +178,29 @@ def token_nll(
     Returns:
         float32 `[...]` per-token NLL.
     """
+    return _apply(hidden, weight, labels, bias, chunk_size, ignore_index, stats=False)[0]
+
+
+def token_nll_and_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`token_nll` and, from the same chunked pass, each token's metrics for logs (not differentiable).
+
+    Returns:
+        float32 `[...]` tensors: the NLL, the entropy of the predicted distribution, the mean logit, and 1.0 where
+        the label is the (first) argmax, else 0.0.
+    """
+    nll, row_stats = _apply(hidden, weight, labels, bias, chunk_size, ignore_index, stats=True)
+    return nll, *(row_stats[..., i] for i in range(3))
+
+
+def _apply(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
+           chunk_size: int | None, ignore_index: int, stats: bool) -> tuple[torch.Tensor, torch.Tensor]:
     shape = labels.shape
     h2 = hidden.reshape(-1, hidden.shape[-1])
     lab = labels.reshape(-1).to(h2.device)
@@ -173,12 +209,13 @@ def token_nll(
     triton = use_triton(h2, weight)
     dt = autocast_dtype(h2.device.type)
     if dt is None:
-        nll = ChunkedNLLFunction.apply(h2, weight, bias, lab, int(chunk_size), ignore_index, triton)
+        nll, row_stats = ChunkedNLLFunction.apply(h2, weight, bias, lab, int(chunk_size), ignore_index, triton, stats)
     else:  # the LM head runs in the autocast dtype, as in the model's own forward
         h2, weight, bias = cast_floating(h2, dt), cast_floating(weight, dt), cast_floating(bias, dt)
         with torch.autocast(h2.device.type, enabled=False):
-            nll = ChunkedNLLFunction.apply(h2, weight, bias, lab, int(chunk_size), ignore_index, triton)
-    return nll.reshape(shape)
+            nll, row_stats = ChunkedNLLFunction.apply(h2, weight, bias, lab, int(chunk_size), ignore_index, triton,
+                                                      stats)
+    return nll.reshape(shape), row_stats.reshape(*shape, 3) if stats else row_stats
 
 
 def chunked_cross_entropy(

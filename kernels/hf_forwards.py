@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from finetune.kernels.cross_entropy import IGNORE_INDEX, chunked_cross_entropy
 from finetune.kernels.lora_linear import LoRAParams, lora_linear
 from finetune.kernels.lora_mlp import lora_mlp
 from finetune.kernels.lora_qkvo import lora_qkv
@@ -134,44 +133,3 @@ def attention_forward(
     )
     attn_output = attn_output.reshape(*input_shape, -1).contiguous()
     return self.o_proj(attn_output), attn_weights
-
-
-def _lm_head_params(lm: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """Weight and bias of a plain linear LM head (None for adapters or quantised heads)."""
-    head = lm.get_output_embeddings()
-    if type(head) is not nn.Linear:
-        return None
-    return head.weight, head.bias
-
-
-def causal_lm_forward(self: nn.Module, *args: Any, labels: torch.Tensor | None = None, **kwargs: Any) -> Any:
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    head = _lm_head_params(self)
-    if labels is None or head is None or args or kwargs.get("fused_lm_head"):
-        return getattr(self, ORIG)(*args, labels=labels, **kwargs)
-    num_items = kwargs.pop("num_items_in_batch", None)
-    shift_labels = kwargs.pop("shift_labels", None)
-    ignore_index = kwargs.pop("ignore_index", IGNORE_INDEX)
-    return_dict = kwargs.pop("return_dict", True)
-    kwargs.pop("logits_to_keep", None)
-    outputs = self.model(**kwargs)
-    hidden = outputs.last_hidden_state
-    if shift_labels is None:
-        hidden, shift_labels = hidden[:, :-1], labels[:, 1:]
-    loss = chunked_cross_entropy(
-        hidden,
-        head[0],
-        shift_labels.to(hidden.device),
-        head[1],
-        num_items_in_batch=num_items,
-        ignore_index=ignore_index,
-    )
-    out = CausalLMOutputWithPast(
-        loss=loss,
-        logits=None,
-        past_key_values=outputs.past_key_values,
-        hidden_states=outputs.hidden_states,
-        attentions=outputs.attentions,
-    )
-    return out if return_dict is not False else out.to_tuple()

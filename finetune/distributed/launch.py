@@ -97,6 +97,6 @@ def relaunch(nproc: int, ft_args: list[str]) -> None:
         failures = getattr(e, "failures", None)
         detail = ""
         if failures:
-            first = min(failures.values(), key=lambda f: f.timestamp)
-            detail = f" (first failure: rank {first.global_rank}, exit code {first.exitcode})"
+            rank, first = min(failures.items(), key=lambda item: item[1].timestamp)  # {global rank: ProcessFailure}
+            detail = f" (first failure: rank {rank}, exit code {first.exitcode})"
         raise FinetuneError(f"{nproc}-process training failed{detail}; the messages above say why") from None

@@ -7,11 +7,10 @@ original forward, so the patched model stays correct when, e.g., adapters are di
 with `disable_adapter()`), merged, several are active, DoRA is used, or LoRA dropout is active in training
 (:func:`lora_linear` handles dropout; the fused MLP/QKV blocks then fall back to per-projection ops).
 
-`fused_ce`: with `labels`, the `*ForCausalLM` forward runs the backbone and the chunked loss on the hidden
-states, and returns `logits=None`: the full `[batch, seq, vocab]` logits never exist. Without labels it is
-the original forward (logits as usual). trl's trainers (1.16) score with a chunked `fused_lm_head=True` forward of
-their own (DPO's per-token log-probs; `finetune.model.loss_heads` answers those calls), which this patch passes
-through. Applied through `finetune.model.patches.apply_patches`, which records it.
+`fused_ce` patches nothing here: the `*ForCausalLM.forward` has one owner, the loss head of
+`finetune.model.loss_heads`, which computes SFT's loss with the chunked cross-entropy always and DPO's log-probs
+with it when `fused_ce` is on (`finetune.model.patches.apply_patches` installs and records it). Module patches
+here are applied through `apply_patches` as well.
 """
 
 from __future__ import annotations
@@ -58,7 +57,7 @@ def apply_kernels(model: nn.Module, kernels_cfg: Any) -> list[str]:
     Raises:
         ValueError: If kernels are requested for an unsupported architecture.
     """
-    on = {f: bool(getattr(kernels_cfg, f, False)) for f in KERNEL_FIELDS}
+    on = {f: bool(getattr(kernels_cfg, f, False)) for f in KERNEL_FIELDS if f != "fused_ce"}
     if not any(on.values()):
         return []
     lm = _causal_lm(model)
@@ -90,10 +89,4 @@ def apply_kernels(model: nn.Module, kernels_cfg: Any) -> list[str]:
         n = sum(_patch(m, hf.lora_linear_forward) for m in loras)
         where = "LoRA linear layers" if on["lora_linear"] else "o_proj LoRA layers (lora_qkvo)"
         report.append(f"lora_linear: {n} {where} use the fused (NF4) LoRA linear op")
-    if on["fused_ce"]:
-        _patch(lm, hf.causal_lm_forward)
-        report.append(
-            f"fused_ce: {type(lm).__name__}.forward computes the loss with the chunked CE (logits=None "
-            "when labels are given)"
-        )
     return report

@@ -10,12 +10,13 @@ Here the backbone runs as usual, the hidden states of the positions whose next t
 the chunked cross-entropy of `finetune.kernels.cross_entropy` (logits exist one chunk of tokens at a time; with the
 frozen head of LoRA the gradient for the hidden states is formed in that same pass) gives the summed negative
 log-likelihood, divided like trl's loss (by the labelled tokens of the whole accumulated batch when the trainer
-passes `num_items_in_batch`). The loss is the same number trl
-computes; only the wasted work is gone. Logged metrics: loss (and the token count for tokens/s), not trl's
-entropy / mean token accuracy, which are what need the full-vocabulary pass on every position.
+passes `num_items_in_batch`). The loss is the same number trl computes; only the wasted work is gone. Logged
+metrics: loss (and the token count for tokens/s), not trl's entropy / mean token accuracy, which are what need the
+full-vocabulary pass on every position.
 
-The loss is computed inside the model's forward (a per-instance patch, like trl's own `fused_lm_head`) so that
-DDP and accelerate's autocast wrappers see an ordinary forward call.
+The loss is computed inside the model's forward (a per-instance patch, like trl's own `fused_lm_head`) so that DDP
+and accelerate's autocast wrappers see an ordinary forward call, and FSDP2 / ZeRO-3 shards of the head's weight are
+gathered there first (`gathered_head`, as trl's head does).
 
 DPO (`install_compact_fused_head`): trl's DPOTrainer needs per-token log-probs and its own metrics from its fused
 head, so there the patch keeps trl's kernel and outputs and only gathers the labelled (completion) positions first.
@@ -28,11 +29,13 @@ attention mask on padding, same log-probs.
 from __future__ import annotations
 
 import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-from finetune.model.attention import NAME as PER_SAMPLE_ATTENTION
+from finetune.model.attention import PACKED as PACKED_ATTENTION
 
 FLAG = "label_positions_loss"
 # Logit transforms the plain `hidden @ W.T` of the chunked loss would silently skip: such models keep trl's path.
@@ -117,6 +120,29 @@ def head_of(model: Any) -> str | None:
     return getattr(getattr(lm.forward, "__func__", None), "_finetune_head", None)
 
 
+@contextmanager
+def gathered_head(lm: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The LM head's weight and bias, whole, for a loss that reads them directly instead of calling the head.
+
+    Under FSDP2 they are DTensor shards: gathered with `full_tensor()` (a differentiable all-gather). Under DeepSpeed
+    ZeRO-3 a parameter is empty outside its module's forward: trl's `maybe_gather_lm_head_ctx` gathers it for the
+    block (a null context otherwise). Both as trl's own fused head does; the frozen head's gradient for the hidden
+    states is formed in the forward (`finetune.kernels.cross_entropy`), so the backward needs no second gather.
+    Call it inside the model's forward (the loss heads do), where ZeRO-3's hooks expect the access.
+    """
+    from torch.distributed.tensor import DTensor
+    from trl.trainer import utils as trl_utils
+
+    head = lm.get_output_embeddings()
+    weight, bias = head.weight, head.bias
+    if isinstance(weight, DTensor):
+        weight = weight.full_tensor()
+    if isinstance(bias, DTensor):
+        bias = bias.full_tensor()
+    with trl_utils.maybe_gather_lm_head_ctx(weight, bias):
+        yield weight, bias
+
+
 def _label_loss(lm: Any, labels: torch.Tensor, num_items_in_batch: Any = None, **kwargs: Any):
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -126,10 +152,10 @@ def _label_loss(lm: Any, labels: torch.Tensor, num_items_in_batch: Any = None, *
     hidden = lm.base_model(**kwargs).last_hidden_state  # the decoder (LlamaModel, ...), not the peft wrapper
     shifted = labels[:, 1:].to(hidden.device)
     mask = shifted != -100
-    head = lm.get_output_embeddings()
     picked = hidden[:, :-1][mask]  # [labelled tokens, H]: the only rows the loss needs
-    chunk = chunk_rows(head.weight.shape[0], picked.device)
-    nll = token_nll(picked, head.weight, shifted[mask], head.bias, chunk_size=chunk)
+    with gathered_head(lm) as (weight, bias):
+        chunk = chunk_rows(weight.shape[0], picked.device)
+        nll = token_nll(picked, weight, shifted[mask], bias, chunk_size=chunk)
     denom = mask.sum() if num_items_in_batch is None else num_items_in_batch
     loss = nll.sum() / torch.as_tensor(denom, device=nll.device).clamp(min=1)
     return CausalLMOutputWithPast(loss=loss)
@@ -141,7 +167,8 @@ DPO_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
 VOCAB_CHUNK = 8192  # vocabulary columns per tile of trl's kernel (its own default is 32768: 4x the tile memory)
 
 
-def install_compact_fused_head(model: Any, outputs: tuple[str, ...] = DPO_OUTPUTS, padding_free: bool = False) -> None:
+def install_compact_fused_head(model: Any, outputs: tuple[str, ...] = DPO_OUTPUTS, padding_free: bool = False,
+                               chunked_ce: bool = False) -> None:
     """Answer trl's `fused_lm_head=True` forwards from the labelled positions only, with trl's own kernel.
 
     trl's fused head gathers the labelled positions before its chunked kernel on Triton devices only; elsewhere (CPU)
@@ -152,16 +179,21 @@ def install_compact_fused_head(model: Any, outputs: tuple[str, ...] = DPO_OUTPUT
 
     `padding_free`: run right-padded batches as one padding-free row (see the module docstring); it needs an attention
     that reads sample boundaries (`finetune.model.attention.use_per_sample_attention`), else it is ignored.
+    `chunked_ce` (the recipe's `kernels.fused_ce`): the labelled positions go through our chunked cross-entropy
+    (`finetune.kernels.cross_entropy.token_nll_and_stats`, Triton row kernels on CUDA, the frozen head's gradient
+    formed in the forward) instead of trl's kernel; same log-probs and logged metrics.
     """
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(lm, "_ft_compact_head", False):
         return
+    if chunked_ce and "log_sum_sq_probs" in outputs:
+        raise ValueError("the chunked cross-entropy does not compute log_sum_sq_probs; use trl's kernel")
     original = lm.forward
 
     def forward(self, *args, fused_lm_head: bool = False, **kwargs):
         if fused_lm_head and not args and kwargs.get("shift_labels") is None and "labels" in kwargs:
-            pack = padding_free and getattr(self.config, "_attn_implementation", None) == PER_SAMPLE_ATTENTION
-            return _compact_fused(self, outputs, pack=pack, **kwargs)
+            pack = padding_free and getattr(self.config, "_attn_implementation", None) in PACKED_ATTENTION
+            return _compact_fused(self, outputs, pack=pack, chunked_ce=chunked_ce, **kwargs)
         if fused_lm_head:  # pre-shifted labels (context parallelism) and positional calls: trl's own path
             kwargs["fused_lm_head"] = True
         return original(*args, **kwargs)
@@ -192,7 +224,7 @@ def _padding_free_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], torch.
 
 
 def _compact_fused(lm: Any, outputs: tuple[str, ...], labels: torch.Tensor, num_items_in_batch: Any = None,
-                   shift_labels: None = None, pack: bool = False, **kwargs: Any):
+                   shift_labels: None = None, pack: bool = False, chunked_ce: bool = False, **kwargs: Any):
     from trl.kernels import ChunkedLogProbFunction
     from trl.trainer.utils import FusedCausalLMOutput
 
@@ -212,9 +244,19 @@ def _compact_fused(lm: Any, outputs: tuple[str, ...], labels: torch.Tensor, num_
         at = offsets.to(row.device)[:, None] + torch.arange(mask.shape[1], device=row.device)
         picked_hidden = row[at[mask]]
     shifted = shifted.to(mask.device)
-    head = lm.get_output_embeddings()
-    picked = ChunkedLogProbFunction.apply(picked_hidden, head.weight, head.bias, shifted[mask], 1.0, VOCAB_CHUNK,
-                                          None, 1.0, outputs)
+    with gathered_head(lm) as (weight, bias):
+        if chunked_ce:
+            from finetune.kernels.cross_entropy import token_nll_and_stats
+
+            chunk = chunk_rows(weight.shape[0], picked_hidden.device)
+            nll, entropy, mean_logits, top1 = token_nll_and_stats(picked_hidden, weight, shifted[mask], bias,
+                                                                  chunk_size=chunk)
+            got = {"log_probs": -nll, "entropy": entropy, "mean_logits": mean_logits, "is_top1": top1.bool()}
+            picked = [got.get(name) if name in outputs or name == "log_probs" else None
+                      for name in ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")]
+        else:  # trl's backward gathers a ZeRO-3 head again itself
+            picked = ChunkedLogProbFunction.apply(picked_hidden, weight, bias, shifted[mask], 1.0, VOCAB_CHUNK,
+                                                  None, 1.0, outputs)
     # back to [batch, seq - 1], zero where no label; masked_scatter keeps an all-masked batch differentiable
     log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = (
         None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x) for x in picked)

@@ -7,11 +7,15 @@ stage summary keeps. The order, bottom of the `*ForCausalLM.forward` stack first
 0. `bitsandbytes`: the AVX-512 CPU fix (`finetune.model.bnb_cpu`), applied where it must be, while loading
    (`finetune.model.loading.load_model`), and recorded here. Nothing on CUDA or other CPUs.
    (trl's trainer constructor then adds its own fused LM head, `trl.trainer.utils.add_fused_lm_head`, on the forward.)
-1. `kernel`: the fused kernels the recipe switches on (`kernels:`), on module instances (`finetune.model.kernels`);
-   `fused_ce` wraps the forward, under the loss heads, and passes trl's `fused_lm_head=True` calls through.
-2. `attention`: per-sample attention for padding-free rows (`finetune.model.attention`).
+1. `kernel`: the fused kernels the recipe switches on (`kernels:`), on module instances below the causal LM
+   (`finetune.model.kernels`: norms, attention, MLP, LoRA linears); none of them wraps `*ForCausalLM.forward`.
+2. `attention`: the padding-free rows' attention, chosen for the device (`finetune.model.attention`: flash-attention 2
+   or torch's varlen kernel on CUDA in fp16/bf16, per-sample sdpa elsewhere), printed with the stage banner.
 3. `loss head`: the SFT label-positions loss or the DPO compact fused head (`finetune.model.loss_heads`), the
-   outermost forward: it answers the trainer's calls before trl's fused head does.
+   outermost forward and the only finetune wrapper of `*ForCausalLM.forward`: it answers the trainer's calls before
+   trl's fused head does. It owns `kernels.fused_ce` too: SFT's head always computes its loss with the chunked
+   cross-entropy (`finetune.kernels.cross_entropy`); DPO's head does with `fused_ce` on, else with trl's kernel.
+   Stages without our head (trl's own loss) record that `fused_ce` is not used there.
 
 `apply_patches` runs once per model, after the trainer is built (so that the loss head sits above trl's head) and
 before anything is measured or trained; a second call refuses, and every patch only wraps what was there before it.
@@ -23,7 +27,7 @@ from typing import Any, Literal
 
 from finetune.errors import FinetuneError
 from finetune.model import loss_heads
-from finetune.model.attention import use_per_sample_attention
+from finetune.model.attention import use_padding_free_attention
 from finetune.recipe.schema import Recipe
 
 RECORD = "_finetune_patches"  # attribute of the *ForCausalLM instance holding the record
@@ -82,17 +86,22 @@ def apply_patches(model: Any, recipe: Recipe, stage: str, kind: Literal["sft", "
     no_head = "this stage's trl loss" if kind == "trl" else loss_heads.unsupported_reason(model)
     # SFT's collator makes the padding-free rows itself; in DPO the compact head makes them, so only with that head.
     rows = padding_free and (kind == "sft" or no_head is None)
-    if rows and use_per_sample_attention(model):
-        record(model, "attention", "per sample within padding-free rows (finetune.model.attention)")
+    attention = use_padding_free_attention(model) if rows else None
+    if attention:
+        record(model, "attention", f"{attention} within padding-free rows (finetune.model.attention)")
+    fused_ce = recipe.kernels.fused_ce
     if no_head is not None:  # nothing patched: recorded so that the banner and the summary say which loss ran
-        record(model, "loss head", f"none, trl's own loss and fused LM head ({no_head})")
+        record(model, "loss head", f"none, trl's own loss and fused LM head ({no_head})" +
+               ("; kernels.fused_ce is not used by it" if fused_ce else ""))
     elif kind == "sft":
         loss_heads.install(model)
-        record(model, "loss head", "chunked LM head on labelled positions only (finetune.model.loss_heads)")
+        record(model, "loss head", "chunked cross-entropy (fused_ce) on labelled positions only "
+               "(finetune.model.loss_heads)")
     else:
         pack = any(line.startswith("attention:") for line in applied(model))
-        loss_heads.install_compact_fused_head(model, padding_free=pack)
-        record(model, "loss head", "trl's fused LM head on labelled positions only" +
+        loss_heads.install_compact_fused_head(model, padding_free=pack, chunked_ce=fused_ce)
+        kernel = "our chunked cross-entropy (kernels.fused_ce)" if fused_ce else "trl's fused LM head kernel"
+        record(model, "loss head", f"{kernel} on labelled positions only" +
                (", padded batches run as padding-free rows" if pack else "") + " (finetune.model.loss_heads)")
     problems = undone(model)
     if problems:
@@ -104,20 +113,18 @@ def undone(model: Any) -> list[str]:
     """The recorded patches that are no longer in place on this model (empty when all are): a kernel forward replaced,
     the attention switched back, or another forward wrapped above the loss head."""
     from finetune.kernels import hf_forwards as hf
-    from finetune.model.attention import NAME
+    from finetune.model.attention import PACKED
 
     lm = causal_lm(model)
     lines = applied(model)
     problems = []
-    kernel_forwards = {hf.rmsnorm_forward, hf.attention_forward, hf.mlp_forward, hf.lora_linear_forward,
-                       hf.causal_lm_forward}
+    kernel_forwards = {hf.rmsnorm_forward, hf.attention_forward, hf.mlp_forward, hf.lora_linear_forward}
     replaced = [name for name, m in lm.named_modules()
-                if hasattr(m, hf.ORIG) and getattr(m.forward, "__func__", None) not in kernel_forwards
-                and not (m is lm and loss_heads.head_of(lm) is not None)]
+                if hasattr(m, hf.ORIG) and getattr(m.forward, "__func__", None) not in kernel_forwards]
     if replaced:
         problems.append(f"kernel forwards replaced on {', '.join(n or type(lm).__name__ for n in replaced[:3])}")
-    if any(line.startswith("attention:") for line in lines) and lm.config._attn_implementation != NAME:
-        problems.append(f"attention is {lm.config._attn_implementation!r}, not {NAME!r}")
+    if any(line.startswith("attention:") for line in lines) and lm.config._attn_implementation not in PACKED:
+        problems.append(f"attention is {lm.config._attn_implementation!r}, not one of {', '.join(PACKED)}")
     head = [line for line in lines if line.startswith("loss head:") and not line.startswith("loss head: none")]
     if head and loss_heads.head_of(lm) is None:
         problems.append(f"{type(lm).__name__}.forward is no longer the loss head (something wrapped it)")

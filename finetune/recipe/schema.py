@@ -624,7 +624,8 @@ class KernelsConfig(Section):
     lora_qkvo: bool = False
     """Fused LoRA attention projections."""
     fused_ce: bool = False
-    """Chunked LM-head + cross-entropy: full logits are never materialised (big memory saving at large vocab)."""
+    """Chunked LM-head + cross-entropy (full logits never exist) for DPO's log-probs too, instead of trl's kernel.
+    SFT's default loss head always uses it; stages on trl's own loss (kto, orpo, simpo, grpo) do not."""
     rmsnorm: bool = False
     """Fused RMSNorm."""
     rope: bool = False

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 from finetune.errors import FinetuneError
@@ -148,52 +149,82 @@ def clear(root: Path) -> None:
                 shutil.rmtree(child)
 
 
+FAULT = "FINETUNE_FAULT_CHECKPOINT"  # tests: "STEP" or "STEP:RANK", that process exits in the middle of that write
+
+
 def make_atomic(trainer, loss_base: float = 0.0) -> None:
     """Make this trainer instance write every checkpoint under a temporary name and rename it when complete.
 
     The trainer's own `_save_checkpoint` does the writing (so the folder stays exactly what
     `train(resume_from_checkpoint=...)` reads); only the folder it writes into is redirected to the staging area,
     and `finetune_state.json` (checksums, loss sum) is added. `loss_base`: the loss sum of the checkpoint this
-    training call resumed from. Multi-process runs keep transformers' own behaviour: every rank writes into the same
-    folder.
+    training call resumed from. With several processes every one writes its part (its RNG state; the shards of an
+    FSDP/ZeRO-3 optimizer) into the same staging folder, and the main process renames it once all have finished
+    (a barrier before and after), so a kill of any process during the write leaves the previous checkpoint the newest.
     """
-    if getattr(trainer.args, "world_size", 1) > 1:
-        return
     root = Path(trainer.args.output_dir)
     keep = trainer.args.save_total_limit or 0
     write_in_place = trainer._save_checkpoint
+    several = getattr(trainer.args, "world_size", 1) > 1
+    main = trainer.is_world_process_zero()
+
+    def wait() -> None:
+        if several:
+            trainer.accelerator.wait_for_everyone()
 
     def save_checkpoint(model, trial=None) -> None:
         staging = root / STAGING
-        if staging.exists():  # leftovers of a crash while writing
-            shutil.rmtree(staging)
-        staging.mkdir(parents=True)
+        if main:
+            if staging.exists():  # leftovers of a crash while writing
+                shutil.rmtree(staging)
+            staging.mkdir(parents=True)
+        wait()  # nobody writes into a staging folder that is about to be removed
         trainer._get_output_dir = lambda trial=None: str(staging)
         try:
             write_in_place(model, trial)
+            _fault_hook(trainer.state.global_step, trainer.args.process_index)
         finally:
             del trainer._get_output_dir  # back to the class method
-        name = f"checkpoint-{trainer.state.global_step}"
-        built = staging / name
-        if not (built / "trainer_state.json").exists():
-            raise FinetuneError(
-                f"the checkpoint was not written to {built} as expected; this transformers version saves checkpoints "
-                "differently from the one finetune was tested with"
-            )
-        state = {"files": _checksums(built)}
-        if hasattr(trainer, "_total_loss_scalar") and hasattr(trainer, "_tr_loss"):  # else: no sum, HF's train_loss
-            state["loss_sum"] = loss_base + trainer._total_loss_scalar + float(trainer._tr_loss.item())
-        (built / STATE).write_text(json.dumps(state), encoding="utf-8")
-        _fsync_tree(built)
-        final = root / name
-        if final.exists():  # the same step saved by an earlier attempt: replace it
-            _remove(final)
-        os.replace(built, final)
-        _fsync_dir(root)
-        shutil.rmtree(staging, ignore_errors=True)
-        rotate(root, keep)
+        wait()  # every process's files are in the staging folder
+        if main:
+            _publish(trainer, staging, root, keep, loss_base)
+        wait()  # the checkpoint exists for every process when its save returns
 
     trainer._save_checkpoint = save_checkpoint
+
+
+def _fault_hook(step: int, rank: int) -> None:
+    """Exit this process half-way through a checkpoint's write when the FINETUNE_FAULT_CHECKPOINT test hook says so:
+    the model, optimizer and RNG files are in the staging folder, nothing is renamed yet."""
+    want = os.environ.get(FAULT, "")
+    if want:
+        fault_step, _, fault_rank = want.partition(":")
+        if int(fault_step) == step and int(fault_rank or 0) == rank:
+            print(f"{FAULT}: process {rank} exits while writing checkpoint-{step}", file=sys.stderr, flush=True)
+            os._exit(70)
+
+
+def _publish(trainer, staging: Path, root: Path, keep: int, loss_base: float) -> None:
+    """Check, checksum, flush and rename the checkpoint the trainer wrote under `staging`; rotate old ones."""
+    name = f"checkpoint-{trainer.state.global_step}"
+    built = staging / name
+    if not (built / "trainer_state.json").exists():
+        raise FinetuneError(
+            f"the checkpoint was not written to {built} as expected; this transformers version saves checkpoints "
+            "differently from the one finetune was tested with"
+        )
+    state = {"files": _checksums(built)}
+    if hasattr(trainer, "_total_loss_scalar") and hasattr(trainer, "_tr_loss"):  # else: no sum, HF's train_loss
+        state["loss_sum"] = loss_base + trainer._total_loss_scalar + float(trainer._tr_loss.item())
+    (built / STATE).write_text(json.dumps(state), encoding="utf-8")
+    _fsync_tree(built)
+    final = root / name
+    if final.exists():  # the same step saved by an earlier attempt: replace it
+        _remove(final)
+    os.replace(built, final)
+    _fsync_dir(root)
+    shutil.rmtree(staging, ignore_errors=True)
+    rotate(root, keep)
 
 
 def schedule_text(training, steps_per_epoch: int | None = None, max_steps: int | None = None) -> str:

@@ -87,10 +87,11 @@ def test_each_stage_prints_and_keeps_its_model_patches(run):
     same lora keys warns about none."""
     d = run["dir"]
     sft, dpo = summary(d, "sft")["patches"], summary(d, "dpo")["patches"]
-    assert sft[-2:] == ["attention: per sample within padding-free rows (finetune.model.attention)",
-                        "loss head: chunked LM head on labelled positions only (finetune.model.loss_heads)"], sft
-    assert dpo[-1].startswith("loss head: trl's fused LM head on labelled positions only, padded batches run as "
-                              "padding-free rows"), dpo
+    assert sft[-2:] == ["attention: sdpa per sample (no CUDA) within padding-free rows (finetune.model.attention)",
+                        "loss head: chunked cross-entropy (fused_ce) on labelled positions only "
+                        "(finetune.model.loss_heads)"], sft
+    assert dpo[-1].startswith("loss head: trl's fused LM head kernel on labelled positions only, padded batches run "
+                              "as padding-free rows"), dpo
     for line in sft:
         assert f"[sft] {line}" in run["output"]
     assert "lora keys are ignored" not in run["output"]

@@ -47,11 +47,14 @@ def test_sft_patches_in_order_recorded_once(tiny_model, tmp_path):
     trl_forward = lm.forward  # trl's fused LM head, added by the trainer's constructor
     lines = apply_patches(trainer.model, _recipe(tiny_model, KERNELS), "sft", "sft", padding_free=True)
     kinds = [line.split(":", 1)[0] for line in lines]
-    assert kinds == ["kernel"] * 3 + ["attention", "loss head"], lines
+    assert kinds == ["kernel"] * 2 + ["attention", "loss head"], lines
     assert lines == applied(trainer.model)
-    # the stack, outermost first: our loss head -> the fused_ce kernel -> trl's fused head
+    assert "fused_ce" in lines[-1] and not any("fused_ce" in line for line in lines[:-1])
+    # the stack, outermost first: our loss head (the one owner of the forward, fused_ce included) -> trl's fused head
     assert loss_heads.head_of(trainer.model) == loss_heads.FLAG
-    assert lm._finetune_orig_forward == trl_forward
+    assert not hasattr(lm, "_finetune_orig_forward")
+    assert lm.forward.__func__.__closure__ is not None
+    assert trl_forward in [c.cell_contents for c in lm.forward.__func__.__closure__]
     assert lm.config._attn_implementation == NAME
     assert undone(trainer.model) == []
     with pytest.raises(FinetuneError, match="already patched"):

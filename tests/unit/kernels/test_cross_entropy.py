@@ -139,3 +139,31 @@ def test_default_chunk_size():
     assert default_chunk_size(1024, 256, 32768) == 256  # small hidden: the 32 MiB floor decides
     assert default_chunk_size(3, 64, 128) == 3
     assert default_chunk_size(1, 8, 10**6) == 1
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("frozen_head", [True, False])
+def test_token_stats_match_trls_fused_head(backend, frozen_head):
+    """The per-token metrics DPO logs (entropy, mean logit, top-1) from our chunked pass equal trl's kernel's, and the
+    log-probs' gradient is unchanged by asking for them."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    from finetune.kernels.cross_entropy import token_nll_and_stats
+
+    hidden, weight, labels, _ = _inputs(33, 64, 131, torch.float32, ignore_every=1000)
+    weight.requires_grad_(not frozen_head)
+    labels[:4] = torch.nn.functional.linear(hidden[:4], weight).argmax(-1)  # some tokens whose label is the top-1
+    with force_backend(backend):
+        nll, entropy, mean_logit, top1 = token_nll_and_stats(hidden, weight, labels, chunk_size=8)
+        nll.sum().backward()
+    ref_h = hidden.detach().clone().requires_grad_()
+    logp, ref_entropy, _, ref_mean, ref_top1 = ChunkedLogProbFunction.apply(
+        ref_h, weight.detach(), None, labels, 1.0, 64, None, 1.0, ("log_probs", "entropy", "mean_logits", "is_top1"))
+    (-logp).sum().backward()
+    torch.testing.assert_close(nll, -logp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, ref_entropy, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mean_logit, ref_mean, atol=1e-6, rtol=1e-5)
+    assert torch.equal(top1.bool(), ref_top1) and top1[:4].all()
+    torch.testing.assert_close(hidden.grad, ref_h.grad, atol=1e-5, rtol=1e-4)
+    assert not entropy.requires_grad

@@ -54,7 +54,7 @@ def _batch():
 def calls(monkeypatch) -> dict[str, int]:
     """Counts the fused ops the patched forwards call (to prove the fast paths ran, not the fallbacks)."""
     counts: dict[str, int] = {}
-    for name in ("lora_linear", "lora_mlp", "lora_qkv", "rms_norm", "apply_rope", "chunked_cross_entropy"):
+    for name in ("lora_linear", "lora_mlp", "lora_qkv", "rms_norm", "apply_rope"):
         original = getattr(hf, name)
 
         def counting(*args, _name=name, _fn=original, **kwargs):
@@ -74,19 +74,19 @@ def test_patched_model_matches_unpatched(model_type, calls):
     plain = _tiny(model_type)
     fused = copy.deepcopy(plain)
     report = apply_kernels(fused, ALL_ON)
-    assert {line.split(":")[0] for line in report} == set(KERNEL_FIELDS)
+    # fused_ce patches no module: the loss heads own it (finetune.model.loss_heads, tests/unit/test_patches.py)
+    assert {line.split(":")[0] for line in report} == set(KERNEL_FIELDS) - {"fused_ce"}
+    assert not hasattr(fused.get_base_model(), "_finetune_orig_forward")
     ids, mask, labels = _batch()
     out_plain = plain(input_ids=ids, attention_mask=mask, labels=labels)
     out_fused = fused(input_ids=ids, attention_mask=mask, labels=labels)
-    assert out_fused.logits is None
-    # 2 layers: 5 norms (2 per layer + final), 2 MLPs, 2 fused QKV, 2 o_proj, 1 loss
+    # 2 layers: 5 norms (2 per layer + final), 2 MLPs, 2 fused QKV, 2 o_proj
     assert calls == {
         "rms_norm": 5,
         "apply_rope": 2,
         "lora_qkv": 2,
         "lora_linear": 2,
         "lora_mlp": 2,
-        "chunked_cross_entropy": 1,
     }
     torch.testing.assert_close(out_fused.loss, out_plain.loss, rtol=1e-5, atol=1e-6)
     out_plain.loss.backward()
@@ -121,7 +121,8 @@ def test_dropout_falls_back_and_matches(calls):
         torch.testing.assert_close(_grads(fused)[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_dpo_logps_and_idempotence():
+@pytest.mark.parametrize("chunked_ce", [False, True])
+def test_dpo_logps_and_idempotence(chunked_ce):
     """DPO's log-probs as a stage computes them on a patched model: trl's fused LM head (added by DPOTrainer), the
     kernels, our compact head on top (finetune.model.patches' order)."""
     from trl.trainer.utils import add_fused_lm_head
@@ -136,10 +137,16 @@ def test_dpo_logps_and_idempotence():
     add_fused_lm_head(model.get_base_model(), outputs=DPO_OUTPUTS)
     apply_kernels(model, ALL_ON)
     assert apply_kernels(model, SimpleNamespace(rmsnorm=True))[0].startswith("rmsnorm: 0 ")  # already patched
-    install_compact_fused_head(model)
+    install_compact_fused_head(model, chunked_ce=chunked_ce)  # kernels.fused_ce: our chunked CE, else trl's kernel
     out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
     got = out.log_probs.sum(-1)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        valid = lab != -100
+        entropy = -(logp.exp() * logp).sum(-1)
+        torch.testing.assert_close(out.entropy[valid], entropy[valid], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.mean_logits[valid], logits[:, :-1].float().mean(-1)[valid], rtol=1e-5, atol=1e-5)
+        assert torch.equal(out.is_top1[valid], (logits[:, :-1].argmax(-1) == lab)[valid])
 
 
 def test_nothing_enabled_is_a_no_op():
