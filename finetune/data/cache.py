@@ -19,8 +19,8 @@ from typing import Any
 from finetune.data.readers import fingerprint
 from finetune.recipe.schema import DataConfig, DatasetSource
 
-CACHE_VERSION = 1
-_NOT_IN_KEY = {"task_eval", "task_eval_max_new_tokens", "cache_dir"}  # do not change the preprocessed data
+CACHE_VERSION = 2
+_NOT_IN_KEY = {"task_eval", "task_eval_max_new_tokens", "cache_dir", "num_proc"}  # do not change the preprocessed data
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
