@@ -151,6 +151,8 @@ def check_data_files(recipe: Recipe) -> list[str]:
             continue
         seen.add((id(data), stage.kind))
         for group in ("train", "eval"):
+            if group == "train" and data.streaming:  # read lazily while training, never whole
+                continue
             for j, src in enumerate(getattr(data, group)):
                 path = Path(src.path)
                 if not path.exists() or is_saved_dataset(path):
@@ -196,6 +198,8 @@ def check_stage_data(recipe: Recipe, tokenizer: Any, stages: list[Any]) -> list[
     for stage in stages:
         data = recipe.stage_data(stage)
         for split in ("train", "eval"):
+            if split == "train" and data.streaming:  # a stream is checked as it is read, not in a full pass first
+                continue
             try:
                 with contextlib.redirect_stdout(io.StringIO()):  # the stage prints these notices when it starts
                     template = apply_template(tokenizer, data)
