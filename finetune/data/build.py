@@ -100,6 +100,12 @@ def prepare(data: DataConfig, tokenizer: Any, kind: str, seed: int, split: str =
     if not sources:
         return None
     template = applied_template(tokenizer, data)
+    if data.streaming and split == "train" and kind == "sft":  # read whole, a stream would defeat streaming
+        from finetune.data.stream_train import stream_head
+
+        report = DataReport(kind=kind, split=split, template=template.source, end_of_turn=template.end_of_turn,
+                            cache="off (streamed)")
+        return Prepared(stream_head(data, tokenizer, seed, report), report)
     key = root = None
     if data.cache_dir:
         root = Path(data.cache_dir)

@@ -18,7 +18,16 @@ import numpy as np
 
 from finetune.data import formats
 from finetune.data.arrow import ArrowSource, cores, without_nulls
-from finetune.data.encode import IGNORE, Encoded, EncodeError, encode_messages, encode_text, fit_length
+from finetune.data.encode import (
+    IGNORE,
+    Encoded,
+    EncodeError,
+    encode_messages,
+    encode_messages_many,
+    encode_text,
+    encode_texts,
+    fit_length,
+)
 from finetune.data.readers import Table
 from finetune.data.templates import TemplateInfo
 from finetune.recipe.schema import DataConfig
@@ -60,12 +69,28 @@ def encode_example(tokenizer: Any, ex: dict[str, Any], data: DataConfig, templat
     return encode_messages(tokenizer, ex["messages"], data.train_on, template)
 
 
-def row_result(tokenizer: Any, ex: dict[str, Any], data: DataConfig, template: TemplateInfo) -> dict[str, Any]:
-    """What preprocessing does with one example: status, the fitted sample, problem text and the report's counts."""
+def row_results(tokenizer: Any, examples: list[dict[str, Any]], data: DataConfig,
+                template: TemplateInfo) -> list[dict[str, Any]]:
+    """`row_result` of many examples, tokenized in one call per kind (chat or plain text): the same results."""
+    chats = encode_messages_many(tokenizer, [ex["messages"] for ex in examples if "messages" in ex], data.train_on,
+                                 template)
+    texts = encode_texts(tokenizer, [ex["text"] for ex in examples if "text" in ex])
+    chat_iter, text_iter = iter(chats), iter(texts)
+    return [row_result(tokenizer, ex, data, template, next(chat_iter) if "messages" in ex else next(text_iter))
+            for ex in examples]
+
+
+def row_result(tokenizer: Any, ex: dict[str, Any], data: DataConfig, template: TemplateInfo,
+               sample: Encoded | EncodeError | None = None) -> dict[str, Any]:
+    """What preprocessing does with one example: status, the fitted sample, problem text and the report's counts.
+    `sample`: the example already encoded (`row_results`), else it is encoded here."""
     out = {"status": OK, "input_ids": [], "labels": [], "problem": "", "turns": 0, "no_eot": 0, "truncated": False,
            "cut": 0, "tokens": 0, "trained": 0}
     try:
-        sample = encode_example(tokenizer, ex, data, template)
+        if sample is None:
+            sample = encode_example(tokenizer, ex, data, template)
+        elif isinstance(sample, EncodeError):
+            raise sample
     except EncodeError as e:
         return {**out, "status": BAD_ENCODE, "problem": str(e)}
     if "messages" in ex and data.train_on != "all" and not sample.assistant_turns:
@@ -104,12 +129,9 @@ def _batch(batch: dict[str, list], *, tokenizer: Any, data: DataConfig, template
     names = list(batch)
     n = len(batch[names[0]]) if names else 0
     rows = [without_nulls({c: batch[c][j] for c in names}) for j in range(n)]
-    results = []
-    for ex in _normalised(rows, fmt, key, path):
-        if ex is None:
-            results.append({"status": BAD_FORMAT})
-            continue
-        results.append(row_result(tokenizer, ex, data, template))
+    normalised = _normalised(rows, fmt, key, path)
+    encoded = iter(row_results(tokenizer, [ex for ex in normalised if ex is not None], data, template))
+    results = [{"status": BAD_FORMAT} if ex is None else next(encoded) for ex in normalised]
     empty = {"input_ids": [], "labels": [], "problem": "", "turns": 0, "no_eot": 0, "truncated": False, "cut": 0,
              "tokens": 0, "trained": 0}
     results = [{**empty, **r} for r in results]

@@ -10,6 +10,7 @@ shuffling and packing around it live in `finetune.data.stream_train`.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from collections.abc import Iterator
@@ -71,7 +72,7 @@ class Source:
     def __init__(self, src: DatasetSource, key: str, rank: int, world: int):
         from datasets.distributed import split_dataset_by_node
 
-        self.src, self.key = src, key
+        self.src, self.key, self.rank, self.world = src, key, rank, world
         ds = open_stream(src, key)
         for fieldname, col in src.columns.items():
             if col != fieldname:
@@ -90,12 +91,16 @@ class Source:
         self.dataset = split_dataset_by_node(ds, rank=rank, world_size=world) if world > 1 else ds
 
     def examples(self) -> Iterator[dict[str, Any]]:
-        """This process's rows of the source, normalised ({"messages": ...} or {"text": ...}), in file order.
+        """This process's rows of the source, normalised ({"messages": ...} or {"text": ...}), in file order (with
+        `max_samples`: of the first that many rows of the source, not of a shuffled pick as without streaming).
 
         Raises:
             FinetuneError: A row the format rejects (shown, with the source's key and path).
         """
-        for row in self.dataset:
+        rows = iter(self.dataset)
+        if self.src.max_samples is not None:  # this process's share of the first max_samples rows
+            rows = itertools.islice(rows, (self.src.max_samples - self.rank + self.world - 1) // self.world)
+        for row in rows:
             row = without_nulls(row)
             try:
                 yield formats.normalize_sft(Table(self.key, self.src.path, [row], [(self.src.path, "row")]),

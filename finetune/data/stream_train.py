@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.data.packing import packed_bins
-from finetune.data.parallel import BAD_ENCODE, MASKED, OK, UNTRAINABLE, row_result
+from finetune.data.parallel import BAD_ENCODE, MASKED, OK, UNTRAINABLE, count, row_results
 from finetune.data.stream import Source, examples, sources
 from finetune.data.templates import applied_template
 from finetune.errors import FinetuneError
@@ -35,6 +35,7 @@ from finetune.recipe.schema import DataConfig
 
 PACK_GROUP = 2000  # most samples one packing group holds
 POSITION_FILE = "stream-rank{rank}.json"
+HEAD_ROWS = 2000  # rows `stream_head` reads for the checks, the dry run and the preview
 
 
 @dataclass(frozen=True)
@@ -55,20 +56,27 @@ class TokenStream:
         self.template = applied_template(tokenizer, data)
         self.opened: list[Source] = sources(data, rank, world)
         self.start, self.consumed = start or Position(), consumed
-        self.blocks: list[tuple[int, Position]] = []  # (samples handed out before the block, where the block starts)
+        # samples handed out before a block -> where the block starts (every iteration from `start` yields the same
+        # sequence, so trl peeking at the first sample adds nothing new)
+        self.blocks: dict[int, Position] = {}
         self.dropped = {"too_long": 0, "fully_masked": 0}
+        # the last block built: trl and the data loader start iterating more than once (peeking at the first
+        # sample), and each start would otherwise tokenize the first block again
+        self._last: tuple[tuple[int, int], list[dict[str, list[int]]]] | None = None
 
     # --- the samples
-    def _block_samples(self, block: list[dict[str, Any]], epoch: int, index: int) -> list[dict[str, list[int]]]:
+    def _block_samples(self, block: list[dict[str, Any]], epoch: int, index: int,
+                       report: Any = None) -> list[dict[str, list[int]]]:
         data = self.data
         if data.shuffle:
             random.Random(f"{self.seed}:{epoch}:{self.rank}:{index}").shuffle(block)
         samples = []
-        for ex in block:
-            r = row_result(self.tokenizer, ex, data, self.template)
+        for r in row_results(self.tokenizer, block, data, self.template):
             if r["status"] in (BAD_ENCODE, UNTRAINABLE):
                 raise FinetuneError(f"a streamed row of data.train cannot be trained on: {r['problem']}. Check the "
                                     "files with `ft validate` (reads them whole) or `ft data preview`.")
+            if report is not None:
+                count(report, r)
             if r["status"] == OK:
                 samples.append({"input_ids": r["input_ids"], "labels": r["labels"]})
             else:
@@ -89,7 +97,6 @@ class TokenStream:
         """Samples from `start` on, pass after pass (a source that ends starts over), never ending."""
         size = self.data.shuffle_buffer
         epoch, rows, skip, handed = self.start.epoch, self.start.rows, self.start.skip, self.consumed
-        self.blocks = []
         while True:
             stream = examples(self.opened, self.data, self.seed, epoch, self.rank)
             if rows and sum(1 for _ in itertools.islice(stream, rows)) < rows:
@@ -98,8 +105,12 @@ class TokenStream:
             index, got = rows // size, 0
             while block := list(itertools.islice(stream, size)):
                 got += len(block)
-                self.blocks.append((handed - skip, Position(epoch, rows, 0)))
-                samples = self._block_samples(block, epoch, index)
+                self.blocks[handed - skip] = Position(epoch, rows, 0)
+                if self._last is not None and self._last[0] == (epoch, index):
+                    samples = self._last[1]
+                else:
+                    samples = self._block_samples(block, epoch, index)
+                    self._last = ((epoch, index), samples)
                 for sample in samples[skip:]:
                     handed += 1
                     yield sample
@@ -114,10 +125,31 @@ class TokenStream:
 
     def position(self, consumed: int) -> Position:
         """Where the stream is once `consumed` samples (counted from the stage's start) were trained on."""
-        for first, start in reversed(self.blocks):
-            if first <= consumed:
-                return Position(start.epoch, start.rows, consumed - first)
+        first = max((k for k in self.blocks if k <= consumed), default=None)
+        if first is not None:
+            start = self.blocks[first]
+            return Position(start.epoch, start.rows, consumed - first)
         return Position(self.start.epoch, self.start.rows, self.start.skip + consumed - self.consumed)
+
+
+def stream_head(data: DataConfig, tokenizer: Any, seed: int, report: Any):
+    """The first `HEAD_ROWS` rows of process 0 (at most one shuffle block) of a streamed training split, preprocessed
+    and counted into `report` (a `finetune.data.build.DataReport`) as `prepare` counts a whole split: what
+    `ft train --dry-run`, the checks before training and `ft data preview` look at instead of the whole stream.
+
+    Returns:
+        The samples as a `datasets.Dataset`; the report's sources say `streamed` for their row counts.
+    """
+    from datasets import Dataset
+
+    stream = TokenStream(data, tokenizer, seed)
+    block = list(itertools.islice(examples(stream.opened, data, seed, 0, 0), min(data.shuffle_buffer, HEAD_ROWS)))
+    samples = stream._block_samples(block, 0, 0, report)
+    report.samples = sum(len(s.get("seq_lengths", [0])) for s in samples)
+    report.rows = len(samples)
+    report.sources = [{"key": s.key, "path": s.src.path, "format": s.format, "rows": "streamed",
+                       "used": f"first {len(block)} rows"} for s in stream.opened]
+    return Dataset.from_list(samples)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -198,8 +198,6 @@ def check_stage_data(recipe: Recipe, tokenizer: Any, stages: list[Any]) -> list[
     for stage in stages:
         data = recipe.stage_data(stage)
         for split in ("train", "eval"):
-            if split == "train" and data.streaming:  # a stream is checked as it is read, not in a full pass first
-                continue
             try:
                 with contextlib.redirect_stdout(io.StringIO()):  # the stage prints these notices when it starts
                     template = apply_template(tokenizer, data)

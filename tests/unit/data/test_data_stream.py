@@ -177,3 +177,25 @@ def test_streaming_needs_max_steps_before_anything_loads(tiny_model, write):
     with pytest.raises(Exception, match=r"training.max_steps: data.streaming reads the data as it trains"):
         Recipe.model_validate(recipe)
     Recipe.model_validate({**recipe, "training": {"max_steps": 10}})
+
+
+def test_preview_and_checks_read_the_head_of_a_stream_only(tok, cfg, write, monkeypatch):
+    import finetune.data.stream_train as stream_train
+    from finetune.data import build_dataset
+    from finetune.data.build import prepare
+
+    monkeypatch.setattr(stream_train, "HEAD_ROWS", 3)
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(8)]
+    f = write("c.jsonl", rows)
+    data = cfg({"path": str(f), "max_samples": 5}, streaming=True)
+    apply_template(tok, data)
+    head = prepare(data, tok, "sft", 5, "train")
+    assert len(head.dataset) == 3 and head.report.samples == 3
+    # each sample: <|im_start|>user\nqN<|im_end|><|im_start|>assistant\naN<|im_end|> = 1+5+2+1+1+10+2+1 tokens
+    assert head.report.tokens == 3 * 23 and head.report.trained_tokens == 3 * 3
+    assert "data.train[0] messages first 3 rows/streamed" in head.report.summary()
+    whole = list(itertools.islice(_stream(tok, data), 6))  # max_samples: the first 5 rows, then the next pass
+    five = build_dataset(cfg(write("five.jsonl", rows[:5])), tok, "sft", seed=5, split="train")
+    assert [s["input_ids"] for s in whole[:5]] == [s["input_ids"] for s in five]
+    assert whole[5] == whole[0]
