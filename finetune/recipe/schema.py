@@ -185,13 +185,17 @@ class DataConfig(Section):
     """Processes that tokenize the data (on Arrow, with `datasets.map`). None: one per CPU core (small sources use
     fewer: starting a process costs more than tokenizing a few thousand rows)."""
     streaming: bool = False
-    """Read the training sources lazily instead of preprocessing them first (local files row by row, Hub datasets
-    with `datasets` streaming): shuffled with a buffer of `shuffle_buffer` rows, tokenized and packed on the fly,
-    each process reading its own shards. Needs `training.max_steps` (a stream has no length to count epochs in) and
-    `data.eval` sources instead of `eval_fraction`. Resuming replays the stream to the row where the checkpoint was."""
+    """Read the training sources lazily instead of preprocessing them first (local files through the `datasets`
+    streaming builders, Hub datasets with `streaming=True`): rows are shuffled in blocks of `shuffle_buffer`,
+    tokenized and packed on the fly, pass after pass; each process reads its own share (whole files when their count
+    divides by the process count, else every n-th row). Needs `training.max_steps` (a stream has no length to count
+    epochs in) and `data.eval` sources instead of `eval_fraction`; `max_samples` keeps a source's first rows. Every
+    checkpoint records each process's position (`stream-rank<r>.json`), and resuming continues at that row without
+    replaying the batches before it. The dry run and the checks before training look at the first 2,000 rows."""
     shuffle_buffer: Annotated[int, Field(ge=1)] = 10_000
-    """With `streaming`: rows held in the shuffle buffer (more: better mixed, more memory). Packing also fills its
-    rows from groups of this many samples (at most 2,000)."""
+    """With `streaming`: rows shuffled together (one block, each with its own seeded permutation; more: better mixed,
+    more memory, a later first step, as the first block is tokenized before it). Packing fills its rows from groups
+    of at most 2,000 samples of a block."""
     cache_dir: str | None = ".cache/finetune/data"
     """Folder (relative to the current directory) where preprocessed datasets are cached, keyed by the data files'
     content, the tokenizer, the template and this section. None: no cache."""
