@@ -192,18 +192,23 @@ def measure(args: argparse.Namespace, name: str, file: Path, kind: str, assets: 
            "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "HF_DATASETS_CACHE": str(work / "hf")}
     out: dict = {"name": name, "kind": kind, "rows": sum(1 for _ in file.open()), "bytes": file.stat().st_size}
     large = kind == "chat" and out["rows"] > args.trl_upto
-    for side in ("ours",) if large else ("ours", "trl"):
-        cache = work / f"{name}-{side}"
-        shutil.rmtree(cache, ignore_errors=True)
-        shutil.rmtree(work / "hf", ignore_errors=True)
-        cache.mkdir(parents=True)
-        cmd = [sys.executable, __file__, "--worker", side, "--kind", kind, "--file", str(file), "--model",
-               assets["model"], "--cache", str(cache), "--threads", str(args.threads)]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if done.returncode:
-            raise RuntimeError(f"{side} on {name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-        out[side] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"{name} {side}: {out[side]}", flush=True)
+    sides = ("ours",) if large else ("ours", "trl")
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    for rep in range(args.reps):  # alternating, the first side changing each repetition: load drifts hit both
+        for side in sides if rep % 2 == 0 else sides[::-1]:
+            cache = work / f"{name}-{side}"
+            shutil.rmtree(cache, ignore_errors=True)
+            shutil.rmtree(work / "hf", ignore_errors=True)
+            cache.mkdir(parents=True)
+            cmd = [sys.executable, __file__, "--worker", side, "--kind", kind, "--file", str(file), "--model",
+                   assets["model"], "--cache", str(cache), "--threads", str(args.threads)]
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"{side} on {name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+            runs[side].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(f"{name} {side}: {runs[side][-1]}", flush=True)
+    for side, got in runs.items():  # the median run by time, with every run's seconds
+        out[side] = {**sorted(got, key=lambda r: r["seconds"])[len(got) // 2], "runs_s": [r["seconds"] for r in got]}
     if not large:
         out["speedup"] = round(out["ours"]["tokens_per_s"] / out["trl"]["tokens_per_s"], 2)
     if kind == "chat" and not args.no_first_step:
@@ -227,6 +232,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rows", default="10000,100000,1000000", help="chat dataset sizes, comma-separated")
     ap.add_argument("--text-mb", type=float, default=1000.0, help="plain-text corpus size in MB (0: none)")
     ap.add_argument("--threads", type=int, default=2, help="processes/threads for every side")
+    ap.add_argument("--reps", type=int, default=1, help="preprocessing runs per side (alternating; median reported)")
     ap.add_argument("--work", default=str(ROOT / ".cache" / "bench-data"), help="data files and caches")
     ap.add_argument("--out", default=str(ROOT / "bench"), help="where data.json / data.md / data.png go")
     ap.add_argument("--no-first-step", action="store_true", help="skip the time-to-first-step runs")

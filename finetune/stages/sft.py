@@ -57,8 +57,9 @@ def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
         max_length=None if padding_free else data.max_length,
         padding_free=padding_free,
         packing=False,
-        # a stream is tokenized, labelled and cut to max_length already, as it is read
-        dataset_kwargs={"skip_prepare_dataset": True} if stream else None,
+        # tokenized, labelled and cut to max_length already (memory-mapped from the cache, or streamed): trl's own
+        # preparation would only map over it again and write its results beside the cache
+        dataset_kwargs={"skip_prepare_dataset": True},
         # each process reads its own shard of a stream (instead of the main process reading for all); a resumed
         # stream starts at its recorded position (finetune.data.stream_train) instead of replaying batches
         accelerator_config={"dispatch_batches": False} if stream else None,
