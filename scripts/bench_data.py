@@ -16,7 +16,8 @@ for continued pretraining (`format: text`, packed). Every measurement runs in it
   text), minus the same construction on a 16-row file (model wrapping, not data);
 * first step: seconds from starting `python -m finetune train` (max_steps 1, the bench tokenizer on a 2-layer
   model) to the end of optimizer step 1, with a cold cache, again with the cache warm, and with `streaming: true`.
-Peak RSS: the measuring process's own maximum resident set, and the largest of its worker processes.
+Peak RSS: the measuring process's own maximum resident set (VmHWM: memory-mapped file pages included), its peak
+anonymous memory (sampled RssAnon: heap and Arrow buffers), and the largest of its worker processes.
 """
 
 from __future__ import annotations
@@ -101,7 +102,9 @@ class AnonPeak:
 
 
 def _peak_mb(anon: AnonPeak) -> dict:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child would report its parent's peak
+    with open("/proc/self/status") as f:
+        own = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
     workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {"rss_mb": round(own, 1), "anon_rss_mb": round(anon.peak_mb, 1), "worker_rss_mb": round(workers, 1)}
 
