@@ -3,15 +3,24 @@ and cache the result. Every step is deterministic given the recipe seed."""
 
 from __future__ import annotations
 
-import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune.data import align_formats, cache, formats
-from finetune.data.encode import IGNORE, Encoded, EncodeError, encode_example, fit_length
+from finetune.data import align_formats, cache, formats, select
 from finetune.data.packing import pack
+from finetune.data.parallel import (
+    BAD_ENCODE,
+    ENCODE,
+    OK,
+    UNTRAINABLE,
+    UNTRAINABLE_HEADER,
+    all_dropped,
+    count,
+    row_result,
+)
 from finetune.data.readers import Table, read_source
+from finetune.data.sft_arrow import arrow_sft
 from finetune.data.templates import TemplateInfo, applied_template
 from finetune.errors import FinetuneError
 from finetune.recipe.schema import DataConfig, DatasetSource
@@ -19,8 +28,7 @@ from finetune.recipe.schema import DataConfig, DatasetSource
 # Stage kinds that read the same rows as another: the reference-free pair methods train on DPO's preference pairs.
 DATA_KIND = {"orpo": "dpo", "simpo": "dpo", "cpo": "dpo"}
 PROGRESS_FROM = 5000  # show a progress bar when tokenizing at least this many samples
-ENCODE, UNTRAINABLE = "rows the chat template cannot encode", "rows with nothing to train on"
-NO_ANSWER = "no assistant turn, so nothing to train on (add the answer, or remove these rows)"
+ARROW = True  # SFT preprocessing on Arrow (False: the list path, kept for sources only it reads; tests compare)
 
 
 @dataclass
@@ -93,6 +101,12 @@ def prepare(data: DataConfig, tokenizer: Any, kind: str, seed: int, split: str =
     if not sources:
         return None
     template = applied_template(tokenizer, data)
+    if data.streaming and split == "train" and kind == "sft":  # read whole, a stream would defeat streaming
+        from finetune.data.stream_train import stream_head
+
+        report = DataReport(kind=kind, split=split, template=template.source, end_of_turn=template.end_of_turn,
+                            cache="off (streamed)")
+        return Prepared(stream_head(data, tokenizer, seed, report), report)
     key = root = None
     if data.cache_dir:
         root = Path(data.cache_dir)
@@ -103,17 +117,25 @@ def prepare(data: DataConfig, tokenizer: Any, kind: str, seed: int, split: str =
             report.cache = f"hit {root / key}"
             return Prepared(hit[0], report)
     report = DataReport(kind=kind, split=split, template=template.source, end_of_turn=template.end_of_turn)
-    examples = _select(data, sources, kind, seed, split, held_out, report)
-    if kind != "sft":  # the alignment trainers tokenize conversations themselves
-        from datasets import Dataset
+    dataset = None
+    if kind == "sft" and ARROW:
+        dataset = arrow_sft(data, sources, tokenizer, template, seed, split, held_out, report,
+                            str(root / "arrow") if root is not None else None)
+    if dataset is None:  # other kinds, or a source only the list reader reads
+        report = DataReport(kind=kind, split=split, template=template.source, end_of_turn=template.end_of_turn)
+        examples = _select(data, sources, kind, seed, split, held_out, report)
+        if kind != "sft":  # the alignment trainers tokenize conversations themselves
+            from datasets import Dataset
 
-        dataset = Dataset.from_list([ex for _, _, ex in examples])
-        report.samples = report.rows = len(dataset)
-    else:
-        dataset = _tokenize(data, tokenizer, template, examples, seed, split, report)
+            dataset = Dataset.from_list([ex for _, _, ex in examples])
+            report.samples = report.rows = len(dataset)
+        else:
+            dataset = _tokenize(data, tokenizer, template, examples, seed, split, report)
     if root is not None and key is not None:
         entry = cache.save(root, key, dataset, asdict(report))
         report.cache = f"miss, saved to {entry}"
+        reloaded = cache.load(root, key)
+        dataset = reloaded[0] if reloaded is not None else dataset
     return Prepared(dataset, report)
 
 
@@ -138,7 +160,7 @@ def normalised_rows(table: Table, fmt: str, kind: str, key: str, src: DatasetSou
 def _select(data: DataConfig, sources: list[tuple[str, DatasetSource]], kind: str, seed: int, split: str,
             held_out: bool, report: DataReport) -> list[tuple[Table, int, dict[str, Any]]]:
     """Normalised examples of the split as (table, row index, example), shuffled, capped, split and mixed."""
-    parts: list[tuple[Table, list[int], list[dict[str, Any]], DatasetSource]] = []
+    parts: list[tuple[Table, list[dict[str, Any]]]] = []
     for key, src in sources:
         table = read_source(src, key)
         formats.apply_columns(table, src.columns)
@@ -148,26 +170,12 @@ def _select(data: DataConfig, sources: list[tuple[str, DatasetSource]], kind: st
         normalised, notice = normalised_rows(table, fmt, kind, key, src)
         if notice:
             print(f"data: {notice}", flush=True)
-        order = list(range(len(normalised)))  # kto: split pairs give two rows each
-        if data.shuffle:
-            random.Random(f"{seed}:{key}").shuffle(order)  # str seeds are hashed stably (not by PYTHONHASHSEED)
-        order = order[: src.max_samples] if src.max_samples else order
-        if held_out:  # the last eval_fraction of each source's rows is the eval split, the rest is train
-            n_eval = max(1, round(len(order) * data.eval_fraction)) if len(order) > 1 else 0
-            order = order[len(order) - n_eval :] if split == "eval" else order[: len(order) - n_eval]
-        parts.append((table, order, normalised, src))
-        report.sources.append({"key": key, "path": src.path, "format": fmt, "rows": len(table.rows),
-                               "used": len(order)})
-    if split == "train" and any(src.weight for *_, src in parts):
-        total = sum(len(order) for _, order, _, _ in parts)
-        weights = sum(src.weight or 0 for *_, src in parts)
-        for p, (table, order, normalised, src) in enumerate(parts):
-            target = round(total * (src.weight or 0) / weights)
-            parts[p] = (table, [order[i % len(order)] for i in range(target)] if order else [], normalised, src)
-            report.sources[p]["used"] = target
-    examples = [(table, i, normalised[i]) for table, order, normalised, _ in parts for i in order]
-    if data.shuffle and split == "train" and len(parts) > 1:
-        random.Random(f"{seed}:mix").shuffle(examples)
+        parts.append((table, normalised))
+        report.sources.append({"key": key, "path": src.path, "format": fmt, "rows": len(table.rows), "used": 0})
+    which, rows, used = select.plan(data, sources, [len(n) for _, n in parts], seed, split, held_out)
+    for s, n in enumerate(used):
+        report.sources[s]["used"] = n
+    examples = [(parts[s][0], i, parts[s][1][i]) for s, i in zip(which.tolist(), rows.tolist(), strict=True)]
     if not examples:
         raise FinetuneError(f"data ({split}): no samples left after max_samples / eval_fraction / weights")
     return examples
@@ -175,6 +183,7 @@ def _select(data: DataConfig, sources: list[tuple[str, DatasetSource]], kind: st
 
 def _tokenize(data: DataConfig, tokenizer: Any, template: TemplateInfo, examples: list, seed: int, split: str,
               report: DataReport):
+    """The list path: the examples encoded one by one in this process (row_result, as the Arrow path does)."""
     from datasets import Dataset
     from tqdm.auto import tqdm
 
@@ -183,42 +192,19 @@ def _tokenize(data: DataConfig, tokenizer: Any, template: TemplateInfo, examples
     labels: list[list[int]] = []
     for table, i, ex in tqdm(examples, desc=f"data: tokenizing ({split})", disable=len(examples) < PROGRESS_FROM,
                              mininterval=2.0):
-        try:
-            sample: Encoded | None = encode_example(tokenizer, ex, data, template)
-        except EncodeError as e:
-            problems.setdefault((id(table), ENCODE), formats.Problems(table)).add(str(e), i)
+        r = row_result(tokenizer, ex, data, template)
+        if r["status"] in (BAD_ENCODE, UNTRAINABLE):
+            header = ENCODE if r["status"] == BAD_ENCODE else UNTRAINABLE_HEADER
+            problems.setdefault((id(table), header), formats.Problems(table)).add(r["problem"], i)
             continue
-        if "messages" in ex and data.train_on != "all" and not sample.assistant_turns:
-            problems.setdefault((id(table), UNTRAINABLE), formats.Problems(table)).add(NO_ANSWER, i)
-            continue
-        report.assistant_turns += sample.assistant_turns
-        report.turns_without_eot += sample.turns_without_eot
-        for name, count in sample.stats.items():
-            report.stats[name] = report.stats.get(name, 0) + count
-        fitted = fit_length(sample, data.max_length, data.length_policy)
-        if fitted is None:
-            report.dropped_too_long += 1
-            continue
-        if fitted is not sample:
-            report.truncated += 1
-            if template.end_of_turn_id is not None:
-                report.turns_cut += sample.labels[data.max_length :].count(template.end_of_turn_id)
-        if all(t == IGNORE for t in fitted.labels):
-            report.dropped_fully_masked += 1
-            continue
-        ids.append(fitted.input_ids)
-        labels.append(fitted.labels)
-        report.tokens += len(fitted.input_ids)
-        report.trained_tokens += sum(t != IGNORE for t in fitted.labels)
+        count(report, r)
+        if r["status"] == OK:
+            ids.append(r["input_ids"])
+            labels.append(r["labels"])
     for (_, header), p in problems.items():
         p.raise_if_any(header)
     if not ids:
-        raise FinetuneError(
-            f"data ({split}): all {len(examples)} samples were dropped ({report.dropped_too_long} longer than "
-            f"max_length {data.max_length} with length_policy drop, {report.dropped_fully_masked} with no trained "
-            "token: no assistant turn, or the prompt alone fills max_length). Raise data.max_length, use "
-            "length_policy: truncate, or check the data has assistant turns."
-        )
+        raise FinetuneError(all_dropped(len(examples), data, report, split))
     report.samples = len(ids)
     columns: dict[str, list] = {"input_ids": ids, "labels": labels}
     if data.packing and split == "train":

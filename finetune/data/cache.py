@@ -19,8 +19,8 @@ from typing import Any
 from finetune.data.readers import fingerprint
 from finetune.recipe.schema import DataConfig, DatasetSource
 
-CACHE_VERSION = 1
-_NOT_IN_KEY = {"task_eval", "task_eval_max_new_tokens", "cache_dir"}  # do not change the preprocessed data
+CACHE_VERSION = 3
+_NOT_IN_KEY = {"task_eval", "task_eval_max_new_tokens", "cache_dir", "num_proc"}  # do not change the preprocessed data
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -50,15 +50,17 @@ def cache_key(data: DataConfig, sources: list[tuple[str, DatasetSource]], tokeni
 
 
 def load(root: Path, key: str) -> tuple[Any, dict[str, Any]] | None:
-    """(dataset, report) of a cached entry, or None on a miss. The dataset is read into memory, so trainers that
-    map over it never write files into the cache folder."""
+    """(dataset, report) of a cached entry, or None on a miss. SFT samples stay memory-mapped (the SFT trainer is
+    told not to prepare them again, so nothing writes into the cache folder); the alignment stages' message rows,
+    which their trainers map over, are read into memory so that those maps never write files into it."""
     entry = root / key
     if not (entry / "report.json").exists():
         return None
     from datasets import load_from_disk
 
     try:
-        return load_from_disk(str(entry), keep_in_memory=True), json.loads((entry / "report.json").read_text())
+        report = json.loads((entry / "report.json").read_text())
+        return load_from_disk(str(entry), keep_in_memory=report.get("kind") != "sft"), report
     except Exception:  # an unreadable entry is a miss, not a failure; it is rewritten below
         return None
 

@@ -12,7 +12,8 @@ template drops trains without it. With `train_on_reasoning` off, a turn's span s
 template's closing marker (`</think>`), so the reasoning is context, not target. The text is tokenized once and a
 token carries a label when its last character falls inside a trained span.
 
-`encode_example` is the per-row entry point (a normalised row in, ids and labels out).
+`encode_example` is the per-row entry point (a normalised row in, ids and labels out); `encode_many` encodes a batch
+of rows with one tokenizer call per kind (the same ids and labels).
 """
 
 from __future__ import annotations
@@ -150,6 +151,23 @@ def encode_messages(tokenizer: Any, messages: list[dict[str, Any]], train_on: st
     Raises:
         EncodeError: The template refuses the conversation, drops its tools or calls, or rewrites earlier turns.
     """
+    prepared = prepared_messages(tokenizer, messages, train_on, template, tools, train_on_reasoning)
+    if isinstance(prepared, Encoded):
+        return prepared
+    text, spans, turns, stats = prepared
+    ids, last = ids_and_last_chars(tokenizer, text, spans)
+    return labelled(ids, last, spans, turns, template.end_of_turn_id, stats)
+
+
+def prepared_messages(tokenizer: Any, messages: list[dict[str, Any]], train_on: str, template: TemplateInfo,
+                      tools: Any = None, train_on_reasoning: bool = True
+                      ) -> Encoded | tuple[str, list[tuple[int, int]], int, dict[str, int]]:
+    """What `encode_messages` does before tokenizing: the rendered text, the trained character spans, the assistant
+    turn count and the counts (or, for `train_on: all`, the finished sample). Lets callers tokenize many at once.
+
+    Raises:
+        EncodeError: as `encode_messages`.
+    """
     eot, eot_id = template.end_of_turn, template.end_of_turn_id
     turns = sum(m["role"] == "assistant" for m in messages)
     reasoning = [m.get("reasoning_content") or "" for m in messages if m["role"] == "assistant"]
@@ -164,14 +182,19 @@ def encode_messages(tokenizer: Any, messages: list[dict[str, Any]], train_on: st
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         stats.update(trained_all=1, reasoning_turns=sum(bool(r) for r in reasoning))  # results trained too
         return Encoded(ids, list(ids), turns, max(0, turns - ids.count(eot_id)), stats)
-    import numpy as np  # here, not at the top: `ft validate` imports this package and should stay light
-
     if found is not None:
         messages = _dropping_as_the_template(tokenizer, messages, schemas, found)
     text, spans = assistant_spans(tokenizer, messages, eot, schemas)
     spans, more = _reasoning_stats(text, spans, reasoning, found, train_on_reasoning)
     stats.update(more)
-    ids, last = _ids_and_last_chars(tokenizer, text, spans)
+    return text, spans, turns, stats
+
+
+def labelled(ids: list[int], last: Any, spans: list[tuple[int, int]], turns: int, eot_id: int | None,
+             stats: dict[str, int]) -> Encoded:
+    """A sample whose tokens carry labels when their last character (`last`, numpy) lies in one of `spans`."""
+    import numpy as np  # here, not at the top: `ft validate` imports this package and should stay light
+
     if not spans:
         return Encoded(ids, [IGNORE] * len(ids), turns, 0, stats)
     starts, ends = np.array([a for a, _ in spans]), np.array([b for _, b in spans])
@@ -196,7 +219,7 @@ def encode_example(tokenizer: Any, example: dict[str, Any], data: Any, template:
                            train_on_reasoning=data.train_on_reasoning)
 
 
-def _ids_and_last_chars(tokenizer: Any, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], Any]:
+def ids_and_last_chars(tokenizer: Any, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], Any]:
     """Token ids of `text` and the index of each token's last character (a numpy array)."""
     import numpy as np
 

@@ -18,28 +18,42 @@ from typing import Any
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     """Group sample indices into bins of total length <= capacity: longest first, each into the fullest bin that
     still has room (best fit decreasing; few bins, deterministic). Lengths above capacity get a bin of their own."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    import numpy as np
+
+    if not len(lengths):
+        return []
+    array = np.asarray(lengths, dtype=np.int64)
+    order = np.lexsort((np.arange(len(array)), -array)).tolist()  # longest first, ties by index
+    shortest = int(array.min())
     bins: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (room left, bin index), kept sorted
+    free: list[tuple[int, int]] = []  # (room left, bin index), kept sorted; bins too full for any sample leave it
     for i in order:
-        n = lengths[i]
+        n = int(array[i])
         k = bisect.bisect_left(free, (n, -1))
         if k < len(free):
             room, b = free.pop(k)
             bins[b].append(i)
-            bisect.insort(free, (room - n, b))
+            if room - n >= shortest:
+                bisect.insort(free, (room - n, b))
         else:
             bins.append([i])
-            bisect.insort(free, (max(capacity - n, 0), len(bins) - 1))
+            if capacity - n >= shortest:
+                bisect.insort(free, (capacity - n, len(bins) - 1))
+    return bins
+
+
+def packed_bins(lengths: list[int], capacity: int, seed: int) -> list[list[int]]:
+    """The sample indices of each packed row, in row order (rows shuffled with `seed`, samples in dataset order)."""
+    bins = best_fit_decreasing(lengths, capacity)
+    for b in bins:
+        b.sort()  # within a row, samples keep their (already shuffled) dataset order
+    random.Random(seed).shuffle(bins)
     return bins
 
 
 def pack(input_ids: list[list[int]], labels: list[list[int]], capacity: int, seed: int) -> dict[str, list[Any]]:
     """Columns `input_ids`, `labels`, `seq_lengths` of packed rows (row order shuffled with `seed`)."""
-    bins = best_fit_decreasing([len(x) for x in input_ids], capacity)
-    for b in bins:
-        b.sort()  # within a row, samples keep their (already shuffled) dataset order
-    random.Random(seed).shuffle(bins)
+    bins = packed_bins([len(x) for x in input_ids], capacity, seed)
     return {
         "input_ids": [[t for i in b for t in input_ids[i]] for b in bins],
         "labels": [[t for i in b for t in labels[i]] for b in bins],

@@ -187,11 +187,24 @@ def fingerprint(src: DatasetSource, key: str) -> str:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if is_saved_dataset(path) else data_files(path, key)
     for file in files:
         h.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
-        try:
+        h.update(_file_digest(file, key))
+    h.update(f":{src.split}".encode())
+    return h.hexdigest()
+
+
+_DIGESTS: dict[tuple[str, int, int], bytes] = {}  # (path, size, mtime): a run hashes a file once, not once per check
+
+
+def _file_digest(file: Path, key: str) -> bytes:
+    try:
+        stat = file.stat()
+        memo = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+        if memo not in _DIGESTS:
+            h = hashlib.blake2b(digest_size=16)
             with file.open("rb") as f:
                 while chunk := f.read(1 << 20):
                     h.update(chunk)
-        except OSError as e:
-            raise FinetuneError(f"{key}: cannot read {file} ({e.strerror or e})") from None
-    h.update(f":{src.split}".encode())
-    return h.hexdigest()
+            _DIGESTS[memo] = h.digest()
+        return _DIGESTS[memo]
+    except OSError as e:
+        raise FinetuneError(f"{key}: cannot read {file} ({e.strerror or e})") from None

@@ -187,6 +187,21 @@ class DataConfig(Section):
     implies it."""
     shuffle: bool = True
     """Shuffle the training rows with the recipe seed."""
+    num_proc: Annotated[int, Field(ge=1)] | None = None
+    """Processes that tokenize the data (on Arrow, with `datasets.map`). None: one per CPU core (small sources use
+    fewer: starting a process costs more than tokenizing a few thousand rows)."""
+    streaming: bool = False
+    """Read the training sources lazily instead of preprocessing them first (local files through the `datasets`
+    streaming builders, Hub datasets with `streaming=True`): rows are shuffled in blocks of `shuffle_buffer`,
+    tokenized and packed on the fly, pass after pass; each process reads its own share (whole files when their count
+    divides by the process count, else every n-th row). Needs `training.max_steps` (a stream has no length to count
+    epochs in) and `data.eval` sources instead of `eval_fraction`; `max_samples` keeps a source's first rows. Every
+    checkpoint records each process's position (`stream-rank<r>.json`), and resuming continues at that row without
+    replaying the batches before it. The dry run and the checks before training look at the first 2,000 rows."""
+    shuffle_buffer: Annotated[int, Field(ge=1)] = 10_000
+    """With `streaming`: rows shuffled together (one block, each with its own seeded permutation; more: better mixed,
+    more memory, a later first step, as the first block is tokenized before it). Packing fills its rows from groups
+    of at most 2,000 samples of a block."""
     cache_dir: str | None = ".cache/finetune/data"
     """Folder (relative to the current directory) where preprocessed datasets are cached, keyed by the data files'
     content, the tokenizer, the template and this section. None: no cache."""
@@ -209,6 +224,9 @@ class DataConfig(Section):
                             "train_on: assistant (train_on: all trains every token)")
         if self.eval and self.eval_fraction:
             problems.append("data: both `eval` sources and `eval_fraction` are set; keep one")
+        if self.streaming and self.eval_fraction:
+            problems.append("data.eval_fraction: a stream cannot hold out a share of rows it has not read; with "
+                            "data.streaming: true give eval sources under data.eval")
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -773,6 +791,13 @@ class Recipe(Section):
                 training = self.stage_training(stage)
             except ValidationError:  # reported with its YAML path by validate_data
                 training = self.training
+            if data.streaming and training.max_steps is None:
+                at = f"stages[{i}] ({stage.name}).training" if self.stages else "training"
+                problems.append(f"{at}.max_steps: data.streaming reads the data as it trains, so the number of steps "
+                                "cannot be counted from it; set training.max_steps (e.g. 1000)")
+            if data.streaming and stage.kind != "sft":
+                problems.append(f"{where}: data.streaming is for sft stages; the {stage.kind} trainer needs its "
+                                "rows up front (set data.streaming: false)")
             problems += _watch_problems(training, data, f"stages[{i}] ({stage.name})" if self.stages else "training")
             if stage.kind == "dpo" and stage.dpo.label_smoothing and stage.dpo.loss_type != "sigmoid":
                 problems.append(f"stages[{i}].dpo.label_smoothing works with loss_type 'sigmoid' only")

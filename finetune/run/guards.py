@@ -46,8 +46,10 @@ class SaveSchedule(TrainerCallback):
 
         self.last = time.monotonic()
         per_epoch = None
-        if train_dataloader is not None and hasattr(train_dataloader, "__len__"):
+        try:  # a stream (data.streaming) has no length: no epochs, only max_steps
             per_epoch = max(1, len(train_dataloader) // max(1, args.gradient_accumulation_steps))
+        except TypeError:
+            pass
         if not state.is_world_process_zero:
             return
         step = next_checkpoint_step(self.training, state.global_step, per_epoch, state.max_steps)

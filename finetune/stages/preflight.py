@@ -151,6 +151,8 @@ def check_data_files(recipe: Recipe) -> list[str]:
             continue
         seen.add((id(data), stage.kind))
         for group in ("train", "eval"):
+            if group == "train" and data.streaming:  # read lazily while training, never whole
+                continue
             for j, src in enumerate(getattr(data, group)):
                 path = Path(src.path)
                 if not path.exists() or is_saved_dataset(path):

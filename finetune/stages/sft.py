@@ -35,14 +35,20 @@ def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
     # --- setup: tokenizer and data first (cheap, fails early), then the model
     tokenizer = tokenizer or load_tokenizer(recipe.model)
     apply_template(tokenizer, data)  # the recipe's chat template (may add tokens: before the model loads)
-    train_ds = build_dataset(data, tokenizer, "sft", seed=training.seed, split="train")
+    stream = None
+    if data.streaming:  # read, tokenized and packed while training (recipe checks: max_steps is set)
+        from finetune.data.stream_train import build_stream
+
+        train_ds, stream = build_stream(data, tokenizer, seed=training.seed, resume_from=ctx.resume_from)
+    else:
+        train_ds = build_dataset(data, tokenizer, "sft", seed=training.seed, split="train")
     eval_ds = build_dataset(data, tokenizer, "sft", seed=training.seed, split="eval")
     model = load_model(recipe, training, tokenizer)
     model = prepare_base(model, training.gradient_checkpointing)
     model = attach(model, recipe.lora, ctx.init_adapter, stage=ctx.stage.name)
     params = trainable_summary(model)
     print(f"[{ctx.stage.name}] adapter: {params['trainable']:,} trainable of {params['total']:,} parameters "
-          f"({params['percent']}%); {len(train_ds)} training samples", flush=True)
+          f"({params['percent']}%); {'streamed' if data.streaming else len(train_ds)} training samples", flush=True)
     padding_free = data.packing or padding_free_batches(ctx)
     config = SFTConfig(
         **trainer_kwargs(ctx, has_eval=eval_ds is not None),
@@ -51,9 +57,21 @@ def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
         max_length=None if padding_free else data.max_length,
         padding_free=padding_free,
         packing=False,
+        # tokenized, labelled and cut to max_length already (memory-mapped from the cache, or streamed): trl's own
+        # preparation would only map over it again and write its results beside the cache
+        dataset_kwargs={"skip_prepare_dataset": True},
+        # each process reads its own shard of a stream (instead of the main process reading for all); a resumed
+        # stream starts at its recorded position (finetune.data.stream_train) instead of replaying batches
+        accelerator_config={"dispatch_batches": False} if stream else None,
+        ignore_data_skip=stream is not None,
     )
     # trl's SFTTrainer, whose loss is the label-positions head when apply_patches installs it (else trl's own)
     trainer = build_stage_trainer(loss_heads.trainer_class(), ctx, model, config, tokenizer, train_ds, eval_ds)
+    if stream is not None:
+        from finetune.data.stream_train import stream_checkpoint
+
+        per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps
+        trainer.add_callback(stream_checkpoint(stream, per_step))
     patches = apply_patches(trainer.model, recipe, ctx.stage.name, "sft", padding_free)  # kernels, attention, loss
     print_patches(ctx, patches)
 

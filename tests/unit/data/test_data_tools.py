@@ -234,3 +234,35 @@ def test_probe_passes_templates_that_demand_mistral_style_call_ids(cfg, tok, wri
         "[CALL]weather {\"city\": \"Oslo\"}<|im_end|>Cold.<|im_end|>")
     with pytest.raises(FinetuneError, match=r"refused by the chat template \(Tool call ids need 9 characters\)"):
         encoded(cfg, tok, [{"messages": [user("Oslo?"), CALL, RESULT, assistant("Cold.")]}], write)
+
+
+@pytest.mark.parametrize("style", ["qwen3", "llama31"])
+@pytest.mark.parametrize("train_on_reasoning", [True, False])
+def test_batched_encoding_equals_row_by_row(cfg, tok, write, style, train_on_reasoning):
+    # The Arrow path tokenizes a batch of rows in one call (encode_many); tool use and reasoning must come out as the
+    # per-row encoding gives them: ids, labels and counts, and the same error for a row the template refuses.
+    from finetune.data import formats
+    from finetune.data.encode import EncodeError, encode_example
+    from finetune.data.encode_many import encode_many
+    from finetune.data.readers import Table
+
+    tokenizer = tool_tokenizer(tok, style)
+    rows = [{"messages": [user("Oslo?"), CALL, RESULT, assistant("Cold.", reasoning_content="Below zero.")],
+             "tools": [WEATHER]},
+            {"messages": [user("a"), assistant("B", reasoning_content="r1"), user("c"),
+                          assistant("<think>x</think>D")]},
+            {"messages": [user("hi"), assistant("Hello.")]},
+            {"text": "plain text row"}]
+    section = cfg(write("d.jsonl", rows[:3]), train_on_reasoning=train_on_reasoning)
+    template = apply_template(tokenizer, section)
+    chats = rows[:3]
+    examples = [*formats.normalize_sft(Table("k", "d.jsonl", chats, [("d.jsonl", "")] * 3), "messages"), rows[3]]
+    batched = encode_many(tokenizer, examples, section, template)
+    for ex, got in zip(examples, batched, strict=True):
+        try:
+            want = encode_example(tokenizer, ex, section, template)
+        except EncodeError as e:
+            assert isinstance(got, EncodeError) and str(got) == str(e)
+            continue
+        assert (got.input_ids, got.labels, got.stats) == (want.input_ids, want.labels, want.stats)
+    assert sum(not isinstance(b, EncodeError) and b.stats.get("tool_calls", 0) for b in batched) == 1

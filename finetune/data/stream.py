@@ -1,0 +1,147 @@
+"""`data.streaming: true`, reading: each training source opened lazily as a `datasets.IterableDataset` (local files
+by the `datasets` builders in streaming mode; Hub datasets with `load_dataset(..., streaming=True)`), split between
+processes with `datasets.distributed.split_dataset_by_node` (whole files per process when their count divides by
+the process count, else every n-th row), normalised row by row and mixed by weight.
+
+`examples(...)` is the one entry point: the normalised examples one process trains on in one pass, in a fixed order
+(the same seed, pass and process always give the same sequence, which is what resuming replays). The tokenizing,
+shuffling and packing around it live in `finetune.data.stream_train`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from finetune.data import formats
+from finetune.data.arrow import without_nulls
+from finetune.data.readers import SUFFIXES, Table, data_files, is_saved_dataset
+from finetune.errors import FinetuneError
+from finetune.recipe.schema import DataConfig, DatasetSource
+
+_BUILDERS = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}
+
+
+def open_stream(src: DatasetSource, key: str):
+    """One source as an IterableDataset, nothing read yet (a Hub id: `load_dataset(..., streaming=True)`).
+
+    Raises:
+        FinetuneError: The path does not exist and is no Hub id, the Hub dataset cannot be streamed, or a folder
+            mixes file types.
+    """
+    from datasets import load_dataset, load_from_disk
+
+    path = Path(src.path)
+    if is_saved_dataset(path):
+        ds = load_from_disk(str(path))
+        ds = ds[src.split] if hasattr(ds, "keys") else ds
+        return ds.to_iterable_dataset(num_shards=max(1, min(64, len(ds) // 1000)))
+    if not path.exists():
+        from finetune.recipe.checks import looks_like_hub_id
+
+        if not looks_like_hub_id(src.path):
+            raise FinetuneError(f"{key}: '{src.path}' does not exist (resolved against {Path.cwd()})")
+        try:
+            return load_dataset(src.path, name=src.subset, revision=src.revision, split=src.split, streaming=True)
+        except Exception as e:
+            raise FinetuneError(f"{key}: cannot stream the Hub dataset '{src.path}' (subset {src.subset}, split "
+                                f"{src.split}): {e}") from None
+    files = data_files(path, key)
+    kinds = {_BUILDERS[SUFFIXES[f.suffix.lower()]] for f in files}
+    if len(kinds) > 1:
+        raise FinetuneError(f"{key}: '{src.path}' mixes file types ({', '.join(sorted(kinds))}); a streamed source "
+                            "holds one type; give each type its own entry under data.train")
+    try:
+        return load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train", streaming=True)
+    except StopIteration:  # the builder reads the first rows for the columns
+        raise FinetuneError(f"{key}: '{src.path}' holds no rows") from None
+
+
+def _shown(row: dict[str, Any]) -> str:
+    text = json.dumps(row, ensure_ascii=False, default=str)
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+class Source:
+    """One training source as this process reads it: its rows (this process's share), format and recipe key."""
+
+    def __init__(self, src: DatasetSource, key: str, rank: int, world: int):
+        from datasets.distributed import split_dataset_by_node
+
+        self.src, self.key, self.rank, self.world = src, key, rank, world
+        ds = open_stream(src, key)
+        for fieldname, col in src.columns.items():
+            if col != fieldname:
+                ds = ds.rename_column(col, fieldname)
+        try:
+            first = without_nulls(next(iter(ds)))
+        except StopIteration:
+            raise FinetuneError(f"{key}: '{src.path}' holds no rows") from None
+        self.format, notice = formats.resolve_format(Table(key, src.path, [first], [(src.path, "row 1")]),
+                                                     src.format)
+        if notice and rank == 0:
+            print(f"data: {notice}", flush=True)
+        if self.format == "preference":
+            raise FinetuneError(f"{key} '{src.path}': preference rows (chosen/rejected) belong to a dpo stage; a "
+                                "streamed sft stage needs messages, alpaca, sharegpt, prompt_completion or text rows")
+        self.dataset = split_dataset_by_node(ds, rank=rank, world_size=world) if world > 1 else ds
+
+    def examples(self) -> Iterator[dict[str, Any]]:
+        """This process's rows of the source, normalised ({"messages": ...} or {"text": ...}), in file order (with
+        `max_samples`: of the first that many rows of the source, not of a shuffled pick as without streaming).
+
+        Raises:
+            FinetuneError: A row the format rejects (shown, with the source's key and path).
+        """
+        rows = iter(self.dataset)
+        if self.src.max_samples is not None:  # this process's share of the first max_samples rows
+            rows = itertools.islice(rows, (self.src.max_samples - self.rank + self.world - 1) // self.world)
+        for row in rows:
+            row = without_nulls(row)
+            try:
+                yield formats.normalize_sft(Table(self.key, self.src.path, [row], [(self.src.path, "row")]),
+                                            self.format)[0]
+            except FinetuneError as e:
+                raise FinetuneError(f"{self.key} '{self.src.path}': a streamed row is not a valid '{self.format}' "
+                                    f"row: {_shown(row)}\n{e}\nCheck the file with `ft validate` (reads it whole).") \
+                    from None
+
+
+def sources(data: DataConfig, rank: int, world: int) -> list[Source]:
+    """The training sources of a streaming stage, opened for process `rank` of `world` (the first row of each is
+    read now, to find its format: a missing file or an empty source fails before the model loads)."""
+    return [Source(src, f"data.train[{i}]", rank, world) for i, src in enumerate(data.train)]
+
+
+def examples(opened: list[Source], data: DataConfig, seed: int, epoch: int, rank: int) -> Iterator[dict[str, Any]]:
+    """One pass over the sources, mixed: one after the other without weights; with weights, each next example
+    drawn from a source chosen with those probabilities (seeded by seed, pass and process) until every source has
+    been read to its end once (smaller sources start over meanwhile, as `interleave_datasets(...,
+    stopping_strategy="all_exhausted")`)."""
+    if not any(src.weight for src in data.train):
+        for source in opened:
+            yield from source.examples()
+        return
+    rng = random.Random(f"{seed}:{epoch}:{rank}:mix")
+    weights = [src.weight or 0.0 for src in data.train]
+    iters = [source.examples() for source in opened]
+    finished = [w <= 0 for w in weights]  # a zero weight is never drawn: count it as read
+    while not all(finished):
+        (k,) = rng.choices(range(len(iters)), weights=weights)
+        try:
+            yield next(iters[k])
+        except StopIteration:
+            finished[k] = True
+            if all(finished):
+                return
+            iters[k] = opened[k].examples()
+            try:
+                yield next(iters[k])
+            except StopIteration:  # this process's share of the source is empty
+                weights[k] = 0.0
+                if not any(weights):
+                    return
