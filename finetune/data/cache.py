@@ -5,6 +5,9 @@ tokens, chat template), the data section of the recipe, the stage kind, split an
 whenever the preprocessing code changes its output). A hit is loaded instead of reading and tokenizing again; a
 change to any input is a miss. Entries are written under a temporary name and renamed, so concurrent runs and
 crashes never leave a half-written entry behind.
+
+Beside the entries, `checked/` holds one empty-ish record per data source that passed the checks before training
+(`finetune.stages.preflight.check_data_files`), keyed by its content hash: an unchanged file is not parsed again.
 """
 
 from __future__ import annotations
@@ -88,3 +91,28 @@ def save(root: Path, key: str, dataset: Any, report: dict[str, Any]) -> Path:
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
     return entry
+
+
+_CHECKS_VERSION = 1  # bump when check_data_files checks more: files that passed an older version are read again
+
+
+def checked_marker(data: Any, src: Any, kind: str, key: str) -> Path | None:
+    """Where the record that this source passed preflight's `check_data_files` lives: in the data cache, named by the
+    file's content hash, the source settings, the stage kind and the checks' version; None without a cache. A warm
+    start on a large corpus then hashes the file (fast) instead of parsing every row in Python again."""
+    if not data.cache_dir:
+        return None
+    parts = [_CHECKS_VERSION, kind, fingerprint(src, key), src.model_dump(mode="json")]
+    digest = hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=20).hexdigest()
+    return Path(data.cache_dir) / "checked" / digest
+
+
+def mark_checked(marker: Path, src: Any, kind: str) -> None:
+    """Record a passed check; a cache folder that cannot be written only means the next start checks again."""
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_name(f".{marker.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"path": str(src.path), "kind": kind, "checks_version": _CHECKS_VERSION}))
+        tmp.replace(marker)
+    except OSError:
+        pass

@@ -141,6 +141,7 @@ def check_data_files(recipe: Recipe) -> list[str]:
     """
     from finetune.data import formats
     from finetune.data.build import normalised_rows
+    from finetune.data.cache import checked_marker, mark_checked
     from finetune.data.readers import is_saved_dataset, read_source
     from finetune.errors import FinetuneError
 
@@ -159,13 +160,22 @@ def check_data_files(recipe: Recipe) -> list[str]:
                     continue
                 key = f"{prefix}.{group}[{j}]"
                 try:
+                    marker = checked_marker(data, src, stage.kind, key)
+                    if marker is not None and marker.exists():
+                        print(f"[preflight] {key} ({src.path}): unchanged since it last passed these checks "
+                              "(same content hash), not read again", flush=True)
+                        continue
                     table = read_source(src, key)
                     formats.apply_columns(table, src.columns)
                     fmt, _ = formats.resolve_format(table, src.format)
                     normalised_rows(table, fmt, stage.kind, key, src)
                 except FinetuneError as e:
                     problems.append(f"stage {stage.name}: {e}")
+                    continue
+                if marker is not None:
+                    mark_checked(marker, src, stage.kind)
     return problems
+
 
 
 def data_checked(recipe: Recipe) -> str:

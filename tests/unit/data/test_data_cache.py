@@ -66,3 +66,28 @@ def test_other_inputs_miss(setup, change):
         data = data.model_copy(update={"eval_fraction": 0.25})
         split = "eval"
     assert prepare(data, tok, "sft", seed, split).report.cache.startswith("miss")
+
+
+def test_checks_before_training_skip_a_file_that_passed_them_unchanged(write, tmp_path, monkeypatch, capsys):
+    """A warm start on a large corpus must not parse every row in Python again: a file that passed the checks is
+    recorded by its content hash; unchanged it is not read, changed it is read and its new problem reported."""
+    import finetune.data.readers as readers_mod
+    from finetune.recipe.schema import Recipe
+    from finetune.stages.preflight import check_data_files
+
+    path = write("c.jsonl", ROWS)
+    recipe = Recipe(data={"train": [{"path": str(path)}], "cache_dir": str(tmp_path / "cache")})
+    reads = []
+    real = readers_mod.read_source
+    monkeypatch.setattr(readers_mod, "read_source", lambda *a, **k: reads.append(a) or real(*a, **k))
+    assert check_data_files(recipe) == [] and len(reads) == 1
+    assert check_data_files(recipe) == [] and len(reads) == 1  # unchanged: the record is enough
+    assert "unchanged since it last passed these checks" in capsys.readouterr().out
+    path.write_text(path.read_text() + '{"messages": [\n')
+    problems = check_data_files(recipe)  # changed: read again, and the line that does not parse is named
+    assert len(reads) == 2 and len(problems) == 1 and "c.jsonl line 9 is not valid JSON" in problems[0], problems
+    assert check_data_files(recipe) == problems and len(reads) == 3  # a failed file is never recorded
+    nocache = Recipe(data={"train": [{"path": str(path)}], "cache_dir": None})
+    check_data_files(nocache)
+    check_data_files(nocache)
+    assert len(reads) == 5  # no cache: no record, every start reads
