@@ -128,4 +128,6 @@ def test_train_error_in_a_worker_process_names_its_rank(tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.delenv("RANK")
     out = runner.invoke(app, ["train", str(p)])
-    assert out.exit_code == 1 and out.output.startswith("error: data.train[0]") and "rank" not in out.output
+    errors = [line for line in out.output.splitlines() if "error:" in line]  # after the checks' own lines
+    assert out.exit_code == 1 and errors == ["error: data.train[0]: row 3 has no assistant turn"], out.output
+    assert "rank" not in out.output
