@@ -6,12 +6,13 @@ whenever the preprocessing code changes its output). A hit is loaded instead of 
 change to any input is a miss. Entries are written under a temporary name and renamed, so concurrent runs and
 crashes never leave a half-written entry behind.
 
-Beside the entries, `checked/` holds one empty-ish record per data source that passed the checks before training
+Beside the entries, `checked/` holds an empty file per data source that passed the checks before training
 (`finetune.stages.preflight.check_data_files`), keyed by its content hash: an unchanged file is not parsed again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -107,12 +108,9 @@ def checked_marker(data: Any, src: Any, kind: str, key: str) -> Path | None:
     return Path(data.cache_dir) / "checked" / digest
 
 
-def mark_checked(marker: Path, src: Any, kind: str) -> None:
-    """Record a passed check; a cache folder that cannot be written only means the next start checks again."""
-    try:
+def mark_checked(marker: Path) -> None:
+    """Record a passed check (an empty file: its name is the record); a cache folder that cannot be written only
+    means the next start checks again."""
+    with contextlib.suppress(OSError):
         marker.parent.mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_name(f".{marker.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({"path": str(src.path), "kind": kind, "checks_version": _CHECKS_VERSION}))
-        tmp.replace(marker)
-    except OSError:
-        pass
+        marker.touch()

@@ -173,9 +173,8 @@ def check_data_files(recipe: Recipe) -> list[str]:
                     problems.append(f"stage {stage.name}: {e}")
                     continue
                 if marker is not None:
-                    mark_checked(marker, src, stage.kind)
+                    mark_checked(marker)
     return problems
-
 
 
 def data_checked(recipe: Recipe) -> str:
