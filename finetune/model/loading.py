@@ -9,7 +9,9 @@ import torch
 from finetune.distributed.process import quantized_device_map
 from finetune.errors import FinetuneError
 from finetune.model import bnb_cpu
+from finetune.model.gguf_base import base_source, describe_base
 from finetune.recipe.checks import hub_cached, hub_offline_reason, looks_like_hub_id
+from finetune.recipe.gguf_source import gguf_path
 from finetune.recipe.schema import ModelConfig, QuantizationConfig, Recipe, TrainingConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,6 +36,8 @@ def resolve_precision(training: TrainingConfig) -> str:
 def _source_kwargs(cfg: ModelConfig) -> dict:
     """revision / local_files_only / trust_remote_code for any from_pretrained call on the base model."""
     kwargs: dict = {"trust_remote_code": cfg.trust_remote_code}
+    if gguf_path(cfg) is not None:
+        return kwargs  # loaded from its dequantized folder (model/gguf_base.py)
     if looks_like_hub_id(cfg.name_or_path):
         kwargs["revision"] = cfg.revision
         reason = hub_offline_reason()
@@ -71,7 +75,7 @@ def load_tokenizer(cfg: ModelConfig, source: str | None = None):
     """The base model's tokenizer, with a pad token that is never the eos token."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(source or cfg.name_or_path, **_source_kwargs(cfg))
+    tok = AutoTokenizer.from_pretrained(source or base_source(cfg), **_source_kwargs(cfg))
     ensure_pad_token(tok)
     return tok
 
@@ -125,8 +129,12 @@ def load_model(recipe: Recipe, training: TrainingConfig | None = None, tokenizer
     elif quant is not None and (device_map := quantized_device_map(recipe)) is not None:
         kwargs["device_map"] = device_map  # DDP: each process loads its own 4-bit copy onto its own GPU
     model = AutoModelForCausalLM.from_pretrained(
-        cfg.name_or_path, dtype=dtype, quantization_config=quant, use_safetensors=True, **kwargs
+        base_source(cfg), dtype=dtype, quantization_config=quant, use_safetensors=True, **kwargs
     )
+    if (origin := describe_base(cfg)) is not None:
+        from finetune.model.patches import record
+
+        record(model, "base", origin)  # printed with the stage banner: the weights are a dequantized GGUF
     if quant is not None:
         _fix_bitsandbytes(model)
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:

@@ -104,7 +104,9 @@ def recipe_kernel_problems(recipe: Any) -> list[str]:
     """The reasons the recipe's `kernels:` cannot run on its model and LoRA settings (empty: fine or unknown)."""
     if not recipe.kernels.enabled():
         return []
-    model_type = model_type_of(recipe.model.name_or_path, recipe.model.revision)
+    from finetune.recipe.gguf_source import gguf_model_type
+
+    model_type = gguf_model_type(recipe.model) or model_type_of(recipe.model.name_or_path, recipe.model.revision)
     if model_type is None:  # the model is checked at train start, once loaded; the adapter settings now
         enabled = [f for f in KERNEL_FIELDS if getattr(recipe.kernels, f, False)]
         return [f"kernels: {p}" for p in _dropout_problems(enabled, recipe.lora)]

@@ -68,8 +68,13 @@ def _attribute_docstrings(path: str) -> dict[str, dict[str, str]]:
 
 class ModelConfig(Section):
     name_or_path: str = "models/tiny-chat"
-    """Base model: a local folder (resolved against the current directory) or a Hugging Face Hub id such as
-    `Qwen/Qwen2.5-0.5B-Instruct`."""
+    """Base model: a local folder (resolved against the current directory), a Hugging Face Hub id such as
+    `Qwen/Qwen2.5-0.5B-Instruct`, or a `.gguf` file (Ollama, LM Studio, llama.cpp): dequantized once by transformers'
+    GGUF reader and cached as safetensors under `gguf_cache`, keyed by the file's sha256."""
+    gguf_file: str | None = None
+    """When `name_or_path` is a folder holding GGUF files: the one to fine-tune from (its file name)."""
+    gguf_cache: str = ".cache/finetune/gguf"
+    """Where a GGUF base is kept dequantized (one folder per file hash, safetensors); the second run starts from it."""
     revision: str | None = None
     """Hub branch, tag or commit of the base model. Pin a commit for reproducible runs. Ignored for local folders."""
     hub_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")] | None = None
@@ -210,6 +215,10 @@ class DataConfig(Section):
     training and written to the summary."""
     task_eval_max_new_tokens: Annotated[int, Field(ge=1)] = 24
     """Generation budget for each `task_eval` answer."""
+    task_eval_max_rows: Annotated[int, Field(ge=1)] | None = 200
+    """The held-out measure before and after a stage uses the first this many `task_eval` rows (generation is the
+    slow part on a real model: about a second per answer on a CPU). None: every row. `ft eval` has its own
+    `eval.max_rows`."""
 
     @model_validator(mode="after")
     def _data_rules(self) -> DataConfig:
@@ -516,6 +525,24 @@ class GRPOConfig(Section):
     disabled), or a path to an adapter folder."""
     use_vllm: bool = False
     """Generate with vLLM (colocated, needs the vllm package and a GPU). Off: transformers' generate, CPU or GPU."""
+    loss_type: Literal["dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo"] = "dapo"
+    """How trl's GRPO loss sums its token terms. `dapo` (trl's default): over the active tokens of the whole
+    accumulated batch, no length bias. `grpo`: per sequence, then over sequences (the original paper; favours short
+    right answers and long wrong ones). `dr_grpo`: by a constant (max_completion_length), no length bias. `bnpo`: over
+    the active tokens of the local micro-batch. `cispo`, `sapo`: clipped / soft-gated importance weights. `luspo`:
+    GSPO scaled by length (needs `importance_sampling: sequence`)."""
+    importance_sampling: Literal["token", "sequence"] = "token"
+    """`token`: one importance ratio per token (GRPO). `sequence`: one ratio per completion, the mean of its token
+    log-ratios (GSPO), often steadier with sequence-level rewards such as exact match."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Advantage scaling: by the reward std within each group (GRPO), across the batch, or `none` (Dr. GRPO's
+    advice: std scaling favours too-easy and too-hard prompts)."""
+
+    @model_validator(mode="after")
+    def _luspo_needs_sequence(self) -> GRPOConfig:
+        if self.loss_type == "luspo" and self.importance_sampling != "sequence":
+            raise ValueError("grpo.loss_type luspo is sequence-level: set grpo.importance_sampling: sequence")
+        return self
 
 
 _STAGE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")

@@ -88,6 +88,9 @@ def model_record(recipe: Recipe) -> dict[str, Any]:
     their names and sizes are recorded)."""
     cfg = recipe.model
     record: dict[str, Any] = {"name_or_path": cfg.name_or_path, "revision": cfg.revision}
+    gguf = _gguf_record(cfg)
+    if gguf is not None:
+        return {**record, **gguf}
     folder = Path(cfg.name_or_path)
     if not folder.exists():
         from finetune.recipe.checks import looks_like_hub_id
@@ -100,6 +103,22 @@ def model_record(recipe: Recipe) -> dict[str, Any]:
         record["files_sha256"] = {n: file_sha256(folder / n) for n in MODEL_FILES if (folder / n).is_file()}
         record["weights"] = {p.name: p.stat().st_size for p in sorted(folder.glob("*.safetensors"))}
     return record
+
+
+def _gguf_record(cfg: Any) -> dict[str, Any] | None:
+    """A GGUF base: its file hash (a changed file is a changed base on resume), quant type and architecture."""
+    from finetune.recipe.gguf_source import file_sha256, gguf_path, read_header
+
+    path = gguf_path(cfg)
+    if path is None or not path.is_file():
+        return None
+    sha = file_sha256(path, Path(cfg.gguf_cache) / "index.json")
+    header = read_header(path)
+    return {"resolved": str(path.resolve()), "files_sha256": {path.name: sha},
+            "weights": {path.name: path.stat().st_size},
+            "gguf": {"quant_type": header.quant_type, "architecture": header.architecture, "name": header.name,
+                     "dequantized": True, "note": "dequantized by transformers' GGUF reader, cached as safetensors "
+                     f"under {cfg.gguf_cache}/{sha[:20]}"}}
 
 
 def _hub_snapshot(repo_id: str, revision: str | None) -> Path | None:
@@ -235,6 +254,10 @@ def lineage_lines(manifest: dict[str, Any]) -> list[str]:
         f"- recipe sha256: `{manifest['recipe']['sha256'][:16]}`",
         f"- base model: `{model.get('name_or_path')}`" + (f" @ `{pinned}`" if pinned else ""),
     ]
+    if gguf := model.get("gguf"):
+        sha = next(iter((model.get("files_sha256") or {}).values()), "")
+        lines.append(f"- base model from a GGUF file: {gguf.get('quant_type')} ({gguf.get('architecture')}), sha256 "
+                     f"`{sha[:16]}`, dequantized for training (the LoRA update was learned on the dequantized weights)")
     for d in manifest.get("data", []):
         if "sha256" in d:
             lines.append(f"- data `{d['path']}`: sha256 `{d['sha256'][:16]}`")

@@ -55,7 +55,7 @@ def patch_policy(ctx: StageContext, trainer) -> list[str]:
 
 def held_out(ctx: StageContext, model, tokenizer, rows: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
     """Task metrics (and preference accuracy for pair rows) on the stage's `task_eval` rows; None without them."""
-    rows = load_task_rows(ctx.data.task_eval) if rows is None else rows
+    rows = load_task_rows(ctx.data.task_eval, ctx.data.task_eval_max_rows) if rows is None else rows
     if not rows:
         return None
     out: dict[str, Any] = {}

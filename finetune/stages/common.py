@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,12 +105,18 @@ def trainer_kwargs(ctx: StageContext, has_eval: bool) -> dict[str, Any]:
     )
 
 
-def load_task_rows(path: str | None) -> list[dict[str, Any]]:
-    """Rows of a `task_eval` file (messages + answer)."""
+def load_task_rows(path: str | None, max_rows: int | None = None) -> list[dict[str, Any]]:
+    """Rows of a `task_eval` file (messages + answer): the first `max_rows` of them (None: all)."""
     if not path:
         return []
+    rows = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            if max_rows is not None and len(rows) >= max_rows:
+                break
+            if line.strip():
+                rows.append(json.loads(line))
+    return rows
 
 
 def task_metric(model, tokenizer, rows: list[dict[str, Any]], max_new_tokens: int) -> dict[str, Any] | None:
@@ -122,9 +129,23 @@ def task_metric(model, tokenizer, rows: list[dict[str, Any]], max_new_tokens: in
     model.eval()
     try:
         with torch.no_grad():
-            return task_metrics(model, tokenizer, rows, max_new_tokens=max_new_tokens)
+            return task_metrics(model, tokenizer, rows, max_new_tokens=max_new_tokens, progress=_progress_printer())
     finally:
         model.train(was_training)
+
+
+def _progress_printer(after_s: float = 5.0):
+    """Prints `[held-out] 64/200 answers, 21 s` after each generation batch once the measure runs past `after_s`."""
+    started = time.perf_counter()
+
+    def show(done: int, total: int) -> None:
+        took = time.perf_counter() - started
+        if took >= after_s:
+            eta = took / done * (total - done) if done else 0.0
+            print(f"[held-out] {done}/{total} answers, {took:.0f} s" + (f", ~{eta:.0f} s left" if done < total else ""),
+                  flush=True)
+
+    return show
 
 
 def quiet_trainer(trainer) -> None:
@@ -157,7 +178,7 @@ def build_stage_trainer(trainer_cls: Any, ctx: StageContext, model, config, toke
                           processing_class=tokenizer, callbacks=[logger])
     quiet_trainer(trainer)
     # task sample, fixed-prompt answers, keep_best, early stopping (finetune.stages.watch)
-    watch = EvalWatch(ctx, tokenizer, load_task_rows(ctx.data.task_eval), logger)
+    watch = EvalWatch(ctx, tokenizer, load_task_rows(ctx.data.task_eval, ctx.data.task_eval_max_rows), logger)
     if watch.active() and eval_ds is not None:
         trainer.add_callback(watch)
     adapters_in_float32(trainer.model, ctx.init_adapter)
@@ -186,3 +207,46 @@ def quiet_library_noise() -> None:
 
     warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing` is deprecated", category=FutureWarning)
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def task_metric_before(ctx: StageContext, model, tokenizer, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The held-out measure before training. A stage that starts from a fresh adapter (LoRA B = 0) is the base model
+    itself, so its measure is kept in the data cache, keyed by the base's files, quantization, template and rows:
+    the next run of the same base and task starts training at once (generation is minutes on a real model)."""
+    import hashlib
+
+    if not rows:
+        return None
+    key = _before_key(ctx, tokenizer, rows) if ctx.init_adapter is None and ctx.data.cache_dir else None
+    path = Path(ctx.data.cache_dir) / "measures" / f"{key}.json" if key else None
+    if path is not None and path.is_file():
+        try:
+            cached = json.loads(path.read_text(encoding="utf-8"))
+            print(f"[{ctx.stage.name}] held-out task before training: the base model's measure of an earlier run "
+                  f"(same base, quantization, template and rows; {path.name[:12]}), not generated again", flush=True)
+            return cached
+        except (OSError, ValueError):
+            pass
+    measured = task_metric(model, tokenizer, rows, ctx.data.task_eval_max_new_tokens)
+    if path is not None and measured is not None and is_main_process():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{hashlib.sha1(str(time.time()).encode()).hexdigest()[:8]}")
+        tmp.write_text(json.dumps(measured), encoding="utf-8")
+        tmp.replace(path)
+    return measured
+
+
+def _before_key(ctx: StageContext, tokenizer, rows: list[dict[str, Any]]) -> str | None:
+    import hashlib
+
+    from finetune.run.manifest import model_record
+
+    base = model_record(ctx.recipe)
+    fingerprint = base.get("files_sha256") or base.get("hub_commit")
+    if not fingerprint:  # nothing says the base is the same as last time
+        return None
+    parts = {"base": [base.get("name_or_path"), fingerprint, base.get("weights")],
+             "quantization": ctx.recipe.quantization.model_dump(), "dtype": ctx.recipe.model.dtype,
+             "template": getattr(tokenizer, "chat_template", None), "eos": tokenizer.eos_token,
+             "max_new_tokens": ctx.data.task_eval_max_new_tokens, "rows": rows}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:40]

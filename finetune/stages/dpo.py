@@ -64,7 +64,7 @@ def run_dpo(ctx: StageContext, tokenizer=None) -> StageResult:
     print(f"[{name}] {describe_loss(dpo)}; adapter: {params['trainable']:,} trainable parameters; "
           f"{len(train_ds)} training pairs", flush=True)
 
-    task_rows = load_task_rows(data.task_eval)
+    task_rows = load_task_rows(data.task_eval, data.task_eval_max_rows)
     task_before = task_metric(model, tokenizer, task_rows, data.task_eval_max_new_tokens)
     eval_before = None
     if eval_ds is not None:  # a resumed stage logged it before its first step already: reuse, not log it twice

@@ -28,6 +28,12 @@ from finetune.stages.dpo import install_reference, reference_folder
 from finetune.stages.rewards import build_rewards, check_reward_data
 
 
+def loss_settings(grpo) -> dict:
+    """The recipe's GRPO loss choices in trl's GRPOConfig words."""
+    return {"loss_type": grpo.loss_type, "importance_sampling_level": grpo.importance_sampling,
+            "scale_rewards": grpo.scale_rewards}
+
+
 def run_grpo(ctx: StageContext, tokenizer=None) -> StageResult:
     """Train the adapter against the recipe's rewards with trl's GRPOTrainer; save it under `<run>/<stage>/adapter`."""
     from trl import GRPOConfig as TrlGRPOConfig
@@ -46,7 +52,8 @@ def run_grpo(ctx: StageContext, tokenizer=None) -> StageResult:
                             "it (GPU only) or set grpo.use_vllm: false to generate with transformers")
     ref_folder = reference_folder(ctx, grpo.reference) if grpo.beta > 0 else None
     print(f"[{name}] grpo: {grpo.num_generations} completions per prompt, up to {grpo.max_completion_length} tokens, "
-          f"temperature {grpo.temperature}, beta {grpo.beta}; rewards "
+          f"temperature {grpo.temperature}, beta {grpo.beta}, loss {grpo.loss_type} ({grpo.importance_sampling}-level "
+          f"ratios, rewards scaled by {grpo.scale_rewards}); rewards "
           + ", ".join(f"{f.__name__} x {w}" for f, w in zip(rewards, weights, strict=True))
           + f"; {len(train_ds)} prompts; generation with {'vLLM' if grpo.use_vllm else 'transformers'}", flush=True)
     model = policy_model(ctx, tokenizer)
@@ -56,6 +63,7 @@ def run_grpo(ctx: StageContext, tokenizer=None) -> StageResult:
         num_generations=grpo.num_generations,
         max_completion_length=grpo.max_completion_length,
         temperature=grpo.temperature,
+        **loss_settings(grpo),
         reward_weights=weights,
         use_vllm=grpo.use_vllm,
         vllm_mode="colocate",
@@ -68,7 +76,7 @@ def run_grpo(ctx: StageContext, tokenizer=None) -> StageResult:
         install_reference(trainer.model, ref_folder)
         print(f"[{name}] reference policy: " + (f"adapter {ref_folder} (frozen)" if ref_folder else
                                                  "base (adapter disabled)"), flush=True)
-    task_rows = load_task_rows(data.task_eval)
+    task_rows = load_task_rows(data.task_eval, data.task_eval_max_rows)
     before = held_out_rewards(trainer.model, tokenizer, task_rows, rewards, weights, data.task_eval_max_new_tokens)
 
     # --- train

@@ -15,6 +15,7 @@ from typing import Any
 from finetune.data.templates import TEMPLATE_NAMES
 from finetune.distributed.plan import environment_problems
 from finetune.recipe.checks import check_hub, hub_offline_reason, looks_like_hub_id
+from finetune.recipe.gguf_source import gguf_path, gguf_problems
 from finetune.recipe.kernel_support import recipe_kernel_problems
 from finetune.recipe.schema import Recipe
 
@@ -23,7 +24,9 @@ def check_recipe_paths(recipe: Recipe) -> list[str]:
     """Every path the recipe names exists (or is a reachable/cached Hub id). Returns problems, empty when fine."""
     problems: list[str] = []
     name = recipe.model.name_or_path
-    if not Path(name).exists():
+    if gguf_path(recipe.model) is not None:
+        problems += gguf_problems(recipe.model)  # a GGUF file: present, readable, an architecture transformers reads
+    elif not Path(name).exists():
         if looks_like_hub_id(name):
             problems += check_hub(name, recipe.model.revision, "model.name_or_path", "model")
         else:

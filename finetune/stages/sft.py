@@ -21,6 +21,7 @@ from finetune.stages.common import (
     padding_free_batches,
     print_patches,
     task_metric,
+    task_metric_before,
     trainer_kwargs,
 )
 from finetune.stages.watch import best_restored, finish_watch, watch_of
@@ -75,8 +76,8 @@ def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
     patches = apply_patches(trainer.model, recipe, ctx.stage.name, "sft", padding_free)  # kernels, attention, loss
     print_patches(ctx, patches)
 
-    task_rows = load_task_rows(data.task_eval)
-    before = task_metric(model, tokenizer, task_rows, data.task_eval_max_new_tokens)
+    task_rows = load_task_rows(data.task_eval, data.task_eval_max_rows)
+    before = task_metric_before(ctx, model, tokenizer, task_rows)  # cached when the adapter is fresh
     if before is not None:
         print(f"[{ctx.stage.name}] held-out task before training: {before}", flush=True)
 

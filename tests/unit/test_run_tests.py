@@ -29,9 +29,9 @@ def _dry_run(which: str, cuda: str) -> list[str]:
 
 def test_make_targets_call_the_selection_script():
     makefile = (ROOT / "Makefile").read_text()
-    recipes = dict(re.findall(r"^(test|test-gpu): setup\n\t(.+)$", makefile, flags=re.M))
-    assert recipes == {"test": "$(BIN)/python scripts/run_tests.py all",
-                       "test-gpu": "$(BIN)/python scripts/run_tests.py gpu"}
+    recipes = dict(re.findall(r"^(test|test-gpu): setup\n((?:\t.+\n)+)", makefile, flags=re.M))
+    assert recipes == {"test": "\t$(MAKE) real-model\n\t$(BIN)/python scripts/run_tests.py all\n",
+                       "test-gpu": "\t$(BIN)/python scripts/run_tests.py gpu\n"}
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
