@@ -42,6 +42,8 @@ def attention_calls(reset: bool = False) -> dict[str, int]:
     if reset:
         _calls.clear()
     return counts
+
+
 _host_cuts: tuple[Any, int, list[int]] = (None, -1, [])  # (weakref to the bounds tensor, its version, its values)
 
 
@@ -60,6 +62,34 @@ def host_bounds(bounds: torch.Tensor) -> list[int]:
     return cuts
 
 
+_position_cuts: tuple[Any, int, list[int] | None] = (None, -1, None)  # the same, for cuts found in position_ids
+
+
+def sample_cuts(kwargs: dict[str, Any], length: int) -> list[int] | None:
+    """The sample boundaries of a padding-free row of `length` tokens, or None when it holds no packed samples.
+
+    The trainer's collator passes `cu_seq_lens_q` (trl >= 1.16); older ones (trl 1.13) pass only `position_ids`,
+    which restart at 0 where a sample starts: then the boundaries are read from them (once per batch), as flash
+    attention does. A row whose positions never restart is one sample, left to sdpa with its mask.
+    """
+    global _position_cuts
+    bounds = kwargs.get("cu_seq_lens_q")
+    if bounds is not None:
+        return host_bounds(bounds)
+    positions = kwargs.get("position_ids")
+    if positions is None or positions.dim() != 2 or positions.shape[0] != 1 or positions.shape[1] != length:
+        return None
+    ref, version, cuts = _position_cuts
+    if ref is not None and ref() is positions and version == positions._version:
+        return cuts
+    pos = positions[0].tolist()
+    starts = [i for i, p in enumerate(pos) if p == 0]
+    packed = len(starts) > 1 and starts[0] == 0 and all(b in (a + 1, 0) for a, b in zip(pos, pos[1:], strict=False))
+    cuts = [*starts, length] if packed else None
+    _position_cuts = (weakref.ref(positions), positions._version, cuts)
+    return cuts
+
+
 def per_sample_sdpa(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -73,17 +103,15 @@ def per_sample_sdpa(
     """transformers attention function: `[1, heads, T, d]` inputs with `cu_seq_lens_q` -> `[1, T, heads, d]`."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    bounds = kwargs.get("cu_seq_lens_q")
     path = kwargs.pop("_ft_path", "sdpa per sample")  # varlen_attention's reason for stepping aside
     masked = ("padded batch" if query.shape[0] != 1 else
-              "KV cache" if kwargs.get("cache") is not None or query.shape[2] != key.shape[2] else
-              "no sample boundaries" if bounds is None else None)
-    if masked is not None:
-        _calls[f"sdpa with mask ({masked})"] += 1
+              "KV cache" if kwargs.get("cache") is not None or query.shape[2] != key.shape[2] else None)
+    cuts = sample_cuts(kwargs, query.shape[2]) if masked is None else None
+    if masked is not None or cuts is None:
+        _calls[f"sdpa with mask ({masked or 'no sample boundaries'})"] += 1
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     _calls[path] += 1
-    cuts = host_bounds(bounds)
     gqa = query.shape[1] != key.shape[1]
     parts = [
         F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout,
@@ -170,9 +198,10 @@ def varlen_attention(
     installed function lacks) runs :func:`per_sample_sdpa`, so the result is the same everywhere, only the speed
     differs; the counts (:func:`attention_calls`) say which ran and why.
     """
-    bounds = kwargs.get("cu_seq_lens_q")
-    if bounds is None or query.shape[0] != 1 or query.shape[2] != key.shape[2] or kwargs.get("cache") is not None:
-        # sdpa with its mask, counted there
+    cuts = None
+    if query.shape[0] == 1 and query.shape[2] == key.shape[2] and kwargs.get("cache") is None:
+        cuts = sample_cuts(kwargs, query.shape[2])
+    if cuts is None:  # sdpa with its mask, counted there
         return per_sample_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     gqa = query.shape[1] != key.shape[1]
     why = ("not CUDA" if query.device.type != KERNEL_DEVICE else
@@ -188,9 +217,9 @@ def varlen_attention(
     from torch.nn.attention.varlen import varlen_attn
 
     _calls["varlen"] += 1
-    cuts = host_bounds(bounds)
+    bounds = kwargs.get("cu_seq_lens_q")
     longest = int(kwargs.get("max_length_q") or max(b - a for a, b in zip(cuts[:-1], cuts[1:], strict=True)))
-    cu = bounds.to(torch.int32)
+    cu = (bounds if bounds is not None else torch.tensor(cuts, device=query.device)).to(torch.int32)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, d]
     return varlen_attn(q, k, v, cu, cu, longest, longest, **call)[None], None
 

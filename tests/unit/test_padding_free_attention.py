@@ -74,8 +74,9 @@ def test_packed_loss_equals_padded_loss(tiny_model, addition_data, monkeypatch, 
 
 
 def test_the_attention_path_that_ran_is_counted(tiny_model, addition_data):
-    """A packed row with its boundaries is computed per sample; one whose boundaries never arrive falls back to sdpa
-    with a mask over the whole row, which the counts show (the banner would still name the padding-free path)."""
+    """A packed row with its boundaries is computed per sample, also when only its position_ids carry them (trl 1.13's
+    collator); one whose boundaries never arrive falls back to sdpa with a mask over the whole row, which the counts
+    show (the banner would still name the padding-free path)."""
     from transformers import AutoModelForCausalLM
 
     packed, padded = _batches(tiny_model, addition_data)
@@ -84,10 +85,13 @@ def test_the_attention_path_that_ran_is_counted(tiny_model, addition_data):
     layers = model.config.num_hidden_layers
     attention.attention_calls(reset=True)
     with torch.no_grad():
-        model(**packed, use_cache=False)
+        loss = model(**packed, use_cache=False).loss
         assert attention.attention_calls(reset=True) == {"sdpa per sample": layers}
         model(**padded, use_cache=False)
         assert attention.attention_calls(reset=True) == {"sdpa with mask (padded batch)": layers}
-        lost = {k: v for k, v in packed.items() if not k.startswith(("cu_seq_lens", "max_length"))}
+        positions_only = {k: v for k, v in packed.items() if not k.startswith(("cu_seq_lens", "max_length", "seq_idx"))}
+        torch.testing.assert_close(model(**positions_only, use_cache=False).loss, loss)
+        assert attention.attention_calls(reset=True) == {"sdpa per sample": layers}
+        lost = {k: v for k, v in positions_only.items() if k != "position_ids"}
         model(**lost, use_cache=False)
     assert attention.attention_calls() == {"sdpa with mask (no sample boundaries)": layers}

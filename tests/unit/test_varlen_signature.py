@@ -115,3 +115,20 @@ def test_a_torch_without_enable_gqa_gets_per_sample_sdpa_with_the_reason(monkeyp
     q, k, v, cuts = _row(kv_heads=4)
     varlen_attention(None, q, k, v, None, cu_seq_lens_q=cuts)
     assert len(calls) == 1 and calls[0].arguments["is_causal"] is True
+
+
+def test_boundaries_are_read_from_position_ids_when_the_collator_passes_none(monkeypatch):
+    """trl 1.13's padding-free collator passes position_ids alone: the varlen call gets the boundaries they hold."""
+    calls: list = []
+    monkeypatch.setattr(attention, "KERNEL_DEVICE", "cpu")
+    monkeypatch.setattr(attention, "_FEATURES", [varlen_features(REAL)])
+    monkeypatch.setattr(varlen, "varlen_attn", _recorder(calls))
+    q, k, v, cuts = _row()
+    positions = torch.cat([torch.arange(b - a) for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist(), strict=True)])
+    out, _ = varlen_attention(None, q, k, v, None, position_ids=positions[None])
+    assert calls[0].arguments["cu_seq_q"].tolist() == cuts.tolist() and calls[0].arguments["max_q"] == 8
+    monkeypatch.undo()
+    ref, _ = per_sample_sdpa(None, q, k, v, None, cu_seq_lens_q=cuts)
+    torch.testing.assert_close(out, ref, atol=4e-3, rtol=1.6e-2)
+    one_sample = torch.arange(20)[None]  # positions that never restart: one sample, no packing to read
+    assert attention.sample_cuts({"position_ids": one_sample}, 20) is None
