@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+ELEMENTWISE_MIN = 2**20  # values an element-wise kernel needs before wider blocks pay on a large GPU
 _fallen_back: set[tuple] = set()  # shapes whose large-GPU config did not fit: the defaults from then on
 
 
@@ -59,6 +60,14 @@ def cross_entropy_rows(vocab: int, large: bool) -> Launch:
         return Launch(block=min(next_power_of_2(vocab), 4096))
     block = min(next_power_of_2(vocab), 16384)
     return Launch(num_warps=row_warps(block, True), block=block)
+
+
+def elementwise(n: int, large: bool) -> Launch:
+    """An element-wise kernel over `n` values: its block, and warps (wider blocks with more warps on large GPUs once
+    there are enough values to fill them)."""
+    if not large or n < ELEMENTWISE_MIN:
+        return Launch(block=1024)
+    return Launch(num_warps=8, block=4096)
 
 
 def nf4_matmul(m: int, p: int, large: bool) -> Launch:

@@ -103,23 +103,12 @@ def dequantize(w: NF4Weight, out: torch.Tensor | None = None) -> torch.Tensor:
     if out is None:
         out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
     absmax, code2, absmax2, offset = _scale_args(w)
-    block = 1024
-    _dequant_kernel[(triton.cdiv(n, block),)](
-        w.packed,
-        w.code,
-        absmax,
-        code2,
-        absmax2,
-        offset,
-        out,
-        n,
-        BLOCKSIZE=w.blocksize,
-        BS2=max(w.nested_blocksize, 1),
-        NESTED=w.nested,
-        BF16=is_bf16(out),
-        BLOCK=block,
-        enable_fp_fusion=False,
-    )
+    chosen = launch.elementwise(n, launch.large_gpu(out, kernel_interpreted(_dequant_kernel)))
+    launch.run(("dequant", chosen), chosen, launch.elementwise(n, False), lambda c: _dequant_kernel[
+        (triton.cdiv(n, c.block),)](
+        w.packed, w.code, absmax, code2, absmax2, offset, out, n, BLOCKSIZE=w.blocksize,
+        BS2=max(w.nested_blocksize, 1), NESTED=w.nested, BF16=is_bf16(out), BLOCK=c.block, enable_fp_fusion=False,
+        **c.options()))
     return out
 
 

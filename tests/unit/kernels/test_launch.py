@@ -32,6 +32,8 @@ def test_large_gpus_get_settings_by_shape_and_the_interpreter_the_defaults(monke
     assert big.tiles == (128, 128, 64) and big.options() == {"num_warps": 8, "num_stages": 3}
     assert launch.nf4_matmul(96, 8192, True).tiles == (64, 128, 64)
     assert launch.nf4_matmul(8, 8192, True) == launch.nf4_matmul(8, 8192, False)  # few rows: the defaults
+    assert launch.elementwise(2**24, False) == launch.Launch(block=1024) == launch.elementwise(1000, True)
+    assert launch.elementwise(2**24, True) == launch.Launch(num_warps=8, block=4096)
 
 
 class OutOfResources(Exception):
@@ -74,3 +76,41 @@ def test_the_gradient_written_in_half_precision_is_the_cast_of_the_float32_one(d
     assert torch.equal(out, expected.to(dtype))  # rounded to nearest, bit for bit
     assert out[1].abs().sum() == 0  # the ignored row
     assert chosen == [True, True]  # the interpreter launched with the defaults
+
+
+@pytest.mark.triton
+def test_the_large_gpu_settings_compute_the_same(make_nf4, monkeypatch):
+    """Every kernel run with its large-GPU block and tile shapes (the interpreter ignores warps and stages) gives the
+    results of the default launch: the 128-wide NF4 tiles, 8192-wide CE slices, 4096-value element-wise blocks."""
+    from finetune.kernels import activations_triton, cross_entropy_triton, nf4_triton, rmsnorm_triton, rope_triton
+
+    g = torch.Generator().manual_seed(1)
+    _, _, w = make_nf4((256, 192), torch.float32, True)
+    x = torch.randn(130, 192, generator=g)
+    logits, labels = torch.randn(3, 5000, generator=g), torch.tensor([5, 4999, -100])
+    a, b = torch.randn(3 * 4096 + 5, generator=g), torch.randn(3 * 4096 + 5, generator=g)
+    h = torch.randn(2, 5000, generator=g)
+    q, cos, sin = (torch.randn(*shape, generator=g) for shape in ((1, 4, 3, 8), (1, 3, 8), (1, 3, 8)))
+    _, _, big = make_nf4((128, 128), torch.bfloat16, True)
+
+    def everything():
+        ce = cross_entropy_triton.lse_and_nll(logits, labels, -100)
+        grad = cross_entropy_triton.nll_grad_(logits.clone(), labels, ce[0], torch.ones(3), -100)
+        return (nf4_triton.nf4_matmul(x, w, True), nf4_triton.dequantize(big), *ce, grad,
+                activations_triton.swiglu_forward(a, b), *activations_triton.swiglu_backward(b, a, b),
+                *rmsnorm_triton.rmsnorm_forward(h, torch.ones(5000), 1e-6, torch.float32),
+                rope_triton.rope_apply(q, cos, sin, False))
+
+    default = everything()
+    configs = []
+    real_run = launch.run
+    monkeypatch.setattr(launch, "large_gpu", lambda t, interpreted: True)
+    monkeypatch.setattr(launch, "ELEMENTWISE_MIN", 4096)  # small tensors, the large element-wise blocks
+    monkeypatch.setattr(launch, "_fallen_back", set())
+    monkeypatch.setattr(launch, "run", lambda key, c, d, fn: (configs.append((key[0], c)), real_run(key, c, d, fn))[1])
+    large = everything()
+    chosen = dict(configs)
+    assert chosen["nf4"].tiles == (128, 128, 64) and chosen["lse"].block == 8192 and chosen["grad"].block == 8192
+    assert chosen["swiglu"].block == 4096 and chosen["dequant"].block == 4096 and chosen["rmsnorm"].num_warps == 16
+    for got, expected in zip(large, default, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
