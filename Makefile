@@ -51,7 +51,8 @@ $(FLOOR_VENV)/.installed: $(BIN)/.installed Makefile
 test-floor: $(FLOOR_VENV)/.installed
 	$(FLOOR_VENV)/bin/python -c "import transformers, accelerate, peft, trl, datasets as d; print('floor:', *(f'{m.__name__} {m.__version__}' for m in (transformers, accelerate, peft, trl, d)))"
 	OMP_NUM_THREADS=1 $(FLOOR_VENV)/bin/python -m pytest tests/unit -q -p no:cacheprovider
-	PYTHON=$(CURDIR)/$(FLOOR_VENV)/bin/python scripts/gpu/check.sh --rehearse
+	mkdir -p .cache/test-floor  # the rehearsal's work folder, apart from other checkouts' ($$TMPDIR/ft-gpu-rehearse)
+	TMPDIR=$(CURDIR)/.cache/test-floor PYTHON=$(CURDIR)/$(FLOOR_VENV)/bin/python scripts/gpu/check.sh --rehearse
 
 test-gpu: setup
 	$(BIN)/python scripts/run_tests.py gpu
