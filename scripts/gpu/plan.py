@@ -7,7 +7,8 @@ measured peak, and a trimmed selection of the kernel tests (NF4 bit-exact, varle
 The full kernel suite, the merged export and FSDP are a second call (`--second`, or `--only`); the rehearsal on the
 CPU runs both calls' steps.
 
-A step starts only while at least `START_SHARE` (60%) of its own budget is left of the check's; otherwise it is
+Budgets are caps, generous for the steps everything needs (env, assets, our runs): a step that ends sooner leaves
+its time to the next. A step starts only while at least `START_SHARE` (60%) of its own budget is left of the check's; otherwise it is
 skipped with that reason, and later, smaller steps may still start. A step killed at its own budget failed; one cut
 off by the check's total budget is recorded as `cut` (not a failure of the step, and not in the exit code).
 """
@@ -38,22 +39,22 @@ class Step:
 
 
 STEPS = (
-    Step("install", "install the wheels ahead of the image's packages (pip --no-index --no-deps --target)", (45, 60)),
-    Step("env", "versions, where each package is imported from, CUDA, the bitsandbytes library loaded", (45, 60),
+    Step("install", "install the wheels ahead of the image's packages (pip --no-index --no-deps --target)", (60, 60)),
+    Step("env", "versions, where each package is imported from, CUDA, the bitsandbytes library loaded", (90, 60),
          needs=()),
-    Step("matmul-peak", "bf16 (and fp32) matmul peak of this device, measured in this run", (25, 30), needs=("env",)),
-    Step("assets", "random Llama (1.24B, 128k vocabulary; tiny on the CPU), tokenizer, SFT and DPO data", (60, 60),
+    Step("matmul-peak", "bf16 (and fp32) matmul peak of this device, measured in this run", (45, 30), needs=("env",)),
+    Step("assets", "random Llama (1.24B, 128k vocabulary; tiny on the CPU), tokenizer, SFT and DPO data", (90, 60),
          needs=("env",)),
-    Step("sft-ours", "ft train: QLoRA SFT, recipe defaults", (110, 90), needs=("assets",)),
-    Step("dpo-ours", "ft train: QLoRA DPO, recipe defaults", (110, 90), needs=("assets",)),
-    Step("sft-trl-best", "trl sft: the same work, trl's best flags", (120, 120), needs=("assets",)),
-    Step("dpo-trl-best", "trl dpo: the same work, trl's best flags", (120, 120), needs=("assets",)),
-    Step("sft-compare", "SFT side by side: tokens/s after warm-up, peak GPU memory, MFU", (20, 45),
+    Step("sft-ours", "ft train: QLoRA SFT, recipe defaults", (150, 90), needs=("assets",)),
+    Step("dpo-ours", "ft train: QLoRA DPO, recipe defaults", (150, 90), needs=("assets",)),
+    Step("sft-trl-best", "trl sft: the same work, trl's best flags", (150, 120), needs=("assets",)),
+    Step("dpo-trl-best", "trl dpo: the same work, trl's best flags", (150, 120), needs=("assets",)),
+    Step("sft-compare", "SFT side by side: tokens/s after warm-up, peak GPU memory, MFU", (30, 45),
          needs=("matmul-peak",), any_of=("sft-ours", "sft-trl-best")),
-    Step("dpo-compare", "DPO side by side: tokens/s after warm-up, pairs/s, peak GPU memory, MFU", (20, 45),
+    Step("dpo-compare", "DPO side by side: tokens/s after warm-up, pairs/s, peak GPU memory, MFU", (30, 45),
          needs=("matmul-peak",), any_of=("dpo-ours", "dpo-trl-best")),
-    Step("dry-run", "ft train --dry-run of the SFT and DPO recipes: the memory estimate", (40, 60), needs=("assets",)),
-    Step("memory", "the dry run's estimate of the measured micro-batch against the measured peak GPU memory", (15, 30),
+    Step("dry-run", "ft train --dry-run of the SFT and DPO recipes: the memory estimate", (60, 60), needs=("assets",)),
+    Step("memory", "the dry run's estimate of the measured micro-batch against the measured peak GPU memory", (20, 30),
          needs=("dry-run",), any_of=("sft-ours", "dpo-ours")),
     Step("kernel-tests", "tests/gpu, trimmed: NF4 bit-exact, varlen attention, chunked cross-entropy", (60, 90),
          needs=("env",)),
