@@ -8,9 +8,10 @@ The full kernel suite, the merged export and FSDP are a second call (`--second`,
 CPU runs both calls' steps.
 
 Budgets are caps, generous for the steps everything needs (env, assets, our runs): a step that ends sooner leaves
-its time to the next. A step starts only while at least `START_SHARE` (60%) of its own budget is left of the check's; otherwise it is
-skipped with that reason, and later, smaller steps may still start. A step killed at its own budget failed; one cut
-off by the check's total budget is recorded as `cut` (not a failure of the step, and not in the exit code).
+its time to the next. A step starts only while at least `START_SHARE` (60%) of its own budget is left of the
+check's; otherwise it is skipped with that reason, and later, smaller steps may still start. A step killed at its
+own budget failed; one cut off by the check's total budget is recorded as `cut` (not a failure of the step, and not
+in the exit code).
 """
 
 from __future__ import annotations
