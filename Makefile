@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 # part and at -O1 (less to compile on 2 cores; the check runs tiny models). pip caches the built wheel.
 LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DCMAKE_C_FLAGS_RELEASE=-O1 -DCMAKE_CXX_FLAGS_RELEASE=-O1
 
-.PHONY: setup quickstart real-model test test-gpu lint docs clean
+.PHONY: setup quickstart real-model test test-floor test-gpu lint docs clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,31 @@ test: setup
 	$(MAKE) real-model
 	$(BIN)/python scripts/run_tests.py all
 
+# The floor: the oldest versions pyproject.toml allows of the libraries we wrap (the GPU image has transformers 5.17 and
+# accelerate 1.15). .venv-floor holds those alone and reads every other package from .venv (one `import site` line
+# in a .pth: torch stays this machine's CPU build, whose differences the signature tests cover); `pip check` proves
+# the set consistent. It runs the unit suite and the GPU check's rehearsal.
+FLOOR_VENV := .venv-floor
+# trl's floor is its pin, 1.16.0 (1.13 lacks trl.kernels and the fused LM head our loss heads wrap), accelerate's too
+FLOOR_PINS := transformers==5.17.0 accelerate==1.15.0 peft==0.21.0 trl==1.16.0 datasets==5.0.1
+# what those five need below our pins (transformers 5.17 and datasets 5.0 cap huggingface_hub < 2, datasets fsspec)
+FLOOR_NEEDS := huggingface_hub==1.33.0 fsspec==2026.6.0
+
+$(FLOOR_VENV)/.installed: $(BIN)/.installed Makefile
+	rm -rf $(FLOOR_VENV)
+	$(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip uninstall -q -y setuptools  # the venv's old own copy would hide .venv's
+	$(FLOOR_VENV)/bin/python -c "import site; base = '$(CURDIR)/$(VENV)/lib/python%d.%d/site-packages' % __import__('sys').version_info[:2]; open(site.getsitepackages()[0] + '/zz-base-venv.pth', 'w').write(f'import site; site.addsitedir({base!r})\n')"
+	$(FLOOR_VENV)/bin/python -m pip install -q --no-deps --ignore-installed $(FLOOR_PINS) $(FLOOR_NEEDS)
+	$(FLOOR_VENV)/bin/python -m pip check
+	touch $@
+
+test-floor: $(FLOOR_VENV)/.installed
+	$(FLOOR_VENV)/bin/python -c "import transformers, accelerate, peft, trl, datasets as d; print('floor:', *(f'{m.__name__} {m.__version__}' for m in (transformers, accelerate, peft, trl, d)))"
+	OMP_NUM_THREADS=1 $(FLOOR_VENV)/bin/python -m pytest tests/unit -q -p no:cacheprovider
+	mkdir -p .cache/test-floor  # the rehearsal's work folder, apart from other checkouts' ($$TMPDIR/ft-gpu-rehearse)
+	TMPDIR=$(CURDIR)/.cache/test-floor PYTHON=$(CURDIR)/$(FLOOR_VENV)/bin/python scripts/gpu/check.sh --rehearse
+
 test-gpu: setup
 	$(BIN)/python scripts/run_tests.py gpu
 
@@ -46,4 +71,4 @@ docs: setup
 	$(BIN)/python scripts/gen_recipe_docs.py
 
 clean:
-	rm -rf $(VENV) runs .cache
+	rm -rf $(VENV) $(FLOOR_VENV) runs .cache

@@ -2,7 +2,8 @@
 
 The forward rounds `silu(g)` to the storage dtype before multiplying by `u`, like PyTorch's
 `act_fn(gate) * up` on half-precision tensors. The backward recomputes `silu` from `g` rather than
-reading a saved activation.
+reading a saved activation. Blocks of 1024 values (4 warps); 4096 (8 warps) on large GPUs for a million values or
+more (`launch.elementwise`).
 
 Kernels here call only Triton builtins (`tl.reduce` with local combine functions instead of `tl.sum`/`tl.max`,
 an explicit sigmoid): Triton's own `@jit` helpers are compiled for the mode in force when `triton` was first
@@ -16,9 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from finetune.kernels import launch
+from finetune.kernels._dispatch import kernel_interpreted
 from finetune.kernels.triton_utils import is_bf16, round_bf16
-
-_BLOCK = 1024
 
 
 @triton.jit
@@ -59,7 +60,9 @@ def swiglu_forward(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Returns `silu(g) * u` (contiguous inputs of equal shape and dtype)."""
     h = torch.empty_like(g)
     n = g.numel()
-    _swiglu_fwd_kernel[(triton.cdiv(n, _BLOCK),)](g, u, h, n, BF16=is_bf16(h), BLOCK=_BLOCK)
+    chosen = launch.elementwise(n, launch.large_gpu(g, kernel_interpreted(_swiglu_fwd_kernel)))
+    launch.run(("swiglu", chosen), chosen, launch.elementwise(n, False), lambda c: _swiglu_fwd_kernel[
+        (triton.cdiv(n, c.block),)](g, u, h, n, BF16=is_bf16(h), BLOCK=c.block, **c.options()))
     return h
 
 
@@ -68,5 +71,8 @@ def swiglu_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple
     dg = torch.empty_like(g)
     du = torch.empty_like(u)
     n = g.numel()
-    _swiglu_bwd_kernel[(triton.cdiv(n, _BLOCK),)](dh.contiguous(), g, u, dg, du, n, BF16=is_bf16(g), BLOCK=_BLOCK)
+    dh = dh.contiguous()
+    chosen = launch.elementwise(n, launch.large_gpu(g, kernel_interpreted(_swiglu_bwd_kernel)))
+    launch.run(("swiglu-bwd", chosen), chosen, launch.elementwise(n, False), lambda c: _swiglu_bwd_kernel[
+        (triton.cdiv(n, c.block),)](dh, g, u, dg, du, n, BF16=is_bf16(g), BLOCK=c.block, **c.options()))
     return dg, du

@@ -42,6 +42,12 @@ def default_chunk_size(n_tokens: int, hidden: int, vocab: int) -> int:
     return max(1, min(n_tokens, max(liger, budget)))
 
 
+def _grad_buffer(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """Where the Triton gradient kernel writes a chunk's gradient: a new bf16/fp16 buffer for a half-precision GEMM,
+    None (over the float32 logits) otherwise."""
+    return torch.empty(logits.shape, dtype=dtype, device=logits.device) if dtype != torch.float32 else None
+
+
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return F.linear(h, weight, bias).float()
 
@@ -87,9 +93,11 @@ class ChunkedNLLFunction(torch.autograd.Function):
                     probs = (logits - lse[sl].unsqueeze(1)).exp_()
                     row_stats[sl, 0] = lse[sl] - (probs.unsqueeze(1) @ logits.unsqueeze(2)).view(-1)
                     del probs
-                if unit_grad:  # softmax - onehot in place (0 on ignored rows), then one GEMM
-                    nll_grad_(logits, labels[sl], lse[sl], torch.ones_like(lse[sl]), ignore_index)
-                    dh_unit[sl] = (logits.to(hidden.dtype) @ weight).float()
+                if unit_grad:  # softmax - onehot (0 on ignored rows) written in the GEMM's dtype, then one GEMM
+                    g = nll_grad_(logits, labels[sl], lse[sl], torch.ones_like(lse[sl]), ignore_index,
+                                  out=_grad_buffer(logits, hidden.dtype))
+                    dh_unit[sl] = (g @ weight).float()
+                    del g
             else:
                 valid = labels[sl] != ignore_index
                 label = labels[sl].clamp(min=0)
@@ -135,8 +143,9 @@ class ChunkedNLLFunction(torch.autograd.Function):
             if ctx.triton:
                 from finetune.kernels.cross_entropy_triton import nll_grad_
 
-                nll_grad_(logits, labels[sl], lse[sl], grad_nll[sl], ctx.ignore_index)
-                grad = logits
+                # the bias needs the float32 gradient's column sums; else it is written in hidden's dtype directly
+                out = None if need_b else _grad_buffer(logits, hidden.dtype)
+                grad = nll_grad_(logits, labels[sl], lse[sl], grad_nll[sl], ctx.ignore_index, out=out)
             else:
                 valid = labels[sl] != ctx.ignore_index
                 scale = torch.where(valid, grad_nll[sl], 0.0).unsqueeze(1)

@@ -1,7 +1,9 @@
 """Triton row kernels for the chunked cross-entropy: logsumexp + target pick, and the in-place gradient.
 
 Each program owns one row of a float32 `[chunk, V]` logits block and streams it in `BLOCK_V` slices with
-an online max/sum, so any vocabulary size works with bounded registers.
+an online max/sum, so any vocabulary size works with bounded registers. The slice width and the warps follow the
+vocabulary on large GPUs (`launch.cross_entropy_rows`; the interpreter keeps 4096 and 4 warps). The gradient kernel
+writes `softmax - onehot` in place, or straight into a bf16/fp16 buffer (no float32 copy and cast for the GEMM).
 
 Kernels here call only Triton builtins (`tl.reduce` with local combine functions instead of `tl.sum`/`tl.max`,
 an explicit sigmoid): Triton's own `@jit` helpers are compiled for the mode in force when `triton` was first
@@ -14,6 +16,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from finetune.kernels import launch
+from finetune.kernels._dispatch import kernel_interpreted
+from finetune.kernels.triton_utils import round_bf16
 
 
 @triton.jit
@@ -50,9 +56,11 @@ def _lse_nll_kernel(logits_ptr, labels_ptr, lse_ptr, nll_ptr, V, stride, ignore_
 
 
 @triton.jit
-def _nll_grad_kernel(logits_ptr, labels_ptr, lse_ptr, gout_ptr, V, stride, ignore_index, BLOCK_V: tl.constexpr):
+def _nll_grad_kernel(logits_ptr, labels_ptr, lse_ptr, gout_ptr, out_ptr, V, stride, out_stride, ignore_index,
+                     OUT_BF16: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride
+    out = out_ptr + row * out_stride
     label = tl.load(labels_ptr + row)
     lse = tl.load(lse_ptr + row)
     valid = label != ignore_index
@@ -61,12 +69,17 @@ def _nll_grad_kernel(logits_ptr, labels_ptr, lse_ptr, gout_ptr, V, stride, ignor
         cols = v0 + tl.arange(0, BLOCK_V)
         mask = cols < V
         x = tl.load(base + cols, mask=mask, other=0.0)
-        p = tl.exp(x - lse) - tl.where(cols == label, 1.0, 0.0)
-        tl.store(base + cols, p * scale, mask=mask)
+        g = (tl.exp(x - lse) - tl.where(cols == label, 1.0, 0.0)) * scale
+        if OUT_BF16:  # rounded to nearest like torch's cast, also under the interpreter (which truncates)
+            g = round_bf16(g)
+        tl.store(out + cols, g.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _block_v(v: int) -> int:
-    return min(triton.next_power_of_2(v), 4096)
+def _rows(logits: torch.Tensor, kernel: object) -> tuple[launch.Launch, launch.Launch]:
+    """The launch chosen for these rows, and the default one."""
+    v = logits.shape[1]
+    large = launch.large_gpu(logits, kernel_interpreted(kernel))
+    return launch.cross_entropy_rows(v, large), launch.cross_entropy_rows(v, False)
 
 
 def lse_and_nll(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,25 +88,31 @@ def lse_and_nll(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -
     lse = torch.empty(n, dtype=torch.float32, device=logits.device)
     nll = torch.empty(n, dtype=torch.float32, device=logits.device)
     if n:
-        _lse_nll_kernel[(n,)](
-            logits, labels.contiguous(), lse, nll, v, logits.stride(0), ignore_index, BLOCK_V=_block_v(v)
-        )
+        labels = labels.contiguous()
+        chosen, default = _rows(logits, _lse_nll_kernel)
+        launch.run(("lse", v), chosen, default, lambda c: _lse_nll_kernel[(n,)](
+            logits, labels, lse, nll, v, logits.stride(0), ignore_index, BLOCK_V=c.block, **c.options()))
     return lse, nll
 
 
 def nll_grad_(
-    logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad_nll: torch.Tensor, ignore_index: int
-) -> None:
-    """Overwrites `logits` with `(softmax - onehot(label)) * grad_nll[row]` (0 rows where ignored)."""
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    grad_nll: torch.Tensor,
+    ignore_index: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`(softmax - onehot(label)) * grad_nll[row]` (0 rows where ignored) of a float32 `[n, V]` logits block.
+
+    Written over `logits`, or into `out` (`[n, V]`, float32, bfloat16 or float16, rounded to nearest); returns it.
+    """
     n, v = logits.shape
+    out = logits if out is None else out
     if n:
-        _nll_grad_kernel[(n,)](
-            logits,
-            labels.contiguous(),
-            lse.contiguous(),
-            grad_nll.contiguous(),
-            v,
-            logits.stride(0),
-            ignore_index,
-            BLOCK_V=_block_v(v),
-        )
+        labels, lse, grad_nll = labels.contiguous(), lse.contiguous(), grad_nll.contiguous()
+        chosen, default = _rows(logits, _nll_grad_kernel)
+        launch.run(("grad", v), chosen, default, lambda c: _nll_grad_kernel[(n,)](
+            logits, labels, lse, grad_nll, out, v, logits.stride(0), out.stride(0), ignore_index,
+            OUT_BF16=out.dtype == torch.bfloat16, BLOCK_V=c.block, **c.options()))
+    return out

@@ -7,7 +7,9 @@ multiply-add into an FMA (which would round once and differ in the last bit).
 
 The fused kernel computes `C = A @ op(W) [+ s * U @ V] [+ bias]` where `W` is the 4-bit `[N, K]` weight,
 `op(W)` is `W.T` (forward, `trans=True`) or `W` (input gradient, `trans=False`): each `[BQ, BP]`
-tile of `op(W)` is dequantised in registers from the packed nibbles, so no dense weight is ever written.
+tile of `op(W)` is dequantised in registers from the packed nibbles, so no dense weight is ever written. Its tiles
+are 64 x 64 x 64 (4 warps) under the interpreter and for few rows; with many rows on a large GPU they are 128 wide
+and pipelined (`launch.nf4_matmul`).
 
 The Triton interpreter (CPU, tests) has no bfloat16 arithmetic and truncates float32 -> bfloat16 casts: bf16
 dots are done in float32 there (`DOT_FP32`), and bf16 values are rounded explicitly (`round_bf16`), so the
@@ -20,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from finetune.kernels import launch
 from finetune.kernels._dispatch import kernel_interpreted
 from finetune.kernels.nf4 import NF4Weight
 from finetune.kernels.triton_utils import is_bf16, round_bf16
@@ -100,23 +103,12 @@ def dequantize(w: NF4Weight, out: torch.Tensor | None = None) -> torch.Tensor:
     if out is None:
         out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
     absmax, code2, absmax2, offset = _scale_args(w)
-    block = 1024
-    _dequant_kernel[(triton.cdiv(n, block),)](
-        w.packed,
-        w.code,
-        absmax,
-        code2,
-        absmax2,
-        offset,
-        out,
-        n,
-        BLOCKSIZE=w.blocksize,
-        BS2=max(w.nested_blocksize, 1),
-        NESTED=w.nested,
-        BF16=is_bf16(out),
-        BLOCK=block,
-        enable_fp_fusion=False,
-    )
+    chosen = launch.elementwise(n, launch.large_gpu(out, kernel_interpreted(_dequant_kernel)))
+    launch.run(("dequant", chosen), chosen, launch.elementwise(n, False), lambda c: _dequant_kernel[
+        (triton.cdiv(n, c.block),)](
+        w.packed, w.code, absmax, code2, absmax2, offset, out, n, BLOCKSIZE=w.blocksize,
+        BS2=max(w.nested_blocksize, 1), NESTED=w.nested, BF16=is_bf16(out), BLOCK=c.block, enable_fp_fusion=False,
+        **c.options()))
     return out
 
 
@@ -253,46 +245,30 @@ def nf4_matmul(
         r = u.shape[1]
     else:
         u, v, s, r = a, a, 0.0, 0
-    bm = max(16, min(64, triton.next_power_of_2(m)))
-    bp, bq = 64, 64
-    grid = (triton.cdiv(m, bm), triton.cdiv(p, bp))
-    _nf4_matmul_kernel[grid](
-        a,
-        w.packed,
-        w.code,
-        absmax,
-        code2,
-        absmax2,
-        offset,
-        u,
-        v,
-        bias if bias is not None else a,
-        c,
-        m,
-        p,
-        q,
-        r,
-        float(s),
-        a.stride(0),
-        a.stride(1),
-        stride_wq,
-        stride_wp,
-        u.stride(0),
-        u.stride(1),
-        v.stride(0),
-        v.stride(1),
-        c.stride(0),
-        c.stride(1),
-        BLOCKSIZE=w.blocksize,
-        BS2=max(w.nested_blocksize, 1),
-        NESTED=w.nested,
-        HAS_LOWRANK=lowrank is not None,
-        HAS_BIAS=bias is not None,
-        IEEE=a.dtype == torch.float32,
-        DOT_FP32=a.dtype == torch.bfloat16 and kernel_interpreted(_nf4_matmul_kernel),
-        BM=bm,
-        BP=bp,
-        BQ=bq,
-        BR=max(16, min(64, triton.next_power_of_2(max(r, 1)))),
-    )
+    interpreted = kernel_interpreted(_nf4_matmul_kernel)
+    chosen = launch.nf4_matmul(m, p, launch.large_gpu(a, interpreted))
+    default = launch.nf4_matmul(m, p, False)
+
+    def run(cfg: launch.Launch) -> None:
+        bm, bp, bq = cfg.tiles
+        _nf4_matmul_kernel[(triton.cdiv(m, bm), triton.cdiv(p, bp))](
+            a, w.packed, w.code, absmax, code2, absmax2, offset, u, v, bias if bias is not None else a, c,
+            m, p, q, r, float(s),
+            a.stride(0), a.stride(1), stride_wq, stride_wp, u.stride(0), u.stride(1), v.stride(0), v.stride(1),
+            c.stride(0), c.stride(1),
+            BLOCKSIZE=w.blocksize,
+            BS2=max(w.nested_blocksize, 1),
+            NESTED=w.nested,
+            HAS_LOWRANK=lowrank is not None,
+            HAS_BIAS=bias is not None,
+            IEEE=a.dtype == torch.float32,
+            DOT_FP32=a.dtype == torch.bfloat16 and interpreted,
+            BM=bm,
+            BP=bp,
+            BQ=bq,
+            BR=max(16, min(64, triton.next_power_of_2(max(r, 1)))),
+            **cfg.options(),
+        )
+
+    launch.run(("nf4", chosen, p, q, a.dtype), chosen, default, run)
     return c

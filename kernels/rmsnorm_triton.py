@@ -1,4 +1,5 @@
-"""Triton RMSNorm forward/backward, one row per program, float32 statistics.
+"""Triton RMSNorm forward/backward, one row per program, float32 statistics; the warps follow the row width on large
+GPUs (`launch.row_warps`; 4 under the interpreter).
 
 The weight gradient is reduced in two steps: each program accumulates its rows into a float32 partial row,
 and the `[programs, N]` partials are summed by PyTorch.
@@ -15,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from finetune.kernels import launch
+from finetune.kernels._dispatch import kernel_interpreted
 from finetune.kernels.triton_utils import is_bf16, round_bf16
 
 
@@ -90,9 +93,10 @@ def rmsnorm_forward(
     y = torch.empty((m, n), dtype=out_dtype, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
     if m:
-        _fwd_kernel[(m,)](
-            x, weight, y, rstd, n, eps, X_BF16=is_bf16(x), Y_BF16=is_bf16(y), BLOCK_N=triton.next_power_of_2(n)
-        )
+        block = triton.next_power_of_2(n)
+        chosen = launch.Launch(launch.row_warps(block, launch.large_gpu(x, kernel_interpreted(_fwd_kernel))))
+        launch.run(("rmsnorm", n), chosen, launch.Launch(), lambda c: _fwd_kernel[(m,)](
+            x, weight, y, rstd, n, eps, X_BF16=is_bf16(x), Y_BF16=is_bf16(y), BLOCK_N=block, **c.options()))
     return y, rstd
 
 
@@ -106,19 +110,10 @@ def rmsnorm_backward(
     programs = triton.cdiv(m, rows) if m else 0
     dw_partial = torch.empty((max(programs, 1), n), dtype=torch.float32, device=x.device) if need_dw else dx
     if m:
-        _bwd_kernel[(programs,)](
-            dy,
-            x,
-            weight,
-            rstd,
-            dx,
-            dw_partial,
-            m,
-            n,
-            ROWS=rows,
-            HAS_DW=need_dw,
-            X_BF16=is_bf16(x),
-            BLOCK_N=triton.next_power_of_2(n),
-        )
+        block = triton.next_power_of_2(n)
+        chosen = launch.Launch(launch.row_warps(block, launch.large_gpu(x, kernel_interpreted(_bwd_kernel))))
+        launch.run(("rmsnorm-bwd", n), chosen, launch.Launch(), lambda c: _bwd_kernel[(programs,)](
+            dy, x, weight, rstd, dx, dw_partial, m, n, ROWS=rows, HAS_DW=need_dw, X_BF16=is_bf16(x), BLOCK_N=block,
+            **c.options()))
     dw = dw_partial[:programs].sum(0) if need_dw else None
     return dx, dw

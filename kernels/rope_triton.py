@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from finetune.kernels import launch
+from finetune.kernels._dispatch import kernel_interpreted
 from finetune.kernels.triton_utils import is_bf16, round_bf16
 
 
@@ -80,27 +82,11 @@ def rope_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: 
     if sin.stride(-1) != 1:
         sin = sin.contiguous()
     half = dim // 2
-    _rope_kernel[(bsz * seq,)](
-        x,
-        y,
-        cos,
-        sin,
-        seq,
-        heads,
-        half,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        y.stride(0),
-        y.stride(1),
-        y.stride(2),
-        cos.stride(0),
-        cos.stride(1),
-        sin.stride(0),
-        sin.stride(1),
-        BACKWARD=backward,
-        BF16=is_bf16(y),
-        BH=triton.next_power_of_2(heads),
-        BD=triton.next_power_of_2(half),
-    )
+    bh, bd = triton.next_power_of_2(heads), triton.next_power_of_2(half)
+    # one program per position; its [heads, dim / 2] tile gets more warps on large GPUs (launch.row_warps)
+    chosen = launch.Launch(launch.row_warps(bh * bd, launch.large_gpu(x, kernel_interpreted(_rope_kernel))))
+    launch.run(("rope", bh * bd), chosen, launch.Launch(), lambda c: _rope_kernel[(bsz * seq,)](
+        x, y, cos, sin, seq, heads, half, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
+        cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1), BACKWARD=backward, BF16=is_bf16(y), BH=bh, BD=bd,
+        **c.options()))
     return y

@@ -150,7 +150,8 @@ class _Timeline:
         self.path = path
         self.data: dict[str, Any] = {"probe_installed": time.time(), "train_begin": None, "train_end": None,
                                      "steps": [], "losses": [], "micro_batches": 0, "rows": 0, "tokens_real": 0,
-                                     "tokens_slots": 0, "tokens_labels": 0, "phases": {}, "logs": []}
+                                     "tokens_slots": 0, "tokens_labels": 0, "phases": {}, "logs": [],
+                                     "largest_micro_batch": None}
 
     def count(self, inputs: Any, padding_free: bool = False) -> None:
         """Tokens of one micro-batch: real (non-padding) tokens, tensor slots (with padding), label tokens.
@@ -176,14 +177,20 @@ class _Timeline:
         if padding_free:
             slots = real
         labels = inputs.get("labels")
+        labelled = 0
+        if labels is not None:
+            labelled = int((labels != -100).sum())
+        elif inputs.get("completion_mask") is not None:  # trl's DPO batches: the scored (completion) tokens
+            labelled = int(inputs["completion_mask"].sum())
         d["micro_batches"] += 1
         d["rows"] += rows
         d["tokens_real"] += real
         d["tokens_slots"] += slots
-        if labels is not None:
-            d["tokens_labels"] += int((labels != -100).sum())
-        elif inputs.get("completion_mask") is not None:  # trl's DPO batches: the scored (completion) tokens
-            d["tokens_labels"] += int(inputs["completion_mask"].sum())
+        d["tokens_labels"] += labelled
+        # the micro-batch with the most tensor slots: the one a peak memory measurement belongs to
+        if d["largest_micro_batch"] is None or slots > d["largest_micro_batch"]["tokens_slots"]:
+            d["largest_micro_batch"] = {"rows": rows, "tokens_real": real, "tokens_slots": slots,
+                                        "tokens_labels": labelled}
 
     def write(self) -> None:
         import json
@@ -195,6 +202,15 @@ class _Timeline:
         os.replace(tmp, self.path)
 
 
+def _synchronize() -> None:
+    """Wait for the CUDA device to finish its queued work, where this process uses one."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _patch_trainer(module: Any, timeline: _Timeline) -> None:
     from transformers import TrainerCallback
 
@@ -203,7 +219,9 @@ def _patch_trainer(module: Any, timeline: _Timeline) -> None:
             timeline.data["train_begin"] = time.time()
 
         def on_step_end(self, args, state, control, **kwargs):
-            # [step, time, real tokens so far]: the rate after the first step leaves compilation out
+            # [step, time, real tokens so far]: the rate after the first steps leaves compilation out. The device
+            # finishes the step's queued work first, so that a step's time is its own (CUDA runs asynchronously).
+            _synchronize()
             timeline.data["steps"].append([state.global_step, time.time(), timeline.data["tokens_real"]])
             timeline.write()
 

@@ -18,9 +18,9 @@ def child_env(run: Path, threads: int, probe_dir: Path) -> dict:
         "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
         "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_CACHE": str(run / "hf-datasets-cache"),
-        # the caller's path before the tree: the GPU check puts its wheels and its importable copy of the project
-        # there (scripts/gpu/check.py), ahead of a checkout that is not installed
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(probe_dir), env.get("PYTHONPATH", ""), str(ROOT)])),
+        # the caller's path, never the tree's root: its top-level kernels/ folder would hide the `kernels` package that
+        # bitsandbytes and transformers import (finetune comes from the install, or from the GPU check's overlay)
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(probe_dir), env.get("PYTHONPATH", "")])),
         "FT_BENCH_PROBE": str(run / "probe.json"),
     })
     return env

@@ -13,17 +13,37 @@ model (`choose_padding_free_attention`): on CUDA in fp16/bf16, transformers' `fl
 installed (it reads the same boundaries), else `varlen_attention` (one call of PyTorch's flash-attention varlen
 kernel per row); elsewhere the per-sample sdpa. Ours are registered with transformers' `AttentionInterface` under
 their own names and switched on per model instance, so no other model in the process changes.
+
+torch's `varlen_attn` has changed its keywords between releases (`window_size` and `enable_gqa` are recent), so what
+it takes is read from the installed function's signature (`varlen_features`), never from a version number; a torch
+whose function cannot express causal, grouped-query attention gets the per-sample sdpa, with the reason in the banner.
+Every call of these functions is counted by the path that actually ran (`attention_calls`): the stage summary keeps
+the counts, so a packed row whose boundaries never arrived (masked sdpa over the whole row) shows there.
 """
 
 from __future__ import annotations
 
+import inspect
 import weakref
+from collections import Counter
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 NAME = "ft_sdpa_per_sample"
+_calls: Counter[str] = Counter()  # attention calls of this process by the path that ran (attention_calls)
+
+
+def attention_calls(reset: bool = False) -> dict[str, int]:
+    """How many attention calls ran each path since the last reset (`varlen`, `sdpa per sample`, `sdpa with mask
+    (...)`, each fallback with its reason); `reset` clears the counts after reading them."""
+    counts = dict(_calls)
+    if reset:
+        _calls.clear()
+    return counts
+
+
 _host_cuts: tuple[Any, int, list[int]] = (None, -1, [])  # (weakref to the bounds tensor, its version, its values)
 
 
@@ -42,6 +62,34 @@ def host_bounds(bounds: torch.Tensor) -> list[int]:
     return cuts
 
 
+_position_cuts: tuple[Any, int, list[int] | None] = (None, -1, None)  # the same, for cuts found in position_ids
+
+
+def sample_cuts(kwargs: dict[str, Any], length: int) -> list[int] | None:
+    """The sample boundaries of a padding-free row of `length` tokens, or None when it holds no packed samples.
+
+    The trainer's collator passes `cu_seq_lens_q` (trl >= 1.16); older ones (trl 1.13) pass only `position_ids`,
+    which restart at 0 where a sample starts: then the boundaries are read from them (once per batch), as flash
+    attention does. A row whose positions never restart is one sample, left to sdpa with its mask.
+    """
+    global _position_cuts
+    bounds = kwargs.get("cu_seq_lens_q")
+    if bounds is not None:
+        return host_bounds(bounds)
+    positions = kwargs.get("position_ids")
+    if positions is None or positions.dim() != 2 or positions.shape[0] != 1 or positions.shape[1] != length:
+        return None
+    ref, version, cuts = _position_cuts
+    if ref is not None and ref() is positions and version == positions._version:
+        return cuts
+    pos = positions[0].tolist()
+    starts = [i for i, p in enumerate(pos) if p == 0]
+    packed = len(starts) > 1 and starts[0] == 0 and all(b in (a + 1, 0) for a, b in zip(pos, pos[1:], strict=False))
+    cuts = [*starts, length] if packed else None
+    _position_cuts = (weakref.ref(positions), positions._version, cuts)
+    return cuts
+
+
 def per_sample_sdpa(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -55,11 +103,15 @@ def per_sample_sdpa(
     """transformers attention function: `[1, heads, T, d]` inputs with `cu_seq_lens_q` -> `[1, T, heads, d]`."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    bounds = kwargs.get("cu_seq_lens_q")
-    if bounds is None or query.shape[0] != 1 or query.shape[2] != key.shape[2] or kwargs.get("cache") is not None:
+    path = kwargs.pop("_ft_path", "sdpa per sample")  # varlen_attention's reason for stepping aside
+    masked = ("padded batch" if query.shape[0] != 1 else
+              "KV cache" if kwargs.get("cache") is not None or query.shape[2] != key.shape[2] else None)
+    cuts = sample_cuts(kwargs, query.shape[2]) if masked is None else None
+    if masked is not None or cuts is None:
+        _calls[f"sdpa with mask ({masked or 'no sample boundaries'})"] += 1
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    cuts = host_bounds(bounds)
+    _calls[path] += 1
     gqa = query.shape[1] != key.shape[1]
     parts = [
         F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout,
@@ -77,6 +129,59 @@ FLASH = "flash_attention_2"  # transformers' own: reads the row's `cu_seq_lens_q
 PACKED = (NAME, VARLEN, FLASH)
 
 
+def varlen_features(fn: Any = None) -> dict[str, bool] | None:
+    """The optional keywords the installed `varlen_attn` takes (None: this torch has no such function).
+
+    Read from its signature: `window_size` (causal as `(-1, 0)`), `is_causal` (older spelling), `enable_gqa` (key and
+    value with fewer heads than the query), `scale`.
+    """
+    if fn is None:
+        try:
+            from torch.nn.attention.varlen import varlen_attn as fn
+        except ImportError:
+            return None
+    params = inspect.signature(fn).parameters
+    return {name: name in params for name in ("window_size", "is_causal", "enable_gqa", "scale")}
+
+
+def varlen_problem(features: dict[str, bool] | None, gqa: bool) -> str | None:
+    """Why torch's varlen kernel cannot compute this model's attention (None: it can)."""
+    if features is None:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn"
+    if not (features["window_size"] or features["is_causal"]):
+        return "varlen_attn takes neither window_size nor is_causal (no causal mask)"
+    if gqa and not features["enable_gqa"]:
+        return "varlen_attn has no enable_gqa (grouped-query attention)"
+    return None
+
+
+def varlen_kwargs(features: dict[str, bool], scaling: float | None, head_dim: int, gqa: bool) -> dict[str, Any] | None:
+    """The keyword arguments of our `varlen_attn` call, for the features of the installed function.
+
+    Returns None when the call cannot express this attention (then the caller runs the per-sample sdpa).
+    """
+    if varlen_problem(features, gqa) is not None:
+        return None
+    kw: dict[str, Any] = {"window_size": (-1, 0)} if features["window_size"] else {"is_causal": True}
+    if features["scale"]:
+        kw["scale"] = scaling
+    elif scaling is not None and abs(scaling - head_dim**-0.5) > 1e-9 * scaling:
+        return None  # a scale other than the default cannot be passed
+    if gqa:
+        kw["enable_gqa"] = True
+    return kw
+
+
+KERNEL_DEVICE = "cuda"  # where varlen_attn runs (the CPU tests point it at "cpu" to record the call we make)
+_FEATURES: list = []  # the installed varlen_attn's features, read once per process
+
+
+def _installed_features() -> dict[str, bool] | None:
+    if not _FEATURES:
+        _FEATURES.append(varlen_features())
+    return _FEATURES[0]
+
+
 def varlen_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -89,28 +194,38 @@ def varlen_attention(
 ) -> tuple[torch.Tensor, None]:
     """One `torch.nn.attention.varlen.varlen_attn` call for a padding-free row (causal within each sample).
 
-    Anything it does not cover (no boundaries, CPU, float32, dropout, a sliding window, a KV cache) runs
-    :func:`per_sample_sdpa`, so the result is the same everywhere, only the speed differs.
+    Anything it does not cover (no boundaries, CPU, float32, dropout, a sliding window, a KV cache, keywords the
+    installed function lacks) runs :func:`per_sample_sdpa`, so the result is the same everywhere, only the speed
+    differs; the counts (:func:`attention_calls`) say which ran and why.
     """
-    bounds = kwargs.get("cu_seq_lens_q")
-    window = kwargs.get("sliding_window")
-    if (bounds is None or query.device.type != "cuda" or query.dtype not in (torch.float16, torch.bfloat16)
-            or dropout or window is not None or query.shape[0] != 1 or query.shape[2] != key.shape[2]
-            or kwargs.get("cache") is not None):
+    cuts = None
+    if query.shape[0] == 1 and query.shape[2] == key.shape[2] and kwargs.get("cache") is None:
+        cuts = sample_cuts(kwargs, query.shape[2])
+    if cuts is None:  # sdpa with its mask, counted there
+        return per_sample_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    gqa = query.shape[1] != key.shape[1]
+    why = ("not CUDA" if query.device.type != KERNEL_DEVICE else
+           f"{query.dtype}" if query.dtype not in (torch.float16, torch.bfloat16) else "dropout" if dropout else
+           "sliding window" if kwargs.get("sliding_window") is not None else None)
+    features = _installed_features() if why is None else None
+    call = varlen_kwargs(features, scaling, query.shape[-1], gqa) if why is None and features else None
+    if why is None and call is None:
+        why = varlen_problem(features, gqa) or "varlen_attn has no scale keyword"
+    if why is not None:
+        kwargs["_ft_path"] = f"sdpa per sample (not varlen: {why})"
         return per_sample_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     from torch.nn.attention.varlen import varlen_attn
 
-    cuts = host_bounds(bounds)
+    _calls["varlen"] += 1
+    bounds = kwargs.get("cu_seq_lens_q")
     longest = int(kwargs.get("max_length_q") or max(b - a for a, b in zip(cuts[:-1], cuts[1:], strict=True)))
-    cu = bounds.to(torch.int32)
+    cu = (bounds if bounds is not None else torch.tensor(cuts, device=query.device)).to(torch.int32)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, d]
-    out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, window_size=(-1, 0),
-                      enable_gqa=query.shape[1] != key.shape[1])
-    return out[None], None
+    return varlen_attn(q, k, v, cu, cu, longest, longest, **call)[None], None
 
 
 def choose_padding_free_attention(current: str | None, device: str, dtype: torch.dtype, flash_attn: bool,
-                                  torch_varlen: bool) -> tuple[str | None, str]:
+                                  varlen_missing: str | None) -> tuple[str | None, str]:
     """Which attention computes padding-free rows, and why (the stage banner prints it).
 
     Args:
@@ -118,7 +233,8 @@ def choose_padding_free_attention(current: str | None, device: str, dtype: torch
         device: Where the model runs (`cuda`, `cpu`, ...).
         dtype: The model's compute dtype (its embeddings').
         flash_attn: Whether the flash-attn package works here (transformers' `is_flash_attn_2_available`).
-        torch_varlen: Whether this torch has `torch.nn.attention.varlen.varlen_attn`.
+        varlen_missing: Why torch's varlen kernel cannot compute this model's attention (:func:`varlen_problem`),
+            None where it can.
 
     Returns:
         The implementation to switch to (None: leave the model as it is, no padding-free attention) and the reason.
@@ -130,9 +246,10 @@ def choose_padding_free_attention(current: str | None, device: str, dtype: torch
     half = dtype in (torch.float16, torch.bfloat16)
     if device == "cuda" and half and flash_attn:
         return FLASH, "flash_attention_2 varlen (flash-attn is installed)"
-    if device == "cuda" and half and torch_varlen:
+    if device == "cuda" and half and varlen_missing is None:
         return VARLEN, "torch varlen flash attention, one call per row (flash-attn is not installed)"
-    why = "no CUDA" if device != "cuda" else (f"{dtype} needs sdpa" if not half else "no varlen kernel here")
+    why = ("no CUDA" if device != "cuda" else f"{dtype} needs sdpa" if not half else
+           f"no varlen kernel here: {varlen_missing}; flash-attn is not installed")
     return NAME, f"sdpa per sample ({why})"
 
 
@@ -148,14 +265,12 @@ def use_padding_free_attention(model: Any) -> str | None:
 
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     weight = lm.get_input_embeddings().weight
-    try:
-        import torch.nn.attention.varlen  # noqa: F401
-
-        torch_varlen = True
-    except ImportError:
-        torch_varlen = False
+    cfg = getattr(lm.config, "get_text_config", lambda: lm.config)()
+    heads = getattr(cfg, "num_attention_heads", None)
+    gqa = (getattr(cfg, "num_key_value_heads", None) or heads) != heads
     name, why = choose_padding_free_attention(getattr(lm.config, "_attn_implementation", None), weight.device.type,
-                                              weight.dtype, is_flash_attn_2_available(), torch_varlen)
+                                              weight.dtype, is_flash_attn_2_available(),
+                                              varlen_problem(_installed_features(), gqa))
     if name is None:
         return None
     if name in (NAME, VARLEN):

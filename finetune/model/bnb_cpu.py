@@ -11,8 +11,9 @@
    mode; that fails for output sizes that are not a multiple of 32 and needs a kernel downloaded from the Hub.
    `fix_model()` turns that repacking off on a loaded model (per instance).
 
-CUDA, and CPUs without AVX-512, are not affected; there both functions do nothing. `tests/unit/test_bnb_cpu.py` fails
-by name when a bitsandbytes upgrade fixes the native kernel (then delete item 1).
+CUDA, and CPUs without AVX-512, are not affected; there both functions do nothing: a model that goes to (or is on) a
+CUDA device gets neither, whatever the host CPU, so a GPU run's banner lists no CPU patch.
+`tests/unit/test_bnb_cpu.py` fails by name when a bitsandbytes upgrade fixes the native kernel (then delete item 1).
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ _DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 _applied = False
 
 
-def affected() -> bool:
-    """True where the faulty native kernel runs: bitsandbytes' CPU backend on an AVX-512 CPU."""
+def affected(device: str = "cpu") -> bool:
+    """True where the faulty native kernel runs: bitsandbytes' CPU backend (a model on `device` "cpu") on an AVX-512
+    CPU."""
     import torch
 
-    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+    return device == "cpu" and torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
 def native_dequantize(A: Any, absmax: Any, blocksize: int, quant_type: str, rows: int, cols: int, dtype: Any) -> Any:
@@ -59,15 +61,20 @@ def _dequantize_4bit_cpu(A: Any, absmax: Any, blocksize: int, quant_type: str, s
     return native_dequantize(A.contiguous(), absmax.contiguous(), blocksize, quant_type, 1, n, dtype).reshape(shape)
 
 
-def apply() -> bool:
+def apply(device: str = "cpu") -> bool:
     """Register the flat-row CPU kernel for bitsandbytes' dequantize_4bit op on affected CPUs (once per process).
 
-    Returns True when it is in place.
+    Args:
+        device: Where the 4-bit model lives (`cuda`: nothing is registered, its dequantization never runs on the CPU).
+
+    Returns True when it is in place (for a model on the CPU).
     """
     global _applied
+    if device != "cpu":
+        return False
     if _applied:
         return True
-    if not affected():
+    if not affected(device):
         return False
     import warnings
 
@@ -82,9 +89,13 @@ def apply() -> bool:
 
 
 def fix_model(model: Any) -> int:
-    """Turn off the AVX-512 bf16 inference repacking on every Linear4bit of `model`; returns how many it changed."""
+    """Turn off the AVX-512 bf16 inference repacking on every Linear4bit of `model` whose weight is on the CPU;
+    returns how many it changed (none on CUDA)."""
     changed = 0
     for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if getattr(weight, "device", None) is not None and weight.device.type != "cpu":
+            continue
         if getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
             changed += 1

@@ -59,7 +59,9 @@ def bnb_config(quant: QuantizationConfig, model_dtype: torch.dtype):
         return None
     from transformers import BitsAndBytesConfig
 
-    bnb_cpu.apply()  # bitsandbytes' AVX-512 CPU dequantization is wrong for some shapes (model/bnb_cpu.py)
+    # bitsandbytes' AVX-512 CPU dequantization is wrong for some shapes (model/bnb_cpu.py); a 4-bit model goes to the
+    # GPU wherever there is one (load_model), and then nothing is registered
+    bnb_cpu.apply("cuda" if torch.cuda.is_available() else "cpu")
     compute = model_dtype if quant.compute_dtype == "auto" else resolve_dtype(quant.compute_dtype)
     storage = torch.uint8 if quant.quant_storage == "auto" else resolve_dtype(quant.quant_storage)
     return BitsAndBytesConfig(
@@ -107,8 +109,9 @@ def _fix_bitsandbytes(model) -> None:
     """bitsandbytes' AVX-512 CPU fixes (model/bnb_cpu.py; nothing elsewhere), recorded with the model's patches."""
     from finetune.model.patches import record
 
+    device = next(model.parameters()).device.type
     changed = bnb_cpu.fix_model(model)
-    if bnb_cpu.apply():  # already registered by bnb_config(), before the weights were quantized: only says so here
+    if bnb_cpu.apply(device):  # registered by bnb_config() already, before the weights were quantized: only said here
         record(model, "bitsandbytes", "CPU dequantize_4bit kernel that reads AVX-512 blocks right (model/bnb_cpu.py)")
     if changed:
         record(model, "bitsandbytes", f"AVX-512 bf16 repacking off on {changed} Linear4bit layers (model/bnb_cpu.py)")

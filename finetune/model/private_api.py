@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 TESTED = {"trl": "1.16.0", "transformers": "5.23.0", "peft": "0.21.2", "bitsandbytes": "0.50.2"}
+#: the oldest versions pyproject.toml allows, which `make test-floor` runs these tests with too
+FLOOR = {"trl": "1.16.0", "transformers": "5.17.0", "peft": "0.21.0", "bitsandbytes": "0.50.2"}
 
 
 @dataclass(frozen=True)

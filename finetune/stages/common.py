@@ -53,6 +53,8 @@ class StageResult:
     adapter: str
     metrics: dict[str, Any] = field(default_factory=dict)
     patches: list[str] = field(default_factory=list)  # what was changed on the model, in order (model/patches.py)
+    # attention calls of this process by the path that ran (finetune.model.attention.attention_calls)
+    attention_calls: dict[str, int] = field(default_factory=dict)
 
 
 def print_patches(ctx: StageContext, patches: list[str]) -> None:

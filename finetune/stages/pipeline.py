@@ -22,6 +22,7 @@ from typing import Any
 
 from finetune.distributed.process import is_main_process, wait_for_everyone
 from finetune.errors import FinetuneError
+from finetune.model.attention import attention_calls
 from finetune.model.loading import free_stage_memory
 from finetune.recipe.loading import dump_recipe
 from finetune.recipe.schema import Recipe, StageConfig
@@ -242,8 +243,14 @@ def _run_stage(recipe: Recipe, stage: StageConfig, run_dir: Path, previous: Path
     started = time.perf_counter()
     # Seed before the stage builds anything: the fresh adapter's random init is made before the trainer seeds.
     set_seed(ctx.training.seed)
+    attention_calls(reset=True)
     result: StageResult = _stage_runner(stage.kind)(ctx, tokenizer=tokenizer)
     result.metrics["stage_seconds"] = round(time.perf_counter() - started, 1)
+    # which attention path really ran (a banner that says varlen while rows fell back to masked sdpa shows here)
+    result.attention_calls = attention_calls(reset=True)
+    if main and result.attention_calls:
+        print(f"[{stage.name}] attention calls: " + ", ".join(f"{k} {v}" for k, v in result.attention_calls.items()),
+              flush=True)
     done = {**asdict(result), "config": stage_settings(recipe, stage)}
     run.stages[stage.name] = done
     summary["stages"][stage.name] = done

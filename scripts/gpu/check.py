@@ -3,12 +3,16 @@
     python scripts/gpu/check.py --wheels .whl --out OUT            # on the GPU machine (scripts/gpu/check.sh does this)
     python scripts/gpu/check.py --rehearse --out OUT               # every step on this CPU, tiny model
 
+    python scripts/gpu/check.py --second --wheels .whl --out OUT   # the second call: kernel suite, export, FSDP
+
 Standard library only: the driver imports nothing that a step installs, so a step that crashes, hangs or runs out
 of memory ends as one failed row of the summary, not as a lost run. A step runs as `steps.py NAME` (see there) in a
 process group of its own and is killed when it passes its budget or the check's total budget (`--budget`, 480 s on
-the GPU: the machine allows 10 minutes per command). A step whose inputs failed is skipped, with the reason. After
-every step `summary.json` and `summary.md` are rewritten in OUT, so a check stopped from outside still leaves what
-it measured; the output of every step goes to stdout (check.sh copies it to OUT/check.log).
+the GPU: the machine allows 10 minutes per command). The order, the budgets and the rule for starting a step (60% of
+its budget left) are `plan.py`'s; the plan is printed first. A step whose inputs failed is skipped, with the reason.
+After every step `summary.json`, `summary.md` and `evidence.tar.gz` (evidence.py) are rewritten in OUT, so a check
+stopped from outside still leaves what it measured; the output of every step goes to stdout (check.sh copies it to
+OUT/check.log).
 """
 
 from __future__ import annotations
@@ -22,53 +26,15 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
+import evidence  # noqa: E402
 import summary as summary_md  # noqa: E402
+from plan import DERIVED, STEPS, Step, expand, run_plan, second_call, table  # noqa: E402
 
-
-@dataclass(frozen=True)
-class Step:
-    """One step: its name, what it is, its budget in seconds (GPU, rehearsal) and the steps it needs."""
-
-    name: str
-    title: str
-    budget: tuple[int, int]
-    needs: tuple[str, ...] = ()
-    any_of: tuple[str, ...] = ()  # at least one of these must have passed
-
-
-STEPS = (
-    Step("install", "install the wheels ahead of the image's packages (pip --no-index --no-deps --target)", (60, 60)),
-    Step("env", "versions, where each package is imported from, CUDA, the bitsandbytes library loaded", (90, 60)),
-    Step("gpu-tests", "tests/gpu in its own pytest process: compiled Triton kernels, forward and backward", (150, 90),
-         needs=("env",)),
-    Step("matmul-peak", "bf16 (and fp32) matmul peak of this device, measured in this run", (45, 30), needs=("env",)),
-    Step("assets", "random Llama (1.24B, 128k vocabulary; tiny on the CPU), tokenizer, SFT and DPO data", (90, 60),
-         needs=("env",)),
-    Step("sft-ours", "ft train: QLoRA SFT, recipe defaults", (150, 90), needs=("assets",)),
-    Step("sft-trl-best", "trl sft: the same work, trl's best flags", (180, 120), needs=("assets",)),
-    Step("dpo-ours", "ft train: QLoRA DPO, recipe defaults", (150, 90), needs=("assets",)),
-    Step("dpo-trl-best", "trl dpo: the same work, trl's best flags", (180, 120), needs=("assets",)),
-    Step("sft-compare", "SFT side by side: tokens/s, peak GPU memory, MFU", (60, 45), needs=("matmul-peak",),
-         any_of=("sft-ours", "sft-trl-best")),
-    Step("dpo-compare", "DPO side by side: tokens/s, pairs/s, peak GPU memory, MFU", (60, 45), needs=("matmul-peak",),
-         any_of=("dpo-ours", "dpo-trl-best")),
-    Step("dry-run", "ft train --dry-run of the SFT and DPO recipes: the memory estimate", (90, 60), needs=("assets",)),
-    Step("memory", "the dry run's estimate against the measured peak GPU memory", (30, 30), needs=("dry-run",),
-         any_of=("sft-ours", "dpo-ours")),
-    Step("export", "ft export --format merged of the SFT run, verified against the trained model", (150, 90),
-         needs=("sft-ours",)),
-    Step("fsdp-sft", "SFT with distributed.strategy fsdp, one process: loss vs the plain run", (120, 90),
-         needs=("sft-ours",)),
-    Step("fsdp-dpo", "DPO with distributed.strategy fsdp, one process: loss vs the plain run", (120, 90),
-         needs=("dpo-ours",)),
-)
-DERIVED = {"nf4-bit-exact": ("gpu-tests", "NF4 dequantization bit-exact against bitsandbytes' CUDA kernels")}
 SECRET = re.compile(r"TOKEN|SECRET|PASSWORD|API_KEY|_KEY$|CREDENTIAL", re.IGNORECASE)
 
 
@@ -101,15 +67,15 @@ def project_overlay(work: Path) -> Path:
 def step_env(work: Path, site: Path | None) -> dict[str, str]:
     """The environment of every step: the wheels first on the path, offline, no credentials.
 
-    `PYTHONSAFEPATH` keeps `python -m ...` run from the tree from putting the tree's `finetune/` (no kernels) ahead
-    of the overlay; the tree itself comes last, for `scripts/` and `tests/`.
+    The tree's root is never on the path (nor, through `PYTHONSAFEPATH`, the working folder of `python -m ...` and
+    `python -c ...` run from it): its top-level `kernels/` folder would hide the `kernels` package (the Hugging Face
+    kernel hub) that bitsandbytes and transformers import, and its `finetune/` lacks `finetune.kernels`. `finetune`
+    comes from the overlay, which holds nothing else; `scripts/` and `scripts/gpu/` follow it.
     """
     env = {k: v for k, v in os.environ.items() if not SECRET.search(k)}
     path = [str(site)] if site else []
     path += [str(project_overlay(work)), str(HERE.parent), str(HERE)]
-    if env.get("PYTHONPATH"):
-        path.append(env["PYTHONPATH"])
-    path.append(str(ROOT))
+    path += [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != ROOT]
     env.update(PYTHONPATH=os.pathsep.join(path), PYTHONSAFEPATH="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false",
                HF_HOME=str(work / "hf-home"), FT_BENCH_BIN=str(write_wrappers(work / "bin")),
@@ -175,33 +141,6 @@ def install(wheels: Path | None, site: Path, rehearse: bool, env: dict, timeout:
     return {"status": "passed", "reason": f"{len(fit)} wheels into {site}{note}", "figures": figures}
 
 
-def expand(names: set[str]) -> set[str]:
-    """`names` with every step they need (directly or through others), install and env always."""
-    if not names:
-        return names
-    by_name = {s.name: s for s in STEPS}
-    unknown = names - by_name.keys()
-    if unknown:
-        raise SystemExit(f"--only: unknown step(s) {sorted(unknown)}; steps: {', '.join(by_name)}")
-    todo, out = list(names | {"install", "env"}), set()
-    while todo:
-        name = todo.pop()
-        if name not in out:
-            out.add(name)
-            todo += [*by_name[name].needs, *by_name[name].any_of]
-    return out
-
-
-def blocked(step: Step, results: dict) -> str | None:
-    """Why a step cannot run (an input step did not pass), or None."""
-    for need in step.needs:
-        if results.get(need, {}).get("status") != "passed":
-            return f"needs {need}, which {results.get(need, {}).get('status', 'did not run')}"
-    if step.any_of and not any(results.get(n, {}).get("status") == "passed" for n in step.any_of):
-        return f"needs one of {', '.join(step.any_of)} to have passed"
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="summary.json, summary.md (and check.log, written by check.sh)")
@@ -210,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rehearse", action="store_true", help="run every step on the CPU with a tiny model")
     ap.add_argument("--budget", type=float, default=None, help="total seconds (default 480 on a GPU, 900 rehearsal)")
     ap.add_argument("--only", default="", help="comma list of steps to run (the steps they need run too)")
+    ap.add_argument("--second", action="store_true", help="the second call on a GPU: the full kernel suite, the "
+                    "merged export and FSDP (with the steps they need)")
     ap.add_argument("--limit", action="append", default=[], metavar="STEP=SECONDS",
                     help="another time budget for one step (repeatable)")
     args = ap.parse_args(argv)
@@ -233,52 +174,50 @@ def main(argv: list[str] | None = None) -> int:
     env = step_env(work, site)
     budget = args.budget or (900.0 if args.rehearse else 480.0)
     started = time.time()
-    only = expand({s for s in args.only.split(",") if s})
+    only = expand({s for s in args.only.split(",") if s} | (second_call() if args.second else set()))
     results: dict[str, dict] = {}
     state = {"mode": mode, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "budget_seconds": budget,
              "command": " ".join([Path(sys.executable).name, *(sys.argv if argv is None else argv)]),
              "work": str(work), "python": sys.version.split()[0]}
-    for step in STEPS:
-        left = budget - (time.time() - started)
-        limit = min(limits.get(step.name, step.budget[1 if args.rehearse else 0]), left)
-        if only and step.name not in only:
-            results[step.name] = {"status": "skipped", "reason": "not asked for (--only)"}
-        elif (why := blocked(step, results)) is not None:
-            results[step.name] = {"status": "skipped", "reason": why}
-        elif limit < min(20, step.budget[0] / 2, limits.get(step.name, 20)):
-            results[step.name] = {"status": "skipped", "reason": f"the check's {budget:.0f} s budget is spent "
-                                  f"({left:.0f} s left)"}
-        else:
-            print(f"\n=== {step.name}: {step.title} (up to {limit:.0f} s)", flush=True)
-            t0 = time.time()
-            if step.name == "install":
-                result = install(wheels, site, args.rehearse, env, limit)
-            else:
-                cmd = [sys.executable, str(HERE / "steps.py"), "--work", str(work), step.name]
-                cmd += ["--rehearse"] if args.rehearse else []
-                code, _, tail = run_process(cmd, env, limit, step.name)
-                path = work / "results" / f"{step.name}.json"
-                result = json.loads(path.read_text()) if path.exists() else {}
-                if code is None:
-                    result = {"status": "failed", "reason": f"timed out after {limit:.0f} s", "log_tail": tail}
-                elif not result:
-                    result = {"status": "failed", "reason": f"exit code {code}, no result", "log_tail": tail}
-                elif code != 0 and result.get("status") == "passed":
-                    result.update(status="failed", reason=f"exit code {code} after it reported passing")
-            result["seconds"] = round(time.time() - t0, 1)
-            results[step.name] = result
+    print(table(budget, limits, args.rehearse, only), flush=True)
+
+    def run_step(step: Step, limit: float) -> dict:
+        print(f"\n=== {step.name}: {step.title} (up to {limit:.0f} s)", flush=True)
+        if step.name == "install":
+            return install(wheels, site, args.rehearse, env, limit)
+        cmd = [sys.executable, str(HERE / "steps.py"), "--work", str(work), step.name]
+        cmd += ["--rehearse"] if args.rehearse else []
+        code, _, tail = run_process(cmd, {**env, "FT_STEP_SECONDS": str(round(limit))}, limit, step.name)
+        path = work / "results" / f"{step.name}.json"
+        result = json.loads(path.read_text()) if path.exists() else {}
+        if code is None:
+            return {"timed_out": True, "log_tail": tail}
+        if not result:
+            return {"status": "failed", "reason": f"exit code {code}, no result", "log_tail": tail}
+        if code != 0 and result.get("status") == "passed":
+            result.update(status="failed", reason=f"exit code {code} after it reported passing")
+        return result
+
+    def after(step: Step, result: dict) -> None:
+        results[step.name] = result
+        if "seconds" in result:
             print(f"=== {step.name}: {result['status']} in {result['seconds']} s: {result.get('reason', '')}",
                   flush=True)
         for derived, (parent, _) in DERIVED.items():
             path = work / "results" / f"{derived}.json"
             if step.name == parent:
                 results[derived] = (json.loads(path.read_text()) if path.exists()
-                                    else {"status": "skipped", "reason": f"{parent}: {results[parent]['status']}"})
+                                    else {"status": "skipped", "reason": f"{parent}: {result['status']}"})
         state["wall_seconds"] = round(time.time() - started, 1)
         summary_md.write(out, state, results, STEPS, DERIVED)
+        evidence.pack(out, work)  # after every step: a check stopped from outside still leaves its evidence
+
+    run_plan(budget, limits, args.rehearse, only, run_step, after)
     failed = [n for n, r in results.items() if r["status"] == "failed"]
-    print(f"\ncheck {'passed' if not failed else 'FAILED: ' + ', '.join(failed)} in {state['wall_seconds']} s; "
-          f"{out / 'summary.md'}", flush=True)
+    cut = [n for n, r in results.items() if r["status"] == "cut"]
+    print(f"\ncheck {'passed' if not failed else 'FAILED: ' + ', '.join(failed)} in {state['wall_seconds']} s"
+          + (f"; cut off by the budget: {', '.join(cut)}" if cut else "") + f"; {out / 'summary.md'}, evidence in "
+          f"{out / evidence.ARCHIVE}", flush=True)
     return 1 if failed else 0
 
 

@@ -88,7 +88,7 @@ def fsdp_run(work: Path, mode: str, rehearse: bool) -> dict:
                 "figures": figures, "log_tail": log_tail}
     probe = json.loads((run / "probe.json").read_text())
     fsdp_losses = [loss for _, loss in probe["losses"][:STEPS]]
-    base_losses = bench_gpu.first_losses(plain_run, STEPS)
+    base_losses = first_losses(plain_run, STEPS)
     records = bench_gpu.process_records(run)
     trainer = [r for r in records if r.get("distributed_type")]
     figures.update(losses=fsdp_losses, plain_losses=base_losses, processes=records,
@@ -107,7 +107,7 @@ def fsdp_run(work: Path, mode: str, rehearse: bool) -> dict:
     if not rehearse and kinds != ["DistributedType.FSDP"]:
         problems.append(f"Accelerate ran {kinds or 'no trainer'}, not FSDP")
     try:
-        shapes, expected = bench_gpu.adapter_shapes(run), bench_gpu.adapter_shapes(Path(plain_run["run_dir"]))
+        shapes, expected = adapter_shapes(run), adapter_shapes(Path(plain_run["run_dir"]))
         figures["adapter_tensors"] = len(shapes)
         if shapes != expected:
             problems.append("the saved adapter's tensor shapes differ from the plain run's (a shard saved?)")
@@ -118,3 +118,17 @@ def fsdp_run(work: Path, mode: str, rehearse: bool) -> dict:
     note = "" if not rehearse else f"; on the CPU Accelerate ran {kinds} (FSDP needs GPUs)"
     return {"status": "passed", "reason": f"{STEPS} steps, losses within {tolerance} of the plain run's{note}",
             "figures": figures}
+
+
+def first_losses(run: dict, n: int) -> list[float]:
+    """The first `n` logged losses of a run (one per optimizer step: the benchmark logs every step)."""
+    return [loss for _, loss in run["probe"]["losses"][:n]]
+
+
+def adapter_shapes(run_dir: Path) -> dict[str, list[int]]:
+    """Tensor shapes of the adapter a run saved (found under its output folder)."""
+    from safetensors import safe_open
+
+    (path,) = sorted((run_dir / "out").glob("*/adapter/adapter_model.safetensors"))
+    with safe_open(str(path), "pt") as f:
+        return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()

@@ -4,7 +4,8 @@ Each step writes `WORK/results/NAME.json`: `status` (passed, failed, skipped, re
 `figures`. `check.py` runs them in order, with a time budget each, and builds the summary from these files.
 
     env           package versions and where each is imported from, CUDA, the bitsandbytes library it loaded
-    gpu-tests     tests/gpu in its own pytest process (also writes nf4-bit-exact: the NF4 tests' share of it)
+    kernel-tests  the trimmed selection of tests/gpu (plan.KERNEL_SELECTION; also writes nf4-bit-exact)
+    gpu-tests     tests/gpu in full, in its own pytest process (each test's result written as it finishes)
     matmul-peak   bf16 and fp32 matmul FLOP/s of the device (the MFU denominator)
     assets        the model, tokenizer and data (bench_gpu.build_assets)
     sft-ours, sft-trl-best, dpo-ours, dpo-trl-best     one training run each (bench_gpu.run_side)
@@ -31,11 +32,7 @@ ROOT = HERE.parents[1]
 for _p in (HERE, HERE.parent):  # not ROOT: finetune comes from PYTHONPATH (check.py's project_overlay)
     sys.path.insert(0, str(_p))
 import bench_gpu  # noqa: E402
-
-REQUIRED = ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate", "pydantic", "finetune",
-            "finetune.kernels")
-OPTIONAL = ("tokenizers", "huggingface_hub", "typer", "safetensors", "triton", "liger_kernel", "flash_attn", "pyarrow",
-            "numpy")
+from envcheck import step_env  # noqa: E402
 
 
 def _result(work: Path, name: str, result: dict) -> None:
@@ -48,112 +45,41 @@ def _load(work: Path, name: str) -> dict:
     return json.loads(path.read_text()) if path.exists() else {"status": "missing"}
 
 
-def step_env(work: Path, rehearse: bool) -> dict:
-    import importlib
-    import importlib.metadata as md
-    import os
+def step_gpu_tests(work: Path, rehearse: bool, name: str = "gpu-tests", selection: str | None = None) -> dict:
+    """tests/gpu (or the `-k` selection) in a pytest process of its own; each test's result is written as it
+    finishes (live_results.py) and pytest is stopped before the check's limit for this step, so what finished is
+    reported either way."""
+    import live_results
 
-    site = os.environ.get("FT_GPU_SITE") or None
-    modules, broken = {}, []
-    for name in REQUIRED + OPTIONAL:
-        try:
-            m = importlib.import_module(name)
-            origin = str(Path(m.__file__).resolve()) if getattr(m, "__file__", None) else "?"
-            where = ("wheels" if site and origin.startswith(str(Path(site).resolve())) else
-                     "project" if origin.startswith(str(ROOT)) else str(Path(origin).parents[1]))
-            modules[name] = {"version": getattr(m, "__version__", None), "from": where}
-        except Exception as e:  # noqa: BLE001 - any failure to import is what this step reports
-            modules[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
-            if name in REQUIRED:
-                broken.append(name)
-    problems = []
-    if "finetune" not in broken:  # the tree's files through check.py's overlay, not an installed or stale copy
-        import finetune
-
-        pkg_dir = Path(finetune.__path__[0])
-        src = os.environ.get("FT_GPU_SRC")
-        if src and pkg_dir.parent != Path(src):
-            problems.append(f"finetune imported from {pkg_dir}, not the check's copy of the tree in {src}")
-    import torch
-
-    figures: dict = {"modules": modules, "python": sys.version.split()[0],
-                     "torch_cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available()}
-    if torch.cuda.is_available():
-        figures.update(device=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
-                       memory_gb=round(torch.cuda.get_device_properties(0).total_memory / 1e9, 1))
-    if "bitsandbytes" not in broken:
-        from bitsandbytes import cextension
-
-        lib = getattr(cextension.lib, "_lib", None)
-        figures["bitsandbytes_library"] = Path(getattr(lib, "_name", "none")).name
-        figures["bitsandbytes_cuda"] = bool(getattr(cextension.lib, "compiled_with_cuda", False))
-    from packaging.requirements import Requirement
-    from packaging.version import Version
-    from wheels import TARGET_ENV, pins
-
-    wrong, unmet = [], []
-    env = {**TARGET_ENV, "python_version": ".".join(map(str, sys.version_info[:2]))}
-    for name, pinned in pins().items():
-        try:
-            have = md.version(name)
-        except md.PackageNotFoundError:
-            wrong.append(f"{name}: not installed")
-            continue
-        if site and have != pinned:
-            wrong.append(f"{name}: {have} found first on the path, {pinned} carried")
-        for text in md.requires(name) or []:
-            req = Requirement(text)
-            if req.marker is not None and not req.marker.evaluate({**env, "extra": ""}):
-                continue
-            try:
-                dep = md.version(req.name)
-            except md.PackageNotFoundError:
-                unmet.append(f"{name} needs {req}: not installed")
-                continue
-            if not req.specifier.contains(Version(dep), prereleases=True):
-                unmet.append(f"{name} needs {req}: {dep} installed")
-    figures.update(pins_not_first=wrong, unmet_requirements=unmet)
-    problems += [f"cannot import {', '.join(broken)}"] if broken else []
-    problems += wrong if site else []
-    if not rehearse and not torch.cuda.is_available():
-        problems.append("torch sees no CUDA device")
-    if not rehearse and not figures.get("bitsandbytes_cuda"):
-        problems.append(f"bitsandbytes loaded {figures.get('bitsandbytes_library')}, not a CUDA library")
-    if problems:
-        return {"status": "failed", "reason": "; ".join(problems), "figures": figures}
-    where = figures.get("device", "CPU")
-    note = f"; {len(unmet)} requirement(s) of the image not met (see figures)" if unmet else ""
-    return {"status": "passed", "reason": f"{where}, torch {torch.__version__}, bitsandbytes library "
-            f"{figures.get('bitsandbytes_library')}{note}", "figures": figures}
-
-
-def step_gpu_tests(work: Path, rehearse: bool) -> dict:
-    import xml.etree.ElementTree as ET
-
-    xml = work / "gpu-tests.xml"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/gpu", "-rs",
-           f"--junitxml={xml}"]
-    code = subprocess.run(cmd, cwd=ROOT).returncode
-    if not xml.exists():
-        return {"status": "failed", "reason": f"pytest exited with {code} and wrote no report"}
-    cases = []
-    for case in ET.parse(xml).getroot().iter("testcase"):
-        outcome, message = "passed", ""
-        for tag in ("failure", "error", "skipped"):
-            el = case.find(tag)
-            if el is not None:
-                outcome, message = tag, (el.get("message") or "")[:300]
-        cases.append({"name": case.get("name"), "outcome": outcome, "message": message,
-                      "seconds": float(case.get("time") or 0)})
+    report = work / "results" / f"{name}.jsonl"
+    report.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "live_results", "-m", "gpu",
+           "tests/gpu", "-rs", *(["-k", selection] if selection else [])]
+    limit = float(os.environ.get("FT_STEP_SECONDS") or 3600)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "FT_TEST_RESULTS": str(report)},
+                            start_new_session=True)
+    try:
+        code = proc.wait(timeout=max(limit - 15, limit * 0.8))
+    except subprocess.TimeoutExpired:  # stop it before the check kills this step: the results so far still count
+        os.killpg(proc.pid, 9)
+        proc.wait()
+        code = None
+    cases = live_results.read(report)
 
     def verdict(subset: list[dict], what: str) -> dict:
-        counts = {k: sum(c["outcome"] == k for c in subset) for k in ("passed", "failure", "error", "skipped")}
-        bad = [f"{c['name']}: {c['message']}" for c in subset if c["outcome"] in ("failure", "error")]
-        figures = {"counts": counts, "failed": bad, "slowest": sorted(subset, key=lambda c: -c["seconds"])[:3]}
+        counts = {k: sum(c["outcome"] == k for c in subset) for k in ("passed", "failed", "error", "skipped")}
+        bad = [f"{c['name']}: {c['message']}" for c in subset if c["outcome"] in ("failed", "error")]
+        figures = {"counts": counts, "failed": bad, "slowest": sorted(subset, key=lambda c: -c["seconds"])[:3],
+                   "pytest_exit_code": code}
+        stopped = f"; pytest stopped at the step's limit after {len(subset)} {what}" if code is None else ""
         if not subset:
-            return {"status": "failed", "reason": f"no {what} collected", "figures": figures}
+            return {"status": "failed", "reason": f"no {what} finished (pytest exit code {code}){stopped}",
+                    "figures": figures}
         if bad:
-            return {"status": "failed", "reason": f"{len(bad)} of {len(subset)} {what} failed", "figures": figures}
+            return {"status": "failed", "reason": f"{len(bad)} of {len(subset)} {what} failed{stopped}",
+                    "figures": figures}
+        if code is None:
+            return {"status": "failed", "reason": f"{counts['passed']} {what} passed{stopped}", "figures": figures}
         if counts["skipped"] == len(subset):
             reasons = sorted({c["message"] for c in subset})
             return {"status": "skipped", "reason": f"all {len(subset)} {what} skipped: {'; '.join(reasons)}",
@@ -161,11 +87,9 @@ def step_gpu_tests(work: Path, rehearse: bool) -> dict:
         return {"status": "passed", "reason": f"{counts['passed']} {what} passed, {counts['skipped']} skipped",
                 "figures": figures}
 
-    nf4 = [c for c in cases if "bit_exact" in c["name"]]
-    _result(work, "nf4-bit-exact", verdict(nf4, "NF4 bit-exact tests"))
-    out = verdict(cases, "GPU tests")
-    out["figures"]["pytest_exit_code"] = code
-    return out
+    if selection:  # the trimmed run holds the NF4 bit-exact tests: their own row of the summary
+        _result(work, "nf4-bit-exact", verdict([c for c in cases if "bit_exact" in c["name"]], "NF4 bit-exact tests"))
+    return verdict(cases, "GPU tests")
 
 
 def step_matmul(work: Path, rehearse: bool) -> dict:
@@ -227,8 +151,8 @@ def step_compare(work: Path, rehearse: bool, mode: str) -> dict:
     if not ratios:
         return {"status": "failed", "reason": f"only {', '.join(figures['sides'])} finished", "figures": figures}
     mem = f", peak GPU memory {ratios['peak_gpu_memory']:.2f}x" if "peak_gpu_memory" in ratios else ""
-    return {"status": "passed", "reason": f"ours / trl best flags: tokens/s {ratios['tokens_per_second']:.2f}x{mem}",
-            "figures": figures}
+    return {"status": "passed", "reason": f"ours / {figures['baseline']}: tokens/s {ratios['rate']} "
+            f"{ratios['tokens_per_second']:.2f}x{mem}", "figures": figures}
 
 
 def step_dry_run(work: Path, rehearse: bool) -> dict:
@@ -247,12 +171,37 @@ def step_dry_run(work: Path, rehearse: bool) -> dict:
         run = work / "dryrun" / mode
         run.mkdir(parents=True, exist_ok=True)
         bench_train.ours_command(run, assets[mode], w, None, [])  # writes the recipe the benchmark trains
-        plan = dry_run(load_recipe(run / "recipe.yaml", []))
+        recipe = load_recipe(run / "recipe.yaml", [])
+        plan = dry_run(recipe)
         figures[mode] = {"peak_memory": plan["peak_memory"], "steps": plan["steps"], "tokens": plan["tokens"],
                          "parts": {name: asdict(p["memory_parts"]) for name, p in plan["stages"].items()}}
+        measured = _load(work, f"{mode}-ours").get("figures", {}).get("run", {}).get("probe", {})
+        if measured.get("largest_micro_batch"):
+            figures[mode]["measured_micro_batch"] = micro_batch_estimate(recipe, assets["model"], plan,
+                                                                         measured["largest_micro_batch"])
         gc.collect()
     line = ", ".join(f"{m} {f['peak_memory'] / 2**30:.2f} GiB" for m, f in figures.items())
     return {"status": "passed", "reason": f"estimates: {line}", "figures": figures}
+
+
+def micro_batch_estimate(recipe, model_dir: str, plan: dict, micro_batch: dict) -> dict:
+    """The memory estimate of the micro-batch a run measured (its tokens and labelled tokens), not the worst case.
+
+    The dry run's model count of trainable weights is kept (from its adapter part), so that only the batch differs.
+    """
+    from transformers import AutoConfig
+
+    from finetune.stages.memory import optimizer_bytes_per_param, recipe_estimate, sequences_per_micro_batch
+
+    stage = recipe.effective_stages()[0]
+    training = recipe.stage_training(stage)
+    sequences = sequences_per_micro_batch(stage.kind, training.micro_batch_size)
+    adapter = plan["stages"][stage.name]["memory_parts"].adapter
+    trainable = adapter // (8 + optimizer_bytes_per_param(training.optimizer))
+    seq_len = max(1, -(-micro_batch["tokens_slots"] // sequences))  # the batch's slots spread over its sequences
+    memory = recipe_estimate(AutoConfig.from_pretrained(model_dir), recipe, stage, seq_len=seq_len,
+                             labelled=micro_batch["tokens_labels"], trainable=trainable)
+    return {"micro_batch": micro_batch, "seq_len": seq_len, "sequences": sequences, "estimate_bytes": memory.total}
 
 
 def step_memory(work: Path, rehearse: bool) -> dict:
@@ -260,15 +209,19 @@ def step_memory(work: Path, rehearse: bool) -> dict:
     rows = {}
     for mode in ("sft", "dpo"):
         run = _load(work, f"{mode}-ours").get("figures", {}).get("run", {})
-        measured, estimate = run.get("peak_gpu_bytes"), estimates[mode]["peak_memory"]
-        rows[mode] = {"estimate_bytes": estimate, "measured_bytes": measured,
-                      "error": (estimate / measured - 1) if measured else None}
+        # like with like: the estimate of the micro-batch that was measured; the worst case beside it
+        mb = estimates[mode].get("measured_micro_batch", {})
+        measured, estimate = run.get("peak_gpu_bytes"), mb.get("estimate_bytes")
+        rows[mode] = {"estimate_bytes": estimate, "worst_case_bytes": estimates[mode]["peak_memory"],
+                      "micro_batch": mb.get("micro_batch"), "measured_bytes": measured,
+                      "error": (estimate / measured - 1) if measured and estimate else None}
     if not any(r["measured_bytes"] for r in rows.values()):
         return {"status": "skipped", "reason": "no CUDA: nothing for torch.cuda.max_memory_allocated to measure "
                 "(the estimates are in dry-run)", "figures": rows}
-    line = ", ".join(f"{m}: estimate {r['estimate_bytes'] / 2**30:.2f} GiB vs measured "
-                     f"{r['measured_bytes'] / 2**30:.2f} GiB ({r['error']:+.0%})" for m, r in rows.items()
-                     if r["measured_bytes"])
+    line = ", ".join(f"{m}: estimate of the measured micro-batch {r['estimate_bytes'] / 2**30:.2f} GiB vs measured "
+                     f"{r['measured_bytes'] / 2**30:.2f} GiB ({r['error']:+.0%}; worst case "
+                     f"{r['worst_case_bytes'] / 2**30:.2f} GiB)" for m, r in rows.items()
+                     if r["measured_bytes"] and r["estimate_bytes"])
     return {"status": "passed", "reason": line, "figures": rows}
 
 
@@ -307,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
             import fsdp_gpu
 
             result = fsdp_gpu.fsdp_run(work, name.split("-")[1], args.rehearse)
+        elif name == "kernel-tests":
+            from plan import KERNEL_SELECTION
+
+            result = step_gpu_tests(work, args.rehearse, name, KERNEL_SELECTION)
         else:
             result = {"env": step_env, "gpu-tests": step_gpu_tests, "matmul-peak": step_matmul,
                       "assets": step_assets, "dry-run": step_dry_run, "memory": step_memory,

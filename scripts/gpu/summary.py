@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-MARK = {"passed": "passed", "failed": "FAILED", "skipped": "skipped", "refused": "refused"}
+MARK = {"passed": "passed", "failed": "FAILED", "skipped": "skipped", "refused": "refused", "cut": "cut (budget)"}
 
 
 def _gib(n: float | None) -> str:
@@ -29,20 +29,32 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def _side_rows(cmp: dict) -> list[str]:
     dpo = cmp["mode"] == "dpo"
-    lines = [f"| side | real tokens/s | {'pairs/s | ' if dpo else ''}tokens/s after step 1 | peak GPU memory | "
-             "MFU | steps | label tokens | time to first step s | train loss (last quarter) |",
-             "|---|---|---|---|---|---|---|---|---|" + ("---|" if dpo else "")]
+    baseline = cmp.get("baseline", "trl best flags")
+    lines = [f"| side | real tokens/s (whole run) | {'pairs/s | ' if dpo else ''}tokens/s after warm-up | spread of "
+             "step rates | peak GPU memory | MFU | steps | label tokens | time to first step s | train loss (last "
+             "quarter) |", "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if dpo else "")]
     for name, s in cmp["sides"].items():
-        lines.append(f"| {name} | {s['tokens_per_second']:.0f} | "
+        label = f"{name} ({baseline})" if name == "trl-best" else name
+        warm = (f"{_f(s.get('tokens_per_second_after_warmup'), '.0f')} (first {s.get('warmup_steps')} steps left "
+                f"out, {s.get('measured_steps')} measured)")
+        lines.append(f"| {label} | {s['tokens_per_second']:.0f} | "
                      + (f"{s['pairs_per_second']:.2f} | " if dpo else "")
-                     + f"{_f(s['tokens_per_second_after_first_step'], '.0f')} | {_gib(s['peak_gpu_bytes'])} | "
+                     + f"{warm} | {_f(s.get('rate_spread'), '.1%')} | {_gib(s['peak_gpu_bytes'])} | "
                      f"{s['mfu']:.1%} | {s['steps']} | {s['tokens_labels']} | {s['time_to_first_step']:.1f} | "
                      f"{_f(s['final_train_loss'], '.4f')} |")
     ratios = cmp.get("ours_over_trl_best")
     if ratios:
         mem = ratios.get("peak_gpu_memory")
-        lines += ["", f"ours / trl best flags: tokens/s **{ratios['tokens_per_second']:.2f}x**, peak GPU memory "
-                  f"**{_f(mem, '.2f')}x**; same label tokens: {ratios['same_label_tokens']}."]
+        whole = _f(ratios.get("tokens_per_second_whole_run"), ".2f")
+        mem = f"{mem:.2f}x" if mem else "n/a"
+        lines += ["", f"ours / {baseline}: tokens/s {ratios.get('rate', 'whole run')} "
+                  f"**{ratios['tokens_per_second']:.2f}x** (whole run {whole}x), peak GPU memory **{mem}**;"
+                  f" same label tokens: {ratios['same_label_tokens']}."]
+    calls = cmp["sides"].get("ours", {}).get("attention_calls")
+    if calls:
+        per_stage = [f"{stage}: " + (", ".join(f"{k} {v}" for k, v in c.items()) or "none counted")
+                     for stage, c in calls.items()]
+        lines.append("Our attention calls by the path that ran: " + "; ".join(per_stage) + ".")
     if cmp.get("targets"):
         lines.append("Targets: " + "; ".join(f"{k}: {'met' if ok else 'NOT met'}" for k, ok in cmp["targets"].items())
                      + ".")
@@ -66,7 +78,8 @@ def markdown(state: dict, results: dict[str, dict], steps: tuple, derived: dict)
              "| step | what | status | seconds | result |", "|---|---|---|---|---|"]
     titles = {s.name: s.title for s in steps} | {k: v[1] for k, v in derived.items()}
     order = [s.name for s in steps]
-    order.insert(order.index("gpu-tests") + 1, "nf4-bit-exact")
+    for name, (parent, _) in derived.items():
+        order.insert(order.index(parent) + 1, name)
     for name in order:
         r = results.get(name)
         if r is None:
@@ -81,10 +94,17 @@ def markdown(state: dict, results: dict[str, dict], steps: tuple, derived: dict)
     mem = results.get("memory", {})
     if mem.get("status") == "passed":
         lines += ["", "## Memory: `ft train --dry-run` estimate vs measured peak (torch.cuda.max_memory_allocated)", "",
-                  "| stage | estimate | measured | estimate / measured - 1 |", "|---|---|---|---|"]
+                  "The estimate is the one of the largest micro-batch the run measured (its tokens and labelled "
+                  "tokens); the dry run's worst case (every micro-batch at max_length, all labelled) stands beside it.",
+                  "", "| stage | measured micro-batch | estimate for it | measured | estimate / measured - 1 | "
+                  "worst case |",
+                  "|---|---|---|---|---|---|"]
         for mode, row in mem["figures"].items():
-            lines.append(f"| {mode} | {_gib(row['estimate_bytes'])} | {_gib(row['measured_bytes'])} | "
-                         f"{_f(row['error'], '+.1%')} |")
+            mb = row.get("micro_batch") or {}
+            lines.append(f"| {mode} | {mb.get('rows', '?')} rows, {mb.get('tokens_slots', '?')} tokens, "
+                         f"{mb.get('tokens_labels', '?')} labelled | {_gib(row['estimate_bytes'])} | "
+                         f"{_gib(row['measured_bytes'])} | {_f(row['error'], '+.1%')} | "
+                         f"{_gib(row.get('worst_case_bytes'))} |")
     for name in ("fsdp-sft", "fsdp-dpo"):
         f = results.get(name, {}).get("figures", {})
         if "losses" in f:

@@ -32,15 +32,25 @@ def test_every_step_runs_on_the_cpu(rehearsal):
     done, out, summary = rehearsal
     steps = summary["steps"]
     assert done.returncode == 0, done.stdout[-3000:]
-    expected_skips = {"install", "gpu-tests", "nf4-bit-exact", "memory"}  # no wheels given; no CUDA here
+    # no wheels given; no CUDA here
+    expected_skips = {"install", "gpu-tests", "kernel-tests", "nf4-bit-exact", "memory"}
     assert {n for n, r in steps.items() if r["status"] == "passed"} == set(steps) - expected_skips
     assert "no CUDA" in steps["gpu-tests"]["reason"] and "no CUDA" in steps["memory"]["reason"]
     assert steps["gpu-tests"]["figures"]["counts"]["skipped"] > 10  # tests/gpu was collected in its own process
+    trimmed = steps["kernel-tests"]["figures"]["counts"]["skipped"]
+    assert 0 < trimmed < steps["gpu-tests"]["figures"]["counts"]["skipped"]
     env = steps["env"]["figures"]
     assert env["modules"]["finetune.kernels"]["from"] == "project"  # through the overlay of the tree
+    assert env["kernels_package"] is None or not env["kernels_package"].startswith(str(ROOT))
+    log = (out / "check.log").read_text()
+    assert "plan (900 s in all; a step starts only with 60% of its budget left)" in log
+    assert log.index("=== sft-ours") < log.index("=== dpo-ours") < log.index("=== sft-trl-best")
     for mode in ("sft", "dpo"):
         sides = steps[f"{mode}-compare"]["figures"]["sides"]
         assert sides["ours"]["tokens_per_second"] > 0 and sides["trl-best"]["tokens_per_second"] > 0
+        assert sides["ours"]["tokens_per_second_after_warmup"] > 0 and sides["ours"]["warmup_steps"] == 1
+        assert sum(sum(c.values()) for c in sides["ours"]["attention_calls"].values()) > 0  # the stage summary's counts
+        assert steps["dry-run"]["figures"][mode]["measured_micro_batch"]["estimate_bytes"] > 0
         assert 0 < sides["ours"]["mfu"] < 1
         assert steps[f"{mode}-compare"]["figures"]["ours_over_trl_best"]["same_label_tokens"]
         assert steps["dry-run"]["figures"][mode]["peak_memory"] > 0
@@ -49,7 +59,13 @@ def test_every_step_runs_on_the_cpu(rehearsal):
     assert steps["export"]["status"] == "passed"
     md = (out / "summary.md").read_text()
     assert "## SFT: ft train vs trl sft" in md and "## DPO" in md and "| fsdp-dpo |" in md
-    assert (out / "check.log").read_text().count("=== ") >= 2 * len(steps) - 4
+    assert (out / "check.log").read_text().count("=== ") >= 2 * len(steps) - 6
+    import tarfile
+
+    with tarfile.open(out / "evidence.tar.gz") as tar:
+        names = tar.getnames()
+    assert "out/check.log" in names and "out/summary.json" in names and "work/results/env.json" in names
+    assert any(n.endswith("sft-ours-0/probe.json") or "/runs/sft-ours" in n for n in names)
 
 
 def test_a_failing_and_a_hanging_step_do_not_stop_the_others(tmp_path):

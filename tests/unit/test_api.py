@@ -43,6 +43,8 @@ def test_train_matches_the_cli_and_returns_the_run(tiny_model, addition_data, tm
     assert run.run_dir == tmp_path / "api" and (run.run_dir / "summary.json").exists()
     assert run.adapter() == run.run_dir / "sft" / "adapter" and (run.adapter() / "adapter_config.json").exists()
     assert run.stages["sft"]["metrics"]["steps"] == 6
+    # which attention path ran, counted (padding-free rows per sample on this CPU: 2 layers x 6 steps, no fallback)
+    assert run.stages["sft"]["attention_calls"] == {"sdpa per sample": 12}
     losses = [r["loss"] for r in run.metrics("sft") if "loss" in r]
     assert len(losses) == 6 and losses[-1] < losses[0]
 

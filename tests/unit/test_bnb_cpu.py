@@ -56,3 +56,47 @@ def test_the_native_kernel_still_reads_rows_wrongly_here():
     packed, qs = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4")
     rows = bnb_cpu.native_dequantize(packed, qs.absmax, 64, "nf4", 64, 96, torch.float32)
     assert not torch.equal(rows, _flat_reference(packed, qs))
+
+
+class _OnCuda:
+    device = torch.device("cuda", 0)  # a weight on the GPU (the device mocked: no CUDA on this machine)
+
+
+class _Linear4bitOnCuda:
+    def __init__(self) -> None:
+        self.weight = _OnCuda()
+        self.support_avx512bf16_for_cpu = True  # what bitsandbytes sets from the host CPU, GPU or not
+
+
+class _ModelOnCuda:
+    def __init__(self) -> None:
+        self.layer = _Linear4bitOnCuda()
+
+    def parameters(self):
+        yield self.layer.weight
+
+    def modules(self):
+        yield self
+        yield self.layer
+
+
+def test_nothing_is_registered_or_recorded_for_a_model_on_cuda(monkeypatch):
+    """A GPU machine whose host CPU has AVX-512: the 4-bit model goes to CUDA, so no CPU kernel is registered and the
+    banner lists no CPU patch."""
+    from finetune.model import loading
+    from finetune.model.patches import applied
+    from finetune.recipe.schema import QuantizationConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(bnb_cpu, "_applied", False)
+    monkeypatch.setattr(torch.library, "register_kernel",
+                        lambda *a, **k: pytest.fail("a CPU kernel was registered for a model on CUDA"))
+    loading.bnb_config(QuantizationConfig(mode="nf4"), torch.bfloat16)
+    model = _ModelOnCuda()
+    loading._fix_bitsandbytes(model)
+    assert applied(model) == []
+    assert model.layer.support_avx512bf16_for_cpu is True  # left as bitsandbytes set it: never used on CUDA
+    assert bnb_cpu.fix_model(model) == 0
+    assert bnb_cpu.affected("cpu") and not bnb_cpu.affected("cuda")

@@ -126,7 +126,7 @@ def test_run_process_kills_a_hanging_step_at_its_budget(gpu):
 
 
 def test_steps_skip_when_an_input_step_did_not_pass(gpu):
-    _, check = gpu
+    check = importlib.import_module("plan")  # the driver's plan (imported by check.py)
     steps = {s.name: s for s in check.STEPS}
     assert check.blocked(steps["sft-compare"], {"matmul-peak": {"status": "passed"}}) == \
         "needs one of sft-ours, sft-trl-best to have passed"
@@ -177,12 +177,18 @@ def test_memory_step_states_the_estimates_error_against_the_measured_peak(gpu, t
     def put(name, figures):
         (tmp_path / "results" / f"{name}.json").write_text(json.dumps({"status": "passed", "figures": figures}))
 
-    put("dry-run", {"sft": {"peak_memory": 12 * gib}, "dpo": {"peak_memory": 9 * gib}})
+    # like with like: the estimate of the micro-batch that was measured, the worst case beside it
+    batch = {"rows": 4, "tokens_real": 2000, "tokens_slots": 2000, "tokens_labels": 900}
+    put("dry-run", {"sft": {"peak_memory": 30 * gib, "measured_micro_batch": {"micro_batch": batch,
+                                                                               "estimate_bytes": 12 * gib}},
+                    "dpo": {"peak_memory": 9 * gib}})
     put("sft-ours", {"run": {"peak_gpu_bytes": 10 * gib}})
     put("dpo-ours", {"run": {"peak_gpu_bytes": None}})  # a run without CUDA measures nothing
     result = steps.step_memory(tmp_path, False)
     assert result["status"] == "passed"
     assert result["figures"]["sft"]["error"] == pytest.approx(0.2) and result["figures"]["dpo"]["error"] is None
-    assert result["reason"] == "sft: estimate 12.00 GiB vs measured 10.00 GiB (+20%)"
+    assert result["figures"]["sft"]["micro_batch"] == batch
+    assert result["reason"] == ("sft: estimate of the measured micro-batch 12.00 GiB vs measured 10.00 GiB (+20%; "
+                                "worst case 30.00 GiB)")
     put("sft-ours", {"run": {"peak_gpu_bytes": None}})
     assert steps.step_memory(tmp_path, True)["status"] == "skipped"

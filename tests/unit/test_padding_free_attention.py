@@ -13,15 +13,16 @@ BF16, FP32 = torch.bfloat16, torch.float32
 
 
 @pytest.mark.parametrize(("current", "device", "dtype", "flash", "varlen", "chosen", "why"), [
-    ("sdpa", "cuda", BF16, True, True, FLASH, "flash-attn is installed"),
-    ("sdpa", "cuda", torch.float16, False, True, VARLEN, "flash-attn is not installed"),
-    ("sdpa", "cuda", BF16, False, False, NAME, "no varlen kernel"),
-    ("sdpa", "cuda", FP32, True, True, NAME, "float32 needs sdpa"),
-    ("sdpa", "cpu", BF16, True, True, NAME, "no CUDA"),
-    (FLASH, "cuda", BF16, True, True, FLASH, "as loaded"),
-    ("eager", "cuda", BF16, True, True, None, "no padding-free path"),
+    ("sdpa", "cuda", BF16, True, None, FLASH, "flash-attn is installed"),
+    ("sdpa", "cuda", torch.float16, False, None, VARLEN, "flash-attn is not installed"),
+    ("sdpa", "cuda", BF16, False, "torch 2.3 has no varlen_attn", NAME, "no varlen kernel here: torch 2.3 has no"),
+    ("sdpa", "cuda", FP32, True, None, NAME, "float32 needs sdpa"),
+    ("sdpa", "cpu", BF16, True, None, NAME, "no CUDA"),
+    (FLASH, "cuda", BF16, True, None, FLASH, "as loaded"),
+    ("eager", "cuda", BF16, True, None, None, "no padding-free path"),
 ])
 def test_the_choice_and_its_reason(current, device, dtype, flash, varlen, chosen, why):
+    """`varlen`: why torch's varlen kernel cannot run (None: it can)."""
     name, reason = choose_padding_free_attention(current, device, dtype, flash, varlen)
     assert name == chosen and why in reason
 
@@ -70,3 +71,27 @@ def test_packed_loss_equals_padded_loss(tiny_model, addition_data, monkeypatch, 
     loss.backward()
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.weight.grad, ref_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_the_attention_path_that_ran_is_counted(tiny_model, addition_data):
+    """A packed row with its boundaries is computed per sample, also when only its position_ids carry them (trl 1.13's
+    collator); one whose boundaries never arrive falls back to sdpa with a mask over the whole row, which the counts
+    show (the banner would still name the padding-free path)."""
+    from transformers import AutoModelForCausalLM
+
+    packed, padded = _batches(tiny_model, addition_data)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa")
+    use_padding_free_attention(model)
+    layers = model.config.num_hidden_layers
+    attention.attention_calls(reset=True)
+    with torch.no_grad():
+        loss = model(**packed, use_cache=False).loss
+        assert attention.attention_calls(reset=True) == {"sdpa per sample": layers}
+        model(**padded, use_cache=False)
+        assert attention.attention_calls(reset=True) == {"sdpa with mask (padded batch)": layers}
+        positions_only = {k: v for k, v in packed.items() if not k.startswith(("cu_seq_lens", "max_length", "seq_idx"))}
+        torch.testing.assert_close(model(**positions_only, use_cache=False).loss, loss)
+        assert attention.attention_calls(reset=True) == {"sdpa per sample": layers}
+        lost = {k: v for k, v in positions_only.items() if k != "position_ids"}
+        model(**lost, use_cache=False)
+    assert attention.attention_calls() == {"sdpa with mask (no sample boundaries)": layers}
