@@ -26,7 +26,9 @@ THRESHOLDS: dict[str, tuple[float, float]] = {
     "q4_k_m": (1e-1, 0.85),
 }
 """Per quantisation: (ceiling on the mean KL per token in nats, floor on top-1 agreement) against the merged float32
-transformers model. f32/f16 differ from it by float rounding only; bf16 keeps 8 bits of mantissa, q8_0 one byte
+transformers model. Top-1 agreement counts the positions where the merged model's best token leads its second by more
+than twice the largest logit difference there (`verify.Figures.top1_agreement_decisive`): on the real SmolLM2-135M
+(49k tokens) 2.2% of an f16 export's positions flipped between near-tied tokens at a mean KL of 1e-5. f32/f16 differ from it by float rounding only; bf16 keeps 8 bits of mantissa, q8_0 one byte
 per weight with a scale per 32; q4_k_m about 4.8 bits per weight, so it is held to a looser, stated bound. Measured
 on the full quickstart SFT of the tiny model (16 conversations, 392 tokens): f16 mean KL 1.2e-6, top-1 100%; bf16
 5.4e-5, 100%; q8_0 8.4e-4, 95.4%; q4_k_m 1.5e-2, 93.6% (most of the tiny model's tensors fall back from k-quants,
@@ -71,8 +73,10 @@ class GgufCheck:
                        f" of {self.tokenization['conversations']} texts ({self.tokenization['first_mismatch']})")
         if self.figures["mean_kl"] > max_kl:
             out.append(f"mean KL {self.figures['mean_kl']:.3g} > {max_kl:g}")
-        if self.figures["top1_agreement"] < min_top1:
-            out.append(f"top-1 agreement {self.figures['top1_agreement']:.2%} < {min_top1:.0%}")
+        top1 = self.figures.get("top1_agreement_decisive", self.figures["top1_agreement"])
+        if top1 < min_top1:
+            out.append(f"top-1 agreement {top1:.2%} < {min_top1:.0%} (without the {self.figures.get('near_ties', 0)} "
+                       "near-tied positions)")
         for g in self.generation:
             if g["transformers_stopped"] and not g["llama_cpp_stopped"]:
                 out.append(f"greedy generation did not end at a stop token in llama.cpp: {g['llama_cpp']!r} "

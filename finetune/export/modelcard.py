@@ -210,7 +210,9 @@ def _gguf_lines(result: ExportResult) -> list[str]:
         f"{result.verification_source}:", "",
         f"- token ids of the rendered chat texts identical on {tok['identical']} of {tok['conversations']}",
         f"- next-token logits: mean KL {f['mean_kl']:.4g} nats/token (limit {limits['max_kl']:g}), top-1 agreement "
-        f"{f['top1_agreement']:.2%} (limit {limits['min_top1']:.0%}), max abs logit diff {f['max_abs_logit_diff']:.4g}"
+        f"{f['top1_agreement']:.2%} ({f.get('top1_agreement_decisive', f['top1_agreement']):.2%} without "
+        f"{f.get('near_ties', 0)} near ties; limit {limits['min_top1']:.0%}), max abs logit diff "
+        f"{f['max_abs_logit_diff']:.4g}"
         f", {f['tokens']} tokens",
         f"- greedy answers ending at the stop token: {sum(g['llama_cpp_stopped'] for g in gen)} of {len(gen)} "
         f"(same tokens as transformers: {sum(g['same_tokens'] for g in gen)} of {len(gen)})",

@@ -252,3 +252,21 @@ def _before_key(ctx: StageContext, tokenizer, rows: list[dict[str, Any]]) -> str
              "template": getattr(tokenizer, "chat_template", None), "eos": tokenizer.eos_token,
              "max_new_tokens": ctx.data.task_eval_max_new_tokens, "rows": rows}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:40]
+
+
+class Phases:
+    """Seconds spent in each start-up phase of a stage, printed on one line before the first step (where a slow
+    start goes: data, model loading and 4-bit quantization, the held-out measure)."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage, self.started, self.last, self.parts = stage, time.perf_counter(), time.perf_counter(), []
+
+    def done(self, what: str) -> None:
+        now = time.perf_counter()
+        self.parts.append((what, now - self.last))
+        self.last = now
+
+    def show(self) -> None:
+        total = time.perf_counter() - self.started
+        print(f"[{self.stage}] start-up {total:.1f} s: " + ", ".join(f"{w} {s:.1f} s" for w, s in self.parts),
+              flush=True)

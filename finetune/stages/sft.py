@@ -13,6 +13,7 @@ from finetune.model.patches import apply_patches
 from finetune.run.files import write_dir_atomic
 from finetune.run.resume import guarded_train
 from finetune.stages.common import (
+    Phases,
     StageContext,
     StageResult,
     build_stage_trainer,
@@ -32,6 +33,7 @@ def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
     from trl import SFTConfig
 
     recipe, data, training = ctx.recipe, ctx.data, ctx.training
+    phases = Phases(ctx.stage.name)
 
     # --- setup: tokenizer and data first (cheap, fails early), then the model
     tokenizer = tokenizer or load_tokenizer(recipe.model)
@@ -44,7 +46,9 @@ def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
     else:
         train_ds = build_dataset(data, tokenizer, "sft", seed=training.seed, split="train")
     eval_ds = build_dataset(data, tokenizer, "sft", seed=training.seed, split="eval")
+    phases.done("data")
     model = load_model(recipe, training, tokenizer)
+    phases.done("model" + (" + 4-bit quantization" if recipe.quantization.mode != "none" else ""))
     model = prepare_base(model, training.gradient_checkpointing)
     model = attach(model, recipe.lora, ctx.init_adapter, stage=ctx.stage.name)
     params = trainable_summary(model)
@@ -75,11 +79,14 @@ def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
         trainer.add_callback(stream_checkpoint(stream, per_step))
     patches = apply_patches(trainer.model, recipe, ctx.stage.name, "sft", padding_free)  # kernels, attention, loss
     print_patches(ctx, patches)
+    phases.done("adapters and trainer")
 
     task_rows = load_task_rows(data.task_eval, data.task_eval_max_rows)
     before = task_metric_before(ctx, model, tokenizer, task_rows)  # cached when the adapter is fresh
     if before is not None:
         print(f"[{ctx.stage.name}] held-out task before training: {before}", flush=True)
+        phases.done("held-out measure")
+    phases.show()
 
     # --- train
     started = time.perf_counter()

@@ -1,0 +1,105 @@
+"""The real-model figures (README "A real model"): held-out gain against forgetting, per run and stage, as a table
+and a plot.
+
+    .venv/bin/python scripts/real_model_report.py runs/smollm2-sft runs/smollm2-sft-attn runs/smollm2-sft-lr2e-4 \
+        runs/smollm2-sft-dpo-grpo --out bench/real-model
+
+Reads each run folder's `summary.json` (every stage's held-out exact match before and after, its forgetting on
+`eval.general_text`, its wall time) and `recipe.yaml` (what differed); writes OUT.md (the table) and OUT.png
+(exact-match gain against the general-text loss change, with the recipe's `eval.max_forgetting` as a line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import yaml
+
+
+def _label(run: Path, stage: str, recipe: dict) -> str:
+    lora, training = recipe.get("lora", {}), recipe.get("training", {})
+    targets = lora.get("target_modules")
+    targets = "attention" if isinstance(targets, list) and "gate_proj" not in targets else "all-linear"
+    if stage == "sft":
+        return f"SFT {targets}, r{lora.get('r')}, lr {training.get('learning_rate'):g}"
+    return stage.upper()
+
+
+def rows_of(run: Path) -> list[dict]:
+    summary = json.loads((run / "summary.json").read_text())
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    out = []
+    for stage, done in summary.get("stages", {}).items():
+        m = done.get("metrics", {})
+        before, after = m.get("task_before") or {}, m.get("task_after") or {}
+        held = m.get("held_out_before") or {}
+        if not after and "held_out_after" in m:  # alignment stages name it this way
+            before, after = held, m["held_out_after"]
+        forgetting = m.get("forgetting") or {}
+        out.append({"run": run.name, "stage": stage, "label": _label(run, stage, recipe),
+                    "before": before.get("exact_match"), "after": after.get("exact_match"),
+                    "loss_change": forgetting.get("loss_change"), "mean_kl": forgetting.get("mean_kl"),
+                    "seconds": m.get("stage_seconds"), "limit": (recipe.get("eval") or {}).get("max_forgetting")})
+    return out
+
+
+def _pct(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:.0f}%"
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| run | stage | held-out exact match | forgetting: loss change (nats/token) | mean KL | stage wall |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['label']} | {_pct(r['before'])} -> {_pct(r['after'])} | "
+                     f"{r['loss_change']:+.3f} | {r['mean_kl']:.3f} | {r['seconds'] or 0:.0f} s |"
+                     if r["loss_change"] is not None else
+                     f"| {r['run']} | {r['label']} | {_pct(r['before'])} -> {_pct(r['after'])} | | | "
+                     f"{r['seconds'] or 0:.0f} s |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        if r["loss_change"] is None or r["after"] is None:
+            continue
+        ax.scatter(r["loss_change"], 100 * r["after"], s=40)
+        ax.annotate(f"{r['run'].removeprefix('smollm2-')}: {r['label']}", (r["loss_change"], 100 * r["after"]),
+                    textcoords="offset points", xytext=(6, 4), fontsize=7)
+    limit = next((r["limit"] for r in rows if r["limit"]), None)
+    if limit:
+        ax.axvline(limit, ls="--", c="grey", lw=1)
+        ax.text(limit, 5, " eval.max_forgetting", fontsize=7, color="grey")
+    ax.set_xlabel("forgetting: general-text loss change vs base (nats/token, Python docs prose)")
+    ax.set_ylabel("held-out exact match after (%, was 0%)")
+    ax.set_title("SmolLM2-135M-Instruct (QLoRA from GGUF): task gain against forgetting")
+    ax.set_xlim(left=0)
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--out", type=Path, default=Path("bench/real-model"))
+    args = ap.parse_args(argv)
+    rows = [r for run in args.runs for r in rows_of(run)]
+    text = table(rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".md").write_text(text + "\n", encoding="utf-8")
+    plot(rows, args.out.with_suffix(".png"))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
