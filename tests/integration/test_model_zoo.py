@@ -1,0 +1,163 @@
+"""The conformance matrix (issue 29): every model family walks every step a user takes, or is refused up front.
+
+Each family is a tiny random model with its own tokenizer and the family's template quirks
+(`scripts/build_fixture_models.py`). Chat families train on the digit-word task in chat rows; base families (no chat
+template: GPT-NeoX, GPT-2) train on the same facts as plain text. Steps: `ft validate`, `ft data preview` (the trained
+span is exactly the answer and its end-of-turn token; every token for text), SFT (the loss falls), merged export
+(verified against the trained model), the adapter export loaded with plain peft (equal to the merged model),
+`ft eval --against` the base, `ft generate` (chat, or raw for text runs). The README's family table shows these.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+from build_fixture_models import FAMILIES, WORDS, build, task_rows, text_rows
+from typer.testing import CliRunner
+
+from finetune.cli import app
+
+runner = CliRunner()
+# family -> (quantization of its recipe, the end-of-turn token that ends the trained span; None: text, all trained)
+MATRIX = {
+    "llama3": ("none", "<|eot_id|>"),
+    "qwen2.5": ("none", "<|im_end|>"),
+    "mistral": ("none", "</s>"),
+    "gemma2": ("none", "<end_of_turn>"),
+    "gpt-neox": ("none", None),
+    "gpt2": ("nf4", None),  # QLoRA: the 4-bit model holds GPT-2's Conv1D weights transposed (the merge's defect)
+}
+TIMES: dict[str, float] = {}
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _rows(chat: bool, n: int, offset: int = 0) -> list[dict]:
+    if not chat:
+        return [{"text": t} for t in text_rows(n, offset)]
+    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a, _ in task_rows(n, offset)]
+
+
+@pytest.fixture(scope="module", params=list(MATRIX))
+def zoo(request, tmp_path_factory) -> dict:
+    """A family's model, data and recipe, and its run trained by `ft train` (timed)."""
+    family = request.param
+    started = time.perf_counter()
+    folder = tmp_path_factory.mktemp(family.replace(".", "_"))
+    model = build(family, folder / "model")
+    chat = FAMILIES[family].chat
+    train = _write(folder / "train.jsonl", _rows(chat, 64))
+    held = _write(folder / "eval.jsonl", _rows(chat, 8, 3))
+    quant = MATRIX[family][0]
+    recipe = folder / "recipe.yaml"
+    recipe.write_text(f"""name: zoo-{family}
+model: {{name_or_path: {model}, dtype: float32}}
+quantization: {{mode: {quant}{', compute_dtype: float32' if quant != 'none' else ''}}}
+lora: {{r: 8, alpha: 16}}
+data: {{train: [{{path: {train}}}], eval: [{{path: {held}}}], max_length: 64}}
+training: {{max_steps: 12, micro_batch_size: 8, learning_rate: 2.0e-2, logging_steps: 1, seed: 0}}
+output: {{dir: {folder / 'run'}}}
+""")
+    out = runner.invoke(app, ["train", str(recipe)])
+    assert out.exit_code == 0, out.output
+    TIMES[family] = time.perf_counter() - started
+    return {"family": family, "model": model, "recipe": recipe, "run": folder / "run", "chat": chat,
+            "train_output": out.output, "folder": folder}
+
+
+def test_validate(zoo):
+    out = runner.invoke(app, ["validate", str(zoo["recipe"])])
+    assert out.exit_code == 0, out.output
+    assert f"# model family: {json.loads((zoo['model'] / 'config.json').read_text())['model_type']}" in out.output
+
+
+def test_data_preview_trains_exactly_the_answer(zoo):
+    out = runner.invoke(app, ["data", "preview", str(zoo["recipe"]), "-n", "1", "--no-color"])
+    assert out.exit_code == 0, out.output
+    eot = MATRIX[zoo["family"]][1]
+    if eot is None:  # text: every token trained, the first sample is one marked span
+        sample = next(line for line in out.output.splitlines() if "«" in line)
+        assert sample.count("«") == 1 and "The word for" in sample.split("«", 1)[1]
+    else:
+        spans = re.findall(r"«(.*?)»", out.output, re.S)
+        assert len(spans) == 2 and re.fullmatch(f"({'|'.join(WORDS)}){re.escape(eot)}", spans[0]), spans
+
+
+def test_sft_loss_falls(zoo):
+    rows = [json.loads(line) for line in (zoo["run"] / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r.get("stage") == "sft" and "loss" in r]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.5, losses  # from about ln(vocab) at the start, by half a nat
+
+
+def test_pad_token_is_the_tokenizers_own(zoo):
+    """NeoX's <|padding|> and Llama 3's reserved tokens pad; nothing is added, so the adapter holds LoRA only."""
+    from safetensors import safe_open
+
+    tok = json.loads((zoo["run"] / "tokenizer" / "tokenizer_config.json").read_text())
+    assert "<|pad|>" not in json.dumps(tok) or zoo["family"] == "gpt2"  # GPT-2 has no token to spare: one is added
+    with safe_open(str(zoo["run"] / "sft" / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        full = [k for k in f.keys() if "lora_" not in k]
+    assert full == [] or zoo["family"] == "gpt2", full
+
+
+def test_merged_export_is_verified(zoo):
+    out = runner.invoke(app, ["export", str(zoo["run"]), "--format", "merged"])
+    assert out.exit_code == 0, out.output
+    export = zoo["run"] / "export" / "sft-merged"
+    meta = json.loads((export / "export.json").read_text())
+    figures = meta["verification"][meta["merge_into"]]
+    assert figures["mean_kl"] < 1e-4 and figures["top1_agreement"] == 1.0, figures
+    if not zoo["chat"]:  # a text run on a base model ships no chat template the base never had
+        assert not (export / "chat_template.jinja").exists()
+        assert "chat_template" not in json.loads((export / "tokenizer_config.json").read_text())
+
+
+def test_adapter_export_loads_with_plain_peft(zoo):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = runner.invoke(app, ["export", str(zoo["run"]), "--format", "adapter"])
+    assert out.exit_code == 0, out.output
+    export = zoo["run"] / "export" / "sft-adapter"
+    tok = AutoTokenizer.from_pretrained(str(export))
+    base = AutoModelForCausalLM.from_pretrained(str(zoo["model"]), dtype=torch.float32)
+    if len(tok) > base.get_input_embeddings().num_embeddings:
+        base.resize_token_embeddings(len(tok))
+    model = PeftModel.from_pretrained(base, str(export)).eval()
+    ids = tok("The word for 5 is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        tuned, plain = model(ids).logits, model.get_base_model()(ids).logits
+        with model.disable_adapter():
+            plain = model(ids).logits
+    assert (tuned - plain).abs().max() > 1e-3  # the adapter is on, and it changes the model
+
+
+def test_eval_against_the_base(zoo):
+    out = runner.invoke(app, ["eval", str(zoo["run"]), "--against", str(zoo["model"])])
+    assert out.exit_code == 0, out.output
+    result = json.loads((zoo["run"] / "eval" / "sft.json").read_text())
+    tuned, base = result["target"]["heldout"], result["against"]["heldout"]
+    kind = "chat" if zoo["chat"] else "text"
+    assert tuned["rows"][kind] == 8 and base["rows"][kind] == 8  # text rows are scored too, not dropped
+    assert tuned["loss"] < base["loss"]
+
+
+def test_generate(zoo):
+    out = runner.invoke(app, ["generate", str(zoo["run"]), "--prompt",
+                              "What is 5 in words?" if zoo["chat"] else "The word for 5 is", "--max-new-tokens", "4"])
+    assert out.exit_code == 0, out.output
+    assert ("through the chat template" if zoo["chat"] else "raw completion") in out.output
+
+
+def test_matrix_time_is_reported(zoo):
+    print(f"\n[zoo] {zoo['family']}: model, data and training {TIMES[zoo['family']]:.1f} s")
