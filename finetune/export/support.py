@@ -24,8 +24,8 @@ class Refusal:
         return f"{self.step}: refused, {self.reason}; instead: {self.instead}"
 
 
-def refusals(kind: str | None) -> list[Refusal]:
-    """The steps refused for the family `kind` (a transformers model_type)."""
+def refusals(kind: str | None, quantized: bool = False) -> list[Refusal]:
+    """The steps refused for the family `kind` (a transformers model_type); `quantized`: a QLoRA recipe."""
     from finetune.export.gguf_arch import ARCHS
 
     out = []
@@ -33,10 +33,10 @@ def refusals(kind: str | None) -> list[Refusal]:
         out.append(Refusal("ft export --format gguf", f"this toolkit does not write the '{kind}' architecture for "
                            f"llama.cpp (it writes {', '.join(sorted(ARCHS))})", "ft export --format merged, then "
                            "llama.cpp's convert_hf_to_gguf.py on that folder if llama.cpp supports the model"))
-    if traits(kind).fused_experts:
-        out.append(Refusal("LoRA on the experts", "the experts are fused 3D parameters, which LoRA's Linear targets "
-                           "(all-linear) do not reach: the adapter trains attention and the router only",
-                           "keep the adapter on attention (what it trains here), or use a family without experts"))
+    if traits(kind).fused_experts and quantized:
+        out.append(Refusal("ft export --format merged --merge-into dequantized (the QLoRA default)", "LoRA adapts "
+                           "the experts as raw 3D parameters, which only peft's merge into the original weights knows",
+                           "ft export --format merged --merge-into original, or --format adapter"))
     return out
 
 
@@ -45,4 +45,5 @@ def family_lines(recipe: Recipe) -> list[str]:
     kind = model_type(recipe.model)
     if kind is None:
         return ["# model family: unknown until the model loads (no config.json at hand)"]
-    return [f"# model family: {kind}"] + [f"#   {r.line()}" for r in refusals(kind)]
+    quantized = recipe.quantization.mode != "none"
+    return [f"# model family: {kind}"] + [f"#   {r.line()}" for r in refusals(kind, quantized)]

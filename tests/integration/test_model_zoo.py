@@ -30,6 +30,12 @@ MATRIX = {
     "gemma2": ("none", "<end_of_turn>"),
     "gpt-neox": ("none", None),
     "gpt2": ("nf4", None),  # QLoRA: the 4-bit model holds GPT-2's Conv1D weights transposed (the merge's defect)
+    "qwen3": ("none", "<|im_end|>"),  # the trained span starts with the template's empty <think></think> block
+    "phi3": ("none", "<|end|>"),
+    "olmo2": ("none", "<|endoftext|>"),
+    "gemma3": ("none", "<end_of_turn>"),
+    "qwen3-moe": ("none", "<|im_end|>"),
+    "mixtral": ("none", "</s>"),
 }
 TIMES: dict[str, float] = {}
 
@@ -88,7 +94,8 @@ def test_data_preview_trains_exactly_the_answer(zoo):
         assert sample.count("«") == 1 and "The word for" in sample.split("«", 1)[1]
     else:
         spans = re.findall(r"«(.*?)»", out.output, re.S)
-        assert len(spans) == 2 and re.fullmatch(f"({'|'.join(WORDS)}){re.escape(eot)}", spans[0]), spans
+        think = re.escape("<think>\n\n</think>\n\n") if zoo["family"] == "qwen3" else ""
+        assert len(spans) == 2 and re.fullmatch(f"{think}({'|'.join(WORDS)}){re.escape(eot)}", spans[0]), spans
 
 
 def test_sft_loss_falls(zoo):
@@ -101,9 +108,12 @@ def test_sft_loss_falls(zoo):
 def test_pad_token_is_the_tokenizers_own(zoo):
     """NeoX's <|padding|> and Llama 3's reserved tokens pad; nothing is added, so the adapter holds LoRA only."""
     from safetensors import safe_open
+    from transformers import AutoTokenizer
 
-    tok = json.loads((zoo["run"] / "tokenizer" / "tokenizer_config.json").read_text())
-    assert "<|pad|>" not in json.dumps(tok) or zoo["family"] == "gpt2"  # GPT-2 has no token to spare: one is added
+    run_tok, base_tok = (AutoTokenizer.from_pretrained(str(p)) for p in (zoo["run"] / "tokenizer", zoo["model"]))
+    assert run_tok.pad_token_id is not None and run_tok.pad_token_id != run_tok.eos_token_id
+    if zoo["family"] != "gpt2":  # GPT-2 has no token to spare: one is added
+        assert len(run_tok) == len(base_tok), run_tok.pad_token
     with safe_open(str(zoo["run"] / "sft" / "adapter" / "adapter_model.safetensors"), "pt") as f:
         full = [k for k in f.keys() if "lora_" not in k]
     assert full == [] or zoo["family"] == "gpt2", full
