@@ -63,6 +63,7 @@ class Family:
     template: str | None
     extra: dict[str, Any] = field(default_factory=dict)
     add_bos: bool = False  # the tokenizer itself puts bos in front of every text (Llama 3, Mistral, Gemma)
+    rstrip: bool = False  # chat tokens swallow the whitespace after them (Phi-3; llama.cpp's phi3 does the same)
     chat: bool = True  # an instruct model (trained on chat data); False: a base model trained on text
 
 
@@ -93,7 +94,8 @@ FAMILIES: dict[str, Family] = {
                      {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 64}, add_bos=True),
     "phi3": Family("Phi3Config", ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|user|>", "<|assistant|>",
                                   "<|system|>", "<|end|>"],
-                   {"bos": "<s>", "eos": "<|end|>", "unk": "<unk>", "pad": "<|endoftext|>"}, TEMPLATES["phi3"]),
+                   {"bos": "<s>", "eos": "<|end|>", "unk": "<unk>", "pad": "<|endoftext|>"}, TEMPLATES["phi3"],
+                   rstrip=True),
     "olmo2": Family("Olmo2Config", ["<|endoftext|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|system|>"],
                     {"bos": "<|endoftext|>", "eos": "<|endoftext|>", "unk": None, "pad": "<|pad|>"},
                     TEMPLATES["olmo2"]),
@@ -124,7 +126,7 @@ def text_rows(n: int, offset: int = 0) -> list[str]:
 
 def build_tokenizer(fam: Family, out: Path):
     """A byte-level BPE tokenizer with the family's special tokens (ids from 0, in order) and template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     corpus = [f"user\n{q}\nassistant\n{a}\nsystem\nmodel\nYou are helpful. {t}" for (q, a, _), t in
@@ -135,6 +137,10 @@ def build_tokenizer(fam: Family, out: Path):
     backend.train_from_iterator(corpus, trainers.BpeTrainer(
         vocab_size=320, special_tokens=fam.specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))
+    if fam.rstrip:
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False, rstrip=t not in ("<|endoftext|>",
+                                                                                                "<unk>", "<s>"))
+                                    for t in fam.specials])
     bos = fam.tokens["bos"]
     if fam.add_bos:
         backend.post_processor = processors.TemplateProcessing(

@@ -57,7 +57,8 @@ def export_run(run_dir: str | Path, format_: str = "adapter", stage: str | None 
     except (FinetuneError, KeyboardInterrupt, MemoryError):
         raise
     except Exception as e:  # a library's error deep in a merge or reload: one line saying what to do, no traceback
-        raise FinetuneError(failure_line(format_, run.stage.name, e, kwargs.get("merge_into"))) from None
+        merged_into = "original" if run.recipe.quantization.mode == "none" else kwargs.get("merge_into")
+        raise FinetuneError(failure_line(format_, run.stage.name, e, merged_into)) from None
 
 
 def failure_line(format_: str, stage: str, error: BaseException, merge_into: str | None = None) -> str:

@@ -45,7 +45,21 @@ def render_parts(parts: TemplateParts, messages: list[dict[str, str]], generatio
 
 
 def template_parts(tokenizer: Any) -> TemplateParts:
-    """The per-message wrappers of the tokenizer's chat template, checked against its own rendering."""
+    """The per-message wrappers of the tokenizer's chat template, checked against its own rendering.
+
+    Raises:
+        Untranslatable: as `_parts`, and for templates that refuse a probe conversation (Mistral's and Gemma's raise
+            on a system message).
+    """
+    try:
+        return _parts(tokenizer)
+    except Untranslatable:
+        raise
+    except Exception as e:  # jinja's TemplateError from raise_exception(), and any other error of the template
+        raise Untranslatable(f"the template refuses a system, user, assistant conversation ({e})") from None
+
+
+def _parts(tokenizer: Any) -> TemplateParts:
     probe = [{"role": r, "content": _MARK[r]} for r in ROLES]
     try:
         start = _render(tokenizer, [])

@@ -169,5 +169,25 @@ def test_generate(zoo):
     assert ("through the chat template" if zoo["chat"] else "raw completion") in out.output
 
 
+GGUF = {"llama3", "mistral", "gemma2", "qwen3", "phi3"}  # the rest is refused by `ft validate`, then by `ft export`
+
+
+def test_gguf_export_verified_by_llama_cpp_or_refused_up_front(zoo):
+    validated = runner.invoke(app, ["validate", str(zoo["recipe"])]).output
+    refused = [line for line in validated.splitlines() if "ft export --format gguf: refused" in line]
+    if zoo["family"] not in GGUF:
+        assert len(refused) == 1 and "instead: " in refused[0], validated
+        out = runner.invoke(app, ["export", str(zoo["run"]), "--format", "gguf"])
+        assert out.exit_code == 1 and out.output.count("\n") == 1 and "Traceback" not in out.output, out.output
+        return
+    pytest.importorskip("llama_cpp", reason="GGUF verification needs llama-cpp-python (the gguf extra)")
+    assert refused == []
+    out = runner.invoke(app, ["export", str(zoo["run"]), "--format", "gguf"])
+    assert out.exit_code == 0, out.output
+    meta = json.loads((zoo["run"] / "export" / "sft-gguf-f16" / "export.json").read_text())
+    figures = meta["verification"]["llama.cpp"]
+    assert figures["mean_kl"] < 1e-5 and figures["top1_agreement"] == 1.0, figures
+
+
 def test_matrix_time_is_reported(zoo):
     print(f"\n[zoo] {zoo['family']}: model, data and training {TIMES[zoo['family']]:.1f} s")

@@ -152,3 +152,17 @@ def test_validate_names_the_family_and_what_it_cannot_do(tmp_path):
     assert lines["gpt2"][0] == "# model family: gpt2"
     assert "ft export --format gguf: refused, this toolkit does not write the 'gpt2' architecture" in lines["gpt2"][1]
     assert "instead: ft export --format merged, then llama.cpp's convert_hf_to_gguf.py" in lines["gpt2"][1]
+
+
+def test_an_end_of_turn_token_that_swallows_the_newline_keeps_its_label(tmp_path):
+    """Phi-3's <|end|> takes the newline after it into its offsets: its last character fell outside the assistant
+    turn, so no <|end|> was trained (the preflight refused every row: '0/64 kept it')."""
+    from finetune.data.encode import encode_messages
+    from finetune.data.templates import apply_template
+
+    tok = load_tokenizer(None, str(build_tokenizer(FAMILIES["phi3"], tmp_path / "p") and tmp_path / "p"))
+    template = apply_template(tok, "tokenizer")
+    messages = [{"role": "user", "content": "What is 3 in words?"}, {"role": "assistant", "content": "three"}]
+    enc = encode_messages(tok, messages, "assistant", template)
+    trained = tok.decode([i for i, label in zip(enc.input_ids, enc.labels, strict=True) if label != -100])
+    assert trained == "three<|end|>" and enc.turns_without_eot == 0
