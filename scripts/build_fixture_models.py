@@ -168,10 +168,12 @@ def build(family: str, out: Path, seed: int = 0) -> Path:
     config = getattr(transformers, fam.config)(vocab_size=len(tok), **sizes, **ids, **fam.extra)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # random weights of a readable size (Gemma's embedding scale makes logits explode)
-        for p in model.parameters():
+    with torch.no_grad():  # weights of one scale whatever each family's init: embeddings and output rows large
+        for p in model.parameters():  # enough that an adapter can move the logits in a few dozen steps
             if p.dim() > 1:
                 p.normal_(0, 0.05)
+        model.get_input_embeddings().weight.normal_(0, 0.2)
+        model.get_output_embeddings().weight.normal_(0, 0.2)
     model.save_pretrained(str(out))
     return out
 

@@ -38,6 +38,7 @@ MATRIX = {
     "mixtral": ("none", "</s>"),
 }
 TIMES: dict[str, float] = {}
+SFT_STEPS = 40  # about 0.1 s each on these models
 
 
 def _write(path: Path, rows: list[dict]) -> Path:
@@ -69,7 +70,7 @@ model: {{name_or_path: {model}, dtype: float32}}
 quantization: {{mode: {quant}{', compute_dtype: float32' if quant != 'none' else ''}}}
 lora: {{r: 8, alpha: 16}}
 data: {{train: [{{path: {train}}}], eval: [{{path: {held}}}], max_length: 64}}
-training: {{max_steps: 12, micro_batch_size: 8, learning_rate: 2.0e-2, logging_steps: 1, seed: 0}}
+training: {{max_steps: {SFT_STEPS}, micro_batch_size: 8, learning_rate: 2.0e-2, logging_steps: 1, seed: 0}}
 output: {{dir: {folder / 'run'}}}
 """)
     out = runner.invoke(app, ["train", str(recipe)])
@@ -101,7 +102,7 @@ def test_data_preview_trains_exactly_the_answer(zoo):
 def test_sft_loss_falls(zoo):
     rows = [json.loads(line) for line in (zoo["run"] / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if r.get("stage") == "sft" and "loss" in r]
-    assert len(losses) == 12
+    assert len(losses) == SFT_STEPS
     assert sum(losses[-3:]) / 3 < losses[0] - 0.5, losses  # from about ln(vocab) at the start, by half a nat
 
 
@@ -167,6 +168,31 @@ def test_generate(zoo):
                               "What is 5 in words?" if zoo["chat"] else "The word for 5 is", "--max-new-tokens", "4"])
     assert out.exit_code == 0, out.output
     assert ("through the chat template" if zoo["chat"] else "raw completion") in out.output
+
+
+def test_dpo_moves_the_rewards_the_preferred_way(zoo):
+    """DPO from the SFT adapter (chat families; a text run has no pairs): held-out margins start at 0 and grow."""
+    if not zoo["chat"]:
+        pytest.skip("a base family trains on text; DPO needs chat pairs")
+    folder = zoo["folder"]
+    # preferred: the word; rejected: a refusal (learnable without reading the digit, which these models barely do)
+    pairs = [{"prompt": q, "chosen": a, "rejected": "I cannot say."} for q, a, _ in task_rows(40)]
+    train, held = _write(folder / "pairs.jsonl", pairs[:32]), _write(folder / "pairs_eval.jsonl", pairs[32:])
+    recipe = folder / "dpo.yaml"
+    recipe.write_text(f"""name: zoo-dpo
+model: {{name_or_path: {zoo['model']}, dtype: float32}}
+quantization: {{mode: none}}
+lora: {{r: 8, alpha: 16}}
+data: {{train: [{{path: {train}}}], eval: [{{path: {held}}}], max_length: 64}}
+training: {{max_steps: 30, micro_batch_size: 8, learning_rate: 1.0e-2, logging_steps: 1, seed: 0}}
+stages: [{{name: dpo, kind: dpo, init_from: {zoo['run'] / 'sft' / 'adapter'}}}]
+output: {{dir: {folder / 'dpo-run'}}}
+""")
+    out = runner.invoke(app, ["train", str(recipe)])
+    assert out.exit_code == 0, out.output
+    m = json.loads((folder / "dpo-run" / "dpo" / "summary.json").read_text())["metrics"]
+    assert abs(m["eval_before"]["rewards/margins"]) < 1e-5
+    assert m["eval_after"]["rewards/margins"] > 0.05 and m["eval_after"]["rewards/accuracies"] >= 0.75, m
 
 
 GGUF = {"llama3", "mistral", "gemma2", "qwen3", "phi3"}  # the rest is refused by `ft validate`, then by `ft export`
