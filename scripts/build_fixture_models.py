@@ -178,6 +178,26 @@ def build(family: str, out: Path, seed: int = 0) -> Path:
     return out
 
 
+def build_generic(model_type: str, out: Path, tokenizer_of: str = "qwen2.5", seed: int = 0) -> Path:
+    """Any family transformers ships, built from its config class generically (`AutoConfig.for_model`) with the
+    common size keys, and the tokenizer of `tokenizer_of`; keeps the matrix honest about families not listed here."""
+    import torch
+    import transformers
+
+    out.mkdir(parents=True, exist_ok=True)
+    fam = FAMILIES[tokenizer_of]
+    tok = build_tokenizer(fam, out)
+    config = transformers.AutoConfig.for_model(model_type, vocab_size=len(tok), **SMALL, eos_token_id=tok.eos_token_id,
+                                               pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0, 0.2)
+        model.get_output_embeddings().weight.normal_(0, 0.2)
+    model.save_pretrained(str(out))
+    return out
+
+
 def main(argv: list[str]) -> None:
     out = Path(argv[0])
     for family in argv[1:] or list(FAMILIES):

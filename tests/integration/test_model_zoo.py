@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from build_fixture_models import FAMILIES, WORDS, build, task_rows, text_rows
+from build_fixture_models import FAMILIES, WORDS, build, build_generic, task_rows, text_rows
 from typer.testing import CliRunner
 
 from finetune.cli import app
@@ -163,11 +163,19 @@ def test_eval_against_the_base(zoo):
     assert tuned["loss"] < base["loss"]
 
 
-def test_generate(zoo):
-    out = runner.invoke(app, ["generate", str(zoo["run"]), "--prompt",
-                              "What is 5 in words?" if zoo["chat"] else "The word for 5 is", "--max-new-tokens", "4"])
+def test_generate_chat_and_raw(zoo):
+    """Chat runs answer through the template by default and complete raw text with --raw; text runs complete raw
+    text by default (they never saw a template) and, without one, refuse --chat saying what to do."""
+    prompt = "What is 5 in words?" if zoo["chat"] else "The word for 5 is"
+    out = runner.invoke(app, ["generate", str(zoo["run"]), "--prompt", prompt, "--max-new-tokens", "4"])
     assert out.exit_code == 0, out.output
     assert ("through the chat template" if zoo["chat"] else "raw completion") in out.output
+    other = runner.invoke(app, ["generate", str(zoo["run"]), "--prompt", prompt, "--max-new-tokens", "4",
+                                "--chat" if not zoo["chat"] else "--raw"])
+    if zoo["chat"]:
+        assert other.exit_code == 0 and "raw completion" in other.output, other.output
+    else:
+        assert other.exit_code == 1 and "no chat template to answer through; use --raw" in other.output
 
 
 def test_dpo_moves_the_rewards_the_preferred_way(zoo):
@@ -217,3 +225,32 @@ def test_gguf_export_verified_by_llama_cpp_or_refused_up_front(zoo):
 
 def test_matrix_time_is_reported(zoo):
     print(f"\n[zoo] {zoo['family']}: model, data and training {TIMES[zoo['family']]:.1f} s")
+
+
+@pytest.mark.parametrize("model_type", ["starcoder2", "granite"])
+def test_a_family_built_generically_from_its_config_class(model_type, tmp_path):
+    """A family this matrix does not list, made by `AutoConfig.for_model`: named by `ft validate`, trained, merged
+    and verified like the listed ones (or refused up front: GGUF does not know it)."""
+    model = build_generic(model_type, tmp_path / "model")
+    data = _write(tmp_path / "train.jsonl", _rows(True, 32))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""name: zoo-{model_type}
+model: {{name_or_path: {model}, dtype: float32}}
+quantization: {{mode: none}}
+lora: {{r: 8, alpha: 16}}
+data: {{train: [{{path: {data}}}], max_length: 64}}
+training: {{max_steps: 20, micro_batch_size: 8, learning_rate: 2.0e-2, logging_steps: 1, seed: 0}}
+output: {{dir: {tmp_path / 'run'}}}
+""")
+    validated = runner.invoke(app, ["validate", str(recipe)])
+    assert validated.exit_code == 0 and f"# model family: {model_type}" in validated.output
+    assert f"ft export --format gguf: refused, this toolkit does not write the '{model_type}'" in validated.output
+    out = runner.invoke(app, ["train", str(recipe)])
+    assert out.exit_code == 0, out.output
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.5, losses
+    out = runner.invoke(app, ["export", str(tmp_path / "run"), "--format", "merged"])
+    assert out.exit_code == 0, out.output
+    meta = json.loads((tmp_path / "run" / "export" / "sft-merged" / "export.json").read_text())
+    assert meta["verification"]["original"]["mean_kl"] < 1e-4
