@@ -63,8 +63,8 @@ def _parts(tokenizer: Any) -> TemplateParts:
     probe = [{"role": r, "content": _MARK[r]} for r in ROLES]
     try:
         start = _render(tokenizer, [])
-    except Exception:  # templates that index messages[0]
-        start = ""
+    except Exception:  # templates that index messages[0]; transformers 5 refuses an empty conversation itself
+        start = _leading_bos(tokenizer, probe)
     wrap, done = {}, start
     for i, role in enumerate(ROLES):
         text = _render(tokenizer, probe[: i + 1])
@@ -92,6 +92,16 @@ def _parts(tokenizer: Any) -> TemplateParts:
             raise Untranslatable("a longer conversation renders differently than message by message (the template "
                                  "merges messages or adds text of its own, e.g. a default system prompt)")
     return parts
+
+
+def _leading_bos(tokenizer: Any, probe: list[dict[str, str]]) -> str:
+    """The bos token when the template writes it before any message (Llama 3's `{{ bos_token }}`), else ""."""
+    bos = getattr(tokenizer, "bos_token", None)
+    try:
+        alone = [_render(tokenizer, [message]) for message in probe[:2]]
+    except Exception:  # a template that refuses a system message alone
+        return ""
+    return bos if bos and all(text.startswith(bos) for text in alone) else ""
 
 
 def _quote(text: str) -> str:

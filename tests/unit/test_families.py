@@ -166,3 +166,16 @@ def test_an_end_of_turn_token_that_swallows_the_newline_keeps_its_label(tmp_path
     enc = encode_messages(tok, messages, "assistant", template)
     trained = tok.decode([i for i, label in zip(enc.input_ids, enc.labels, strict=True) if label != -100])
     assert trained == "three<|end|>" and enc.turns_without_eot == 0
+
+
+def test_ollama_templates_of_llama3_and_mistral_are_translated_or_declined(tmp_path):
+    """transformers 5 refuses to render an empty conversation, so a template writing bos before the messages (Llama 3)
+    lost its Modelfile; Mistral's refusal of a system message killed the whole GGUF export with a TemplateError."""
+    from finetune.export.modelfile import Untranslatable, template_parts
+
+    llama3 = load_tokenizer(None, str(build_tokenizer(FAMILIES["llama3"], tmp_path / "l") and tmp_path / "l"))
+    parts = template_parts(llama3)
+    assert parts.start == "" and parts.wrap["user"] == ("<|start_header_id|>user<|end_header_id|>\n\n", "<|eot_id|>")
+    mistral = load_tokenizer(None, str(build_tokenizer(FAMILIES["mistral"], tmp_path / "m") and tmp_path / "m"))
+    with pytest.raises(Untranslatable, match="the template refuses a system, user, assistant conversation"):
+        template_parts(mistral)
