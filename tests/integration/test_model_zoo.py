@@ -63,13 +63,16 @@ def zoo(request, tmp_path_factory) -> dict:
     chat = FAMILIES[family].chat
     train = _write(folder / "train.jsonl", _rows(chat, 64))
     held = _write(folder / "eval.jsonl", _rows(chat, 8, 3))
+    task = _write(folder / "task.jsonl", [{"messages": [{"role": "user", "content": q}], "answer": a}
+                                          for q, a, _ in task_rows(8, 5)])
     quant = MATRIX[family][0]
     recipe = folder / "recipe.yaml"
     recipe.write_text(f"""name: zoo-{family}
 model: {{name_or_path: {model}, dtype: float32}}
 quantization: {{mode: {quant}{', compute_dtype: float32' if quant != 'none' else ''}}}
 lora: {{r: 8, alpha: 16}}
-data: {{train: [{{path: {train}}}], eval: [{{path: {held}}}], max_length: 64}}
+data: {{train: [{{path: {train}}}], eval: [{{path: {held}}}], max_length: 64, task_eval: {task},
+        task_eval_max_new_tokens: 4}}
 training: {{max_steps: {SFT_STEPS}, micro_batch_size: 8, learning_rate: 2.0e-2, logging_steps: 1, seed: 0}}
 output: {{dir: {folder / 'run'}}}
 """)
@@ -161,6 +164,8 @@ def test_eval_against_the_base(zoo):
     kind = "chat" if zoo["chat"] else "text"
     assert tuned["rows"][kind] == 8 and base["rows"][kind] == 8  # text rows are scored too, not dropped
     assert tuned["loss"] < base["loss"]
+    for side in ("target", "against"):  # greedy answers of both, in batches padded with each one's pad token
+        assert result[side]["tasks"][str(zoo["folder"] / "task.jsonl")]["rows"] == 8
 
 
 def test_generate_chat_and_raw(zoo):
