@@ -98,6 +98,8 @@ def generate_answers(
     Returns:
         The decoded answers (special tokens dropped, surrounding whitespace stripped), in prompt order.
     """
+    from finetune.data.templates import stop_ids
+
     padding_side, was_training = tokenizer.padding_side, model.training
     tokenizer.padding_side = "left"
     model.eval()
@@ -114,7 +116,7 @@ def generate_answers(
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=pad_id,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=stop_ids(tokenizer),
             )
             new_tokens = out[:, enc["input_ids"].shape[1] :]
             answers.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))

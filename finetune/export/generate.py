@@ -145,6 +145,8 @@ def generate(loaded: Loaded, prompt: str, max_new_tokens: int = 128, temperature
     plain text (`raw`; None: `loaded.raw`); printed as it comes when `stream`."""
     from transformers import TextStreamer
 
+    from finetune.data.templates import stop_ids
+
     tokenizer, model = loaded.tokenizer, loaded.model
     raw = loaded.raw if raw is None else raw
     if raw:
@@ -164,5 +166,5 @@ def generate(loaded: Loaded, prompt: str, max_new_tokens: int = 128, temperature
         "do_sample": False}
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sampling)
+                         eos_token_id=stop_ids(tokenizer), pad_token_id=tokenizer.pad_token_id, **sampling)
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

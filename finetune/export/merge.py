@@ -238,6 +238,8 @@ def save_plain_model(state: dict[str, torch.Tensor], reference, folder: Path, dt
     """
     from huggingface_hub import save_torch_state_dict
 
+    from finetune.data.templates import stop_ids
+
     folder.mkdir(parents=True, exist_ok=True)
     cast = {k: _cast(v, dtype) for k, v in state.items()}
     save_torch_state_dict(cast, folder, max_shard_size=max_shard_size, metadata={"format": "pt"})
@@ -250,8 +252,7 @@ def save_plain_model(state: dict[str, torch.Tensor], reference, folder: Path, dt
     if generation is not None:
         eos = generation.eos_token_id
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
-            eos.append(tokenizer.eos_token_id)
+        eos += [i for i in stop_ids(tokenizer) if i not in eos]  # the end-of-turn token too, where it is not eos
         generation.eos_token_id = eos[0] if len(eos) == 1 else eos
         generation.pad_token_id = tokenizer.pad_token_id
         generation.save_pretrained(str(folder))

@@ -179,3 +179,23 @@ def test_ollama_templates_of_llama3_and_mistral_are_translated_or_declined(tmp_p
     mistral = load_tokenizer(None, str(build_tokenizer(FAMILIES["mistral"], tmp_path / "m") and tmp_path / "m"))
     with pytest.raises(Untranslatable, match="the template refuses a system, user, assistant conversation"):
         template_parts(mistral)
+
+
+def test_generation_stops_at_the_end_of_turn_token_when_it_is_not_eos(tmp_path, monkeypatch):
+    """Gemma keeps <eos> as eos while its turns end with <end_of_turn>: generation ran on past the answer."""
+    from finetune.data.templates import stop_ids
+    from finetune.eval.tasks import generate_answers
+    from finetune.export.generate import generate, load
+
+    loaded = load(build("gemma2", tmp_path / "gemma"))
+    tok = loaded.tokenizer
+    want = [tok.convert_tokens_to_ids("<eos>"), tok.convert_tokens_to_ids("<end_of_turn>")]
+    assert stop_ids(tok) == want
+    seen = []
+    real = loaded.model.generate
+    monkeypatch.setattr(loaded.model, "generate", lambda **kw: seen.append(kw["eos_token_id"]) or real(**kw))
+    generate(loaded, "What is 5 in words?", max_new_tokens=2, stream=False)
+    generate_answers(loaded.model, tok, [[{"role": "user", "content": "What is 5 in words?"}]], max_new_tokens=2)
+    assert seen == [want, want]
+    tok.chat_template = None
+    assert stop_ids(tok) == want[:1]
