@@ -208,14 +208,15 @@ output: {{dir: {folder / 'dpo-run'}}}
     assert m["eval_after"]["rewards/margins"] > 0.05 and m["eval_after"]["rewards/accuracies"] >= 0.75, m
 
 
-GGUF = {"llama3", "mistral", "gemma2", "qwen3", "phi3"}  # the rest is refused by `ft validate`, then by `ft export`
+# GGUF verified by llama.cpp; the rest is refused by `ft validate`, then by `ft export`
+GGUF = {"llama3", "qwen2.5", "mistral", "gemma2", "qwen3", "phi3"}
 
 
 def test_gguf_export_verified_by_llama_cpp_or_refused_up_front(zoo):
     validated = runner.invoke(app, ["validate", str(zoo["recipe"])]).output
     refused = [line for line in validated.splitlines() if "ft export --format gguf: refused" in line]
     if zoo["family"] not in GGUF:
-        why = "a normalizer (NFC)" if zoo["family"] == "qwen2.5" else "this toolkit does not write the"
+        why = "this toolkit does not write the"
         assert len(refused) == 1 and why in refused[0] and "instead: " in refused[0], validated
         out = runner.invoke(app, ["export", str(zoo["run"]), "--format", "gguf"])
         assert out.exit_code == 1 and out.output.count("\n") == 1 and "Traceback" not in out.output, out.output
@@ -228,8 +229,10 @@ def test_gguf_export_verified_by_llama_cpp_or_refused_up_front(zoo):
     figures = meta["verification"]["llama.cpp"]
     assert figures["mean_kl"] < 1e-5 and figures["top1_agreement"] == 1.0, figures
     # an Ollama Modelfile where the template wraps each message on its own; none where it refuses a system message
-    # (Mistral, Gemma) or renders the last answer otherwise (Qwen3's <think> block)
-    assert (meta["gguf"]["modelfile"] is None) == (zoo["family"] in ("mistral", "gemma2", "qwen3")), meta["gguf"]
+    # (Mistral, Gemma), adds text of its own (Qwen2.5's default system prompt) or renders the last answer otherwise
+    # (Qwen3's <think> block)
+    untranslated = ("qwen2.5", "mistral", "gemma2", "qwen3")
+    assert (meta["gguf"]["modelfile"] is None) == (zoo["family"] in untranslated), meta["gguf"]
 
 
 def test_matrix_time_is_reported(zoo):

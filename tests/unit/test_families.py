@@ -199,3 +199,13 @@ def test_generation_stops_at_the_end_of_turn_token_when_it_is_not_eos(tmp_path, 
     assert seen == [want, want]
     tok.chat_template = None
     assert stop_ids(tok) == want[:1]
+
+
+def test_gguf_accepts_the_nfc_normalizer_of_qwen_tokenizers_only():
+    """transformers 5 loads Qwen2/2.5 tokenizers with an NFC normalizer: GGUF export refused the family it claims."""
+    from finetune.export.gguf_vocab import pre_tokenizer_name
+
+    data = {"model": {"type": "BPE"}, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False}}
+    assert pre_tokenizer_name({**data, "normalizer": {"type": "NFC"}}, "t") == "gpt-2"
+    with pytest.raises(FinetuneError, match=r"tokenizers with a normalizer \(Lowercase\) are not written"):
+        pre_tokenizer_name({**data, "normalizer": {"type": "Lowercase"}}, "t")
