@@ -209,3 +209,22 @@ def test_gguf_accepts_the_nfc_normalizer_of_qwen_tokenizers_only():
     assert pre_tokenizer_name({**data, "normalizer": {"type": "NFC"}}, "t") == "gpt-2"
     with pytest.raises(FinetuneError, match=r"tokenizers with a normalizer \(Lowercase\) are not written"):
         pre_tokenizer_name({**data, "normalizer": {"type": "Lowercase"}}, "t")
+
+
+def test_validate_refuses_gguf_for_a_text_run_on_a_base_without_a_template(tmp_path):
+    """A text run on a base without a chat template keeps having none (its exports invent none), and the GGUF check
+    runs conversations: said by `ft validate`, not after training."""
+    from finetune.export.support import family_lines
+    from finetune.recipe.schema import Recipe
+
+    base = tmp_path / "base"
+    build_tokenizer(FAMILIES["gpt-neox"], base)
+    (base / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    text = tmp_path / "t.jsonl"
+    text.write_text(json.dumps({"text": "The word for 1 is one."}) + "\n")
+    lines = family_lines(Recipe(model={"name_or_path": str(base)}, data={"train": [{"path": str(text)}]}))
+    assert lines[1] == ("#   ft export --format gguf: refused, a text run on a base model without a chat template "
+                        "keeps having none, and the GGUF check runs conversations; instead: set data.template (e.g. "
+                        "plain) to ship one, or --format merged")
+    chosen = Recipe(model={"name_or_path": str(base)}, data={"train": [{"path": str(text)}], "template": "plain"})
+    assert family_lines(chosen) == ["# model family: llama"]
