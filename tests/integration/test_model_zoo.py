@@ -266,3 +266,31 @@ output: {{dir: {tmp_path / 'run'}}}
     assert out.exit_code == 0, out.output
     meta = json.loads((tmp_path / "run" / "export" / "sft-merged" / "export.json").read_text())
     assert meta["verification"]["original"]["mean_kl"] < 1e-4
+
+
+def test_qlora_moe_merge_is_refused_up_front_and_merges_into_the_original_weights(tmp_path):
+    """QLoRA on Qwen3-MoE (the experts' quantization is issue 30): it trains; `ft validate` says before training that
+    the default merge into dequantized weights is refused and what to do, `ft export` refuses it in one line, and
+    `--merge-into original` is verified (its KL is the 4-bit error of the attention layers the adapter saw)."""
+    model = build("qwen3-moe", tmp_path / "model")
+    data = _write(tmp_path / "train.jsonl", _rows(True, 32))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""name: zoo-moe-qlora
+model: {{name_or_path: {model}, dtype: float32}}
+quantization: {{mode: nf4, compute_dtype: float32}}
+lora: {{r: 8, alpha: 16}}
+data: {{train: [{{path: {data}}}], max_length: 64}}
+training: {{max_steps: 4, micro_batch_size: 8, learning_rate: 2.0e-2, logging_steps: 1, seed: 0}}
+output: {{dir: {tmp_path / 'run'}}}
+""")
+    validated = runner.invoke(app, ["validate", str(recipe)]).output
+    assert "ft export --format merged --merge-into dequantized (the QLoRA default): refused" in validated
+    assert "instead: ft export --format merged --merge-into original, or --format adapter" in validated
+    out = runner.invoke(app, ["train", str(recipe)])
+    assert out.exit_code == 0, out.output
+    out = runner.invoke(app, ["export", str(tmp_path / "run"), "--format", "merged"])
+    assert out.exit_code == 1 and out.output.count("\n") == 1 and "pass --merge-into original" in out.output
+    out = runner.invoke(app, ["export", str(tmp_path / "run"), "--format", "merged", "--merge-into", "original"])
+    assert out.exit_code == 0, out.output
+    meta = json.loads((tmp_path / "run" / "export" / "sft-merged" / "export.json").read_text())
+    assert meta["verification"]["original"]["mean_kl"] < 0.01
