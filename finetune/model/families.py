@@ -1,7 +1,7 @@
 """What differs per model family, as data: one row per transformers `model_type`, read from config.json alone.
 
-Stages and exports ask this table instead of testing `model_type` themselves. Families not listed are plain
-decoder-only models with Linear layers (Llama, Qwen, Mistral, Gemma, Phi-3, OLMo 2 ...).
+Stages and exports ask this table instead of testing `model_type` themselves. Families not listed have nothing here
+that matters (GPT-2's Conv1D layers are found by their class: `finetune.export.merge.to_conv1d_layout`).
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from finetune.recipe.schema import ModelConfig
 class Traits:
     """How a family's weights are laid out where that matters after training."""
 
-    conv1d: bool = False  # GPT-2 style Conv1D layers: weights stored [in, out] (a merge must write them that way)
-    fused_experts: bool = False  # MoE experts as fused 3D parameters (transformers 5): LoRA's Linear targets miss them
+    # MoE experts as fused 3D parameters (transformers 5): peft adapts them as raw parameters (`target_parameters`),
+    # which only peft's own merge into the original weights knows
+    fused_experts: bool = False
 
 
 TRAITS: dict[str, Traits] = {
-    "gpt2": Traits(conv1d=True),
     "qwen3_moe": Traits(fused_experts=True),
     "qwen2_moe": Traits(fused_experts=True),
     "mixtral": Traits(fused_experts=True),
