@@ -117,6 +117,9 @@ def generate_answers(
                 do_sample=False,
                 pad_token_id=pad_id,
                 eos_token_id=stop_ids(tokenizer),
+                # MoE during training (trl turns the router loss on): its load-balancing loss cannot take the cache's
+                # shorter steps with a padded mask, and generation needs none
+                **({"output_router_logits": False} if getattr(model.config, "output_router_logits", False) else {}),
             )
             new_tokens = out[:, enc["input_ids"].shape[1] :]
             answers.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
