@@ -28,10 +28,15 @@ def _first_row_format(src, key: str) -> str:
 
 
 def trains_on_text_only(data: DataConfig) -> bool:
-    """True when the stage's every training source is `text` (by its `format`, or detected from its first row)."""
+    """True when the stage's every training source is `text` (by its `format`, or detected from the first row of a
+    local source; a Hub source must say `format: text`, so that nothing is fetched for this)."""
+    from pathlib import Path
+
     if not data.train:
         return False
     for i, src in enumerate(data.train):
+        if src.format == "auto" and not Path(src.path).exists():
+            return False
         fmt = src.format if src.format != "auto" else _first_row_format(src, f"data.train[{i}]")
         if fmt != "text":
             return False

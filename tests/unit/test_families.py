@@ -228,3 +228,11 @@ def test_validate_refuses_gguf_for_a_text_run_on_a_base_without_a_template(tmp_p
                         "plain) to ship one, or --format merged")
     chosen = Recipe(model={"name_or_path": str(base)}, data={"train": [{"path": str(text)}], "template": "plain"})
     assert family_lines(chosen) == ["# model family: llama"]
+
+
+def test_a_hub_source_is_not_opened_to_tell_whether_a_stage_is_text_only():
+    from finetune.data.textonly import trains_on_text_only
+    from finetune.recipe.schema import DataConfig
+
+    assert not trains_on_text_only(DataConfig(train=[{"path": "someone/some-dataset"}]))  # nothing fetched
+    assert trains_on_text_only(DataConfig(train=[{"path": "someone/some-dataset", "format": "text"}]))
