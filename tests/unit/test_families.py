@@ -236,3 +236,14 @@ def test_a_hub_source_is_not_opened_to_tell_whether_a_stage_is_text_only():
 
     assert not trains_on_text_only(DataConfig(train=[{"path": "someone/some-dataset"}]))  # nothing fetched
     assert trains_on_text_only(DataConfig(train=[{"path": "someone/some-dataset", "format": "text"}]))
+
+
+def test_the_fixture_builder_command_writes_loadable_models(tmp_path, capsys):
+    """`python scripts/build_fixture_models.py OUT [FAMILY ...]`, as the README shows it."""
+    from build_fixture_models import main
+    from transformers import AutoConfig
+
+    main([str(tmp_path), "gpt2"])
+    assert capsys.readouterr().out.split() == [str(tmp_path / "gpt2")]
+    assert AutoConfig.from_pretrained(str(tmp_path / "gpt2")).model_type == "gpt2"
+    assert load_tokenizer(None, str(tmp_path / "gpt2")).pad_token == "<|pad|>"
