@@ -71,7 +71,7 @@ def load(path: str | Path, stage: str | None = None, base: str | None = None) ->
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto")
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer))
-        return Loaded(model.eval(), tokenizer, f"model folder {path}")
+        return Loaded(model.eval(), tokenizer, f"model folder {path}", _text_only(path))
     raise FinetuneError(
         f"{path} holds neither a run (recipe.yaml), an adapter (adapter_config.json) nor a model (config.json)"
     )
@@ -124,7 +124,12 @@ def _load_adapter(path: Path, base: str | None) -> Loaded:
         model.resize_token_embeddings(len(tokenizer))
     model = restore_adapter_dtype(PeftModel.from_pretrained(model, str(path)).eval(), path)
     how = f"{quant.mode} base" if quant is not None and quant.mode != "none" else "base"
-    return Loaded(model, tokenizer, f"adapter {path} on {how} {base}")
+    return Loaded(model, tokenizer, f"adapter {path} on {how} {base}", _text_only(path))
+
+
+def _text_only(path: Path) -> bool:
+    """An export of a stage trained on text only (its export.json says so)."""
+    return bool(read_json(path / "export.json", {}).get("text_only"))
 
 
 def read_prompts(path: str | Path) -> list[str]:

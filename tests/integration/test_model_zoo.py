@@ -130,6 +130,7 @@ def test_merged_export_is_verified(zoo):
     meta = json.loads((export / "export.json").read_text())
     figures = meta["verification"][meta["merge_into"]]
     assert figures["mean_kl"] < 1e-4 and figures["top1_agreement"] == 1.0, figures
+    assert meta["text_only"] is not zoo["chat"]  # `ft generate` completes raw text with it by default
     if not zoo["chat"]:  # a text run on a base model ships no chat template the base never had
         assert not (export / "chat_template.jinja").exists()
         assert "chat_template" not in json.loads((export / "tokenizer_config.json").read_text())

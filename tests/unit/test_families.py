@@ -247,3 +247,14 @@ def test_the_fixture_builder_command_writes_loadable_models(tmp_path, capsys):
     assert capsys.readouterr().out.split() == [str(tmp_path / "gpt2")]
     assert AutoConfig.from_pretrained(str(tmp_path / "gpt2")).model_type == "gpt2"
     assert load_tokenizer(None, str(tmp_path / "gpt2")).pad_token == "<|pad|>"
+
+
+def test_an_export_of_a_text_run_completes_raw_text_even_with_the_bases_template(tmp_path):
+    """A text run on a base that has a chat template keeps that template; its exports say they were trained on text
+    (export.json), and `ft generate` completes raw text with them by default."""
+    from finetune.export.generate import load
+
+    model = build("llama3", tmp_path / "m")
+    assert not load(model).raw  # a chat model folder: through the template
+    (model / "export.json").write_text(json.dumps({"format": "merged", "text_only": True}))
+    assert load(model).raw
