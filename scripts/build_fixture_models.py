@@ -91,7 +91,9 @@ FAMILIES: dict[str, Family] = {
                      {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 64}, add_bos=True),
     "gemma3": Family("Gemma3TextConfig", ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
                      {"bos": "<bos>", "eos": "<eos>", "unk": "<unk>", "pad": "<pad>"}, TEMPLATES["gemma"],
-                     {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 64}, add_bos=True),
+                     # six layers: five sliding, then one global with its own rope base (Gemma 3's pattern)
+                     {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 64, "num_hidden_layers": 6},
+                     add_bos=True),
     "phi3": Family("Phi3Config", ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|user|>", "<|assistant|>",
                                   "<|system|>", "<|end|>"],
                    {"bos": "<s>", "eos": "<|end|>", "unk": "<unk>", "pad": "<|endoftext|>"}, TEMPLATES["phi3"],
@@ -165,7 +167,7 @@ def build(family: str, out: Path, seed: int = 0) -> Path:
     ids = {f"{k}_token_id": tok.convert_tokens_to_ids(v) for k, v in fam.tokens.items() if v and k != "unk"}
     ids.setdefault("bos_token_id", None)
     sizes = {} if family == "gpt2" else SMALL
-    config = getattr(transformers, fam.config)(vocab_size=len(tok), **sizes, **ids, **fam.extra)
+    config = getattr(transformers, fam.config)(vocab_size=len(tok), **{**sizes, **fam.extra}, **ids)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # weights of one scale whatever each family's init: embeddings and output rows large

@@ -210,7 +210,7 @@ output: {{dir: {folder / 'dpo-run'}}}
 
 
 # GGUF verified by llama.cpp; the rest is refused by `ft validate`, then by `ft export`
-GGUF = {"llama3", "qwen2.5", "mistral", "gemma2", "qwen3", "phi3"}
+GGUF = {"llama3", "qwen2.5", "mistral", "gemma2", "gemma3", "qwen3", "phi3", "olmo2"}
 
 
 def test_gguf_export_verified_by_llama_cpp_or_refused_up_front(zoo):
@@ -232,7 +232,7 @@ def test_gguf_export_verified_by_llama_cpp_or_refused_up_front(zoo):
     # an Ollama Modelfile where the template wraps each message on its own; none where it refuses a system message
     # (Mistral, Gemma), adds text of its own (Qwen2.5's default system prompt) or renders the last answer otherwise
     # (Qwen3's <think> block)
-    untranslated = ("qwen2.5", "mistral", "gemma2", "qwen3")
+    untranslated = ("qwen2.5", "mistral", "gemma2", "gemma3", "qwen3")
     assert (meta["gguf"]["modelfile"] is None) == (zoo["family"] in untranslated), meta["gguf"]
 
 
