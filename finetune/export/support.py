@@ -7,6 +7,8 @@ same way: a family is never found out after training.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,8 +58,10 @@ def tokenizer_refusals(recipe: Recipe) -> list[Refusal]:
     folder = Path(recipe.model.name_or_path)
     if not (folder / "tokenizer.json").exists():
         return []
-    # as transformers loads it (and the run saves it): transformers 5 rebuilds some families' tokenizers on loading
-    backend = getattr(load_tokenizer(recipe.model), "backend_tokenizer", None)
+    # as transformers loads it (and the run saves it): transformers 5 rebuilds some families' tokenizers on loading;
+    # its pad-token note belongs to training, not to this check
+    with contextlib.redirect_stdout(io.StringIO()):
+        backend = getattr(load_tokenizer(recipe.model), "backend_tokenizer", None)
     try:
         if backend is not None:
             tokenizer_model(json.loads(backend.to_str()), "the base tokenizer as transformers loads it")
