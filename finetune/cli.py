@@ -78,12 +78,15 @@ def validate(
 
     Exit code 0 when valid, 2 when not.
     """
+    from finetune.export.support import family_lines
     from finetune.recipe.loading import dump_recipe
     from finetune.stages.preflight import data_checked
 
     resolved = _load(recipe, set_)
     if not quiet:
-        typer.echo(f"# {recipe}: valid; {data_checked(resolved)}.\n# Resolved recipe (every default written out):")
+        typer.echo(f"# {recipe}: valid; {data_checked(resolved)}.")
+        typer.echo("\n".join(family_lines(resolved)))
+        typer.echo("# Resolved recipe (every default written out):")
         typer.echo(dump_recipe(resolved))
 
 
@@ -205,8 +208,11 @@ def generate(
     system: Annotated[str | None, typer.Option(help="System message put before each prompt.")] = None,
     stage: Annotated[str | None, typer.Option(help="Run folders: stage to load (default: the last finished).")] = None,
     base: Annotated[str | None, typer.Option(help="Adapter folders: base model, if not the one it names.")] = None,
+    raw: Annotated[bool | None, typer.Option(
+        "--raw/--chat", help="Complete the prompt as plain text (default for runs trained on text only and models "
+        "without a chat template), or answer it through the chat template.", show_default=False)] = None,
 ) -> None:
-    """Load a run's adapter or an export, apply the chat template and stream the answers."""
+    """Load a run's adapter or an export and stream the answers (through the chat template, or raw completion)."""
     from finetune.export.generate import generate as answer
     from finetune.export.generate import load, read_prompts
 
@@ -215,11 +221,13 @@ def generate(
         if not prompts:
             raise _fail("give at least one --prompt or a --prompts-file")
         loaded = load(path, stage=stage, base=base)
-        typer.echo(f"# {loaded.description}", err=True)
+        completing = loaded.raw if raw is None else raw
+        how = "raw completion, no chat template" if completing else "answers through the chat template"
+        typer.echo(f"# {loaded.description}; {how}", err=True)
         for text in prompts:
             if len(prompts) > 1:
                 typer.echo(f"### {text}")
-            answer(loaded, text, max_new_tokens=max_new_tokens, temperature=temperature, system=system)
+            answer(loaded, text, max_new_tokens=max_new_tokens, temperature=temperature, system=system, raw=raw)
 
 
 @app.command()

@@ -226,7 +226,7 @@ def ids_and_last_chars(tokenizer: Any, text: str, spans: list[tuple[int, int]]) 
     try:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         # the transformers call, not the backend's: ids must be exactly what apply_chat_template gives
-        return enc["input_ids"], np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)[:, 1] - 1
+        return enc["input_ids"], last_chars(tokenizer, text, enc["input_ids"], enc["offset_mapping"])
     except (NotImplementedError, ValueError, KeyError):
         # Tokenizers without offsets (Python and mistral-common ones): tokenize piece by piece, cut at the span edges.
         cuts = sorted({0, len(text), *(c for span in spans for c in span)})
@@ -236,6 +236,23 @@ def ids_and_last_chars(tokenizer: Any, text: str, spans: list[tuple[int, int]]) 
             ids += piece
             last += [b - 1] * len(piece)
         return ids, np.asarray(last, dtype=np.int64)
+
+
+def last_chars(tokenizer: Any, text: str, ids: list[int], offsets: Any) -> Any:
+    """The index of each token's last character (numpy), whitespace that a special token swallows not counted.
+
+    Phi-3's chat tokens (and others added with `rstrip`) take the newline after them into their own offsets; their
+    last character is then outside the assistant turn that they end, and the end-of-turn token would lose its label.
+    """
+    import numpy as np
+
+    pairs = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    last = pairs[:, 1] - 1
+    swallowing = {i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "rstrip", False)}
+    for k in (k for k, tid in enumerate(ids) if tid in swallowing):
+        while last[k] > pairs[k, 0] and text[last[k]].isspace():
+            last[k] -= 1
+    return last
 
 
 def encode_text(tokenizer: Any, text: str) -> Encoded:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from finetune.data.encode import Encoded, EncodeError, encode_example, labelled, prepared_messages
+from finetune.data.encode import Encoded, EncodeError, encode_example, labelled, last_chars, prepared_messages
 from finetune.data.templates import TemplateInfo
 
 
@@ -38,8 +38,6 @@ def encode_many(tokenizer: Any, examples: list[dict[str, Any]], data: Any, templ
 
 
 def _chats(tokenizer: Any, chats: list, template: TemplateInfo, out: list, examples: list, data: Any) -> None:
-    import numpy as np  # here, not at the top: `ft validate` imports this package and should stay light
-
     if not chats:
         return
     try:
@@ -49,7 +47,7 @@ def _chats(tokenizer: Any, chats: list, template: TemplateInfo, out: list, examp
             out[k] = _or_error(tokenizer, examples[k], data, template)
         return
     for j, (k, _, spans, turns, stats) in enumerate(chats):
-        last = np.asarray(enc["offset_mapping"][j], dtype=np.int64).reshape(-1, 2)[:, 1] - 1
+        last = last_chars(tokenizer, chats[j][1], enc["input_ids"][j], enc["offset_mapping"][j])
         out[k] = labelled(enc["input_ids"][j], last, spans, turns, template.end_of_turn_id, stats)
 
 

@@ -218,6 +218,20 @@ def find_end_of_turn(tokenizer: Any, source: str) -> str | None:
     return min(found)[1] if found else None
 
 
+def stop_ids(tokenizer: Any) -> list[int]:
+    """The ids generation stops at: eos, and the chat template's end-of-turn token where it is another one (Gemma's
+    tokenizers keep `<eos>` as eos while turns end with `<end_of_turn>`)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if tokenizer.chat_template:
+        try:
+            eot = find_end_of_turn(tokenizer, "tokenizer")
+        except FinetuneError:
+            eot = None
+        if eot is not None:
+            ids.append(tokenizer.convert_tokens_to_ids(eot))
+    return list(dict.fromkeys(ids))
+
+
 def applied_template(tokenizer: Any, data: DataConfig) -> TemplateInfo:
     """The template of a tokenizer that `apply_template(tokenizer, data)` has prepared.
 

@@ -35,7 +35,7 @@ class TaskSet:
 class Suite:
     """Everything `evaluate` scores, read and checked before any model loads."""
 
-    heldout: list[dict[str, Any]] = field(default_factory=list)  # {"messages": [...]} rows
+    heldout: list[dict[str, Any]] = field(default_factory=list)  # {"messages": [...]} and {"text": ...} rows
     tasks: list[TaskSet] = field(default_factory=list)
     preference: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # file -> {prompt, chosen, rejected}
     general: list[str] = field(default_factory=list)
@@ -99,7 +99,7 @@ def load_suite(recipe: Recipe, stage: StageConfig) -> Suite:
         if fmt == "preference":
             suite.preference[src.path] = normalize_preference(table)[:limit]
         else:
-            suite.heldout += [r for r in normalize_sft(table, fmt) if "messages" in r][:limit]
+            suite.heldout += normalize_sft(table, fmt)[:limit]  # chat rows and text rows, as training scored them
     files = [TaskFile(path=data.task_eval)] if data.task_eval else []
     for task in files + list(cfg.tasks):
         rows = _jsonl(task.path, "task file")[: task.max_rows or limit]
@@ -123,6 +123,38 @@ def _encode(tokenizer, template, messages: list[dict[str, str]], train_on: str, 
 def _text_sample(tokenizer, text: str, max_length: int) -> scoring.Sample:
     ids = tokenizer(text)["input_ids"][:max_length]
     return ids, list(ids)
+
+
+def heldout_samples(tokenizer, template, suite: Suite) -> tuple[list[scoring.Sample], dict[str, int]]:
+    """The held-out rows as samples, as training encoded them (chat rows masked by `train_on`, text rows with every
+    token labelled), without those left with no labelled token; and the counts of each kind."""
+    from finetune.data.encode import IGNORE, encode_text
+
+    samples, counts = [], {"chat": 0, "text": 0, "skipped_no_labels": 0}
+    for row in suite.heldout:
+        if "messages" in row:
+            sample, kind = _encode(tokenizer, template, row["messages"], suite.train_on, suite.max_length), "chat"
+        else:
+            enc = encode_text(tokenizer, row["text"])
+            sample, kind = (enc.input_ids[: suite.max_length], enc.labels[: suite.max_length]), "text"
+        if all(label == IGNORE for label in sample[1][1:]):  # the first label predicts nothing
+            counts["skipped_no_labels"] += 1
+            continue
+        counts[kind] += 1
+        samples.append(sample)
+    return samples, counts
+
+
+def heldout_loss(fwd, tokenizer, template, suite: Suite, pad: int, say: Callable[[str], None]) -> dict[str, Any]:
+    """Held-out loss and perplexity over the chat and text rows of `data.eval`, saying what it scored and skipped."""
+    samples, counts = heldout_samples(tokenizer, template, suite)
+    skipped = counts["skipped_no_labels"]
+    say(f"  heldout: {counts['chat']} chat rows, {counts['text']} text rows"
+        + (f"; skipped {skipped} rows with no trained token within max_length {suite.max_length}" if skipped else ""))
+    if not samples:
+        raise FinetuneError(f"data.eval: none of its {len(suite.heldout)} rows has a trained token within "
+                            f"max_length {suite.max_length}; nothing to score")
+    return {**scoring.mean_loss(scoring.label_logprobs(fwd, samples, pad)), "rows": counts}
 
 
 def general_samples(tokenizer, suite: Suite) -> list[scoring.Sample]:
@@ -181,9 +213,7 @@ def evaluate(model, tokenizer, template, suite: Suite, base: scoring.Forward | N
         return result
 
     if suite.heldout:
-        samples = [_encode(tokenizer, template, r["messages"], suite.train_on, suite.max_length)
-                   for r in suite.heldout]
-        out["heldout"] = timed("heldout", lambda: scoring.mean_loss(scoring.label_logprobs(fwd, samples, pad)))
+        out["heldout"] = timed("heldout", lambda: heldout_loss(fwd, tokenizer, template, suite, pad, say))
     if suite.tasks:
         out["tasks"], answered = {}, {}
         for task in suite.tasks:

@@ -101,6 +101,8 @@ def generate_answers(
     Returns:
         The decoded answers (special tokens dropped, surrounding whitespace stripped), in prompt order.
     """
+    from finetune.data.templates import stop_ids
+
     padding_side, was_training = tokenizer.padding_side, model.training
     tokenizer.padding_side = "left"
     model.eval()
@@ -117,7 +119,10 @@ def generate_answers(
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=pad_id,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=stop_ids(tokenizer),
+                # MoE during training (trl turns the router loss on): its load-balancing loss cannot take the cache's
+                # shorter steps with a padded mask, and generation needs none
+                **({"output_router_logits": False} if getattr(model.config, "output_router_logits", False) else {}),
             )
             new_tokens = out[:, enc["input_ids"].shape[1] :]
             answers.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))

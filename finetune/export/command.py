@@ -52,6 +52,28 @@ def export_run(run_dir: str | Path, format_: str = "adapter", stage: str | None 
     check_options(format_, given)
     run = open_run(run_dir, stage)
     kwargs = {k: v for k, v in options.items() if v is not None}
+    try:
+        return _export(run, format_, out, overwrite, verify, compare, kwargs)
+    except (FinetuneError, KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as e:  # a library's error deep in a merge or reload: one line saying what to do, no traceback
+        merged_into = "original" if run.recipe.quantization.mode == "none" else kwargs.get("merge_into")
+        raise FinetuneError(failure_line(format_, run.stage.name, e, merged_into)) from None
+
+
+def failure_line(format_: str, stage: str, error: BaseException, merge_into: str | None = None) -> str:
+    """One line for an export that failed unexpectedly: what failed, the library's first line, what to try."""
+    first = (str(error).strip().splitlines() or [""])[0][:240]
+    tries = [] if format_ == "adapter" else ["--format adapter (the trained adapter, loaded on the base with peft)"]
+    if format_ in ("merged", "gguf") and merge_into != "original":
+        tries.insert(0, "--merge-into original")
+    todo = f"Try {' or '.join(tries)}; " if tries else ""
+    return (f"{format_} export of stage '{stage}' failed and nothing was written: {type(error).__name__}: {first}. "
+            f"{todo}please report it with the run's recipe.yaml")
+
+
+def _export(run, format_: str, out: Path | None, overwrite: bool, verify: bool, compare: bool,
+            kwargs: dict[str, Any]) -> ExportResult:
     if format_ == "adapter":
         from finetune.export.exports import export_adapter
 

@@ -79,15 +79,11 @@ def _recipe_stage(target: Target, other: Target | None, recipe_path: Path | None
 
 
 def _tokenizer(target: Target):
-    from transformers import AutoTokenizer
-
     from finetune.export.runstage import open_run
-    from finetune.model.loading import ensure_pad_token
+    from finetune.model.loading import load_tokenizer
 
     source = open_run(target.run_dir, target.stage).tokenizer_dir if target.run_dir else target.path
-    tok = AutoTokenizer.from_pretrained(str(source))
-    ensure_pad_token(tok)
-    return tok
+    return load_tokenizer(None, str(source))
 
 
 def tokenizer_difference(a, b) -> str | None:
@@ -113,9 +109,11 @@ def _base_forward(loaded, recipe: Recipe, target: Target):
     base = base_source(recipe.model)
     if Path(base).resolve() == target.path.resolve():
         return None, "the target is the base model"
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    why = tokenizer_difference(loaded.tokenizer, AutoTokenizer.from_pretrained(base))
+    from finetune.model.loading import load_tokenizer
+
+    why = tokenizer_difference(loaded.tokenizer, load_tokenizer(recipe.model))
     if why is None and loaded.model.get_output_embeddings().weight.shape[0] != _vocab_rows(base):
         why = "the base model's vocabulary size differs"
     if why:

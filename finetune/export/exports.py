@@ -93,8 +93,12 @@ def _name_public_base(run: RunStage, config_path: Path, result: ExportResult) ->
             "of) and export again, or users of the upload must pass the base model themselves")
 
 
-def check_mergeable(adapter_dir: Path) -> None:
-    """Refuse adapters a merged export cannot reproduce exactly, saying why and what to do instead."""
+def check_mergeable(adapter_dir: Path, merge_into: str = "dequantized") -> None:
+    """Refuse adapters a merged export cannot reproduce exactly, saying why and what to do instead.
+
+    LoRA on raw parameters (peft's `target_parameters`: the fused 3D experts of MoE families) is merged by peft
+    itself, into the original weights; our merge into the dequantized 4-bit weights does not know those layers.
+    """
     cfg = read_json(adapter_dir / "adapter_config.json", {})
     hint = "Export it with --format adapter instead (load it on the base with peft)."
     if cfg.get("peft_type") != "LORA":
@@ -105,8 +109,14 @@ def check_mergeable(adapter_dir: Path) -> None:
             "computed from the base weight, so a merge into NF4-dequantized weights would not reproduce training "
             f"faithfully and we do not ship a merge we cannot verify. {hint}"
         )
-    for key, what in (("lora_bias", "LoRA biases"), ("trainable_token_indices", "trainable token rows"),
-                      ("target_parameters", "LoRA on raw parameters")):
+    if cfg.get("target_parameters") and merge_into != "original":
+        names = ", ".join(cfg["target_parameters"])
+        raise FinetuneError(
+            f"{adapter_dir}: adapters with LoRA on raw parameters (target_parameters: {names}, the experts of a "
+            "Mixture-of-Experts model) are merged into the original weights only; pass --merge-into original "
+            f"(verified like any merged export), or {hint[0].lower()}{hint[1:]}"
+        )
+    for key, what in (("lora_bias", "LoRA biases"), ("trainable_token_indices", "trainable token rows")):
         if cfg.get(key):
             raise FinetuneError(
                 f"{adapter_dir}: adapters with {what} ({key}) are not supported by merged export; {hint}"
@@ -145,10 +155,10 @@ def export_merged(
     from finetune.export.merge import build_reference, export_torch_dtype, merged_state_dict, save_plain_model
     from finetune.model.loading import load_tokenizer
 
-    check_mergeable(run.adapter)
     quantized = run.recipe.quantization.mode != "none"
     if not quantized and merge_into == "dequantized":
         merge_into = "original"  # nothing was quantized: the weights training saw are the original ones
+    check_mergeable(run.adapter, merge_into)
     out = Path(out or default_out(run, "merged"))
     tmp = _prepare_out(out, overwrite)
     try:

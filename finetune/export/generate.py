@@ -28,6 +28,10 @@ class Loaded:
     model: Any
     tokenizer: Any
     description: str
+    raw: bool = False  # complete plain text by default: trained on text only, or no chat template to answer through
+
+    def __post_init__(self) -> None:
+        self.raw = self.raw or not self.tokenizer.chat_template
 
 
 def _run_folder(path: Path) -> tuple[Path, str | None] | None:
@@ -59,10 +63,15 @@ def load(path: str | Path, stage: str | None = None, base: str | None = None) ->
     if (path / "adapter_config.json").exists():
         return _load_adapter(path, base)
     if (path / "config.json").exists():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
+        from finetune.model.loading import load_tokenizer
+
+        tokenizer = load_tokenizer(None, str(path))
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto")
-        return Loaded(model.eval(), AutoTokenizer.from_pretrained(str(path)), f"model folder {path}")
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tokenizer))
+        return Loaded(model.eval(), tokenizer, f"model folder {path}", _text_only(path))
     raise FinetuneError(
         f"{path} holds neither a run (recipe.yaml), an adapter (adapter_config.json) nor a model (config.json)"
     )
@@ -78,16 +87,17 @@ def _load_run(run_dir: Path, stage: str | None) -> Loaded:
     model = build_reference(run.recipe, run.adapter, tokenizer)
     quant = run.recipe.quantization.mode
     how = f"{quant} base" if quant != "none" else "base"
-    return Loaded(model, tokenizer, f"run {run_dir}, stage {run.stage.name} ({how} + adapter, as trained)")
+    text_only = bool(read_json(run_dir / run.stage.name / "summary.json", {}).get("metrics", {}).get("text_only"))
+    return Loaded(model, tokenizer, f"run {run_dir}, stage {run.stage.name} ({how} + adapter, as trained)", text_only)
 
 
 def _load_adapter(path: Path, base: str | None) -> Loaded:
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from finetune.export.merge import restore_adapter_dtype
     from finetune.model import bnb_cpu
-    from finetune.model.loading import bnb_config, resolve_dtype
+    from finetune.model.loading import bnb_config, load_tokenizer, resolve_dtype
     from finetune.recipe.schema import QuantizationConfig
 
     base = base or read_json(path / "adapter_config.json", {}).get("base_model_name_or_path")
@@ -107,14 +117,19 @@ def _load_adapter(path: Path, base: str | None) -> Loaded:
         kwargs["quantization_config"] = bnb_config(quant, dtype)
         if not torch.cuda.is_available():
             kwargs["device_map"] = {"": "cpu"}
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer = load_tokenizer(None, str(path))
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     bnb_cpu.fix_model(model)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model = restore_adapter_dtype(PeftModel.from_pretrained(model, str(path)).eval(), path)
     how = f"{quant.mode} base" if quant is not None and quant.mode != "none" else "base"
-    return Loaded(model, tokenizer, f"adapter {path} on {how} {base}")
+    return Loaded(model, tokenizer, f"adapter {path} on {how} {base}", _text_only(path))
+
+
+def _text_only(path: Path) -> bool:
+    """An export of a stage trained on text only (its export.json says so)."""
+    return bool(read_json(path / "export.json", {}).get("text_only"))
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -130,21 +145,31 @@ def read_prompts(path: str | Path) -> list[str]:
 
 @torch.no_grad()
 def generate(loaded: Loaded, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0,
-             system: str | None = None, stream: bool = True) -> str:
-    """The model's answer to one user prompt, rendered with the chat template; printed as it comes when `stream`."""
+             system: str | None = None, stream: bool = True, raw: bool | None = None) -> str:
+    """The model's answer to one user prompt, rendered with the chat template, or its continuation of the prompt as
+    plain text (`raw`; None: `loaded.raw`); printed as it comes when `stream`."""
     from transformers import TextStreamer
 
+    from finetune.data.templates import stop_ids
+
     tokenizer, model = loaded.tokenizer, loaded.model
-    if not tokenizer.chat_template:
-        raise FinetuneError("the tokenizer has no chat template; generate needs one to format the prompt")
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                           return_dict=True)
+    raw = loaded.raw if raw is None else raw
+    if raw:
+        if system:
+            raise FinetuneError("--system needs a chat template; a raw completion has no system message")
+        inputs = tokenizer(prompt, return_tensors="pt")  # with the bos the tokenizer adds, as text training had
+    elif not tokenizer.chat_template:
+        raise FinetuneError("the tokenizer has no chat template to answer through; use --raw to complete the prompt "
+                            "as plain text")
+    else:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                               return_dict=True)
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}
     sampling: dict[str, Any] = {"do_sample": True, "temperature": temperature} if temperature > 0 else {
         "do_sample": False}
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sampling)
+                         eos_token_id=stop_ids(tokenizer), pad_token_id=tokenizer.pad_token_id, **sampling)
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

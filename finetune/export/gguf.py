@@ -30,7 +30,7 @@ def _config(run: RunStage) -> Any:
                                       trust_remote_code=model.trust_remote_code)
 
 
-def check_gguf_export(run: RunStage, quant: str, verify: bool) -> tuple[Any, Any]:
+def check_gguf_export(run: RunStage, quant: str, verify: bool, merge_into: str = "dequantized") -> tuple[Any, Any]:
     """Everything that can be refused before a model loads. Returns the base config and the stage's tokenizer."""
     from finetune.export.gguf_arch import arch_of
     from finetune.export.gguf_vocab import check_tokenizer
@@ -38,7 +38,7 @@ def check_gguf_export(run: RunStage, quant: str, verify: bool) -> tuple[Any, Any
     from finetune.model.loading import load_tokenizer
 
     check_quant(quant)
-    check_mergeable(run.adapter)
+    check_mergeable(run.adapter, "original" if run.recipe.quantization.mode == "none" else merge_into)
     config = _config(run)
     arch_of(config, f"base model {run.recipe.model.name_or_path}")
     tokenizer = load_tokenizer(run.recipe.model, str(run.tokenizer_dir))
@@ -86,7 +86,7 @@ def export_gguf(
     from finetune.export.gguf_vocab import build_vocab
     from finetune.export.merge import build_reference, merged_state_dict, save_plain_model
 
-    config, tokenizer = check_gguf_export(run, quant, verify)
+    config, tokenizer = check_gguf_export(run, quant, verify, merge_into)
     if run.recipe.quantization.mode == "none":
         merge_into = "original"
     out = Path(out or default_out(run, f"gguf-{quant}"))

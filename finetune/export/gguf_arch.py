@@ -32,6 +32,8 @@ ARCHS: dict[str, Arch] = {
     "qwen3": Arch("qwen3"),
     "gemma2": Arch("gemma2", norm_plus_one=True),
     "phi3": Arch("phi3"),
+    "olmo2": Arch("olmo2"),
+    "gemma3_text": Arch("gemma3", norm_plus_one=True),
 }
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 
@@ -39,6 +41,8 @@ ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 def _rope(config: Any) -> dict[str, Any]:
     """The rope settings of a config, whether transformers keeps them in `rope_parameters` or the older fields."""
     params = dict(getattr(config, "rope_parameters", None) or {})
+    if isinstance(params.get("full_attention"), dict):  # per layer type (Gemma 3): the global layers' rope is the
+        params = {**params, **params["full_attention"]}  # model's; llama.cpp gives the sliding ones its own base
     legacy = getattr(config, "rope_scaling", None)
     if isinstance(legacy, dict):
         params = {**legacy, **params}
@@ -102,7 +106,7 @@ def write_hparams(writer: Any, config: Any) -> None:
         writer.add_rope_scaling_orig_ctx_len(original)
         # The attention scale of LongRoPE (Phi-3 paper): sqrt(1 + ln(scale) / ln(original context)).
         writer.add_rope_scaling_attn_factors(1.0 if scale <= 1 else math.sqrt(1 + math.log(scale) / math.log(original)))
-    if getattr(config, "sliding_window", None) and config.model_type in ("gemma2", "phi3"):
+    if getattr(config, "sliding_window", None) and config.model_type in ("gemma2", "gemma3_text", "phi3"):
         writer.add_sliding_window(int(config.sliding_window))
     if config.model_type == "gemma2":
         writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping or 0.0))

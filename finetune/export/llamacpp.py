@@ -28,10 +28,11 @@ THRESHOLDS: dict[str, tuple[float, float]] = {
 """Per quantisation: (ceiling on the mean KL per token in nats, floor on top-1 agreement) against the merged float32
 transformers model. Top-1 agreement counts the positions where the merged model's best token leads its second by more
 than twice the largest logit difference there (`verify.Figures.top1_agreement_decisive`): on the real SmolLM2-135M
-(49k tokens) 2.2% of an f16 export's positions flipped between near-tied tokens at a mean KL of 1e-5. f32/f16 differ from it by float rounding only; bf16 keeps 8 bits of mantissa, q8_0 one byte
-per weight with a scale per 32; q4_k_m about 4.8 bits per weight, so it is held to a looser, stated bound. Measured
-on the full quickstart SFT of the tiny model (16 conversations, 392 tokens): f16 mean KL 1.2e-6, top-1 100%; bf16
-5.4e-5, 100%; q8_0 8.4e-4, 95.4%; q4_k_m 1.5e-2, 93.6% (most of the tiny model's tensors fall back from k-quants,
+(49k tokens) 16 of 725 positions of a correct f16 export (mean KL 1e-5) flipped between near-tied tokens. f32/f16
+differ from the merged model by float rounding only; bf16 keeps 8 bits of mantissa, q8_0 one byte per weight with a
+scale per 32; q4_k_m about 4.8 bits per weight, so it is held to a looser, stated bound. Measured on the full
+quickstart SFT of the tiny model (16 conversations, 392 tokens): f16 mean KL 1.2e-6, top-1 100%; bf16 5.4e-5, 100%;
+q8_0 8.4e-4, 95.4%; q4_k_m 1.5e-2, 93.6% (most of the tiny model's tensors fall back from k-quants,
 its rows being shorter than a 256-block)."""
 
 

@@ -115,6 +115,34 @@ def plain_keys(config, trust_remote_code: bool = False) -> tuple[list[str], dict
     return keys, tied
 
 
+def to_conv1d_layout(state: dict[str, torch.Tensor], reference, trust_remote_code: bool = False) -> list[str]:
+    """Weights of Conv1D layers (GPT-2 style, stored [in, out]) that the trained model held as Linear ([out, in]),
+    transposed back, in place; returns their keys.
+
+    bitsandbytes turns a Conv1D into a Linear4bit holding the weight transposed, so a weight merged from there must
+    be transposed again for the plain model's Conv1D slot, whatever its shape (square ones included).
+    """
+    from transformers import AutoModelForCausalLM
+
+    trained = reference.get_base_model()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(plain_config(reference), trust_remote_code=trust_remote_code)
+    done = []
+    for name, module in model.named_modules():
+        key = f"{name}.weight"
+        if type(module).__name__ != "Conv1D" or key not in state:
+            continue
+        held = trained.get_submodule(name)
+        held = held.get_base_layer() if hasattr(held, "get_base_layer") else held
+        if type(held).__name__ != "Conv1D":
+            state[key] = state[key].T.contiguous()
+            done.append(key)
+        if tuple(state[key].shape) != tuple(module.weight.shape):
+            raise FinetuneError(f"merge: {key} has shape {list(state[key].shape)}, the model expects "
+                                f"{list(module.weight.shape)}")
+    return done
+
+
 def _full_precision(tensor: torch.Tensor) -> torch.Tensor:
     """A weight in float32 as the forward pass sees it: 4-bit weights dequantized by bitsandbytes."""
     if type(tensor).__name__ == "Params4bit":
@@ -194,7 +222,8 @@ def merged_state_dict(recipe: Recipe, adapter: Path, reference, tokenizer, mode:
     keys, tied = plain_keys(plain_config(reference), recipe.model.trust_remote_code)
     if mode == "dequantized":
         state = _dequantized_merge(reference, keys + list(tied), dtype)
-    else:
+        to_conv1d_layout(state, reference, recipe.model.trust_remote_code)
+    else:  # peft merged into the plain model's own layers: every weight already has their layout
         state = _original_merge(recipe, adapter, tokenizer, keys + list(tied), dtype)
     for second, first in tied.items():
         if torch.equal(state[second], state[first]):
@@ -211,6 +240,8 @@ def save_plain_model(state: dict[str, torch.Tensor], reference, folder: Path, dt
     """
     from huggingface_hub import save_torch_state_dict
 
+    from finetune.data.templates import stop_ids
+
     folder.mkdir(parents=True, exist_ok=True)
     cast = {k: _cast(v, dtype) for k, v in state.items()}
     save_torch_state_dict(cast, folder, max_shard_size=max_shard_size, metadata={"format": "pt"})
@@ -223,8 +254,7 @@ def save_plain_model(state: dict[str, torch.Tensor], reference, folder: Path, dt
     if generation is not None:
         eos = generation.eos_token_id
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
-            eos.append(tokenizer.eos_token_id)
+        eos += [i for i in stop_ids(tokenizer) if i not in eos]  # the end-of-turn token too, where it is not eos
         generation.eos_token_id = eos[0] if len(eos) == 1 else eos
         generation.pad_token_id = tokenizer.pad_token_id
         generation.save_pretrained(str(folder))

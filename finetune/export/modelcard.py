@@ -120,6 +120,8 @@ def export_metadata(run: RunStage, result: ExportResult) -> dict[str, Any]:
         "adapter_effect": result.adapter_effect,
         "verification_source": result.verification_source,
         "gguf": result.gguf,
+        # trained on text only: `ft generate` completes raw text with this export by default
+        "text_only": bool(run.summary.get("stages", {}).get(result.stage, {}).get("metrics", {}).get("text_only")),
         "versions": package_versions(),
     })
 

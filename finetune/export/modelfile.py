@@ -51,12 +51,26 @@ def render_parts(parts: TemplateParts, messages: list[dict[str, str]], generatio
 
 
 def template_parts(tokenizer: Any) -> TemplateParts:
-    """The per-message wrappers of the tokenizer's chat template, checked against its own rendering."""
+    """The per-message wrappers of the tokenizer's chat template, checked against its own rendering.
+
+    Raises:
+        Untranslatable: as `_parts`, and for templates that refuse a probe conversation (Mistral's and Gemma's raise
+            on a system message).
+    """
+    try:
+        return _parts(tokenizer)
+    except Untranslatable:
+        raise
+    except Exception as e:  # jinja's TemplateError from raise_exception(), and any other error of the template
+        raise Untranslatable(f"the template refuses a system, user, assistant conversation ({e})") from None
+
+
+def _parts(tokenizer: Any) -> TemplateParts:
     probe = [{"role": r, "content": _MARK[r]} for r in ROLES]
     try:
         start = _render(tokenizer, [])
-    except Exception:  # templates that index messages[0]
-        start = ""
+    except Exception:  # templates that index messages[0]; transformers 5 refuses an empty conversation itself
+        start = _leading_bos(tokenizer, probe)
     wrap, done = {}, start
     for i, role in enumerate(ROLES):
         text = _render(tokenizer, probe[: i + 1])
@@ -110,6 +124,16 @@ def _added_bos(tokenizer: Any) -> str | None:
     bos = getattr(tokenizer, "bos_token", None)
     ids = tokenizer("a")["input_ids"]
     return bos if bos and ids and ids[0] == tokenizer.bos_token_id else None
+
+
+def _leading_bos(tokenizer: Any, probe: list[dict[str, str]]) -> str:
+    """The bos token when the template writes it before any message (Llama 3's `{{ bos_token }}`), else ""."""
+    bos = getattr(tokenizer, "bos_token", None)
+    try:
+        alone = [_render(tokenizer, [message]) for message in probe[:2]]
+    except Exception:  # a template that refuses a system message alone
+        return ""
+    return bos if bos and all(text.startswith(bos) for text in alone) else ""
 
 
 def _quote(text: str) -> str:

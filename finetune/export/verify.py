@@ -106,6 +106,8 @@ def verification_inputs(
     for messages in conversations:
         if isinstance(messages, str):  # text rows are trained without a chat template
             ids = tokenizer(messages)["input_ids"]
+        elif not tokenizer.chat_template:  # a text run (no template) checked on task rows: their text, plainly
+            ids = tokenizer("\n".join(str(m["content"]) for m in messages))["input_ids"]
         else:
             ids = tokenizer.apply_chat_template(
                 messages, tokenize=True, return_dict=True, add_generation_prompt=messages[-1]["role"] != "assistant"

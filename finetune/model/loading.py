@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -73,10 +74,14 @@ def bnb_config(quant: QuantizationConfig, model_dtype: torch.dtype):
     )
 
 
-def load_tokenizer(cfg: ModelConfig, source: str | None = None):
-    """The base model's tokenizer, with a pad token that is never the eos token."""
+def load_tokenizer(cfg: ModelConfig | None, source: str | None = None):
+    """The base model's tokenizer (or the one at `source`), with a pad token that is never the eos token.
+
+    Every tokenizer is loaded here: training, evaluation (`--against` included), generation and exports.
+    """
     from transformers import AutoTokenizer
 
+    cfg = cfg or ModelConfig(name_or_path=str(source))
     tok = AutoTokenizer.from_pretrained(source or base_source(cfg), **_source_kwargs(cfg))
     ensure_pad_token(tok)
     return tok
@@ -86,23 +91,44 @@ def ensure_pad_token(tok) -> None:
     """Give the tokenizer a pad token distinct from eos.
 
     Padding with eos is a classic silent bug: the collator masks pad positions, so the model never learns to stop.
-    Prefer an existing reserved/unk token; otherwise add `<|pad|>` (the embedding is resized by the caller).
+    Prefer a token the tokenizer already has (its own padding token, such as NeoX's `<|padding|>`, or an unused
+    reserved one, such as Llama 3's), then unk; only then add `<|pad|>` (the embedding is resized by the caller, and
+    peft then saves the whole embedding and output layer with every adapter).
     """
     if tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id:
         return
     was = "none" if tok.pad_token is None else f"{tok.pad_token}, the same as eos"
-    for candidate in ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]"):
-        tid = tok.convert_tokens_to_ids(candidate)
-        if isinstance(tid, int) and tid != tok.unk_token_id and tid != tok.eos_token_id:
-            tok.pad_token = candidate
-            break
+    own = own_pad_token(tok)
+    if own is not None:
+        tok.pad_token = own
+    elif tok.unk_token_id is not None and tok.unk_token_id != tok.eos_token_id:
+        tok.pad_token = tok.unk_token
     else:
-        if tok.unk_token_id is not None and tok.unk_token_id != tok.eos_token_id:
-            tok.pad_token = tok.unk_token
-        else:
-            tok.add_special_tokens({"pad_token": "<|pad|>"})  # a new token: the model's embeddings grow by one
+        tok.add_special_tokens({"pad_token": "<|pad|>"})  # a new token: the model's embeddings grow by one
     print(f"[tokenizer] note: the pad token was {was}; padding with {tok.pad_token} (id {tok.pad_token_id}) instead, "
           "so that the model still learns to stop (pad positions carry no label)", flush=True)
+
+
+_PAD_NAMES = ("<|finetune_right_pad_id|>", "<|padding|>", "<|pad|>", "<pad>", "[PAD]")
+
+
+def own_pad_token(tok) -> str | None:
+    """A token of the tokenizer's own vocabulary made for padding, else an unused reserved special token, else None.
+
+    Never eos, bos or unk, and never a token the chat template writes.
+    """
+    taken = {tok.eos_token_id, tok.bos_token_id, tok.unk_token_id}
+    template = tok.chat_template if isinstance(tok.chat_template, str) else ""
+    for name in _PAD_NAMES:
+        tid = tok.convert_tokens_to_ids(name)
+        if isinstance(tid, int) and tid not in taken and name not in template:
+            return name
+    added = sorted((i, str(t)) for i, t in tok.added_tokens_decoder.items())
+    for pattern in (r"pad", r"reserved"):  # e.g. <|reserved_special_token_0|> (Llama 3)
+        for tid, name in added:
+            if re.search(pattern, name, re.IGNORECASE) and tid not in taken and name not in template:
+                return name
+    return None
 
 
 def _fix_bitsandbytes(model) -> None:

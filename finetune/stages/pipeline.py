@@ -190,6 +190,7 @@ def _preflight(recipe: Recipe, run_dir: Path, stages: list[StageConfig], from_st
     import copy
 
     from finetune.data.templates import apply_template
+    from finetune.data.textonly import invented_template, trains_on_text_only
     from finetune.model.loading import load_tokenizer
     from finetune.stages.preflight import check_stage_data
 
@@ -203,7 +204,9 @@ def _preflight(recipe: Recipe, run_dir: Path, stages: list[StageConfig], from_st
     if problems := check_stage_data(recipe, copy.deepcopy(tokenizer), to_run):
         raise FinetuneError("the data was checked before training and nothing was trained:\n"
                             + "\n".join(f"  - {p}" for p in problems))
-    apply_template(tokenizer, recipe.stage_data(stages[0]))  # the saved tokenizer carries the template trained with
+    first = recipe.stage_data(stages[0])
+    if not (invented_template(tokenizer, first) and trains_on_text_only(first)):
+        apply_template(tokenizer, first)  # the saved tokenizer carries the template trained with (text runs: none)
     if is_main_process():
         tokenizer.save_pretrained(str(run_dir / "tokenizer"))
     return tokenizer, to_run

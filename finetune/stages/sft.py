@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from finetune.data import apply_template, build_dataset
+from finetune.data.textonly import invented_template, trains_on_text_only, without_template
 from finetune.distributed.process import gathered_state_dict, is_main_process
 from finetune.model import loss_heads
 from finetune.model.adapters import attach, prepare_base, trainable_summary
@@ -37,7 +38,10 @@ def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
 
     # --- setup: tokenizer and data first (cheap, fails early), then the model
     tokenizer = tokenizer or load_tokenizer(recipe.model)
+    text_only = trains_on_text_only(data)  # continued pretraining: the adapter ships no template invented for it
+    invented = invented_template(tokenizer, data)
     apply_template(tokenizer, data)  # the recipe's chat template (may add tokens: before the model loads)
+    saved_tokenizer = without_template(tokenizer) if text_only and invented else tokenizer
     stream = None
     if data.streaming:  # read, tokenized and packed while training (recipe checks: max_steps is set)
         from finetune.data.stream_train import build_stream
@@ -96,6 +100,8 @@ def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
                "steps": trainer.state.global_step}
     watched = finish_watch(watch_of(trainer), model, tokenizer, ctx)  # keep_best, early stop, forgetting
     metrics.update(watched)
+    if text_only:
+        metrics["text_only"] = True  # `ft generate` completes raw text for this stage
 
     # --- save (atomically: a crash leaves no half-written adapter) as soon as training ends, then measure; training
     # is also in the last-step checkpoint, so an interrupted evaluation resumes at the evaluation
@@ -103,7 +109,7 @@ def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
     state = gathered_state_dict(trainer)  # FSDP / ZeRO-3: every process takes part in gathering the weights
     if is_main_process():  # several processes hold the same adapter; one writes it
         write_dir_atomic(adapter_dir, lambda tmp: (model.save_pretrained(str(tmp), state_dict=state),
-                                                   tokenizer.save_pretrained(str(tmp))))
+                                                   saved_tokenizer.save_pretrained(str(tmp))))
     if eval_ds is not None:
         final = final_evaluation(trainer, reuse=not best_restored(watched, trainer))
         metrics.update({k: v for k, v in final.items() if k == "eval_loss"})

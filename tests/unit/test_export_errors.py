@@ -106,6 +106,11 @@ def test_plain_lora_is_mergeable(tmp_path):
         (tmp_path / "adapter_config.json").write_text(json.dumps({**plain, key: value}))
         with pytest.raises(FinetuneError, match="--format adapter"):
             check_mergeable(tmp_path)
+    # LoRA on raw parameters (MoE experts): peft merges it into the original weights (tests/integration/
+    # test_model_zoo.py verifies Qwen3-MoE and Mixtral merges), only the merge into dequantized weights is refused
+    with pytest.raises(FinetuneError, match="pass --merge-into original"):
+        check_mergeable(tmp_path, "dequantized")
+    check_mergeable(tmp_path, "original")
 
 
 def test_published_paths_and_secrets(tmp_path):

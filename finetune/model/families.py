@@ -1,0 +1,56 @@
+"""What differs per model family, as data: one row per transformers `model_type`, read from config.json alone.
+
+Stages and exports ask this table instead of testing `model_type` themselves. Families not listed have nothing here
+that matters (GPT-2's Conv1D layers are found by their class: `finetune.export.merge.to_conv1d_layout`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune.recipe.schema import ModelConfig
+
+
+@dataclass(frozen=True)
+class Traits:
+    """How a family's weights are laid out where that matters after training."""
+
+    # MoE experts as fused 3D parameters (transformers 5): peft adapts them as raw parameters (`target_parameters`),
+    # which only peft's own merge into the original weights knows
+    fused_experts: bool = False
+
+
+TRAITS: dict[str, Traits] = {
+    "qwen3_moe": Traits(fused_experts=True),
+    "qwen2_moe": Traits(fused_experts=True),
+    "mixtral": Traits(fused_experts=True),
+    "olmoe": Traits(fused_experts=True),
+}
+
+
+def traits(model_type: str | None) -> Traits:
+    """The family's row (a plain Linear-layer decoder when not listed)."""
+    return TRAITS.get(model_type or "", Traits())
+
+
+def model_type(cfg: ModelConfig) -> str | None:
+    """The base model's `model_type` from its config.json (local, or in the Hub cache), without loading anything;
+    None when neither is at hand. A GGUF base: from the file's header."""
+    from finetune.recipe.gguf_source import gguf_model_type, gguf_path
+
+    if gguf_path(cfg) is not None:
+        return gguf_model_type(cfg)
+    path = Path(cfg.name_or_path) / "config.json"
+    if not path.exists():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(cfg.name_or_path, "config.json", revision=cfg.revision)
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError):
+        return None
