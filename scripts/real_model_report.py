@@ -72,8 +72,8 @@ def plot(rows: list[dict], path: Path) -> None:
         if r["loss_change"] is None or r["after"] is None:
             continue
         ax.scatter(r["loss_change"], 100 * r["after"], s=40)
-        ax.annotate(f"{r['run'].removeprefix('smollm2-')}: {r['label']}", (r["loss_change"], 100 * r["after"]),
-                    textcoords="offset points", xytext=(6, 4), fontsize=7)
+        ax.annotate(r["label"], (r["loss_change"], 100 * r["after"]), textcoords="offset points",
+                    xytext=(6, -12 if r["stage"] != "sft" else 4), fontsize=7)
     limit = next((r["limit"] for r in rows if r["limit"]), None)
     if limit:
         ax.axvline(limit, ls="--", c="grey", lw=1)
@@ -92,8 +92,19 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, default=Path("bench/real-model"))
+    ap.add_argument("--point", action="append", default=[], metavar="RUN=LABEL,LOSS_CHANGE,MEAN_KL,EXACT_MATCH",
+                    help="a measured point of a run without a finished summary (e.g. read off `ft eval`)")
     args = ap.parse_args(argv)
-    rows = [r for run in args.runs for r in rows_of(run)]
+    rows, seen = [], set()
+    for r in (r for run in args.runs for r in rows_of(run)):  # a copied stage (the same SFT) is listed once
+        if (r["label"], r["after"], r["loss_change"]) not in seen:
+            seen.add((r["label"], r["after"], r["loss_change"]))
+            rows.append(r)
+    for point in args.point:
+        run, rest = point.split("=", 1)
+        label, loss_change, kl, exact = rest.rsplit(",", 3)
+        rows.append({"run": run, "stage": "sft", "label": label, "before": 0.0, "after": float(exact),
+                     "loss_change": float(loss_change), "mean_kl": float(kl), "seconds": None, "limit": None})
     text = table(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text(text + "\n", encoding="utf-8")

@@ -131,16 +131,23 @@ def test_gguf_round_trip_verified_by_llama_cpp(real_run, tmp_path):
     recipe = load_recipe(real_run / "recipe.yaml")
     eval_ds = build_dataset(recipe.data, tokenizer, "sft", seed=42, split="eval")
     trained_ids = [list(ids) for ids in eval_ds["input_ids"]]
-    rows = [json.loads(line) for line in (ROOT / "data/smollm2/sft_eval.jsonl").read_text().splitlines()[:8]]
+    every = [json.loads(line) for line in (ROOT / "data/smollm2/sft_eval.jsonl").read_text().splitlines()]
+    # the conversations of the first trained samples (the pipeline picks and orders the rows it keeps)
+    rows = [next(r for r in every if f"\n{r['messages'][0]['content']}<|im_end|>" in tokenizer.decode(t))
+            for t in trained_ids[:4]]
     llm = llama_cpp.Llama(model_path=str(out / meta["gguf"]["file"]), n_ctx=256, verbose=False, vocab_only=True)
     try:
         template = llm.metadata["tokenizer.chat_template"]
         for row in rows:
             conversation = row["messages"]
-            text = Jinja2ChatFormatter(template, eos_token="<|im_end|>", bos_token="")(messages=conversation).prompt
+            whole = Jinja2ChatFormatter(template, eos_token="<|im_end|>", bos_token="", add_generation_prompt=False)
+            text = whole(messages=conversation).prompt
             ids = llm.tokenize(text.encode(), add_bos=False, special=True)
             # the sample the data pipeline built for this conversation (it may end at the end-of-turn token)
-            assert any(ids[: len(t)] == t and len(t) >= len(ids) - 1 for t in trained_ids), (text, ids)
+            assert any(ids[: len(t)] == t and len(t) >= len(ids) - 1 for t in trained_ids[:4]), (text, ids)
+            prompt = Jinja2ChatFormatter(template, eos_token="<|im_end|>", bos_token="")(messages=conversation[:-1])
+            asked = llm.tokenize(prompt.prompt.encode(), add_bos=False, special=True)
+            assert ids[: len(asked)] == asked  # what llama.cpp is asked at inference is what training saw first
             assert "You are a helpful AI assistant named SmolLM" in text  # the default system prompt is kept
     finally:
         llm.close()
