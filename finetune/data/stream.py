@@ -66,6 +66,19 @@ def _shown(row: dict[str, Any]) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
+
+def open_with_first_row(src: DatasetSource, key: str):
+    """The source as a stream under the recipe's column names, and its first row (nulls dropped); nothing else is
+    read. Raises FinetuneError when it holds no rows."""
+    ds = open_stream(src, key)
+    for fieldname, col in src.columns.items():
+        if col != fieldname:
+            ds = ds.rename_column(col, fieldname)
+    try:
+        return ds, without_nulls(next(iter(ds)))
+    except StopIteration:
+        raise FinetuneError(f"{key}: '{src.path}' holds no rows") from None
+
 class Source:
     """One training source as this process reads it: its rows (this process's share), format and recipe key."""
 
@@ -73,14 +86,7 @@ class Source:
         from datasets.distributed import split_dataset_by_node
 
         self.src, self.key, self.rank, self.world = src, key, rank, world
-        ds = open_stream(src, key)
-        for fieldname, col in src.columns.items():
-            if col != fieldname:
-                ds = ds.rename_column(col, fieldname)
-        try:
-            first = without_nulls(next(iter(ds)))
-        except StopIteration:
-            raise FinetuneError(f"{key}: '{src.path}' holds no rows") from None
+        ds, first = open_with_first_row(src, key)
         self.format, notice = formats.resolve_format(Table(key, src.path, [first], [(src.path, "row 1")]),
                                                      src.format)
         if notice and rank == 0:

@@ -6,24 +6,15 @@ instead of one invented for training, and `ft generate` completes raw text for i
 
 from __future__ import annotations
 
-from finetune.errors import FinetuneError
 from finetune.recipe.schema import DataConfig
 
 
 def _first_row_format(src, key: str) -> str:
     from finetune.data import formats
-    from finetune.data.arrow import without_nulls
     from finetune.data.readers import Table
-    from finetune.data.stream import open_stream
+    from finetune.data.stream import open_with_first_row
 
-    ds = open_stream(src, key)  # nothing read but the first row
-    for fieldname, col in src.columns.items():
-        if col != fieldname:
-            ds = ds.rename_column(col, fieldname)
-    try:
-        first = without_nulls(next(iter(ds)))
-    except StopIteration:
-        raise FinetuneError(f"{key}: '{src.path}' holds no rows") from None
+    _, first = open_with_first_row(src, key)  # nothing read but the first row
     return formats.resolve_format(Table(key, src.path, [first], [(src.path, "row 1")]), "auto")[0]
 
 

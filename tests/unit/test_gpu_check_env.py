@@ -4,7 +4,6 @@ hide the `kernels` package that bitsandbytes and transformers import ("cannot im
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -13,6 +12,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from gpuscripts import gpu_scripts
 
 ROOT = Path(__file__).resolve().parents[2]
 PROBE = ("import importlib.util, json, finetune.kernels as fk; s = importlib.util.find_spec('kernels'); "
@@ -21,11 +21,8 @@ PROBE = ("import importlib.util, json, finetune.kernels as fk; s = importlib.uti
 
 @pytest.fixture(scope="module")
 def gpu():
-    sys.path.insert(0, str(ROOT / "scripts" / "gpu"))
-    try:
-        yield importlib.import_module("check"), importlib.import_module("evidence")
-    finally:
-        sys.path.remove(str(ROOT / "scripts" / "gpu"))
+    with gpu_scripts("check", "evidence") as modules:
+        yield modules
 
 
 def _imports(env: dict) -> tuple[str | None, str]:

@@ -9,17 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from gpuscripts import gpu_scripts
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def bench_gpu():
-    sys.path.insert(0, str(ROOT / "scripts" / "gpu"))
-    try:
-        yield importlib.import_module("bench_gpu")
-    finally:
-        sys.path.remove(str(ROOT / "scripts" / "gpu"))
+    with gpu_scripts("bench_gpu") as modules:
+        yield modules[0]
 
 
 def test_the_rate_leaves_the_warm_up_steps_out(bench_gpu):

@@ -3,7 +3,6 @@ step cut off by the check's budget is no failure; and each kernel test's result 
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import signal
@@ -13,17 +12,15 @@ import time
 from pathlib import Path
 
 import pytest
+from gpuscripts import gpu_scripts
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def plan():
-    sys.path.insert(0, str(ROOT / "scripts" / "gpu"))
-    try:
-        yield importlib.import_module("plan")
-    finally:
-        sys.path.remove(str(ROOT / "scripts" / "gpu"))
+    with gpu_scripts("plan") as modules:
+        yield modules[0]
 
 
 class Clock:

@@ -14,17 +14,15 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from gpuscripts import gpu_scripts
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def gpu():
-    sys.path.insert(0, str(ROOT / "scripts" / "gpu"))
-    try:
-        yield importlib.import_module("wheels"), importlib.import_module("check")
-    finally:
-        sys.path.remove(str(ROOT / "scripts" / "gpu"))
+    with gpu_scripts("wheels", "check") as modules:
+        yield modules
 
 
 def _hash(data: bytes) -> str:
