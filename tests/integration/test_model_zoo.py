@@ -229,11 +229,13 @@ def test_gguf_export_verified_by_llama_cpp_or_refused_up_front(zoo):
     meta = json.loads((zoo["run"] / "export" / "sft-gguf-f16" / "export.json").read_text())
     figures = meta["verification"]["llama.cpp"]
     assert figures["mean_kl"] < 1e-5 and figures["top1_agreement"] == 1.0, figures
-    # an Ollama Modelfile where the template wraps each message on its own; none where it refuses a system message
-    # (Mistral, Gemma), adds text of its own (Qwen2.5's default system prompt) or renders the last answer otherwise
-    # (Qwen3's <think> block)
-    untranslated = ("qwen2.5", "mistral", "gemma2", "gemma3", "qwen3")
+    # an Ollama Modelfile where the template wraps each message on its own (a default system prompt, Qwen2.5's,
+    # becomes its SYSTEM); none where it refuses a system message (Mistral, Gemma) or renders the last answer
+    # otherwise (Qwen3's <think> block)
+    untranslated = ("mistral", "gemma2", "gemma3", "qwen3")
     assert (meta["gguf"]["modelfile"] is None) == (zoo["family"] in untranslated), meta["gguf"]
+    if zoo["family"] == "qwen2.5":
+        assert 'SYSTEM """You are Qwen' in (zoo["run"] / "export" / "sft-gguf-f16" / "Modelfile").read_text()
 
 
 def test_matrix_time_is_reported(zoo):
