@@ -94,7 +94,7 @@ def readable_architectures() -> list[str]:
         names |= set(GGUF_ARCHS)
     except ImportError:
         pass
-    return sorted(names)
+    return sorted(names - {"general", "tokenizer"})  # sections of transformers' key mapping, not architectures
 
 
 def architecture_readable(architecture: str, readable: list[str]) -> bool:

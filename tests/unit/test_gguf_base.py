@@ -62,6 +62,7 @@ def test_header_names_architecture_and_quant_type(tmp_path):
 def test_readable_architectures_come_from_transformers():
     readable = readable_architectures()
     assert {"llama", "qwen2", "gemma2", "phi3"} <= set(readable)
+    assert not {"general", "tokenizer"} & set(readable)
 
 
 def test_problems_missing_foreign_and_unreadable_files(tmp_path):
