@@ -82,13 +82,15 @@ def ignored_lora_keys(base, lora: LoraConfig, folder: Path) -> list[str]:
     saved = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
     wanted = _maybe_include_all_linear_layers(to_peft(lora), base)
 
-    def norm(value: Any) -> Any:
+    def norm(value: Any, name: str) -> Any:
         if isinstance(value, (list, tuple, set)):
+            if name == "target_modules":  # peft resolves `all-linear` to full paths on tied-embedding models and
+                value = {v.rsplit(".", 1)[-1] for v in value}  # saves the module names: compare the names
             return sorted(value) or None  # [] and None: nothing
         return value
 
     return [f"lora.{key}: {getattr(lora, key)!r} -> {saved.get(name)!r}" for key, name in _PEFT_NAMES.items()
-            if norm(getattr(wanted, name)) != norm(saved.get(name))]
+            if norm(getattr(wanted, name), name) != norm(saved.get(name), name)]
 
 
 def adapters_in_float32(model, init_from: str | Path | None = None) -> bool:
