@@ -1,8 +1,9 @@
 """The real-model figures (README "A real model"): held-out gain against forgetting, per run and stage, as a table
 and a plot.
 
-    .venv/bin/python scripts/real_model_report.py runs/smollm2-sft runs/smollm2-sft-attn runs/smollm2-sft-lr2e-4 \
-        runs/smollm2-sft-dpo-grpo --out bench/real-model
+    .venv/bin/python scripts/real_model_report.py runs/smollm2-sft runs/smollm2-sft-2ep runs/smollm2-sft-2ep-lr3e-4 \
+        runs/smollm2-sft-attn runs/smollm2-sft-dpo-grpo --out bench/real-model \
+        --point "smollm2-sft-lr2e-4=SFT all-linear, r16, lr 0.0002, 1 ep (exact match by ft eval),0.0187,0.0329,0.12"
 
 Reads each run folder's `summary.json` (every stage's held-out exact match before and after, its forgetting on
 `eval.general_text`, its wall time) and `recipe.yaml` (what differed); writes OUT.md (the table) and OUT.png
@@ -23,7 +24,7 @@ def _label(run: Path, stage: str, recipe: dict) -> str:
     targets = lora.get("target_modules")
     targets = "attention" if isinstance(targets, list) and "gate_proj" not in targets else "all-linear"
     if stage == "sft":
-        return f"SFT {targets}, r{lora.get('r')}, lr {training.get('learning_rate'):g}"
+        return f"SFT {targets}, r{lora.get('r')}, lr {training.get('learning_rate'):g}, {training.get('epochs')} ep"
     return stage.upper()
 
 
