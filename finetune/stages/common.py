@@ -215,8 +215,6 @@ def task_metric_before(ctx: StageContext, model, tokenizer, rows: list[dict[str,
     """The held-out measure before training. A stage that starts from a fresh adapter (LoRA B = 0) is the base model
     itself, so its measure is kept in the data cache, keyed by the base's files, quantization, template and rows:
     the next run of the same base and task starts training at once (generation is minutes on a real model)."""
-    import hashlib
-
     if not rows:
         return None
     key = _before_key(ctx, tokenizer, rows) if ctx.init_adapter is None and ctx.data.cache_dir else None
@@ -231,10 +229,9 @@ def task_metric_before(ctx: StageContext, model, tokenizer, rows: list[dict[str,
             pass
     measured = task_metric(model, tokenizer, rows, ctx.data.task_eval_max_new_tokens)
     if path is not None and measured is not None and is_main_process():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{hashlib.sha1(str(time.time()).encode()).hexdigest()[:8]}")
-        tmp.write_text(json.dumps(measured), encoding="utf-8")
-        tmp.replace(path)
+        from finetune.run.files import write_json_atomic
+
+        write_json_atomic(path, measured)
     return measured
 
 
