@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.errors import FinetuneError
-from finetune.recipe.gguf_source import file_sha256
+from finetune.hashing import file_sha256
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import FinetuneError
-from finetune.recipe.gguf_source import file_sha256, gguf_path, gguf_problems, read_header
+from finetune.hashing import file_sha256
+from finetune.recipe.gguf_source import gguf_path, gguf_problems, read_header
 
 SOURCE_FILE = "gguf_source.json"
 # Dequantized values are d * q (+ m): exact in float32. Models past this many parameters are kept in bfloat16 (half the

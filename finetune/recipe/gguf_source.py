@@ -6,9 +6,6 @@ no torch, no transformers model. Turning the file into a model folder is `finetu
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,33 +117,6 @@ def gguf_problems(model: Any) -> list[str]:
         return [f"{key}: '{path}' holds a '{header.architecture}' model, which the installed transformers cannot "
                 f"read from GGUF (it reads: {', '.join(readable)}). Use the model's safetensors release instead."]
     return []
-
-
-def file_sha256(path: Path, index: Path | None = None) -> str:
-    """sha256 of a (multi-GB) file, remembered in `index` by (path, size, mtime) so that a second run does not hash
-    it again."""
-    stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    known: dict[str, str] = {}
-    if index is not None and index.is_file():
-        try:
-            known = json.loads(index.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            known = {}
-    if key in known:
-        return known[key]
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    sha = digest.hexdigest()
-    if index is not None:
-        known[key] = sha
-        index.parent.mkdir(parents=True, exist_ok=True)
-        tmp = index.with_name(f".{index.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(known, indent=1), encoding="utf-8")
-        os.replace(tmp, index)
-    return sha
 
 
 def gguf_model_type(model: Any) -> str | None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.distributed.process import is_main_process
+from finetune.hashing import file_sha256
 from finetune.recipe.schema import Recipe
 from finetune.run.files import read_json, write_json_atomic
 from finetune.run.folder import written_entries
@@ -35,15 +36,6 @@ def recipe_hash(recipe: Recipe) -> str:
     """sha256 of the resolved recipe without its `output` section (where a run goes does not change what it trains)."""
     data = recipe.model_dump(mode="json", exclude={"output"})
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    """Content hash of a file, read in chunks (data files can be large)."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _path_record(path: Path) -> dict[str, Any]:
@@ -107,7 +99,7 @@ def model_record(recipe: Recipe) -> dict[str, Any]:
 
 def _gguf_record(cfg: Any) -> dict[str, Any] | None:
     """A GGUF base: its file hash (a changed file is a changed base on resume), quant type and architecture."""
-    from finetune.recipe.gguf_source import file_sha256, gguf_path, read_header
+    from finetune.recipe.gguf_source import gguf_path, read_header
 
     path = gguf_path(cfg)
     if path is None or not path.is_file():

@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 from finetune.cli import app
 from finetune.errors import FinetuneError
+from finetune.hashing import file_sha256
 from finetune.model import fetch as fetch_mod
 from finetune.recipe.gguf_source import (
-    file_sha256,
     gguf_model_type,
     gguf_path,
     gguf_problems,
