@@ -106,8 +106,21 @@ def train(
     )] = None,
     resume_from: Annotated[str | None, typer.Option(help="Resume from this checkpoint-N of the stage.")] = None,
     allow_changed_data: Annotated[bool, typer.Option(help="Resume although data or base model changed.")] = False,
+    max_length_search: Annotated[str | None, typer.Option(
+        metavar="CAP", help="With --dry-run: the longest sample length whose training step fits CAP (e.g. 8GB, "
+        "24GiB) by the memory estimate, per stage.")] = None,
 ) -> None:
     """Run every stage of a recipe (SFT, then DPO if asked) into one run folder."""
+    cap = None
+    if max_length_search is not None:
+        from finetune.stages.memory import parse_size
+
+        if not dry_run:
+            raise _fail("--max-length-search is part of the plan: pass it with --dry-run")
+        try:
+            cap = parse_size(max_length_search)
+        except ValueError as e:
+            raise _fail(f"--max-length-search: {e}") from None
     run_folder = recipe if recipe.is_dir() and (recipe / "recipe.yaml").exists() else None
     if run_folder is not None:  # `ft train RUN_DIR --resume`: the recipe the run was started with
         recipe = run_folder / "recipe.yaml"
@@ -121,7 +134,7 @@ def train(
         from finetune.stages.dryrun import dry_run as show_plan
 
         with _user_errors():
-            show_plan(loaded)
+            show_plan(loaded, length_cap=cap)
         return
     from finetune import run_recipe
     from finetune.distributed.launch import command_line

@@ -9,9 +9,11 @@ stage summary keeps. The order, bottom of the `*ForCausalLM.forward` stack first
    (trl's trainer constructor then adds its own fused LM head, `trl.trainer.utils.add_fused_lm_head`, on the forward.)
 1. `kernel`: the fused kernels the recipe switches on (`kernels:`), on module instances below the causal LM
    (`finetune.model.kernels`: norms, attention, MLP, LoRA linears); none of them wraps `*ForCausalLM.forward`.
-2. `attention`: the padding-free rows' attention, chosen for the device (`finetune.model.attention`: flash-attention 2
+2. `tiled mlp`: `training.tiled_mlp`, each decoder layer's MLP run over sequence tiles in training
+   (`finetune.model.tiled_mlp`), wrapping whatever forward the MLP has (a fused kernel's included).
+3. `attention`: the padding-free rows' attention, chosen for the device (`finetune.model.attention`: flash-attention 2
    or torch's varlen kernel on CUDA in fp16/bf16, per-sample sdpa elsewhere), printed with the stage banner.
-3. `loss head`: the SFT label-positions loss or the DPO compact fused head (`finetune.model.loss_heads`), the
+4. `loss head`: the SFT label-positions loss or the DPO compact fused head (`finetune.model.loss_heads`), the
    outermost forward and the only finetune wrapper of `*ForCausalLM.forward`: it answers the trainer's calls before
    trl's fused head does. It owns `kernels.fused_ce` too: SFT's head always computes its loss with the chunked
    cross-entropy (`finetune.kernels.cross_entropy`); DPO's head does with `fused_ce` on, else with trl's kernel.
@@ -26,12 +28,12 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from finetune.errors import FinetuneError
-from finetune.model import loss_heads
+from finetune.model import loss_heads, tiled_mlp
 from finetune.model.attention import use_padding_free_attention
 from finetune.recipe.schema import Recipe
 
 RECORD = "_finetune_patches"  # attribute of the *ForCausalLM instance holding the record
-ORDER = ("base", "bitsandbytes", "kernel", "attention", "loss head")  # "base": where the weights came from
+ORDER = ("base", "bitsandbytes", "kernel", "tiled mlp", "attention", "loss head")  # "base": where the weights came from
 
 
 def causal_lm(model: Any) -> Any:
@@ -83,6 +85,11 @@ def apply_patches(model: Any, recipe: Recipe, stage: str, kind: Literal["sft", "
                             "once per loaded model")
     for line in apply_recipe_kernels(model, recipe):
         record(model, "kernel", line)
+    ours = [s for s in recipe.effective_stages() if s.name == stage]
+    training = recipe.stage_training(ours[0]) if ours else recipe.training
+    tiled = tiled_mlp.install(causal_lm(model), training.tiled_mlp)
+    if tiled:
+        record(model, "tiled mlp", tiled)
     no_head = "this stage's trl loss" if kind == "trl" else loss_heads.unsupported_reason(model)
     # SFT's collator makes the padding-free rows itself; in DPO the compact head makes them, so only with that head.
     rows = padding_free and (kind == "sft" or no_head is None)
@@ -120,7 +127,13 @@ def undone(model: Any) -> list[str]:
     problems = []
     kernel_forwards = {hf.rmsnorm_forward, hf.attention_forward, hf.mlp_forward, hf.lora_linear_forward}
     replaced = [name for name, m in lm.named_modules()
-                if hasattr(m, hf.ORIG) and getattr(m.forward, "__func__", None) not in kernel_forwards]
+                if hasattr(m, hf.ORIG) and not tiled_mlp.is_tiled(m)
+                and getattr(m.forward, "__func__", None) not in kernel_forwards]
+    if any(line.startswith("tiled mlp:") and "not applied" not in line for line in lines):
+        lost = [name for name, m in tiled_mlp.decoder_mlps(lm)
+                if hasattr(m, tiled_mlp.ORIG) and not tiled_mlp.is_tiled(m)]
+        if lost:
+            problems.append(f"tiled MLP forwards replaced on {', '.join(lost[:3])}")
     if replaced:
         problems.append(f"kernel forwards replaced on {', '.join(n or type(lm).__name__ for n in replaced[:3])}")
     if any(line.startswith("attention:") for line in lines) and lm.config._attn_implementation not in PACKED:

@@ -287,6 +287,12 @@ class TrainingConfig(Section):
     """Seed for data order, adapter init and dropout."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory (about 30% slower)."""
+    tiled_mlp: Literal["auto", "off"] | Annotated[int, Field(ge=2)] = "auto"
+    """Run each layer's MLP over tiles of the sequence in training, so that the MLP's intermediate activations (3 x
+    intermediate size per token) of one tile only are alive; each tile's forward is recomputed in backward (one more
+    MLP forward per step), loss and gradients stay the same. `auto`: rows longer than 4096 tokens, in tiles of about
+    2048 tokens (long context; shorter rows are left whole); `off`; or a number of tiles for every row. Dense MLPs
+    only (Mixture-of-Experts blocks are left whole)."""
     precision: Precision = "auto"
     """Autocast precision. `auto`: bf16 on a GPU that supports it, fp16 on other GPUs, fp32 on CPU."""
     logging_steps: Annotated[int, Field(ge=1)] = 5

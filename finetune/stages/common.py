@@ -55,6 +55,8 @@ class StageResult:
     patches: list[str] = field(default_factory=list)  # what was changed on the model, in order (model/patches.py)
     # attention calls of this process by the path that ran (finetune.model.attention.attention_calls)
     attention_calls: dict[str, int] = field(default_factory=dict)
+    # tiled MLP forwards of this process and their tiles (finetune.model.tiled_mlp.tiled_calls); empty: none tiled
+    tiled_mlp_calls: dict[str, int] = field(default_factory=dict)
 
 
 def print_patches(ctx: StageContext, patches: list[str]) -> None:

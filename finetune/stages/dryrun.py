@@ -82,7 +82,29 @@ def _alignment_lengths(stage: StageConfig, tokenizer, dataset) -> list[int]:
     return out
 
 
-def _stage_plan(recipe: Recipe, stage: StageConfig, tokenizer, model, say) -> dict[str, Any]:
+def _length_search(recipe: Recipe, stage: StageConfig, model, cap: int, plan: dict[str, Any], say) -> int | None:
+    """`--max-length-search CAP`: the longest sample whose training step fits CAP by the estimate, and its parts."""
+    from finetune.stages.memory import longest_fitting
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    share = plan["trained"] / plan["tokens"] if plan.get("trained") and plan.get("tokens") else 1.0
+    found = longest_fitting(model.config, recipe, stage, cap, trainable=trainable, labelled_share=share)
+    if found is None:
+        say(f"  longest sample within {_gb(cap)} (estimate): none; the weights and optimizer state alone take more")
+        return None
+    length, memory = found
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    context = getattr(cfg, "max_position_embeddings", None)
+    micro = recipe.stage_training(stage).micro_batch_size
+    limit = " (the model's context)" if context and length >= context else ""
+    say(f"  longest sample within {_gb(cap)} (estimate, micro batch {micro}, {share:.0%} of tokens labelled): "
+        f"{length:,} tokens{limit}; data.max_length is {recipe.stage_data(stage).max_length:,}. At that length: "
+        f"{memory.line()}")
+    return length
+
+
+def _stage_plan(recipe: Recipe, stage: StageConfig, tokenizer, model, say,
+                length_cap: int | None = None) -> dict[str, Any]:
     from finetune.data.build import prepare
     from finetune.data.encode import IGNORE
     from finetune.data.preview import preview_lines
@@ -137,6 +159,8 @@ def _stage_plan(recipe: Recipe, stage: StageConfig, tokenizer, model, say) -> di
     plan["memory"] = memory.total
     plan["memory_parts"] = memory
     say(f"  memory for {sequences} x {seq_len} tokens per micro batch (estimate): {memory.line()}")
+    if length_cap is not None:
+        plan["longest_fitting"] = _length_search(recipe, stage, model, length_cap, plan, say)
     from finetune.run.checkpoints import next_checkpoint_step, schedule_text
 
     first = next_checkpoint_step(training, 0, per_epoch, steps)
@@ -160,8 +184,11 @@ def _output_status(recipe: Recipe) -> str:
     return f"{run_dir} holds an unfinished run ({status}): continue it with --resume, or --overwrite"
 
 
-def dry_run(recipe: Recipe, say=print) -> dict[str, Any]:
+def dry_run(recipe: Recipe, say=print, length_cap: int | None = None) -> dict[str, Any]:
     """Print the plan of a recipe (see the module docstring) and return its figures. Trains nothing.
+
+    `length_cap` (bytes, `--max-length-search`): also print, per stage, the longest sample length whose training
+    step fits that memory by the estimate.
 
     Raises:
         FinetuneError: a data check failed, the output folder is not writable, or the data is unusable.
@@ -189,7 +216,7 @@ def dry_run(recipe: Recipe, say=print) -> dict[str, Any]:
     plans = {}
     for i, stage in enumerate(stages):
         say(f"stage {i + 1}/{len(stages)}: {stage.name} ({stage.kind})")
-        plans[stage.name] = _stage_plan(recipe, stage, tokenizer, model, say)
+        plans[stage.name] = _stage_plan(recipe, stage, tokenizer, model, say, length_cap)
     peak = max(p["memory"] for p in plans.values())
     steps = sum(p["steps"] for p in plans.values())
     tokens = sum(p["tokens_seen"] for p in plans.values())

@@ -11,6 +11,9 @@ The parts, in bytes, at the longest micro-batch (`tokens` = sequences x their le
   it every layer's activations (`layer_activation_bytes`: norm inputs in float32, q/k/v/attention output, the MLP's
   gate, up, activation and product, LoRA dropout outputs and masks, eager attention's score matrices);
 - `recomputed_layer`: with checkpointing, the one layer recomputed in backward, and the gradients flowing through it;
+  with a tiled MLP (`training.tiled_mlp`, `finetune.model.tiled_mlp`) no layer keeps its MLP's intermediates (gate,
+  activation, up, the down projection's input, the LoRA outputs and dropout masks): one tile's are alive at a time,
+  counted here;
 - `loss`: the loss head. The label-positions loss (`finetune.model.loss_heads`) keeps the final norm's output, the
   labelled positions' hidden states and their float32 gradient, and one chunk of logits at a time (rows from
   `loss_heads.chunk_rows`); trl's loss (models whose logits are transformed) keeps the full logits, their float32
@@ -28,6 +31,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from finetune.model import tiled_mlp
 
 NF4_BLOCK = 64
 RECIPE_MARGIN = 0.85  # a recipe's estimate stays under this share of its stated GPU (see the module docstring)
@@ -147,6 +152,14 @@ def layer_activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, dropo
     return total
 
 
+def mlp_activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, dropout: bool = False,
+                         lora_r: int = 0) -> int:
+    """The MLP's share of `layer_activation_bytes`: gate, activation and up (3 x intermediate), the down
+    projection's LoRA input (intermediate), the three LoRA branches' rank-r outputs, and with dropout their masks."""
+    h, i = shape.hidden, shape.intermediate
+    return tokens * (act_bytes * (4 * i + 3 * lora_r) + (4 * (2 * h + i) if dropout else 0))
+
+
 def loss_bytes(shape: ModelShape, tokens: int, labelled: int, act_bytes: int, label_loss: bool, kind: str) -> int:
     """The loss head's buffers (see the module docstring); `label_loss`: the label-positions path runs."""
     from finetune.model import loss_heads
@@ -200,13 +213,19 @@ def estimate(shape: ModelShape, *, recipe: Any, training: Any, kind: str, sequen
     if trainable is None:
         trainable = shape.lora_params(recipe.lora.r, recipe.lora.target_modules)
     adapter = trainable * (8 + optimizer_bytes_per_param(training.optimizer))
-    layer = layer_activation_bytes(shape, tokens, act_bytes, dropout=recipe.lora.dropout > 0, lora_r=recipe.lora.r,
+    dropout = recipe.lora.dropout > 0
+    layer = layer_activation_bytes(shape, tokens, act_bytes, dropout=dropout, lora_r=recipe.lora.r,
                                    eager=(sequences, seq_len) if eager else None)
+    tile = 0  # a tiled MLP: no layer keeps its MLP intermediates, one tile's are alive in backward
+    tiles = tiled_mlp.tile_count(getattr(training, "tiled_mlp", "off"), seq_len)
+    if tiles > 1:
+        layer -= mlp_activation_bytes(shape, tokens, act_bytes, dropout, recipe.lora.r)
+        tile = mlp_activation_bytes(shape, sequences * -(-seq_len // tiles), act_bytes, dropout, recipe.lora.r)
     if training.gradient_checkpointing:
         kept = shape.layers * tokens * shape.hidden * act_bytes
-        recomputed = layer + 2 * tokens * shape.hidden * act_bytes  # and the gradients in and out of it
+        recomputed = layer + tile + 2 * tokens * shape.hidden * act_bytes  # and the gradients in and out of it
     else:
-        kept, recomputed = shape.layers * layer, 0
+        kept, recomputed = shape.layers * layer, tile
     return Memory(quantized_weights=q_bytes, frozen_weights=frozen, adapter=adapter, kept_activations=kept,
                   recomputed_layer=recomputed, loss=loss_bytes(shape, tokens, labelled, act_bytes, label_loss, kind),
                   generation_cache=generation_cache_bytes(shape, *generation, act_bytes) if generation else 0)
@@ -236,3 +255,45 @@ def recipe_estimate(config: Any, recipe: Any, stage: Any, seq_len: int | None = 
                     act_bytes=4 if resolve_precision(training) == "fp32" else 2,
                     label_loss=loss_heads.config_unsupported_reason(config) is None, eager=attn == "eager",
                     trainable=trainable, generation=generation)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from a size such as `8GB`, `8G`, `24 GiB`, `500MB` or a plain number of bytes (GB counted as GiB, as the
+    estimate prints them)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
+    if not m:
+        raise ValueError(f"'{text}' is not a memory size; write it like 8GB, 500MB or 24GiB")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper()))
+
+
+def longest_fitting(config: Any, recipe: Any, stage: Any, cap: int, trainable: int | None = None,
+                    labelled_share: float = 1.0) -> tuple[int, Memory] | None:
+    """The longest sample (tokens per sequence) whose training step fits `cap` bytes by the estimate, with the
+    stage's micro batch, and the estimate at that length; None when not even one token fits (the weights alone are
+    too large). Searched by bisection up to the model's context (`max_position_embeddings`), the estimate growing
+    with length. `labelled_share`: the share of tokens carrying a label (1: the worst case)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    context = int(getattr(cfg, "max_position_embeddings", 0) or 1 << 20)
+    sequences = sequences_per_micro_batch(stage.kind, recipe.stage_training(stage).micro_batch_size)
+
+    def at(length: int) -> Memory:
+        labelled = int(sequences * length * labelled_share)
+        return recipe_estimate(config, recipe, stage, seq_len=length, labelled=labelled, trainable=trainable)
+
+    # `tiled_mlp: auto` tiles rows longer than AUTO_FROM: the estimate drops there, and grows with length on each side
+    segments = [(1, context)]
+    if getattr(recipe.stage_training(stage), "tiled_mlp", "off") == "auto" and context > tiled_mlp.AUTO_FROM:
+        segments = [(tiled_mlp.AUTO_FROM + 1, context), (1, tiled_mlp.AUTO_FROM)]
+    for low, high in segments:
+        if at(low).total > cap:
+            continue
+        if at(high).total <= cap:
+            return high, at(high)
+        while high - low > 1:  # at(low) fits, at(high) does not
+            mid = (low + high) // 2
+            low, high = (mid, high) if at(mid).total <= cap else (low, mid)
+        return low, at(low)
+    return None
+

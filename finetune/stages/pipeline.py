@@ -24,6 +24,7 @@ from finetune.distributed.process import is_main_process, wait_for_everyone
 from finetune.errors import FinetuneError
 from finetune.model.attention import attention_calls
 from finetune.model.loading import free_stage_memory
+from finetune.model.tiled_mlp import tiled_calls
 from finetune.recipe.loading import dump_recipe
 from finetune.recipe.schema import Recipe, StageConfig
 from finetune.run.files import read_json, write_json_atomic, write_text_atomic
@@ -247,13 +248,18 @@ def _run_stage(recipe: Recipe, stage: StageConfig, run_dir: Path, previous: Path
     # Seed before the stage builds anything: the fresh adapter's random init is made before the trainer seeds.
     set_seed(ctx.training.seed)
     attention_calls(reset=True)
+    tiled_calls(reset=True)
     result: StageResult = _stage_runner(stage.kind)(ctx, tokenizer=tokenizer)
     result.metrics["stage_seconds"] = round(time.perf_counter() - started, 1)
     # which attention path really ran (a banner that says varlen while rows fell back to masked sdpa shows here)
     result.attention_calls = attention_calls(reset=True)
+    result.tiled_mlp_calls = tiled_calls(reset=True)
     if main and result.attention_calls:
         print(f"[{stage.name}] attention calls: " + ", ".join(f"{k} {v}" for k, v in result.attention_calls.items()),
               flush=True)
+    if main and result.tiled_mlp_calls:
+        print(f"[{stage.name}] tiled MLP: {result.tiled_mlp_calls['tiled']} forwards in "
+              f"{result.tiled_mlp_calls['tiles']} tiles", flush=True)
     done = {**asdict(result), "config": stage_settings(recipe, stage)}
     run.stages[stage.name] = done
     summary["stages"][stage.name] = done
