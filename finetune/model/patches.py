@@ -18,6 +18,8 @@ stage summary keeps. The order, bottom of the `*ForCausalLM.forward` stack first
    trl's fused head does. It owns `kernels.fused_ce` too: SFT's head always computes its loss with the chunked
    cross-entropy (`finetune.kernels.cross_entropy`); DPO's head does with `fused_ce` on, else with trl's kernel.
    Stages without our head (trl's own loss) record that `fused_ce` is not used there.
+5. `offload`: `training.offload_activations`, saved-tensor hooks around the causal LM's training forwards
+   (`finetune.model.offload`): forward hooks, no forward replaced.
 
 `apply_patches` runs once per model, after the trainer is built (so that the loss head sits above trl's head) and
 before anything is measured or trained; a second call refuses, and every patch only wraps what was there before it.
@@ -33,7 +35,8 @@ from finetune.model.attention import use_padding_free_attention
 from finetune.recipe.schema import Recipe
 
 RECORD = "_finetune_patches"  # attribute of the *ForCausalLM instance holding the record
-ORDER = ("base", "bitsandbytes", "kernel", "tiled mlp", "attention", "loss head")  # "base": where the weights came from
+# "base": where the weights came from
+ORDER = ("base", "bitsandbytes", "kernel", "tiled mlp", "attention", "loss head", "offload")
 
 
 def causal_lm(model: Any) -> Any:
@@ -110,6 +113,13 @@ def apply_patches(model: Any, recipe: Recipe, stage: str, kind: Literal["sft", "
         kernel = "our chunked cross-entropy (kernels.fused_ce)" if fused_ce else "trl's fused LM head kernel"
         record(model, "loss head", f"{kernel} on labelled positions only" +
                (", padded batches run as padding-free rows" if pack else "") + " (finetune.model.loss_heads)")
+    if training.offload_activations:
+        import torch
+
+        from finetune.model import offload
+
+        record(model, "offload", offload.install(causal_lm(model)) if torch.cuda.is_available() else
+               "not applied: no CUDA device (training.offload_activations moves GPU memory to the host)")
     problems = undone(model)
     if problems:
         raise FinetuneError(f"stage '{stage}': a model patch was undone while patching: " + "; ".join(problems))

@@ -293,6 +293,10 @@ class TrainingConfig(Section):
     MLP forward per step), loss and gradients stay the same. `auto`: rows longer than 4096 tokens, in tiles of about
     2048 tokens (long context; shorter rows are left whole); `off`; or a number of tiles for every row. Dense MLPs
     only (Mixture-of-Experts blocks are left whole)."""
+    offload_activations: bool = False
+    """On a GPU, move the tensors the forward keeps for backward to pinned host memory as they are saved, and back
+    when backward needs them (with gradient checkpointing: each layer's input, the bulk of what remains at long
+    context). Costs the copies over PCIe; loss and gradients stay the same. No effect on the CPU (nothing to move)."""
     precision: Precision = "auto"
     """Autocast precision. `auto`: bf16 on a GPU that supports it, fp16 on other GPUs, fp32 on CPU."""
     logging_steps: Annotated[int, Field(ge=1)] = 5

@@ -9,7 +9,8 @@ The parts, in bytes, at the longest micro-batch (`tokens` = sequences x their le
 - `adapter`: trainable weights (float32), their gradients (float32) and the optimizer state;
 - `kept_activations`: what the forward keeps for backward. With gradient checkpointing each layer's input; without
   it every layer's activations (`layer_activation_bytes`: norm inputs in float32, q/k/v/attention output, the MLP's
-  gate, up, activation and product, LoRA dropout outputs and masks, eager attention's score matrices);
+  gate, up, activation and product, LoRA dropout outputs and masks, eager attention's score matrices); none with
+  `training.offload_activations` (they wait in host memory: a GPU's estimate);
 - `recomputed_layer`: with checkpointing, the one layer recomputed in backward, and the gradients flowing through it;
   with a tiled MLP (`training.tiled_mlp`, `finetune.model.tiled_mlp`) no layer keeps its MLP's intermediates (gate,
   activation, up, the down projection's input, the LoRA outputs and dropout masks): one tile's are alive at a time,
@@ -226,6 +227,8 @@ def estimate(shape: ModelShape, *, recipe: Any, training: Any, kind: str, sequen
         recomputed = layer + tile + 2 * tokens * shape.hidden * act_bytes  # and the gradients in and out of it
     else:
         kept, recomputed = shape.layers * layer, tile
+    if getattr(training, "offload_activations", False):
+        kept = 0  # in host memory (a GPU's estimate; on the CPU nothing is moved)
     return Memory(quantized_weights=q_bytes, frozen_weights=frozen, adapter=adapter, kept_activations=kept,
                   recomputed_layer=recomputed, loss=loss_bytes(shape, tokens, labelled, act_bytes, label_loss, kind),
                   generation_cache=generation_cache_bytes(shape, *generation, act_bytes) if generation else 0)
