@@ -113,7 +113,7 @@ def train(
     """Run every stage of a recipe (SFT, then DPO if asked) into one run folder."""
     cap = None
     if max_length_search is not None:
-        from finetune.stages.memory import parse_size
+        from finetune.stages.length_search import parse_size
 
         if not dry_run:
             raise _fail("--max-length-search is part of the plan: pass it with --dry-run")

@@ -51,7 +51,7 @@ TRL_FLAGS = {"trl-best": {"bf16": False, "gradient_checkpointing": True},
 
 
 def parse_size(text: str) -> int:
-    from finetune.stages.memory import parse_size as parse
+    from finetune.stages.length_search import parse_size as parse
 
     return parse(text)
 

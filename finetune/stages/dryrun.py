@@ -84,7 +84,7 @@ def _alignment_lengths(stage: StageConfig, tokenizer, dataset) -> list[int]:
 
 def _length_search(recipe: Recipe, stage: StageConfig, model, cap: int, plan: dict[str, Any], say) -> int | None:
     """`--max-length-search CAP`: the longest sample whose training step fits CAP by the estimate, and its parts."""
-    from finetune.stages.memory import longest_fitting
+    from finetune.stages.length_search import longest_fitting
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     share = plan["trained"] / plan["tokens"] if plan.get("trained") and plan.get("tokens") else 1.0

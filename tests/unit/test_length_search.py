@@ -7,7 +7,8 @@ import pytest
 from transformers import AutoConfig
 
 from finetune.recipe.schema import Recipe
-from finetune.stages.memory import longest_fitting, parse_size, recipe_estimate
+from finetune.stages.length_search import longest_fitting, parse_size
+from finetune.stages.memory import recipe_estimate
 
 GB = 2**30
 QWEN3_4B = dict(hidden_size=2560, num_hidden_layers=36, intermediate_size=9728, num_attention_heads=32,
