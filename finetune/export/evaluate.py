@@ -166,9 +166,13 @@ def evaluate_target(path: str | Path, against: str | Path | None = None, recipe:
         if why_not_kl:
             result.comparison = {"kl_refused": why_not_kl}
         elif suite.general:
-            result.comparison = scoring.compare(scoring.forward(loaded.model), scoring.forward(other_loaded.model),
-                                                general_samples(loaded.tokenizer, suite), loaded.tokenizer.pad_token_id)
-            result.comparison["file"] = suite.general_path
+            try:  # a padded output layer is compared on the common vocabulary (`common_vocab`)
+                result.comparison = scoring.compare(scoring.forward(loaded.model), scoring.forward(other_loaded.model),
+                                                    general_samples(loaded.tokenizer, suite),
+                                                    loaded.tokenizer.pad_token_id)
+                result.comparison["file"] = suite.general_path
+            except FinetuneError as e:  # the other figures are kept
+                result.comparison = {"kl_refused": str(e)}
     if target.run_dir is not None:
         from finetune.run.files import write_json_atomic
         from finetune.run.report import write_report

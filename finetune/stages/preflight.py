@@ -14,6 +14,7 @@ from typing import Any
 
 from finetune.data.templates import TEMPLATE_NAMES
 from finetune.distributed.plan import environment_problems
+from finetune.eval.taskrows import task_file_problems
 from finetune.recipe.checks import check_hub, hub_offline_reason, looks_like_hub_id
 from finetune.recipe.gguf_source import gguf_path, gguf_problems
 from finetune.recipe.kernel_support import recipe_kernel_problems
@@ -58,8 +59,8 @@ def check_recipe_paths(recipe: Recipe) -> list[str]:
                     f"{prefix}.template: '{data.template}' is neither a template name "
                     f"({', '.join(sorted(TEMPLATE_NAMES))}) nor an existing Jinja file"
                 )
-            if data.task_eval and not Path(data.task_eval).exists():
-                problems.append(f"{prefix}.task_eval: '{data.task_eval}' does not exist")
+            if data.task_eval:  # there, UTF-8 JSON Lines, every row can be asked and answered
+                problems += task_file_problems(data.task_eval, f"{prefix}.task_eval")
         for key, value in ((f"stages[{i}].init_from", stage.init_from), (f"stages[{i}].dpo.reference", None)):
             if value not in (None, "previous", "new") and not Path(value).exists():
                 problems.append(f"{key}: adapter folder '{value}' does not exist")
