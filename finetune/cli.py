@@ -252,6 +252,9 @@ def eval_cmd(
     recipe: Annotated[Path | None, typer.Option(help="Recipe naming the eval data (default: the run's).")] = None,
     stage: Annotated[str | None, typer.Option(help="Stage of a run (default: the last finished).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of the table.")] = False,
+    forgetting_base: Annotated[str, typer.Option(
+        help="as-trained: forgetting against the base the weights came from (4-bit for QLoRA runs and their merged "
+             "exports); full: against the full-precision base.")] = "as-trained",
 ) -> None:
     """Held-out loss, task metrics, preference accuracy and forgetting of a model; a run's JSON goes to RUN/eval/."""
     import json
@@ -260,7 +263,10 @@ def eval_cmd(
     from finetune.export.evaluate import evaluate_target
 
     with _user_errors():
-        result = evaluate_target(target, against, recipe, stage, say=lambda m: typer.echo(m, err=True))
+        if forgetting_base not in ("as-trained", "full"):
+            raise FinetuneError(f"--forgetting-base {forgetting_base}: choose as-trained or full")
+        result = evaluate_target(target, against, recipe, stage, say=lambda m: typer.echo(m, err=True),
+                                 forgetting_base=forgetting_base)  # type: ignore[arg-type]
     typer.echo(json.dumps(result.as_dict(), indent=2) if as_json else format_table(result.as_dict()))
     if result.written:
         typer.echo(f"written: {result.written}; report: {result.written.parent.parent / 'report' / 'index.html'}",

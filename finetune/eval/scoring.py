@@ -47,6 +47,14 @@ def adapter_off(model: torch.nn.Module) -> Forward | None:
     return forward(model, adapter=False) if hasattr(model, "disable_adapter") else None
 
 
+def adapter_off_words(model: torch.nn.Module) -> str:
+    """Which base `adapter_off` compares with, in words: 'the nf4 4-bit base the adapter was trained on, ...'."""
+    q = getattr(getattr(model, "config", None), "quantization_config", None)
+    q = q if isinstance(q, dict) or q is None else q.to_dict()
+    quant = q.get("bnb_4bit_quant_type", "nf4") if q and q.get("load_in_4bit") else None
+    return f"the {quant + ' 4-bit ' if quant else ''}base the adapter was trained on, adapter disabled"
+
+
 def _batches(samples: list[Sample], batch_size: int, pad_id: int) -> Iterator[tuple[torch.Tensor, ...]]:
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]

@@ -58,6 +58,9 @@ def format_table(result: dict[str, Any]) -> str:
     if comparison.get("kl_refused"):
         lines.append(f"KL comparison refused: {comparison['kl_refused']}")
     for side in ("target", "against"):
+        base = ((result.get(side) or {}).get("forgetting") or {}).get("base")
+        if base:
+            lines.append(f"{side}: forgetting measured against {base}")
         mark = forgetting_mark(result.get(side) or {})
         if mark:
             lines.append(f"{side}: FORGETTING, {mark}")
