@@ -16,7 +16,7 @@ from typing import Any
 from finetune.errors import FinetuneError
 from finetune.eval import metrics as M
 from finetune.eval import scoring
-from finetune.eval.taskrows import load_task_file, read_jsonl, read_text
+from finetune.eval.taskrows import load_task_file, read_general_text
 from finetune.recipe.schema import DatasetSource, Recipe, StageConfig, TaskFile
 
 
@@ -52,22 +52,6 @@ def _table(src: DatasetSource, key: str):
     table = read_source(src, key)
     apply_columns(table, src.columns)
     return table
-
-
-def read_general_text(path: str, limit: int | None) -> list[str]:
-    """Documents of a general-text file: `.txt` one per line, `.jsonl` rows with `text`."""
-    if path.endswith(".jsonl"):
-        rows = read_jsonl(path, "eval.general_text")
-        bad = [i for i, r in enumerate(rows, 1) if not isinstance(r, dict) or not isinstance(r.get("text"), str)]
-        if bad:
-            raise FinetuneError(f"eval.general_text: {path} rows {bad[:5]} have no `text` string")
-        docs = [r["text"] for r in rows]
-    else:
-        text = read_text(path, "eval.general_text")
-        docs = [line.strip() for line in text.splitlines() if line.strip()]
-    if not docs:
-        raise FinetuneError(f"eval.general_text: {path} holds no text")
-    return docs[:limit]
 
 
 def load_suite(recipe: Recipe, stage: StageConfig) -> Suite:

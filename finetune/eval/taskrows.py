@@ -46,6 +46,22 @@ def read_jsonl(path: str, key: str) -> list[Any]:
     return rows
 
 
+def read_general_text(path: str, limit: int | None) -> list[str]:
+    """Documents of a general-text file: `.txt` one per line, `.jsonl` rows with `text`."""
+    if path.endswith(".jsonl"):
+        rows = read_jsonl(path, "eval.general_text")
+        bad = [i for i, r in enumerate(rows, 1) if not isinstance(r, dict) or not isinstance(r.get("text"), str)]
+        if bad:
+            raise FinetuneError(f"eval.general_text: {path} rows {bad[:5]} have no `text` string")
+        docs = [r["text"] for r in rows]
+    else:
+        text = read_text(path, "eval.general_text")
+        docs = [line.strip() for line in text.splitlines() if line.strip()]
+    if not docs:
+        raise FinetuneError(f"eval.general_text: {path} holds no text")
+    return docs[:limit]
+
+
 def normalize_task_row(row: Any) -> Any:
     """The row in the shape the metrics read: a string `prompt` as one user message, and a `messages` row without
     `answer` answered by its last assistant message. Anything else is returned as it is (checked later)."""
@@ -87,3 +103,23 @@ def task_file_problems(path: str, key: str) -> list[str]:
     except FinetuneError as e:
         return [str(e) if str(e).startswith(key) else f"{key}: {e}"]
     return []
+
+
+def eval_section_problems(recipe: Any) -> list[str]:
+    """The `eval` section's task files and general text read and checked as `ft eval` and the end of a stage read
+    them (`ft validate` and `ft train`, before any model loads); files that do not exist are named too."""
+    cfg, problems = recipe.eval, []
+    for i, task in enumerate(cfg.tasks):
+        key = f"eval.tasks[{i}]"
+        try:
+            if not Path(task.path).exists():
+                raise FinetuneError(f"{key}.path: '{task.path}' does not exist")
+            load_task_file(task.path, key, list(task.metrics), task.pattern)
+        except FinetuneError as e:
+            problems.append(str(e) if str(e).startswith(key) else f"{key}: {e}")
+    if cfg.general_text:
+        try:
+            read_general_text(cfg.general_text, None)
+        except FinetuneError as e:
+            problems.append(str(e))
+    return problems

@@ -15,7 +15,7 @@ from typing import Any
 from finetune.data.stream import check_streamed, streamed_read
 from finetune.data.templates import TEMPLATE_NAMES
 from finetune.distributed.plan import environment_problems
-from finetune.eval.taskrows import task_file_problems
+from finetune.eval.taskrows import eval_section_problems, task_file_problems
 from finetune.recipe.checks import check_hub, hub_offline_reason, looks_like_hub_id
 from finetune.recipe.gguf_source import gguf_path, gguf_problems
 from finetune.recipe.kernel_support import recipe_kernel_problems
@@ -74,8 +74,7 @@ def check_recipe_paths(recipe: Recipe, full_stream: bool = False) -> list[str]:
                     "with adapter_config.json"
                 )
         problems += _alignment_paths(i, stage)
-    problems += recipe_kernel_problems(recipe)
-    problems += environment_problems(recipe)
+    problems += recipe_kernel_problems(recipe) + environment_problems(recipe) + eval_section_problems(recipe)
     problems += check_data_files(recipe, full_stream)  # read every stage's data (no tokenizer) before anything loads
     return problems
 

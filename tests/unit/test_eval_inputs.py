@@ -99,3 +99,40 @@ def test_kl_against_a_padded_vocabulary_uses_the_common_rows():
     assert got["mean_kl"] == pytest.approx(expected["mean_kl"]) and got["loss"] == pytest.approx(expected["loss"])
     with pytest.raises(FinetuneError, match="share only the first 2 vocabulary rows"):
         scoring.compare(tuned, padded, [([0, 2], [0, 2])], pad_id=0)
+
+
+def test_validate_reads_the_eval_sections_files_too(tmp_path, tiny_model):
+    from finetune.recipe.schema import load_recipe
+    from finetune.stages.preflight import check_recipe_paths
+
+    train = _jsonl(tmp_path / "train.jsonl", [{"messages": [USER, {"role": "assistant", "content": "4"}]}] * 4)
+    task = _jsonl(tmp_path / "task.jsonl", [{"prompt": 7, "answer": "7"}])
+    general = tmp_path / "general.txt"
+    general.write_bytes(b"plain text\n\xff\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {{name_or_path: {tiny_model}}}\ndata: {{train: [{{path: {train}}}]}}\n"
+                      f"eval: {{general_text: {general}, tasks: [{{path: {task}}}, {{path: {tmp_path}/no.jsonl}}]}}\n"
+                      f"output: {{dir: {tmp_path / 'runs'}}}\n")
+    problems = check_recipe_paths(load_recipe(recipe, []))
+    assert any(p.startswith(f"eval.tasks[0]: {task}: rows that cannot be scored") for p in problems), problems
+    assert f"eval.tasks[1].path: '{tmp_path / 'no.jsonl'}' does not exist" in problems
+    assert f"eval.general_text: {general} line 2 is not UTF-8 text (byte 11); save the file as UTF-8" in problems
+
+
+def test_validate_reads_the_eval_files_without_importing_torch(tmp_path, tiny_model):
+    import subprocess
+    import sys
+
+    train = _jsonl(tmp_path / "train.jsonl", [{"messages": [USER, {"role": "assistant", "content": "4"}]}] * 4)
+    task = _jsonl(tmp_path / "task.jsonl", [{"prompt": "2+2?", "answer": "4"}])
+    (tmp_path / "general.txt").write_text("plain text\n", encoding="utf-8")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {{name_or_path: {tiny_model}}}\n"
+                      f"data: {{train: [{{path: {train}}}], task_eval: {task}}}\n"
+                      f"eval: {{general_text: {tmp_path}/general.txt, tasks: [{{path: {task}}}]}}\n"
+                      f"output: {{dir: {tmp_path / 'runs'}}}\n")
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom finetune.cli import app\n"
+            f"assert CliRunner().invoke(app, ['validate', {str(recipe)!r}, '-q']).exit_code == 0\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
