@@ -118,8 +118,9 @@ def _asking_problem(row: Any) -> str | None:
         return "no `messages` or `prompt` to answer"
     if not isinstance(asked, list):
         return "a `prompt` or `messages` that is neither text nor a list of {role, content} messages"
-    if any(not isinstance(m, dict) or not isinstance(m.get("role"), str) for m in asked):
-        return "messages that are not {role, content} objects"
+    if any(not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str)
+           for m in asked):
+        return "messages that are not {role, content} objects with text content"
     if "prompt" not in row and asked[-1]["role"] == "assistant":
         asked = asked[:-1]  # the answer, when the row has none of its own
     if not any(m["role"] == "user" for m in asked):

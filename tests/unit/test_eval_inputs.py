@@ -41,7 +41,8 @@ def test_plain_string_prompts_and_messages_without_answer_are_read(tmp_path):
     ({"messages": [{"role": "assistant", "content": "hello"}, {"role": "assistant", "content": "4"}]},
      "no user turn to answer"),
     ({"messages": [USER]}, "no `answer`"),  # nothing to take the answer from
-    ({"messages": ["2+2?"], "answer": "4"}, "messages that are not {role, content} objects"),
+    ({"messages": ["2+2?"], "answer": "4"}, "messages that are not {role, content} objects with text content"),
+    ({"prompt": [{"role": "user", "content": 4}], "answer": "4"}, "messages that are not {role, content} objects"),
 ])
 def test_task_rows_that_cannot_be_asked_or_answered_are_named(tmp_path, row, problem):
     path = _jsonl(tmp_path / "t.jsonl", [{"prompt": "ok?", "answer": "ok"}, row])
