@@ -6,6 +6,10 @@ the process count, else every n-th row), normalised row by row and mixed by weig
 `examples(...)` is the one entry point: the normalised examples one process trains on in one pass, in a fixed order
 (the same seed, pass and process always give the same sequence, which is what resuming replays). The tokenizing,
 shuffling and packing around it live in `finetune.data.stream_train`.
+
+A line the readers cannot parse (a truncated write deep in a file) or a row its format rejects is named by file and
+line, in training as in `check_streamed`: the checks before training (and `ft validate`) read the first `HEAD_ROWS`
+rows of each local source, `ft validate --full` every row, one at a time.
 """
 
 from __future__ import annotations
