@@ -54,7 +54,7 @@ def _user_errors() -> Iterator[None]:
         raise _fail(f"{who}error: {e}", 1) from None
 
 
-def _load(recipe_path: Path, overrides: list[str] | None, check_paths: bool = True):
+def _load(recipe_path: Path, overrides: list[str] | None, check_paths: bool = True, full_stream: bool = False):
     from finetune.recipe.loading import RecipeError
     from finetune.recipe.schema import load_recipe
     from finetune.stages.preflight import check_recipe_paths
@@ -63,7 +63,7 @@ def _load(recipe_path: Path, overrides: list[str] | None, check_paths: bool = Tr
         recipe = load_recipe(recipe_path, overrides or [])
     except RecipeError as e:
         raise _fail(str(e)) from None
-    if check_paths and (problems := check_recipe_paths(recipe)):
+    if check_paths and (problems := check_recipe_paths(recipe, full_stream)):
         raise _fail(str(RecipeError(str(recipe_path), problems)))
     return recipe
 
@@ -73,6 +73,8 @@ def validate(
     recipe: RecipeArg,
     set_: SetOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing when the recipe is valid.")] = False,
+    full: Annotated[bool, typer.Option(
+        "--full", help="Read streamed training files whole (by default only their first rows are read).")] = False,
 ) -> None:
     """Check a recipe without loading any model (types, ranges, cross-field rules, paths) and print it resolved.
 
@@ -82,9 +84,9 @@ def validate(
     from finetune.recipe.loading import dump_recipe
     from finetune.stages.preflight import data_checked
 
-    resolved = _load(recipe, set_)
+    resolved = _load(recipe, set_, full_stream=full)
     if not quiet:
-        typer.echo(f"# {recipe}: valid; {data_checked(resolved)}.")
+        typer.echo(f"# {recipe}: valid; {data_checked(resolved, full)}.")
         typer.echo("\n".join(family_lines(resolved)))
         typer.echo("# Resolved recipe (every default written out):")
         typer.echo(dump_recipe(resolved))
@@ -263,6 +265,9 @@ def eval_cmd(
     recipe: Annotated[Path | None, typer.Option(help="Recipe naming the eval data (default: the run's).")] = None,
     stage: Annotated[str | None, typer.Option(help="Stage of a run (default: the last finished).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of the table.")] = False,
+    forgetting_base: Annotated[str, typer.Option(
+        help="as-trained: forgetting against the base the weights came from (4-bit for QLoRA runs and their merged "
+             "exports); full: against the full-precision base.")] = "as-trained",
 ) -> None:
     """Held-out loss, task metrics, preference accuracy and forgetting of a model; a run's JSON goes to RUN/eval/."""
     import json
@@ -271,7 +276,10 @@ def eval_cmd(
     from finetune.export.evaluate import evaluate_target
 
     with _user_errors():
-        result = evaluate_target(target, against, recipe, stage, say=lambda m: typer.echo(m, err=True))
+        if forgetting_base not in ("as-trained", "full"):
+            raise FinetuneError(f"--forgetting-base {forgetting_base}: choose as-trained or full")
+        result = evaluate_target(target, against, recipe, stage, say=lambda m: typer.echo(m, err=True),
+                                 forgetting_base=forgetting_base)  # type: ignore[arg-type]
     typer.echo(json.dumps(result.as_dict(), indent=2) if as_json else format_table(result.as_dict()))
     if result.written:
         typer.echo(f"written: {result.written}; report: {result.written.parent.parent / 'report' / 'index.html'}",

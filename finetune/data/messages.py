@@ -23,6 +23,10 @@ ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assi
          "function": "tool", "ipython": "tool", "function_call": "assistant"}
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+MAX_DEPTH = 64
+"""How deep tool call arguments, tool results and `tools` schemas may nest (objects and lists in one another): far
+beyond any real schema, and far below the depth at which parsing, the chat template or Arrow run out of stack."""
+TOO_DEEP = f"JSON nested deeper than {MAX_DEPTH} levels (the cap for tool calls, results and schemas; flatten it)"
 
 
 class Problem(str):
@@ -34,6 +38,26 @@ class Problem(str):
         obj = super().__new__(cls, kind)
         obj.detail = detail
         return obj
+
+
+def nested_deeper(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """True when objects and lists nest in `value` more than `limit` levels deep (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            stack += [(v, depth + 1) for v in (item.values() if isinstance(item, dict) else item)]
+    return False
+
+
+def _loads(text: str) -> Any:
+    """`json.loads`, with nesting too deep for the parser raised as the JSONDecodeError kinds are handled."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError(TOO_DEEP, text, 0) from None
 
 
 def text_of(content: Any) -> str | None:
@@ -51,13 +75,17 @@ def _arguments(value: Any, where: str) -> str | Problem:
         value = {}
     if isinstance(value, str):
         try:
-            value = json.loads(value)
+            value = _loads(value)
         except json.JSONDecodeError as e:
+            if e.msg == TOO_DEEP:
+                return Problem(f"tool call arguments in {TOO_DEEP}", where)
             return Problem("tool call arguments that are not valid JSON (write them as a JSON object)",
                            f"{where}: {e.msg} at character {e.pos}")
     if not isinstance(value, dict):
         return Problem("tool call arguments that are not a JSON object (arguments map parameter names to values)",
                        f"{where}: a {type(value).__name__}")
+    if nested_deeper(value):
+        return Problem(f"tool call arguments in {TOO_DEEP}", where)
     return json.dumps(value, ensure_ascii=False)
 
 
@@ -65,7 +93,7 @@ def tool_calls(value: Any, where: str) -> list[dict[str, Any]] | Problem:
     """Normalised tool calls of an assistant message (`where` names the message, for problems)."""
     if isinstance(value, str):
         try:
-            value = json.loads(value)
+            value = _loads(value)
         except json.JSONDecodeError as e:
             return Problem("'tool_calls' text that is not valid JSON", f"{where}: {e.msg} at character {e.pos}")
     if isinstance(value, dict):
@@ -94,7 +122,7 @@ def _sharegpt_call(value: Any, where: str) -> list[dict[str, Any]] | Problem:
     """The calls of a sharegpt `function_call` turn: JSON text of one call {name, arguments} or a list of them."""
     if isinstance(value, str):
         try:
-            value = json.loads(value)
+            value = _loads(value)
         except json.JSONDecodeError as e:
             return Problem("a function_call turn that is not valid JSON (its value is the call: {\"name\": ..., "
                            "\"arguments\": {...}})", f"{where}: {e.msg} at character {e.pos}")
@@ -151,6 +179,8 @@ def normalise_message(item: Any, default_role: str, where: str) -> dict[str, Any
     if raw is None and (calls or role == "tool"):
         raw = ""
     if role == "tool" and isinstance(raw, dict | list) and text_of(raw) is None:
+        if nested_deeper(raw):
+            return Problem(f"a tool result in {TOO_DEEP}", where)
         raw = json.dumps(raw, ensure_ascii=False)  # a structured tool result: the model reads it as JSON text
     content = text_of(raw)
     if content is None:
@@ -205,7 +235,7 @@ def normalise_tools(value: Any) -> str | None | Problem:
         return None
     if isinstance(value, str):
         try:
-            value = json.loads(value)
+            value = _loads(value)
         except json.JSONDecodeError as e:
             return Problem("a 'tools' column that is not valid JSON (write it as a JSON list of schemas)",
                            f"{e.msg} at character {e.pos}")
@@ -215,6 +245,8 @@ def normalise_tools(value: Any) -> str | None | Problem:
             "{\"name\": ..., \"parameters\": {...}}})")
     if not isinstance(value, list):
         return Problem(kind, f"a {type(value).__name__}")
+    if nested_deeper(value):
+        return Problem(f"a 'tools' column in {TOO_DEEP}")
     out = []
     for j, schema in enumerate(value):
         fn = schema.get("function", schema) if isinstance(schema, dict) else None

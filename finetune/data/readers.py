@@ -16,6 +16,8 @@ from finetune.recipe.schema import DatasetSource
 
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _SAVED_MARKERS = ("dataset_dict.json", "state.json")
+TOO_DEEP_TO_READ = ("nests JSON objects and lists too deeply for the JSON parser (about 1000 levels; tool call "
+                    "arguments, results and schemas may nest 64): flatten the row or drop it")
 
 
 @dataclass
@@ -116,6 +118,8 @@ def _read_file(file: Path, key: str) -> tuple[list[Any], list[str]]:
     if kind == "json":
         try:
             data = json.loads(text)
+        except RecursionError:
+            raise FinetuneError(f"{key}: {file} {TOO_DEEP_TO_READ}") from None
         except json.JSONDecodeError as e:
             if e.msg != "Extra data":
                 raise FinetuneError(f"{key}: {file} line {e.lineno} is not valid JSON ({e.msg})") from None
@@ -136,6 +140,8 @@ def _json_lines(text: str, file: Path, key: str) -> tuple[list[Any], list[str]]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise FinetuneError(f"{key}: {file} line {n} is not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise FinetuneError(f"{key}: {file} line {n} {TOO_DEEP_TO_READ}") from None
             positions.append(f"line {n}")
     return rows, positions
 

@@ -6,6 +6,10 @@ the process count, else every n-th row), normalised row by row and mixed by weig
 `examples(...)` is the one entry point: the normalised examples one process trains on in one pass, in a fixed order
 (the same seed, pass and process always give the same sequence, which is what resuming replays). The tokenizing,
 shuffling and packing around it live in `finetune.data.stream_train`.
+
+A line the readers cannot parse (a truncated write deep in a file) or a row its format rejects is named by file and
+line, in training as in `check_streamed`: the checks before training (and `ft validate`) read the first `HEAD_ROWS`
+rows of each local source, `ft validate --full` every row, one at a time.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from finetune.errors import FinetuneError
 from finetune.recipe.schema import DataConfig, DatasetSource
 
 _BUILDERS = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}
+HEAD_ROWS = 2000  # rows of a streamed source read for the checks (`ft validate` without --full), dry run and preview
 
 
 def open_stream(src: DatasetSource, key: str):
@@ -78,6 +83,10 @@ def open_with_first_row(src: DatasetSource, key: str):
         return ds, without_nulls(next(iter(ds)))
     except StopIteration:
         raise FinetuneError(f"{key}: '{src.path}' holds no rows") from None
+    except FinetuneError:
+        raise
+    except Exception as e:  # the Arrow readers under `datasets` read a chunk of lines ahead of the first row
+        raise FinetuneError(unreadable(src, key, 0, e)) from None
 
 class Source:
     """One training source as this process reads it: its rows (this process's share), format and recipe key."""
@@ -106,15 +115,100 @@ class Source:
         rows = iter(self.dataset)
         if self.src.max_samples is not None:  # this process's share of the first max_samples rows
             rows = itertools.islice(rows, (self.src.max_samples - self.rank + self.world - 1) // self.world)
-        for row in rows:
-            row = without_nulls(row)
+        n = 0
+        while True:
             try:
-                yield formats.normalize_sft(Table(self.key, self.src.path, [row], [(self.src.path, "row")]),
-                                            self.format)[0]
-            except FinetuneError as e:
-                raise FinetuneError(f"{self.key} '{self.src.path}': a streamed row is not a valid '{self.format}' "
-                                    f"row: {_shown(row)}\n{e}\nCheck the file with `ft validate` (reads it whole).") \
-                    from None
+                row = next(rows)
+            except StopIteration:
+                return
+            except FinetuneError:
+                raise
+            except Exception as e:  # the Arrow readers under `datasets` (ArrowInvalid, ...): a line they cannot parse
+                raise FinetuneError(unreadable(self.src, self.key, n, e)) from None
+            n, row = n + 1, without_nulls(row)
+            try:
+                normalised = formats.normalize_sft(Table(self.key, self.src.path, [row], [(self.src.path, "row")]),
+                                                   self.format)[0]
+            except FinetuneError:
+                where = self._where(n)  # found only now: it reads the files up to the row
+                try:
+                    formats.normalize_sft(Table(self.key, self.src.path, [row], [where]), self.format)
+                except FinetuneError as e:
+                    raise FinetuneError(f"{self.key} '{self.src.path}': a streamed row is not a valid '{self.format}' "
+                                        f"row ({' '.join(where)}): {_shown(row)}\n{e}\n{FULL_CHECK}") from None
+            yield normalised
+
+    def _where(self, n: int) -> tuple[str, str]:
+        """(file, "line 5000") of this process's n-th row: counted in JSON Lines files (blank lines skipped, as the
+        reader skips them) when one process reads the source whole, else (source, "row n of process r")."""
+        files = _local_files(self.src, self.key)
+        if self.world == 1 and files and all(SUFFIXES[f.suffix.lower()] == "jsonl" for f in files):
+            return _nth_line(files, n)
+        return self.src.path, f"row {n}" + (f" of process {self.rank}'s share" if self.world > 1 else "")
+
+
+FULL_CHECK = "`ft validate --full RECIPE` reads streamed training files whole and names the first bad row of each."
+
+
+def _local_files(src: DatasetSource, key: str) -> list[Path]:
+    path = Path(src.path)
+    return data_files(path, key) if path.exists() and not is_saved_dataset(path) else []
+
+
+def unreadable(src: DatasetSource, key: str, n: int, error: Exception) -> str:
+    """The message for a stream that failed after `n` rows: the file and line of the first line that is not JSON
+    (JSON Lines sources), else the reader's own words."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    for file in _local_files(src, key):
+        if SUFFIXES[file.suffix.lower()] != "jsonl":
+            continue
+        bad = _first_bad_line(file)
+        if bad is not None:
+            return f"{key}: {file} line {bad[0]} is not valid JSON ({bad[1]}); fix or drop the line. {FULL_CHECK}"
+    return f"{key} '{src.path}': reading the stream failed after {n} rows ({reason}). {FULL_CHECK}"
+
+
+def _nth_line(files: list[Path], n: int) -> tuple[str, str]:
+    """The file and line of the n-th non-blank line across `files`."""
+    seen = 0
+    for file in files:
+        with file.open("rb") as f:
+            for line_no, line in enumerate(f, 1):
+                if line.strip():
+                    seen += 1
+                    if seen == n:
+                        return str(file), f"line {line_no}"
+    return str(files[-1]), f"row {n}"
+
+
+def _first_bad_line(file: Path) -> tuple[int, str] | None:
+    """(line, reason) of the first non-blank line of a JSON Lines file that is not UTF-8 JSON, or None."""
+    with file.open("rb") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                json.loads(line.decode("utf-8-sig" if line_no == 1 else "utf-8"))
+            except UnicodeDecodeError:
+                return line_no, "not UTF-8"
+            except json.JSONDecodeError as e:
+                return line_no, e.msg
+            except RecursionError:
+                return line_no, "nested too deeply"
+    return None
+
+
+def check_source(src: DatasetSource, key: str, limit: int | None) -> tuple[int, str | None]:
+    """Read the first `limit` rows of a streamed training source (None: all of it) as training reads them, in one
+    process, row by row (memory stays flat): (rows read, the first problem or None)."""
+    n = 0
+    try:
+        source = Source(src, key, 0, 1)
+        for _ in itertools.islice(source.examples(), limit):
+            n += 1
+    except FinetuneError as e:
+        return n, str(e)
+    return n, None
 
 
 def sources(data: DataConfig, rank: int, world: int) -> list[Source]:
@@ -151,3 +245,27 @@ def examples(opened: list[Source], data: DataConfig, seed: int, epoch: int, rank
                 weights[k] = 0.0
                 if not any(weights):
                     return
+
+
+def check_streamed(data: DataConfig, prefix: str, full: bool) -> list[str]:
+    """The first problem of each local streamed training source of a data section, reading `HEAD_ROWS` rows of each
+    (every row when `full`); Hub sources are left to training."""
+    problems = []
+    for j, src in enumerate(data.train):
+        if Path(src.path).exists():
+            _, problem = check_source(src, f"{prefix}.train[{j}]", None if full else HEAD_ROWS)
+            problems += [problem] if problem else []
+    return problems
+
+
+def streamed_read(recipe: Any, full: bool) -> str:
+    """What `ft validate` read of streamed training sources ('' when the recipe streams none)."""
+    keys = [f"{'data' if stage.data is None else f'stages[{i}].data'}.train[{j}]"
+            for i, stage in enumerate(recipe.effective_stages()) if recipe.stage_data(stage).streaming
+            for j, src in enumerate(recipe.stage_data(stage).train) if Path(src.path).exists()]
+    if not keys:
+        return ""
+    if full:
+        return f"; streamed training sources ({', '.join(dict.fromkeys(keys))}) read whole (--full)"
+    return (f"; of streamed training sources ({', '.join(dict.fromkeys(keys))}) only the first {HEAD_ROWS} rows of "
+            "each were read (training reads the rest as it goes): `ft validate --full` reads them whole")

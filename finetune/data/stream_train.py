@@ -28,14 +28,13 @@ from typing import Any
 
 from finetune.data.packing import packed_bins
 from finetune.data.parallel import BAD_ENCODE, MASKED, OK, UNTRAINABLE, count, row_results
-from finetune.data.stream import Source, examples, sources
+from finetune.data.stream import HEAD_ROWS, Source, examples, sources
 from finetune.data.templates import applied_template
 from finetune.errors import FinetuneError
 from finetune.recipe.schema import DataConfig
 
 PACK_GROUP = 2000  # most samples one packing group holds
 POSITION_FILE = "stream-rank{rank}.json"
-HEAD_ROWS = 2000  # rows `stream_head` reads for the checks, the dry run and the preview
 
 
 @dataclass(frozen=True)
@@ -74,7 +73,7 @@ class TokenStream:
         for r in row_results(self.tokenizer, block, data, self.template):
             if r["status"] in (BAD_ENCODE, UNTRAINABLE):
                 raise FinetuneError(f"a streamed row of data.train cannot be trained on: {r['problem']}. Check the "
-                                    "files with `ft validate` (reads them whole) or `ft data preview`.")
+                                    "files with `ft validate --full` (reads them whole) or `ft data preview`.")
             if report is not None:
                 count(report, r)
             if r["status"] == OK:

@@ -109,6 +109,25 @@ def score_generated(metrics: list[str], predictions: list[str], rows: list[dict[
     return out
 
 
+def _asking_problem(row: Any) -> str | None:
+    """What keeps a (normalised, `finetune.eval.taskrows`) row from being asked, or None."""
+    if not isinstance(row, dict):
+        return "not a JSON object (a task row is {\"prompt\": ..., \"answer\": ...})"
+    asked = row["prompt"] if "prompt" in row else row.get("messages")  # as `tasks._prompt_of` reads it
+    if asked in (None, "", []):
+        return "no `messages` or `prompt` to answer"
+    if not isinstance(asked, list):
+        return "a `prompt` or `messages` that is neither text nor a list of {role, content} messages"
+    if any(not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str)
+           for m in asked):
+        return "messages that are not {role, content} objects with text content"
+    if "prompt" not in row and asked[-1]["role"] == "assistant":
+        asked = asked[:-1]  # the answer, when the row has none of its own
+    if not any(m["role"] == "user" for m in asked):
+        return "no user turn to answer (the messages hold only assistant or system turns)"
+    return None
+
+
 def check_task_rows(path: str | Path, rows: list[dict[str, Any]], metrics: list[str],
                     pattern: str | None = None) -> None:
     """Refuse a task file that cannot be scored with `metrics`, naming the file, the rows and the fix.
@@ -125,10 +144,13 @@ def check_task_rows(path: str | Path, rows: list[dict[str, Any]], metrics: list[
     problems: dict[str, list[int]] = {}
     for i, row in enumerate(rows, 1):
         found = []
-        if not isinstance(row, dict) or not (row.get("messages") or row.get("prompt")):
-            found.append("no `messages` or `prompt` to answer")
+        if (asking := _asking_problem(row)) is not None:
+            found.append(asking)
         elif row.get("answer") in (None, ""):
             found.append("no `answer`")
+        elif isinstance(row["answer"], bool) or not isinstance(row["answer"], (str, int, float)):
+            found.append("an `answer` that is not text or a number (a dict or list cannot be compared with the "
+                         "generated text; give the answer as a string)")
         elif "choice_accuracy" in metrics:
             if not isinstance(row.get("choices"), list) or len(row["choices"]) < 2:
                 found.append("no `choices` list (choice_accuracy needs two or more)")

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from finetune.data.encode import IGNORE
+from finetune.errors import FinetuneError
 
 Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Sample = tuple[list[int], list[int]]  # token ids, labels (IGNORE where no loss)
@@ -44,6 +45,14 @@ def forward(model: torch.nn.Module, adapter: bool = True) -> Forward:
 def adapter_off(model: torch.nn.Module) -> Forward | None:
     """The base model's logits function of a peft model (adapter disabled), or None for a plain model."""
     return forward(model, adapter=False) if hasattr(model, "disable_adapter") else None
+
+
+def adapter_off_words(model: torch.nn.Module) -> str:
+    """Which base `adapter_off` compares with, in words: 'the nf4 4-bit base the adapter was trained on, ...'."""
+    q = getattr(getattr(model, "config", None), "quantization_config", None)
+    q = q if isinstance(q, dict) or q is None else q.to_dict()
+    quant = q.get("bnb_4bit_quant_type", "nf4") if q and q.get("load_in_4bit") else None
+    return f"the {quant + ' 4-bit ' if quant else ''}base the adapter was trained on, adapter disabled"
 
 
 def _batches(samples: list[Sample], batch_size: int, pad_id: int) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -86,12 +95,22 @@ def compare(tuned: Forward, base: Forward, samples: list[Sample], pad_id: int,
             batch_size: int = 16) -> dict[str, float]:
     """Forgetting on labelled tokens: both models' mean loss, its change, and the mean KL(base || tuned) per token.
 
-    The KL is taken between the two next-token distributions at every labelled position, in nats.
+    The KL is taken between the two next-token distributions at every labelled position, in nats. When one model's
+    output layer is wider (a vocabulary padded to a multiple of 64, or rows added for new tokens), both are compared
+    on the common vocabulary, the first rows of both, each distribution renormalised over them; `common_vocab`
+    then says how many rows that was. Labels outside it raise a FinetuneError.
     """
     sums = {"tuned": 0.0, "base": 0.0, "kl": 0.0}
-    tokens = 0
+    tokens, common = 0, None
     for ids, labels, mask in _batches(samples, batch_size, pad_id):
-        lt, lb = torch.log_softmax(tuned(ids, mask).float(), -1), torch.log_softmax(base(ids, mask).float(), -1)
+        logits_t, logits_b = tuned(ids, mask), base(ids, mask)
+        if logits_t.shape[-1] != logits_b.shape[-1]:
+            common = min(logits_t.shape[-1], logits_b.shape[-1])
+            if int(labels.max()) >= common:
+                raise FinetuneError(f"the two models share only the first {common} vocabulary rows, and the text "
+                                    f"holds token {int(labels.max())}; they cannot be compared token by token")
+            logits_t, logits_b = logits_t[..., :common], logits_b[..., :common]
+        lt, lb = torch.log_softmax(logits_t.float(), -1), torch.log_softmax(logits_b.float(), -1)
         where = labels[:, 1:] != IGNORE
         target = labels[:, 1:].clamp(min=0).unsqueeze(-1)
         sums["tuned"] -= lt[:, :-1].gather(-1, target).squeeze(-1)[where].sum().item()
@@ -102,8 +121,9 @@ def compare(tuned: Forward, base: Forward, samples: list[Sample], pad_id: int,
     if not tokens:
         return {"tokens": 0}
     tuned_loss, base_loss = sums["tuned"] / tokens, sums["base"] / tokens
-    return {"loss": tuned_loss, "base_loss": base_loss, "loss_change": tuned_loss - base_loss,
-            "mean_kl": sums["kl"] / tokens, "tokens": tokens}
+    out = {"loss": tuned_loss, "base_loss": base_loss, "loss_change": tuned_loss - base_loss,
+           "mean_kl": sums["kl"] / tokens, "tokens": tokens}
+    return out if common is None else {**out, "common_vocab": common}
 
 
 def preference(fwd: Forward, chosen: list[Sample], rejected: list[Sample], pad_id: int,

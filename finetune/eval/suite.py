@@ -8,16 +8,15 @@ preference accuracy and margins of a dpo stage's eval pairs and of `eval.prefere
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from finetune.errors import FinetuneError
 from finetune.eval import metrics as M
 from finetune.eval import scoring
+from finetune.eval.taskrows import load_task_file, read_general_text
 from finetune.recipe.schema import DatasetSource, Recipe, StageConfig, TaskFile
 
 
@@ -55,37 +54,6 @@ def _table(src: DatasetSource, key: str):
     return table
 
 
-def _jsonl(path: str, key: str) -> list[dict[str, Any]]:
-    file = Path(path)
-    if not file.is_file():
-        raise FinetuneError(f"{key}: {path} does not exist (paths are relative to the current directory)")
-    rows = []
-    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise FinetuneError(f"{key}: {path} line {n} is not JSON ({e.msg})") from None
-    return rows
-
-
-def read_general_text(path: str, limit: int | None) -> list[str]:
-    """Documents of a general-text file: `.txt` one per line, `.jsonl` rows with `text`."""
-    if path.endswith(".jsonl"):
-        rows = _jsonl(path, "eval.general_text")
-        bad = [i for i, r in enumerate(rows, 1) if not isinstance(r, dict) or not isinstance(r.get("text"), str)]
-        if bad:
-            raise FinetuneError(f"eval.general_text: {path} rows {bad[:5]} have no `text` string")
-        docs = [r["text"] for r in rows]
-    else:
-        if not Path(path).is_file():
-            raise FinetuneError(f"eval.general_text: {path} does not exist (paths are relative to the current folder)")
-        docs = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not docs:
-        raise FinetuneError(f"eval.general_text: {path} holds no text")
-    return docs[:limit]
-
-
 def load_suite(recipe: Recipe, stage: StageConfig) -> Suite:
     """Read and check every file the recipe names for evaluation of `stage`; raise FinetuneError naming the file."""
     from finetune.data.formats import normalize_preference, normalize_sft, resolve_format
@@ -102,8 +70,7 @@ def load_suite(recipe: Recipe, stage: StageConfig) -> Suite:
             suite.heldout += normalize_sft(table, fmt)[:limit]  # chat rows and text rows, as training scored them
     files = [TaskFile(path=data.task_eval)] if data.task_eval else []
     for task in files + list(cfg.tasks):
-        rows = _jsonl(task.path, "task file")[: task.max_rows or limit]
-        M.check_task_rows(task.path, rows, list(task.metrics), task.pattern)
+        rows = load_task_file(task.path, "task file", list(task.metrics), task.pattern, task.max_rows or limit)
         suite.tasks.append(TaskSet(task.path, list(task.metrics), rows, task.pattern))
     for i, path in enumerate(cfg.preference):
         pairs = normalize_preference(_table(DatasetSource(path=path, format="preference"), f"eval.preference[{i}]"))

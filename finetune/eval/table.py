@@ -52,10 +52,15 @@ def format_table(result: dict[str, Any]) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     comparison = result.get("comparison") or {}
     if "mean_kl" in comparison:
-        lines.append(f"mean KL(against || target) per token on {comparison.get('file')}: {comparison['mean_kl']:.4g}")
+        lines.append(f"mean KL(against || target) per token on {comparison.get('file')}: {comparison['mean_kl']:.4g}"
+                     + (f" (on the {comparison['common_vocab']} vocabulary rows both models have)"
+                        if "common_vocab" in comparison else ""))
     if comparison.get("kl_refused"):
         lines.append(f"KL comparison refused: {comparison['kl_refused']}")
     for side in ("target", "against"):
+        base = ((result.get(side) or {}).get("forgetting") or {}).get("base")
+        if base:
+            lines.append(f"{side}: forgetting measured against {base}")
         mark = forgetting_mark(result.get(side) or {})
         if mark:
             lines.append(f"{side}: FORGETTING, {mark}")

@@ -17,8 +17,10 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where answers are generated: the metrics and `ft validate` need none of it
+    import torch
 
 CONCISE_MAX_WORDS = 3
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -75,7 +77,6 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.no_grad()
 def generate_answers(
     model: torch.nn.Module,
     tokenizer,
@@ -101,6 +102,14 @@ def generate_answers(
     Returns:
         The decoded answers (special tokens dropped, surrounding whitespace stripped), in prompt order.
     """
+    import torch
+
+    with torch.no_grad():
+        return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
+
+
+def _generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
+              progress: Callable[[int, int], None] | None) -> list[str]:
     from finetune.data.templates import stop_ids
 
     padding_side, was_training = tokenizer.padding_side, model.training

@@ -84,7 +84,9 @@ def _rows(recipe: Recipe, stage: StageConfig) -> tuple[list[dict[str, Any]], str
 
     data = recipe.stage_data(stage)
     if data.task_eval:
-        return load_task_rows(data.task_eval, data.task_eval_max_rows), f"data.task_eval ({Path(data.task_eval).name})"
+        # verification runs the rows as conversations and needs no answers: rows are taken as they are
+        rows = load_task_rows(data.task_eval, data.task_eval_max_rows, check=False)
+        return rows, f"data.task_eval ({Path(data.task_eval).name})"
     if data.eval:
         rows = [r for i, src in enumerate(data.eval) for r in _normalised(src, f"data.eval[{i}]")]
         return rows, "data.eval (" + ", ".join(Path(s.path).name for s in data.eval) + ")"

@@ -109,18 +109,14 @@ def trainer_kwargs(ctx: StageContext, has_eval: bool) -> dict[str, Any]:
     )
 
 
-def load_task_rows(path: str | None, max_rows: int | None = None) -> list[dict[str, Any]]:
-    """Rows of a `task_eval` file (messages + answer): the first `max_rows` of them (None: all)."""
+def load_task_rows(path: str | None, max_rows: int | None = None, check: bool = True) -> list[dict[str, Any]]:
+    """Rows of a `task_eval` file (a prompt or messages, and an answer), normalised and (with `check`) checked as
+    `ft eval` reads them (`finetune.eval.taskrows`): the first `max_rows` of them (None: all)."""
     if not path:
         return []
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if max_rows is not None and len(rows) >= max_rows:
-                break
-            if line.strip():
-                rows.append(json.loads(line))
-    return rows
+    from finetune.eval.taskrows import load_task_file
+
+    return load_task_file(path, "data.task_eval", ["exact_match"] if check else None, max_rows=max_rows)
 
 
 def task_metric(model, tokenizer, rows: list[dict[str, Any]], max_new_tokens: int) -> dict[str, Any] | None:

@@ -12,16 +12,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from finetune.data.stream import check_streamed, streamed_read
 from finetune.data.templates import TEMPLATE_NAMES
 from finetune.distributed.plan import environment_problems
+from finetune.eval.taskrows import eval_section_problems, task_file_problems
 from finetune.recipe.checks import check_hub, hub_offline_reason, looks_like_hub_id
 from finetune.recipe.gguf_source import gguf_path, gguf_problems
 from finetune.recipe.kernel_support import recipe_kernel_problems
 from finetune.recipe.schema import Recipe
 
 
-def check_recipe_paths(recipe: Recipe) -> list[str]:
-    """Every path the recipe names exists (or is a reachable/cached Hub id). Returns problems, empty when fine."""
+def check_recipe_paths(recipe: Recipe, full_stream: bool = False) -> list[str]:
+    """Every path the recipe names exists (or is a reachable/cached Hub id); problems, empty when fine (streamed
+    training files: the first `HEAD_ROWS` rows of each, all of them with `full_stream`, as `ft validate --full`)."""
     problems: list[str] = []
     name = recipe.model.name_or_path
     if gguf_path(recipe.model) is not None:
@@ -58,8 +61,8 @@ def check_recipe_paths(recipe: Recipe) -> list[str]:
                     f"{prefix}.template: '{data.template}' is neither a template name "
                     f"({', '.join(sorted(TEMPLATE_NAMES))}) nor an existing Jinja file"
                 )
-            if data.task_eval and not Path(data.task_eval).exists():
-                problems.append(f"{prefix}.task_eval: '{data.task_eval}' does not exist")
+            if data.task_eval:  # there, UTF-8 JSON Lines, every row can be asked and answered
+                problems += task_file_problems(data.task_eval, f"{prefix}.task_eval")
         for key, value in ((f"stages[{i}].init_from", stage.init_from), (f"stages[{i}].dpo.reference", None)):
             if value not in (None, "previous", "new") and not Path(value).exists():
                 problems.append(f"{key}: adapter folder '{value}' does not exist")
@@ -71,9 +74,8 @@ def check_recipe_paths(recipe: Recipe) -> list[str]:
                     "with adapter_config.json"
                 )
         problems += _alignment_paths(i, stage)
-    problems += recipe_kernel_problems(recipe)
-    problems += environment_problems(recipe)
-    problems += check_data_files(recipe)  # read every stage's data (no tokenizer) before anything loads
+    problems += recipe_kernel_problems(recipe) + environment_problems(recipe) + eval_section_problems(recipe)
+    problems += check_data_files(recipe, full_stream)  # read every stage's data (no tokenizer) before anything loads
     return problems
 
 
@@ -136,12 +138,11 @@ def _stage_sources(recipe: Recipe):
         yield stage, recipe.stage_data(stage), f"stages[{i}].data" if stage.data is not None else "data"
 
 
-def check_data_files(recipe: Recipe) -> list[str]:
+def check_data_files(recipe: Recipe, full_stream: bool = False) -> list[str]:
     """Every stage's local data files read, parsed and normalised to the stage's format, without a tokenizer.
 
     Catches unreadable files, bad encodings, parse errors, empty files, columns that fit no format (or not the
-    stage's), and preference pairs whose answers are identical. Hub and save_to_disk sources are left to training.
-    """
+    stage's) and identical preference answers. Hub and save_to_disk sources are left to training."""
     from finetune.data import formats
     from finetune.data.build import normalised_rows
     from finetune.data.cache import checked_marker, mark_checked
@@ -155,9 +156,9 @@ def check_data_files(recipe: Recipe) -> list[str]:
             continue
         seen.add((id(data), stage.kind))
         for group in ("train", "eval"):
-            if group == "train" and data.streaming:  # read lazily while training, never whole
-                continue
-            for j, src in enumerate(getattr(data, group)):
+            if group == "train" and data.streaming:  # the first HEAD_ROWS rows of each file (all with full_stream)
+                problems += [f"stage {stage.name}: {p}" for p in check_streamed(data, prefix, full_stream)]
+            for j, src in enumerate([] if group == "train" and data.streaming else getattr(data, group)):
                 path = Path(src.path)
                 if not path.exists() or is_saved_dataset(path):
                     continue
@@ -180,15 +181,15 @@ def check_data_files(recipe: Recipe) -> list[str]:
     return problems
 
 
-def data_checked(recipe: Recipe) -> str:
-    """What `check_data_files` covered, for `ft validate` to say."""
+def data_checked(recipe: Recipe, full_stream: bool = False) -> str:
+    """What `check_data_files` covered, for `ft validate` to say (how much of streamed training files it read)."""
     files = {src.path for _, data, _ in _stage_sources(recipe) for src in (*data.train, *data.eval)
              if Path(src.path).exists()}
     stages = recipe.effective_stages()
     return (f"the data of {len(stages)} stage{'s' * (len(stages) > 1)} ({len(files)} local source"
             f"{'s' * (len(files) != 1)}) read and checked without a tokenizer: readable, parsed, the columns of its "
             "format, not empty, preference answers that differ; tokens, templates and masks are checked by "
-            "`ft train` before the first step and by `ft data preview`")
+            "`ft train` before the first step and by `ft data preview`" + streamed_read(recipe, full_stream))
 
 
 def check_stage_data(recipe: Recipe, tokenizer: Any, stages: list[Any]) -> list[str]:

@@ -160,7 +160,8 @@ def stage_forgetting(model, tokenizer, ctx) -> dict[str, Any] | None:
         return None
     suite = Suite(general=read_general_text(cfg.general_text, cfg.max_rows), max_length=ctx.data.max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    figures = scoring.compare(scoring.forward(model), base, general_samples(tokenizer, suite), pad)
+    figures = {**scoring.compare(scoring.forward(model), base, general_samples(tokenizer, suite), pad),
+               "base": scoring.adapter_off_words(model)}
     if cfg.max_forgetting is not None and "loss_change" in figures:
         figures.update(max_forgetting=cfg.max_forgetting, over_limit=figures["loss_change"] > cfg.max_forgetting)
     print(f"[{ctx.stage.name}] forgetting on {cfg.general_text}: loss {figures.get('loss_change', 0):+.4f} vs base, "

@@ -158,3 +158,44 @@ def test_ft_eval_refuses_a_task_file_without_answers_before_loading(overfit_run,
     assert result.exit_code == 1
     assert f"{bad}: rows that cannot be scored" in result.output and "no `answer`: row(s) 1" in result.output
     assert "loaded in" not in result.output  # refused before any model loaded
+
+
+def test_a_run_and_its_merged_export_get_the_same_forgetting_and_say_which_base(overfit_run, tmp_path):
+    """Issue 33, item 4: the same weights gave different forgetting figures (the run against its 4-bit base, its
+    merged export against the full-precision base). Like with like by default, and each figure names its base."""
+    from finetune.export.evaluate import evaluate_target
+
+    out = tmp_path / "merged"
+    exported = CliRunner().invoke(app, ["export", str(overfit_run), "--format", "merged", "--out", str(out)])
+    assert exported.exit_code == 0, exported.output
+    recipe, quiet = overfit_run / "recipe.yaml", (lambda message: None)
+    run = evaluate_target(overfit_run, say=quiet).target["forgetting"]
+    merged = evaluate_target(out, recipe=recipe, say=quiet).target["forgetting"]
+    assert run["base"] == "the nf4 4-bit base the adapter was trained on, adapter disabled"
+    assert merged["base"].startswith("the nf4 4-bit base ") and "loaded as training loaded it" in merged["base"]
+    assert merged["mean_kl"] == pytest.approx(run["mean_kl"], rel=1e-3, abs=1e-5)
+    assert merged["loss_change"] == pytest.approx(run["loss_change"], abs=1e-4)
+    # against the full-precision base, asked for: both again alike, and not the 4-bit base's figures
+    run_full = evaluate_target(overfit_run, say=quiet, forgetting_base="full").target["forgetting"]
+    merged_full = evaluate_target(out, recipe=recipe, say=quiet, forgetting_base="full").target["forgetting"]
+    assert run_full["base"].startswith("the full-precision base ") and merged_full["base"] == run_full["base"]
+    assert merged_full["mean_kl"] == pytest.approx(run_full["mean_kl"], rel=1e-3, abs=1e-5)
+    assert abs(run_full["base_loss"] - run["base_loss"]) > 1e-4  # the two bases differ: the choice matters
+    table = CliRunner().invoke(app, ["eval", str(out), "--recipe", str(recipe)])
+    assert table.exit_code == 0 and "target: forgetting measured against the nf4 4-bit base" in table.output
+
+
+def test_ft_eval_against_a_model_with_a_padded_vocabulary_compares_the_common_rows(overfit_run, tiny_model, tmp_path):
+    """Issue 33, item 8: an --against model whose output layer is padded (same tokenizer) crashed with a tensor size
+    RuntimeError after both models were scored; the KL is now taken on the vocabulary both have."""
+    from transformers import AutoModelForCausalLM
+
+    padded = tmp_path / "padded"
+    shutil.copytree(tiny_model, padded)
+    model = AutoModelForCausalLM.from_pretrained(padded)
+    rows = model.get_input_embeddings().num_embeddings
+    model.resize_token_embeddings(rows + 64, mean_resizing=False)
+    model.save_pretrained(padded)
+    result = CliRunner().invoke(app, ["eval", str(overfit_run), "--against", str(padded)])
+    assert result.exit_code == 0, result.output
+    assert f"(on the {rows} vocabulary rows both models have)" in result.output

@@ -162,7 +162,7 @@ def test_hub_source_is_streamed_through_load_dataset(tok, cfg, write, monkeypatc
 def test_bad_rows_and_sources_fail_with_the_file(tok, cfg, write, tmp_path):
     f = write("bad.jsonl", [{"text": "fine"}, {"text": 7}])
     with pytest.raises(FinetuneError, match=r"data.train\[0\] '.*bad.jsonl': a streamed row is not a valid 'text' "
-                                            r"row: \{\"text\": 7\}"):
+                                            r"row \(.*bad.jsonl line 2\): \{\"text\": 7\}"):
         list(itertools.islice(_stream(tok, cfg({"path": str(f), "format": "text"}, streaming=True)), 2))
     empty = write("empty.jsonl", [])
     with pytest.raises(FinetuneError, match="holds no rows"):
