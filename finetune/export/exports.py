@@ -11,7 +11,10 @@ conversations (`finetune.export.verify`); it is refused when the mean KL per tok
 
 from __future__ import annotations
 
+import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -20,28 +23,106 @@ from finetune.export.modelcard import export_metadata, public_base, public_manif
 from finetune.export.runstage import ExportResult, RunStage
 from finetune.export.verify import DEFAULT_MAX_KL, Figures
 from finetune.run.files import read_json, write_json_atomic, write_text_atomic
+from finetune.run.folder import is_run_folder
 
 MergeInto = Literal["dequantized", "original"]
 ExportDType = Literal["auto", "bf16", "fp16", "fp32"]
 _DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def _prepare_out(out: Path, overwrite: bool) -> Path:
-    """A fresh temporary folder next to `out`; refuses an existing `out` unless `overwrite`."""
-    if out.exists() and not overwrite:
+def check_out(out: Path, overwrite: bool, run_dir: Path) -> Path:
+    """The export's destination as an absolute path, or one line saying why it cannot be used (before any work).
+
+    `--overwrite` replaces only one of our exports (a folder with export.json) that holds no run folder; a folder
+    holding the source run or any other run, a link and a file are refused, naming what is there.
+    """
+    out = Path(os.path.abspath(Path(out).expanduser()))  # `--out .` has a name (and a parent) only once absolute
+    if out.is_symlink():
+        raise FinetuneError(f"--out {out} is a link; name the folder itself, or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise FinetuneError(f"--out {out} is a file, not a folder (an export is a folder); choose another --out")
+    if not out.is_dir():
+        return out
+    source = Path(run_dir).resolve()
+    if source == out.resolve() or out.resolve() in source.parents:
+        raise FinetuneError(f"--out {out} holds the run being exported ({run_dir}), so it is never replaced; choose "
+                            "another --out (the default is RUN/export/STAGE-FORMAT)")
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return out  # an empty folder: nothing to lose
+    if not overwrite:
         raise FinetuneError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
-    tmp = out.with_name(f".{out.name}.partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
+    runs = [str(p.parent.relative_to(out) or ".") for p in out.rglob("summary.json") if is_run_folder(p.parent)]
+    if runs or not (out / "export.json").is_file():
+        what = (f"run folder(s) {', '.join(runs[:4])}" if runs else
+                f"{len(entries)} entries ({', '.join(entries[:5])}{' ...' if len(entries) > 5 else ''}) and no "
+                "export.json")
+        raise FinetuneError(f"--overwrite replaces only an export written by `ft export` (a folder with export.json "
+                            f"and no run in it); {out} holds {what}. Nothing was deleted: choose another --out, "
+                            "or move that folder away first")
+    return out
+
+
+def _leftovers(out: Path) -> list[Path]:
+    """What an export to `out` writes beside it while it works (removed when it ends, or by the next export)."""
+    return [out.with_name(f".{out.name}.{what}") for what in ("partial", "merged", "compare", "old")]
+
+
+@contextmanager
+def staged_out(out: Path, overwrite: bool, run_dir: Path) -> Iterator[Path]:
+    """A fresh, locked temporary folder next to `out`, moved into place when the block ends without error.
+
+    Leftovers of an export that was killed (its folders beside `out`: a half-written or unverified export, the merged
+    float32 model of a GGUF verification) are removed first; the temporary folder stays locked (flock) while the
+    export works, so a second export to the same `out` is refused instead of deleting the first one's work.
+    """
+    out = check_out(out, overwrite, run_dir)
+    tmp = _leftovers(out)[0]
+    try:
+        if tmp.exists():  # a live export holds its lock; a killed one's folder is free
+            os.close(_lock_dir(tmp, f"{out} is being written by another `ft export` ({tmp.name} is locked); wait "
+                                    "for it"))
+        for path in _leftovers(out):  # nobody holds them: a killed export's
+            shutil.rmtree(path, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    except FileExistsError:
+        raise FinetuneError(f"{out} is being written by another `ft export`; wait for it") from None
+    except OSError as e:
+        raise FinetuneError(f"--out {out}: cannot create its folder ({e.strerror}); choose another --out") from None
+    fd = _lock_dir(tmp, f"{out} is being written by another `ft export`; wait for it")
+    try:
+        yield tmp
+        _finish_out(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        os.close(fd)
+
+
+def _lock_dir(path: Path, busy: str) -> int:
+    """An open descriptor of folder `path` holding its exclusive flock (closing it releases), else FinetuneError."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise FinetuneError(busy) from None
+    return fd
 
 
 def _finish_out(tmp: Path, out: Path) -> None:
-    """Move the finished export into place in one rename (an old export is replaced only now)."""
+    """Move the finished export into place; an old export (checked by `check_out`) is set aside and deleted only
+    once the new one is in place."""
+    old = _leftovers(out)[3]
     if out.exists():
-        shutil.rmtree(out)
+        out.rename(old)
     tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _copy_tokenizer(run: RunStage, dest: Path) -> None:
@@ -60,9 +141,8 @@ def default_out(run: RunStage, fmt: str) -> Path:
 def export_adapter(run: RunStage, out: Path | None = None, overwrite: bool = False,
                    repo_id: str | None = None) -> ExportResult:
     """A standard PEFT folder: the trained adapter (byte for byte), the tokenizer and chat template, a model card."""
-    out = Path(out or default_out(run, "adapter"))
-    tmp = _prepare_out(out, overwrite)
-    try:
+    out = check_out(out or default_out(run, "adapter"), overwrite, run.run_dir)
+    with staged_out(out, overwrite, run.run_dir) as tmp:
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             if not (run.adapter / name).exists():
                 raise FinetuneError(f"{run.adapter}/{name} is missing; rerun stage '{run.stage.name}'")
@@ -71,10 +151,6 @@ def export_adapter(run: RunStage, out: Path | None = None, overwrite: bool = Fal
         result = ExportResult(out=out, format="adapter", stage=run.stage.name)
         _name_public_base(run, tmp / "adapter_config.json", result)
         write_card(run, result, tmp, repo_id)
-        _finish_out(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return result
 
 
@@ -152,55 +228,59 @@ def export_merged(
     """
     import torch
 
-    from finetune.export.merge import build_reference, export_torch_dtype, merged_state_dict, save_plain_model
-    from finetune.model.loading import load_tokenizer
-
     quantized = run.recipe.quantization.mode != "none"
     if not quantized and merge_into == "dequantized":
         merge_into = "original"  # nothing was quantized: the weights training saw are the original ones
     check_mergeable(run.adapter, merge_into)
-    out = Path(out or default_out(run, "merged"))
-    tmp = _prepare_out(out, overwrite)
+    out = check_out(out or default_out(run, "merged"), overwrite, run.run_dir)
     try:
-        tokenizer = load_tokenizer(run.recipe.model, str(run.tokenizer_dir))
-        torch_dtype = export_torch_dtype(run.recipe, dtype)
-        reference = build_reference(run.recipe, run.adapter, tokenizer)
-        modes: list[str] = [merge_into]
-        if compare and quantized:
-            modes.append("original" if merge_into == "dequantized" else "dequantized")
-        result = ExportResult(out=out, format="merged", stage=run.stage.name, merge_into=merge_into,
-                              dtype=str(torch_dtype).removeprefix("torch."))
-        if not quantized:
-            result.notes.append("the base was not quantized, so the weights training saw are the original ones"
-                                + ("; --compare has no second merge mode to measure" if compare else ""))
-        inputs = None
-        if verify or compare:
-            from finetune.export.verify import adapter_effect, verification_inputs
-
-            inputs, result.verification_source = verification_inputs(run.recipe, run.stage, tokenizer,
-                                                                     count=verify_samples)
-            result.adapter_effect = adapter_effect(reference, inputs).as_dict()
-        for mode in modes:
-            folder = tmp if mode == merge_into else tmp.with_name(f".{out.name}.compare")
-            state = merged_state_dict(run.recipe, run.adapter, reference, tokenizer, mode, torch_dtype)
-            save_plain_model(state, reference, folder, torch_dtype, tokenizer)
-            del state
-            if inputs is not None:
-                result.figures[mode] = _measure(reference, folder, inputs, torch_dtype).as_dict()
-            if folder != tmp:
-                shutil.rmtree(folder, ignore_errors=True)
-        del reference
-        if verify:
-            _check_threshold(result, max_kl)
-        _copy_tokenizer(run, tmp)
-        write_card(run, result, tmp, repo_id, max_kl=max_kl if verify else None)
-        _finish_out(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with staged_out(out, overwrite, run.run_dir) as tmp:
+            result = _merge_into(run, tmp, out, dtype, merge_into, verify, max_kl, compare, verify_samples, repo_id)
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    return result
+
+
+def _merge_into(run: RunStage, tmp: Path, out: Path, dtype: ExportDType, merge_into: MergeInto, verify: bool,
+                max_kl: float, compare: bool, verify_samples: int, repo_id: str | None) -> ExportResult:
+    """The merged export written into `tmp` (moved to `out` by the caller)."""
+    from finetune.export.merge import build_reference, export_torch_dtype, merged_state_dict, save_plain_model
+    from finetune.model.loading import load_tokenizer
+
+    quantized = run.recipe.quantization.mode != "none"
+    tokenizer = load_tokenizer(run.recipe.model, str(run.tokenizer_dir))
+    torch_dtype = export_torch_dtype(run.recipe, dtype)
+    reference = build_reference(run.recipe, run.adapter, tokenizer)
+    modes: list[str] = [merge_into]
+    if compare and quantized:
+        modes.append("original" if merge_into == "dequantized" else "dequantized")
+    result = ExportResult(out=out, format="merged", stage=run.stage.name, merge_into=merge_into,
+                          dtype=str(torch_dtype).removeprefix("torch."))
+    if not quantized:
+        result.notes.append("the base was not quantized, so the weights training saw are the original ones"
+                            + ("; --compare has no second merge mode to measure" if compare else ""))
+    inputs = None
+    if verify or compare:
+        from finetune.export.verify import adapter_effect, verification_inputs
+
+        inputs, result.verification_source = verification_inputs(run.recipe, run.stage, tokenizer,
+                                                                 count=verify_samples)
+        result.adapter_effect = adapter_effect(reference, inputs).as_dict()
+    for mode in modes:
+        folder = tmp if mode == merge_into else tmp.with_name(f".{out.name}.compare")
+        state = merged_state_dict(run.recipe, run.adapter, reference, tokenizer, mode, torch_dtype)
+        save_plain_model(state, reference, folder, torch_dtype, tokenizer)
+        del state
+        if inputs is not None:
+            result.figures[mode] = _measure(reference, folder, inputs, torch_dtype).as_dict()
+        if folder != tmp:
+            shutil.rmtree(folder, ignore_errors=True)
+    del reference
+    if verify:
+        _check_threshold(result, max_kl)
+    _copy_tokenizer(run, tmp)
+    write_card(run, result, tmp, repo_id, max_kl=max_kl if verify else None)
     return result
 
 
