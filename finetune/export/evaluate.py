@@ -147,7 +147,24 @@ def _score(target: Target, recipe: Recipe, stage: StageConfig, suite, say) -> tu
 
 def evaluate_target(path: str | Path, against: str | Path | None = None, recipe: str | Path | None = None,
                     stage: str | None = None, say=print) -> EvalResult:
-    """Score TARGET (and OTHER side by side); write `<run>/eval/<stage>.json` and the report for a run target."""
+    """Score TARGET (and OTHER side by side); write `<run>/eval/<stage>.json` and the report for a run target.
+
+    The run folders of both are locked for reading meanwhile: a run being trained is refused, and `ft train` of them
+    waits for the evaluation (which would otherwise write a stale `eval/<stage>.json` into a retrained run)."""
+    from contextlib import ExitStack
+
+    from finetune.export.generate import enclosing_run
+    from finetune.run.lock import reading
+
+    with ExitStack() as locks:
+        runs = (enclosing_run(Path(p)) for p in (path, against) if p is not None)
+        for run in dict.fromkeys(r.resolve() for r in runs if r is not None):
+            locks.enter_context(reading(run, "ft eval"))
+        return _evaluate(path, against, recipe, stage, say)
+
+
+def _evaluate(path: str | Path, against: str | Path | None, recipe: str | Path | None, stage: str | None,
+              say) -> EvalResult:
     from finetune.eval import scoring
     from finetune.eval.suite import general_samples, load_suite
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import FinetuneError
-from finetune.export.exports import check_mergeable, check_out, default_out, staged_out, write_card
+from finetune.export.destination import check_out, staged_out
+from finetune.export.exports import check_mergeable, default_out, write_card
 from finetune.export.gguf_file import check_quant
 from finetune.export.runstage import ExportResult, RunStage
 

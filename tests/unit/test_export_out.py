@@ -12,7 +12,8 @@ import pytest
 from test_export_errors import make_run
 
 from finetune.errors import FinetuneError
-from finetune.export.exports import check_out, export_adapter, staged_out
+from finetune.export.destination import check_out, staged_out
+from finetune.export.exports import export_adapter
 from finetune.export.runstage import open_run
 
 
