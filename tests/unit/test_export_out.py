@@ -107,3 +107,25 @@ def test_a_failed_export_leaves_the_old_one_and_nothing_else(tmp_path):
             raise KeyboardInterrupt
     assert (out / "export.json").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]
     assert check_out(out, True, run) == out
+
+
+def test_runs_tidy_removes_a_killed_exports_leftovers_in_runs_nobody_uses(tmp_path):
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+    from finetune.run.lock import reading
+
+    run = finished_run(tmp_path)
+    partial, merged = run / "export" / ".sft-gguf-f16.partial", run / "export" / ".sft-gguf-f16.merged"
+    partial.mkdir(parents=True)
+    (partial / "r-sft-f16.gguf.unverified").write_bytes(b"GGUF")
+    merged.mkdir()
+    (merged / "model.safetensors").write_bytes(b"fp32")
+    with reading(run, "ft export"):  # an export still running: its files stay
+        busy = CliRunner().invoke(app, ["runs", str(run), "--tidy"])
+    assert busy.exit_code == 0 and "is in use" in busy.output and partial.exists() and merged.exists()
+    tidied = CliRunner().invoke(app, ["runs", str(run), "--tidy"])
+    assert tidied.exit_code == 0, tidied.output
+    assert "removed 2 leftover(s) of killed commands (export/.sft-gguf-f16." in tidied.output
+    assert "export/.sft-gguf-f16.merged" in tidied.output and "export/.sft-gguf-f16.partial" in tidied.output
+    assert sorted(p.name for p in (run / "export").iterdir()) == [] and "finished" in tidied.output
