@@ -290,11 +290,16 @@ def eval_cmd(
 def runs(
     folder: Annotated[Path, typer.Argument(help="A folder of run folders, or one run folder.")] = Path("runs"),
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    tidy: Annotated[bool, typer.Option(help="First delete what killed commands left (half-written checkpoints, "
+                                            "a killed export's files) in runs nobody is using.")] = False,
 ) -> None:
     """List runs: status, stage, last step, last loss and held-out metric (a run killed mid-way shows `crashed`)."""
     from finetune.run.listing import list_runs
+    from finetune.run.listing import tidy as tidy_runs
 
     with _user_errors():
+        for line in tidy_runs(folder) if tidy else []:
+            typer.echo(line, err=True)
         typer.echo(list_runs(folder, as_json=as_json))
 
 

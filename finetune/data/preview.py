@@ -11,6 +11,8 @@ whose tools or calls the template would drop are refused when the data is prepar
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Sequence
 from typing import Any
 
 from finetune.data.build import DataReport, Prepared
@@ -37,7 +39,7 @@ def marked(tokenizer: Any, ids: list[int], labels: list[int], color: bool) -> st
     return "".join(out)
 
 
-def histogram(lengths: list[int], top: int, bins: int = 8, width: int = 40) -> list[str]:
+def histogram(lengths: Sequence[int], top: int, bins: int = 8, width: int = 40) -> list[str]:
     """Text histogram of sample lengths over [0, top]."""
     if not lengths:
         return []
@@ -93,6 +95,22 @@ def checks(report: DataReport, tokenizer: Any, template: TemplateInfo) -> list[t
     return out
 
 
+def first_samples(dataset: Any, n: int) -> tuple[list[tuple[list[int], list[int]]], array]:
+    """The first `n` (input_ids, labels) samples of an SFT dataset and the length of every sample, in one pass.
+
+    Only the lengths of the rest are kept (4 bytes a sample): holding every sample as Python lists cost about 100
+    bytes per token (3 GB of a 400k-row chat set in `ft train --dry-run`), where training stays flat.
+    """
+    first: list[tuple[list[int], list[int]]] = []
+    lengths = array("I")
+    for row in dataset:
+        for ids, labels in unpack(row):
+            if len(first) < n:
+                first.append((ids, labels))
+            lengths.append(len(ids))
+    return first, lengths
+
+
 def preview_lines(prepared: Prepared, tokenizer: Any, template: TemplateInfo, n: int, max_length: int,
                   color: bool) -> tuple[list[str], bool]:
     """The preview's lines and whether every check passed."""
@@ -121,17 +139,17 @@ def preview_lines(prepared: Prepared, tokenizer: Any, template: TemplateInfo, n:
                 text, what = str(row.get("answer")), "reference answer (the policy samples its own)"
             lines += [f"--- {report.kind} row {i + 1} of {len(ds)}", prompt, f"  [{what}] {text}", ""]
     else:
-        samples = [s for row in ds for s in unpack(row)]
-        for i, (ids, labels) in enumerate(samples[:n]):
+        samples, lengths = first_samples(ds, n)
+        for i, (ids, labels) in enumerate(samples):
             trained = sum(t != IGNORE for t in labels)
-            lines.append(f"--- sample {i + 1} of {len(samples)}: {len(ids)} tokens, {trained} trained "
+            lines.append(f"--- sample {i + 1} of {len(lengths)}: {len(ids)} tokens, {trained} trained "
                          f"({trained / max(len(ids), 1):.1%})")
             lines.append(marked(tokenizer, ids, labels, color))
             lines.append("")
         if not color:
             lines.append(f"{OPEN}...{CLOSE} marks trained tokens (they carry labels); the rest is masked (-100).")
-        lines.append(f"lengths in tokens ({len(samples)} samples, max_length {max_length}):")
-        lines += histogram([len(ids) for ids, _ in samples], max_length)
+        lines.append(f"lengths in tokens ({len(lengths)} samples, max_length {max_length}):")
+        lines += histogram(lengths, max_length)
         lines.append(f"tokens: {report.tokens:,}, trained {report.trained_tokens:,} "
                      f"({report.trained_tokens / max(report.tokens, 1):.1%}); {report.truncated} truncated, "
                      f"{report.dropped_too_long} dropped as longer than max_length")

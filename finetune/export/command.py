@@ -45,20 +45,22 @@ def export_run(run_dir: str | Path, format_: str = "adapter", stage: str | None 
         **options: dtype, merge_into, max_kl, verify_samples (merged), quant (gguf); None means the default.
     """
     from finetune.export.runstage import open_run
+    from finetune.run.lock import reading
 
     given = {"--dtype": options.get("dtype"), "--merge-into": options.get("merge_into"),
              "--max-kl": options.get("max_kl"), "--verify-samples": options.get("verify_samples"),
              "--quant": options.get("quant"), "--compare": compare or None, "--no-verify": None if verify else True}
     check_options(format_, given)
-    run = open_run(run_dir, stage)
-    kwargs = {k: v for k, v in options.items() if v is not None}
-    try:
-        return _export(run, format_, out, overwrite, verify, compare, kwargs)
-    except (FinetuneError, KeyboardInterrupt, MemoryError):
-        raise
-    except Exception as e:  # a library's error deep in a merge or reload: one line saying what to do, no traceback
-        merged_into = "original" if run.recipe.quantization.mode == "none" else kwargs.get("merge_into")
-        raise FinetuneError(failure_line(format_, run.stage.name, e, merged_into)) from None
+    with reading(Path(run_dir), "ft export"):  # a `ft train` of this run neither runs now nor starts until done
+        run = open_run(run_dir, stage)
+        kwargs = {k: v for k, v in options.items() if v is not None}
+        try:
+            return _export(run, format_, out, overwrite, verify, compare, kwargs)
+        except (FinetuneError, KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as e:  # a library's error deep in a merge or reload: one line saying what to do
+            merged_into = "original" if run.recipe.quantization.mode == "none" else kwargs.get("merge_into")
+            raise FinetuneError(failure_line(format_, run.stage.name, e, merged_into)) from None
 
 
 def failure_line(format_: str, stage: str, error: BaseException, merge_into: str | None = None) -> str:

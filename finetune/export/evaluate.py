@@ -188,7 +188,23 @@ def evaluate_target(path: str | Path, against: str | Path | None = None, recipe:
     """Score TARGET (and OTHER side by side); write `<run>/eval/<stage>.json` and the report for a run target.
 
     `forgetting_base`: `as-trained` compares each model with the base its weights came from (see `_base_forward`),
-    `full` with the full-precision base."""
+    `full` with the full-precision base. The run folders of both are locked for reading meanwhile: a run being trained
+    is refused, and `ft train` of them waits for the evaluation (which would otherwise write a stale
+    `eval/<stage>.json` into a retrained run)."""
+    from contextlib import ExitStack
+
+    from finetune.export.generate import enclosing_run
+    from finetune.run.lock import reading
+
+    with ExitStack() as locks:
+        runs = (enclosing_run(Path(p)) for p in (path, against) if p is not None)
+        for run in dict.fromkeys(r.resolve() for r in runs if r is not None):
+            locks.enter_context(reading(run, "ft eval"))
+        return _evaluate(path, against, recipe, stage, say, forgetting_base)
+
+
+def _evaluate(path: str | Path, against: str | Path | None, recipe: str | Path | None, stage: str | None,
+              say, forgetting_base: ForgettingBase) -> EvalResult:
     from finetune.eval import scoring
     from finetune.eval.suite import general_samples, load_suite
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from finetune.errors import FinetuneError
+from finetune.export.destination import check_out, staged_out
 from finetune.export.modelcard import export_metadata, public_base, public_manifest, render_card
 from finetune.export.runstage import ExportResult, RunStage
 from finetune.export.verify import DEFAULT_MAX_KL, Figures
@@ -24,24 +25,6 @@ from finetune.run.files import read_json, write_json_atomic, write_text_atomic
 MergeInto = Literal["dequantized", "original"]
 ExportDType = Literal["auto", "bf16", "fp16", "fp32"]
 _DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-
-
-def _prepare_out(out: Path, overwrite: bool) -> Path:
-    """A fresh temporary folder next to `out`; refuses an existing `out` unless `overwrite`."""
-    if out.exists() and not overwrite:
-        raise FinetuneError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
-    tmp = out.with_name(f".{out.name}.partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _finish_out(tmp: Path, out: Path) -> None:
-    """Move the finished export into place in one rename (an old export is replaced only now)."""
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
 
 
 def _copy_tokenizer(run: RunStage, dest: Path) -> None:
@@ -60,9 +43,8 @@ def default_out(run: RunStage, fmt: str) -> Path:
 def export_adapter(run: RunStage, out: Path | None = None, overwrite: bool = False,
                    repo_id: str | None = None) -> ExportResult:
     """A standard PEFT folder: the trained adapter (byte for byte), the tokenizer and chat template, a model card."""
-    out = Path(out or default_out(run, "adapter"))
-    tmp = _prepare_out(out, overwrite)
-    try:
+    out = check_out(out or default_out(run, "adapter"), overwrite, run.run_dir)
+    with staged_out(out, overwrite, run.run_dir) as tmp:
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             if not (run.adapter / name).exists():
                 raise FinetuneError(f"{run.adapter}/{name} is missing; rerun stage '{run.stage.name}'")
@@ -71,10 +53,6 @@ def export_adapter(run: RunStage, out: Path | None = None, overwrite: bool = Fal
         result = ExportResult(out=out, format="adapter", stage=run.stage.name)
         _name_public_base(run, tmp / "adapter_config.json", result)
         write_card(run, result, tmp, repo_id)
-        _finish_out(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return result
 
 
@@ -152,55 +130,59 @@ def export_merged(
     """
     import torch
 
-    from finetune.export.merge import build_reference, export_torch_dtype, merged_state_dict, save_plain_model
-    from finetune.model.loading import load_tokenizer
-
     quantized = run.recipe.quantization.mode != "none"
     if not quantized and merge_into == "dequantized":
         merge_into = "original"  # nothing was quantized: the weights training saw are the original ones
     check_mergeable(run.adapter, merge_into)
-    out = Path(out or default_out(run, "merged"))
-    tmp = _prepare_out(out, overwrite)
+    out = check_out(out or default_out(run, "merged"), overwrite, run.run_dir)
     try:
-        tokenizer = load_tokenizer(run.recipe.model, str(run.tokenizer_dir))
-        torch_dtype = export_torch_dtype(run.recipe, dtype)
-        reference = build_reference(run.recipe, run.adapter, tokenizer)
-        modes: list[str] = [merge_into]
-        if compare and quantized:
-            modes.append("original" if merge_into == "dequantized" else "dequantized")
-        result = ExportResult(out=out, format="merged", stage=run.stage.name, merge_into=merge_into,
-                              dtype=str(torch_dtype).removeprefix("torch."))
-        if not quantized:
-            result.notes.append("the base was not quantized, so the weights training saw are the original ones"
-                                + ("; --compare has no second merge mode to measure" if compare else ""))
-        inputs = None
-        if verify or compare:
-            from finetune.export.verify import adapter_effect, verification_inputs
-
-            inputs, result.verification_source = verification_inputs(run.recipe, run.stage, tokenizer,
-                                                                     count=verify_samples)
-            result.adapter_effect = adapter_effect(reference, inputs).as_dict()
-        for mode in modes:
-            folder = tmp if mode == merge_into else tmp.with_name(f".{out.name}.compare")
-            state = merged_state_dict(run.recipe, run.adapter, reference, tokenizer, mode, torch_dtype)
-            save_plain_model(state, reference, folder, torch_dtype, tokenizer)
-            del state
-            if inputs is not None:
-                result.figures[mode] = _measure(reference, folder, inputs, torch_dtype).as_dict()
-            if folder != tmp:
-                shutil.rmtree(folder, ignore_errors=True)
-        del reference
-        if verify:
-            _check_threshold(result, max_kl)
-        _copy_tokenizer(run, tmp)
-        write_card(run, result, tmp, repo_id, max_kl=max_kl if verify else None)
-        _finish_out(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with staged_out(out, overwrite, run.run_dir) as tmp:
+            result = _merge_into(run, tmp, out, dtype, merge_into, verify, max_kl, compare, verify_samples, repo_id)
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    return result
+
+
+def _merge_into(run: RunStage, tmp: Path, out: Path, dtype: ExportDType, merge_into: MergeInto, verify: bool,
+                max_kl: float, compare: bool, verify_samples: int, repo_id: str | None) -> ExportResult:
+    """The merged export written into `tmp` (moved to `out` by the caller)."""
+    from finetune.export.merge import build_reference, export_torch_dtype, merged_state_dict, save_plain_model
+    from finetune.model.loading import load_tokenizer
+
+    quantized = run.recipe.quantization.mode != "none"
+    tokenizer = load_tokenizer(run.recipe.model, str(run.tokenizer_dir))
+    torch_dtype = export_torch_dtype(run.recipe, dtype)
+    reference = build_reference(run.recipe, run.adapter, tokenizer)
+    modes: list[str] = [merge_into]
+    if compare and quantized:
+        modes.append("original" if merge_into == "dequantized" else "dequantized")
+    result = ExportResult(out=out, format="merged", stage=run.stage.name, merge_into=merge_into,
+                          dtype=str(torch_dtype).removeprefix("torch."))
+    if not quantized:
+        result.notes.append("the base was not quantized, so the weights training saw are the original ones"
+                            + ("; --compare has no second merge mode to measure" if compare else ""))
+    inputs = None
+    if verify or compare:
+        from finetune.export.verify import adapter_effect, verification_inputs
+
+        inputs, result.verification_source = verification_inputs(run.recipe, run.stage, tokenizer,
+                                                                 count=verify_samples)
+        result.adapter_effect = adapter_effect(reference, inputs).as_dict()
+    for mode in modes:
+        folder = tmp if mode == merge_into else tmp.with_name(f".{out.name}.compare")
+        state = merged_state_dict(run.recipe, run.adapter, reference, tokenizer, mode, torch_dtype)
+        save_plain_model(state, reference, folder, torch_dtype, tokenizer)
+        del state
+        if inputs is not None:
+            result.figures[mode] = _measure(reference, folder, inputs, torch_dtype).as_dict()
+        if folder != tmp:
+            shutil.rmtree(folder, ignore_errors=True)
+    del reference
+    if verify:
+        _check_threshold(result, max_kl)
+    _copy_tokenizer(run, tmp)
+    write_card(run, result, tmp, repo_id, max_kl=max_kl if verify else None)
     return result
 
 

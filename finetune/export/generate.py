@@ -50,11 +50,30 @@ def _run_folder(path: Path) -> tuple[Path, str | None] | None:
     return None
 
 
+def enclosing_run(path: Path) -> Path | None:
+    """The run folder whose `ft train` could change `path`: the run itself, a stage's adapter in it, or an export in
+    its `export/` folder (None for anything else)."""
+    run = _run_folder(path)
+    if run is not None:
+        return run[0]
+    if path.parent.name == "export" and (path.parent.parent / "recipe.yaml").exists():
+        return path.parent.parent
+    return None
+
+
 def load(path: str | Path, stage: str | None = None, base: str | None = None) -> Loaded:
-    """Load whatever `path` holds for generation (see the module docstring)."""
+    """Load whatever `path` holds for generation (see the module docstring), holding its run's lock shared meanwhile
+    (`ft train` of that run refuses to start; a run being trained is refused)."""
+    from finetune.run.lock import reading
+
     path = Path(path)
     if not path.exists():
         raise FinetuneError(f"{path} does not exist; pass a run folder, an adapter folder or a merged export")
+    with reading(enclosing_run(path), "ft generate"):
+        return _load(path, stage, base)
+
+
+def _load(path: Path, stage: str | None, base: str | None) -> Loaded:
     run = _run_folder(path)
     if run is not None:
         return _load_run(run[0], stage or run[1])

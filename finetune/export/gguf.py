@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import FinetuneError
-from finetune.export.exports import _finish_out, _prepare_out, check_mergeable, default_out, write_card
+from finetune.export.destination import check_out, staged_out
+from finetune.export.exports import check_mergeable, default_out, write_card
 from finetune.export.gguf_file import check_quant
 from finetune.export.runstage import ExportResult, RunStage
+
+UNVERIFIED = ".unverified"  # suffix of a GGUF file until llama.cpp has verified it
 
 
 def _config(run: RunStage) -> Any:
@@ -86,14 +89,13 @@ def export_gguf(
     from finetune.export.gguf_vocab import build_vocab
     from finetune.export.merge import build_reference, merged_state_dict, save_plain_model
 
+    out = check_out(out or default_out(run, f"gguf-{quant}"), overwrite, run.run_dir)
     config, tokenizer = check_gguf_export(run, quant, verify, merge_into)
     if run.recipe.quantization.mode == "none":
         merge_into = "original"
-    out = Path(out or default_out(run, f"gguf-{quant}"))
-    tmp = _prepare_out(out, overwrite)
     name = f"{run.recipe.name}-{run.stage.name}-{quant}.gguf"
     result = ExportResult(out=out, format="gguf", stage=run.stage.name, merge_into=merge_into, dtype=quant)
-    try:
+    with staged_out(out, overwrite, run.run_dir) as tmp:
         reference = build_reference(run.recipe, run.adapter, tokenizer)
         state = merged_state_dict(run.recipe, run.adapter, reference, tokenizer, merge_into, torch.float32)
         stop_ids = _stop_ids(tokenizer, reference.get_base_model().generation_config)
@@ -101,10 +103,12 @@ def export_gguf(
                             end_of_turn_id=next((i for i in stop_ids if i != tokenizer.eos_token_id), None))
         metadata = {"name": f"{run.recipe.name}-{run.stage.name}", "finetune.run": run.recipe.name,
                     "finetune.stage": run.stage.name, "finetune.merge_into": merge_into}
-        first = tmp / (name if quant != "q4_k_m" else name.replace("q4_k_m", "f16"))
+        # no file carries the .gguf name before llama.cpp has verified it (a kill leaves only `.unverified` files)
+        unverified = tmp / f"{name}{UNVERIFIED}"
+        first = unverified if quant != "q4_k_m" else tmp / f"{name.replace('q4_k_m', 'f16')}{UNVERIFIED}"
         tensor_types = write_gguf(first, state, config, vocab, quant, metadata)
         if quant == "q4_k_m":
-            quantize_with_llama_cpp(first, tmp / name, quant)
+            quantize_with_llama_cpp(first, unverified, quant)
             first.unlink()
         merged_dir = tmp.with_name(f".{out.name}.merged")
         if verify:
@@ -113,15 +117,12 @@ def export_gguf(
         result.gguf = {"file": name, "quant": quant, "tensor_types": tensor_types, "tokenizer_pre": vocab.pre}
         if verify:
             try:
-                _verify(run, result, tmp / name, merged_dir, tokenizer, stop_ids, quant, max_kl, verify_samples)
+                _verify(run, result, unverified, merged_dir, tokenizer, stop_ids, quant, max_kl, verify_samples)
             finally:
                 shutil.rmtree(merged_dir, ignore_errors=True)
+        unverified.rename(tmp / name)  # verified, or --no-verify asked for it unverified (export.json says which)
         _write_modelfile(result, tokenizer, vocab, tmp)
         write_card(run, result, tmp, repo_id)
-        _finish_out(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return result
 
 

@@ -103,9 +103,14 @@ def disk_full(error: BaseException) -> BaseException | None:
     return None
 
 
-def remove_temporaries(run_dir: Path) -> None:
-    """Delete what unfinished atomic writes left (`.staging/`, `.x.partial/`, `.x.tmp`) anywhere in a run folder."""
-    for path in sorted(Path(run_dir).rglob(".*"), key=lambda p: -len(p.parts)):
+def remove_temporaries(run_dir: Path) -> list[Path]:
+    """Delete what unfinished atomic writes left (`.staging/`, `.x.partial/`, `.x.tmp`; a killed export's `.x.merged/`
+    and `.x.compare/` models) anywhere in a run folder. Returns what was deleted."""
+    removed = []
+    for path in sorted(Path(run_dir).rglob(".*"), key=lambda p: len(p.parts)):  # a folder before what it holds
         name = path.name
-        if name == ".staging" or name.endswith((".partial", ".tmp", ".old")) or name.startswith(".trash-"):
+        if (name == ".staging" or name.endswith((".partial", ".tmp", ".old", ".merged", ".compare"))
+                or name.startswith(".trash-")) and (path.exists() or path.is_symlink()):
             _delete(path)
+            removed.append(path)
+    return removed

@@ -5,6 +5,8 @@
 
 - `StopOnSignal`: the first SIGINT or SIGTERM lets the current optimizer step finish, then asks the trainer to save
   a checkpoint and stop. A second one stops at once (KeyboardInterrupt for Ctrl-C, the default action for SIGTERM).
+- `NoStepPastTheEnd`: a stage resumed from its last step's checkpoint (stopped in the final evaluation) trains no
+  further step; the trainer checks the end only after a step, so inside an epoch it would train one more.
 - `NanGuard`: checks the gradients of the trainable weights before every optimizer step and the logged loss. A
   non-finite value stops the run *before* the optimizer applies it, so the adapter and the last checkpoint stay clean.
 """
@@ -21,6 +23,7 @@ from datetime import datetime, timedelta
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_utils import TrainOutput
 
 from finetune.distributed.process import any_process
 from finetune.errors import FinetuneError
@@ -116,6 +119,31 @@ def catch_signals(stopper: StopOnSignal) -> Iterator[None]:
     finally:
         for s in caught:
             signal.signal(s, previous[s])
+
+
+class TrainingComplete(Exception):
+    """Raised by `NoStepPastTheEnd` instead of a step past `max_steps`; `guarded_train` closes the books."""
+
+
+class NoStepPastTheEnd(TrainerCallback):
+    """Refuses a step past the stage's last one (see the module docstring)."""
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            raise TrainingComplete
+
+
+def finished_at_resume(trainer, loss: float | None) -> TrainOutput:
+    """What `trainer.train()` ends with when no step was left: its end-of-training log row and callbacks (the
+    checkpoint it resumed from holds the trained weights, optimizer and state). `loss`: the stage's mean loss, when
+    the checkpoint recorded it."""
+    metrics = {"train_runtime": 0.0, "total_flos": trainer.state.total_flos}
+    if loss is not None:
+        metrics["train_loss"] = loss
+    trainer.log(metrics)
+    trainer.control = trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)
+    trainer.is_in_train = False
+    return TrainOutput(trainer.state.global_step, loss or 0.0, metrics)
 
 
 class NonFinite(Exception):

@@ -106,6 +106,29 @@ def format_table(infos: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def tidy(folder: Path) -> list[str]:
+    """`ft runs --tidy`: delete what killed commands left in each run folder (`folder.remove_temporaries`: half-written
+    checkpoints and files, a killed export's folder and its float32 `.merged` model), skipping runs in use."""
+    from finetune.run.folder import remove_temporaries
+    from finetune.run.lock import RunLock
+
+    lines = []
+    for run_dir in find_runs(folder):
+        try:
+            lock = RunLock(run_dir).acquire()  # nobody trains, exports, evaluates or generates from it meanwhile
+        except (FinetuneError, OSError):
+            lines.append(f"tidy: {run_dir} is in use (or cannot be written); left as it is")
+            continue
+        try:
+            removed = remove_temporaries(run_dir)
+        finally:
+            lock.release()
+        if removed:
+            names = ", ".join(str(p.relative_to(run_dir)) for p in removed[:6]) + (" ..." if len(removed) > 6 else "")
+            lines.append(f"tidy: {run_dir}: removed {len(removed)} leftover(s) of killed commands ({names})")
+    return lines
+
+
 def list_runs(folder: Path, as_json: bool = False) -> str:
     """The text `ft runs` prints."""
     infos = [run_info(p) for p in find_runs(folder)]

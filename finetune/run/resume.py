@@ -23,7 +23,17 @@ from finetune.errors import FinetuneError, RunInterrupted
 from finetune.run import checkpoints
 from finetune.run.files import read_json, write_json_atomic
 from finetune.run.folder import clear_run, disk_full, remove_temporaries
-from finetune.run.guards import NanGuard, NonFinite, SaveSchedule, StopOnSignal, TrainingDiverged, catch_signals
+from finetune.run.guards import (
+    NanGuard,
+    NonFinite,
+    NoStepPastTheEnd,
+    SaveSchedule,
+    StopOnSignal,
+    TrainingComplete,
+    TrainingDiverged,
+    catch_signals,
+    finished_at_resume,
+)
 from finetune.run.guards import divergence_message as _divergence_message
 from finetune.run.lock import is_locked, lock_pid
 from finetune.run.records import read_metrics, trim_metrics
@@ -246,9 +256,12 @@ def guarded_train(trainer, ctx):
     stopper = StopOnSignal(stage)
     trainer.add_callback(stopper)
     trainer.add_callback(NanGuard())
+    trainer.add_callback(NoStepPastTheEnd())
     try:
         with catch_signals(stopper):
             result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except TrainingComplete:  # resumed at the last step (stopped in the final evaluation): nothing left to train
+        result = finished_at_resume(trainer, None if known is None else known / max(trainer.state.global_step, 1))
     except NonFinite as e:
         saved = checkpoints.last_checkpoint(root)
         message = _divergence_message(stage, e, str(saved) if saved else None, resume_command(ctx.run_dir),

@@ -102,6 +102,25 @@ def test_refused_above_threshold_and_nothing_written(quickstart_run, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_while_llama_cpp_verifies_no_file_has_a_gguf_name(quickstart_run, tmp_path, monkeypatch):
+    """A kill during verification must not leave an unverified file named .gguf (issue 33, item 12): the file
+    llama.cpp checks carries `.unverified` until it passed; an interrupt removes the work and the merged model."""
+    import finetune.export.gguf as gguf_export
+
+    seen = {}
+
+    def interrupted(run, result, path, merged_dir, *args):
+        seen.update(checked=path.name, files=sorted(p.name for p in path.parent.iterdir()), merged=merged_dir.is_dir())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gguf_export, "_verify", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_run(quickstart_run, "gguf", out=tmp_path / "g", verify_samples=2)
+    assert seen["checked"] == "quickstart-gguf-sft-f16.gguf.unverified" and seen["merged"], seen
+    assert not [name for name in seen["files"] if name.endswith(".gguf")], seen
+    assert not list(tmp_path.iterdir())  # neither the unverified file nor the float32 .merged model is left
+
+
 # --- architecture mappings on tiny random models (same byte-level BPE tokenizer) ---------------------------------
 
 def _config(arch: str):

@@ -71,6 +71,36 @@ def test_ctrl_c_in_the_final_evaluation_resumes_at_the_evaluation(tiny_model, ad
     assert "eval_loss" in metrics and len(end_rows(run_dir)) == 1
 
 
+def test_ctrl_c_in_the_final_evaluation_of_a_max_steps_stage_trains_no_extra_step(tiny_model, addition_data,
+                                                                                   tmp_path, monkeypatch):
+    """max_steps ends the stage inside an epoch: the trainer, resumed at its last step, would train one more step
+    before it checks the end (issue 33, item 2: `step 5/4`, a checkpoint-5 and another train_loss)."""
+    path = write_recipe(tmp_path, tiny_model, addition_data["train"], max_steps=4)  # 16 steps make an epoch
+    path.write_text(path.read_text().replace(f"{{path: {addition_data['train']}}}]",
+                                             f"{{path: {addition_data['train']}}}], "
+                                             f"eval: [{{path: {addition_data['eval']}}}]"))
+    run_dir = tmp_path / "runs" / "run"
+    evaluate = transformers.Trainer.evaluate
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(transformers.Trainer, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(load_recipe(path))
+    curve = losses(run_dir)
+    assert sorted(curve) == [1, 2, 3, 4]
+    monkeypatch.setattr(transformers.Trainer, "evaluate", evaluate)
+    resumed = train_here(str(path), "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert "checkpoint-4" in resumed.output and "step 5/4" not in resumed.output
+    assert losses(run_dir) == curve  # no step trained again or beyond
+    assert [p.name for p in checkpoints.list_checkpoints(run_dir / "sft" / "checkpoints")] == ["checkpoint-4"]
+    metrics = json.loads((run_dir / "sft" / "summary.json").read_text())["metrics"]
+    assert metrics["steps"] == 4 and metrics["train_loss"] == pytest.approx(sum(curve.values()) / 4, rel=1e-6)
+    assert "eval_loss" in metrics and len(end_rows(run_dir)) == 1
+
+
 def test_resume_passes_over_a_damaged_checkpoint_and_keeps_the_books(tiny_model, addition_data, tmp_path,
                                                                      monkeypatch):
     recipe = load_recipe(write_recipe(tmp_path, tiny_model, addition_data["train"], save_steps=4))

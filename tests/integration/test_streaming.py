@@ -75,6 +75,33 @@ def test_streaming_run_resumes_at_the_recorded_row(tiny_model, addition_data, tm
     assert worst <= 1e-6, {s: (resumed[s], reference[s]) for s in reference}
 
 
+def test_streaming_run_stopped_in_the_final_evaluation_trains_no_extra_step(tiny_model, addition_data, tmp_path,
+                                                                           monkeypatch):
+    """Ctrl-C during the evaluation after the last step, then --resume: only the evaluation runs (issue 33, item 2:
+    a streamed run showed `step 13/12`)."""
+    import transformers
+
+    recipe = write_recipe(tmp_path, tiny_model, addition_data["train"], f"{STREAM}, eval: [{{path: "
+                                                                        f"{addition_data['eval']}}}]")
+    run_dir = tmp_path / "runs" / "run"
+    evaluate = transformers.Trainer.evaluate
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(transformers.Trainer, "evaluate", interrupted)
+    result = train_here(str(recipe))
+    assert result.exit_code != 0
+    curve = losses(run_dir)
+    assert sorted(curve) == list(range(1, STEPS + 1))
+    monkeypatch.setattr(transformers.Trainer, "evaluate", evaluate)
+    result = train_here(str(recipe), "--resume")
+    assert result.exit_code == 0, result.output
+    assert f"step {STEPS + 1}/{STEPS}" not in result.output and losses(run_dir) == curve
+    assert [p.name for p in list_checkpoints(run_dir / "sft" / "checkpoints")] == [f"checkpoint-{STEPS}"]
+    assert "eval_loss" in json.loads((run_dir / "sft" / "summary.json").read_text())["metrics"]
+
+
 @pytest.mark.parametrize("mode", ["streaming: true", "streaming: false"])
 def test_continued_pretraining_on_plain_text_with_packing(tiny_model, tmp_path, mode):
     corpus = tmp_path / "corpus.jsonl"
