@@ -30,10 +30,15 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a recipe key: --set training.learning_rate=1e-4 (repeatable)."),
 ]
+AllowCodeOpt = Annotated[bool, typer.Option(
+    "--allow-code", help="Let the GRPO stages import and run their `kind: python` reward modules (your code) in this "
+    "run: every stage's grpo.allow_reward_code.")]
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    typer.secho(message, fg=typer.colors.RED, err=True)
+    from finetune.run.records import redact_text  # every failure printed goes through the one redaction rule
+
+    typer.secho(redact_text(message), fg=typer.colors.RED, err=True)
     return typer.Exit(code)
 
 
@@ -49,21 +54,30 @@ def _user_errors() -> Iterator[None]:
         who = f"[rank {rank()}] " if world_size() > 1 else ""
         code = getattr(e, "exit_code", 1)  # RunInterrupted: 128 + signal number, like a shell reports it
         if code != 1:
-            typer.secho(f"{who}{e}", fg=typer.colors.YELLOW, err=True)
+            from finetune.run.records import redact_text
+
+            typer.secho(redact_text(f"{who}{e}"), fg=typer.colors.YELLOW, err=True)
             raise typer.Exit(code) from None
         raise _fail(f"{who}error: {e}", 1) from None
 
 
-def _load(recipe_path: Path, overrides: list[str] | None, check_paths: bool = True):
+def _load(recipe_path: Path, overrides: list[str] | None, check_paths: bool = True, allow_code: bool | None = None):
+    """The recipe loaded and checked; `allow_code` (not None: a command that may run reward code) also checks that the
+    python rewards it would run are allowed, after `--allow-code` (True) allowed them all."""
     from finetune.recipe.loading import RecipeError
     from finetune.recipe.schema import load_recipe
     from finetune.stages.preflight import check_recipe_paths
+    from finetune.stages.reward_code import allow_reward_code, reward_code_problems
 
     try:
         recipe = load_recipe(recipe_path, overrides or [])
     except RecipeError as e:
         raise _fail(str(e)) from None
-    if check_paths and (problems := check_recipe_paths(recipe)):
+    if allow_code:
+        allow_reward_code(recipe)
+    problems = check_recipe_paths(recipe) if check_paths else []
+    problems += reward_code_problems(recipe) if allow_code is not None else []
+    if problems:
         raise _fail(str(RecipeError(str(recipe_path), problems)))
     return recipe
 
@@ -73,16 +87,18 @@ def validate(
     recipe: RecipeArg,
     set_: SetOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing when the recipe is valid.")] = False,
+    allow_code: AllowCodeOpt = False,
 ) -> None:
     """Check a recipe without loading any model (types, ranges, cross-field rules, paths) and print it resolved.
 
-    Exit code 0 when valid, 2 when not.
+    Runs none of the recipe's code: python rewards are found and read, not imported (a recipe that would run them
+    without grpo.allow_reward_code or --allow-code is invalid). Exit code 0 when valid, 2 when not.
     """
     from finetune.export.support import family_lines
     from finetune.recipe.loading import dump_recipe
     from finetune.stages.preflight import data_checked
 
-    resolved = _load(recipe, set_)
+    resolved = _load(recipe, set_, allow_code=allow_code)
     if not quiet:
         typer.echo(f"# {recipe}: valid; {data_checked(resolved)}.")
         typer.echo("\n".join(family_lines(resolved)))
@@ -106,12 +122,13 @@ def train(
     )] = None,
     resume_from: Annotated[str | None, typer.Option(help="Resume from this checkpoint-N of the stage.")] = None,
     allow_changed_data: Annotated[bool, typer.Option(help="Resume although data or base model changed.")] = False,
+    allow_code: AllowCodeOpt = False,
 ) -> None:
     """Run every stage of a recipe (SFT, then DPO if asked) into one run folder."""
     run_folder = recipe if recipe.is_dir() and (recipe / "recipe.yaml").exists() else None
     if run_folder is not None:  # `ft train RUN_DIR --resume`: the recipe the run was started with
         recipe = run_folder / "recipe.yaml"
-    loaded = _load(recipe, set_)
+    loaded = _load(recipe, set_, allow_code=allow_code)
     if run_folder is not None:
         loaded.output.dir = str(run_folder)
     if overwrite and (resume or resume_from):

@@ -483,7 +483,8 @@ class RewardSpec(Section):
     max_words: Annotated[int, Field(ge=1)] | None = None
     """Allowed words (length kind); each word beyond costs 1 (times `weight`)."""
     function: Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")] | None = None
-    """`module.path:function` (python kind), importable from the current directory. Called as
+    """`module.path:function` (python kind), importable from the current directory; runs only with
+    grpo.allow_reward_code. Called as
     `function(prompts, completions, answers, **columns) -> list[float]` with one float per completion."""
 
     @model_validator(mode="after")
@@ -511,6 +512,10 @@ class GRPOConfig(Section):
 
     rewards: list[RewardSpec] = Field(default_factory=list)
     """Reward functions, summed with their weights. A grpo stage needs at least one."""
+    allow_reward_code: bool = False
+    """Let `ft train` import and run the `python` rewards' modules (your code, or code that came with someone else's
+    recipe), like model.trust_remote_code. Off: such a recipe is refused before anything loads (`ft train
+    --allow-code` turns it on for one run). `ft validate` and `ft data preview` never import them either way."""
     num_generations: Annotated[int, Field(ge=2)] = 4
     """Completions sampled per prompt (the group). The micro batch (completions per forward) must be a multiple of it:
     micro_batch_size x gradient_accumulation_steps counts completions, not prompts."""

@@ -14,6 +14,7 @@ from typing import Any
 
 from finetune.data.templates import TEMPLATE_NAMES
 from finetune.distributed.plan import environment_problems
+from finetune.errors import FinetuneError
 from finetune.recipe.checks import check_hub, hub_offline_reason, looks_like_hub_id
 from finetune.recipe.gguf_source import gguf_path, gguf_problems
 from finetune.recipe.kernel_support import recipe_kernel_problems
@@ -78,20 +79,19 @@ def check_recipe_paths(recipe: Recipe) -> list[str]:
 
 
 def _alignment_paths(i: int, stage: Any) -> list[str]:
-    """kto/grpo reference adapters exist; grpo's python rewards import (their errors name the function)."""
+    """kto/grpo reference adapters exist; grpo's python rewards exist (found and read, not imported)."""
     problems = []
     reference = getattr(getattr(stage, stage.kind, None), "reference", None) if stage.kind in ("kto", "grpo") else None
     if reference not in (None, "sft", "base") and not (Path(reference) / "adapter_config.json").exists():
         problems.append(f"stages[{i}].{stage.kind}.reference: '{reference}' is not 'sft', 'base' or an adapter folder "
                         "with adapter_config.json")
     if stage.kind == "grpo":
-        from finetune.errors import FinetuneError
-        from finetune.stages.rewards import load_function
+        from finetune.stages.reward_code import check_function
 
         for j, spec in enumerate(stage.grpo.rewards):
             if spec.kind == "python":
                 try:
-                    load_function(spec.function)
+                    check_function(spec.function)  # found and read, never imported: validation runs no user code
                 except FinetuneError as e:
                     problems.append(f"stages[{i}].grpo.rewards[{j}].function: {e}")
     return problems
@@ -146,7 +146,6 @@ def check_data_files(recipe: Recipe) -> list[str]:
     from finetune.data.build import normalised_rows
     from finetune.data.cache import checked_marker, mark_checked
     from finetune.data.readers import is_saved_dataset, read_source
-    from finetune.errors import FinetuneError
 
     problems: list[str] = []
     seen: set[tuple[int, str]] = set()
@@ -204,7 +203,7 @@ def check_stage_data(recipe: Recipe, tokenizer: Any, stages: list[Any]) -> list[
     from finetune.data.build import prepare
     from finetune.data.preview import checks
     from finetune.data.templates import apply_template
-    from finetune.errors import FinetuneError
+    from finetune.stages.kto import label_balance_warning
 
     problems: list[str] = []
     for stage in stages:
@@ -224,6 +223,8 @@ def check_stage_data(recipe: Recipe, tokenizer: Any, stages: list[Any]) -> list[
             print(f"[preflight] stage {stage.name}, {split} data: {prepared.report.samples} "
                   f"{'pairs' if stage.kind == 'dpo' else 'samples'}, {'FAILED' if failed else 'checks passed'}",
                   flush=True)
+            if stage.kind == "kto" and split == "train" and (say := label_balance_warning(prepared.dataset, stage.kto)):
+                print(f"[preflight] stage {stage.name}: warning: {say}", flush=True)  # before any stage trains
     return problems
 
 
@@ -236,7 +237,6 @@ def refuse_finished_run(recipe: Recipe, from_stage: str | None = None) -> None:
     """
     import json
 
-    from finetune.errors import FinetuneError
 
     run_dir = recipe.output_dir()
     try:
@@ -274,7 +274,6 @@ def run_preview(recipe: Any, n: int = 3, stage: str | None = None, split: str = 
     from finetune.data.build import prepare
     from finetune.data.preview import preview_lines
     from finetune.data.templates import apply_template
-    from finetune.errors import FinetuneError
     from finetune.model.loading import load_tokenizer
 
     stages = recipe.effective_stages()
