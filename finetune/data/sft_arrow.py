@@ -17,6 +17,7 @@ from finetune.data.parallel import (
     MASKED,
     NO_ANSWER,
     OK,
+    SOMETIMES,
     STATS,
     TOO_LONG,
     UNTRAINABLE,
@@ -147,5 +148,5 @@ def _fill_report(report: Any, parts: list, flat: np.ndarray, status: np.ndarray)
     report.tokens += int(pick("tokens")[st == OK].sum())
     report.trained_tokens += int(pick("trained")[st == OK].sum())
     for name in STATS:  # tool use and reasoning, as the list path counts them (parallel.count)
-        if (total := int(pick(name).sum())) or name != "trained_all":
+        if (total := int(pick(name).sum())) or name not in SOMETIMES:
             report.stats[name] = report.stats.get(name, 0) + total

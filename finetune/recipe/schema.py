@@ -176,6 +176,12 @@ class DataConfig(Section):
     """Train on the reasoning of assistant turns (`reasoning_content` / `thinking` fields, or `<think>...</think>` in
     the content) as the chat template renders it. False: the reasoning and its closing marker carry no label, so the
     model learns the answer and tool calls given the reasoning. Needs `train_on: assistant`."""
+    special_tokens_in_content: Literal["refuse", "escape", "allow"] = "refuse"
+    """Text of the tokenizer's special tokens (`<|im_end|>`, `</s>`...) inside a message's content, reasoning or tool
+    call, which the tokenizer would read as the control token itself (a forged turn). `refuse`: such rows are refused,
+    naming file and line (by `ft validate`, `ft data preview` and `ft train`). `escape` (sft stages): tokenized as
+    plain text; rows without it keep the very same ids. `allow`: tokenized as control tokens (counted in the
+    preview). Plain `text` rows are not checked."""
     max_length: Annotated[int, Field(ge=8)] = 1024
     """Longest sample in tokens (and the length of a packed row with `packing`)."""
     length_policy: Literal["truncate", "drop"] = "truncate"
@@ -817,6 +823,9 @@ class Recipe(Section):
                 if data.packing:
                     problems.append(f"{where}: packing applies to SFT only; set data.packing: false for dpo stages")
             problems += _alignment_problems(i, stage, where, data)
+            if stage.kind != "sft" and data.special_tokens_in_content == "escape":
+                problems.append(f"{where}: special_tokens_in_content: escape applies to sft stages (trl tokenizes "
+                                f"{stage.kind} rows itself); use refuse (the default) or allow")
             if stage.kind in ("grpo", "kto"):
                 problems += _batch_problems(i, stage, self)
             try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from finetune.data.templates import TEMPLATE_NAMES
+from finetune.data.templates import TEMPLATE_NAMES, template_tokens
 from finetune.distributed.plan import environment_problems
 from finetune.errors import FinetuneError
 from finetune.recipe.checks import check_hub, hub_offline_reason, looks_like_hub_id
@@ -140,16 +140,19 @@ def check_data_files(recipe: Recipe) -> list[str]:
     """Every stage's local data files read, parsed and normalised to the stage's format, without a tokenizer.
 
     Catches unreadable files, bad encodings, parse errors, empty files, columns that fit no format (or not the
-    stage's), and preference pairs whose answers are identical. Hub and save_to_disk sources are left to training.
+    stage's), preference pairs whose answers are identical, and messages holding the text of a special token of a
+    local model's tokenizer (`data.special_tokens_in_content`). Hub and save_to_disk sources are left to training.
     """
     from finetune.data import formats
     from finetune.data.build import normalised_rows
     from finetune.data.cache import checked_marker, mark_checked
     from finetune.data.readers import is_saved_dataset, read_source
+    from finetune.data.special_text import Specials, special_text_rows
 
     problems: list[str] = []
     seen: set[tuple[int, str]] = set()
     for stage, data, prefix in _stage_sources(recipe):
+        specials = Specials.from_files(recipe.model.name_or_path, template_tokens(data.template))  # None: no files
         if (id(data), stage.kind) in seen:
             continue
         seen.add((id(data), stage.kind))
@@ -162,7 +165,7 @@ def check_data_files(recipe: Recipe) -> list[str]:
                     continue
                 key = f"{prefix}.{group}[{j}]"
                 try:
-                    marker = checked_marker(data, src, stage.kind, key)
+                    marker = checked_marker(data, src, stage.kind, key, specials.strings if specials else None)
                     if marker is not None and marker.exists():
                         print(f"[preflight] {key} ({src.path}): unchanged since it last passed these checks "
                               "(same content hash), not read again", flush=True)
@@ -170,7 +173,7 @@ def check_data_files(recipe: Recipe) -> list[str]:
                     table = read_source(src, key)
                     formats.apply_columns(table, src.columns)
                     fmt, _ = formats.resolve_format(table, src.format)
-                    normalised_rows(table, fmt, stage.kind, key, src)
+                    special_text_rows(table, normalised_rows(table, fmt, stage.kind, key, src)[0], data, specials)
                 except FinetuneError as e:
                     problems.append(f"stage {stage.name}: {e}")
                     continue
@@ -186,8 +189,8 @@ def data_checked(recipe: Recipe) -> str:
     stages = recipe.effective_stages()
     return (f"the data of {len(stages)} stage{'s' * (len(stages) > 1)} ({len(files)} local source"
             f"{'s' * (len(files) != 1)}) read and checked without a tokenizer: readable, parsed, the columns of its "
-            "format, not empty, preference answers that differ; tokens, templates and masks are checked by "
-            "`ft train` before the first step and by `ft data preview`")
+            "format, not empty, preference answers that differ, no special-token text in messages; tokens, templates "
+            "and masks are checked by `ft train` before the first step and by `ft data preview`")
 
 
 def check_stage_data(recipe: Recipe, tokenizer: Any, stages: list[Any]) -> list[str]:
