@@ -27,6 +27,7 @@ from typing import Any
 PRIVATE = 0xE000  # first private-use code point: stands in for special strings while the template renders
 FIX = ("; remove it from the data, or set data.special_tokens_in_content: escape (tokenized as plain text) or allow "
        "(tokenized as the control token)")
+NO_ESCAPE = "; remove it from the data, or set data.special_tokens_in_content: allow (tokenized as the control token)"
 
 
 class Specials:
@@ -117,7 +118,9 @@ def with_placeholders(messages: list[dict[str, Any]], specials: tuple[str, ...])
     clash = re.compile(f"[{chr(PRIVATE)}-{chr(PRIVATE + len(specials) - 1)}]")
     if any(clash.search(text) for message in messages for text in _texts(message)):
         raise CannotEscape("special-token text in a row that holds private-use characters (U+E000...) cannot be "
-                           f"escaped{FIX}")
+                           f"escaped{NO_ESCAPE}")
+    if Specials(specials).used([{"tool_calls": m.get("tool_calls")} for m in messages if m.get("tool_calls")]):
+        raise CannotEscape(f"special-token text in a tool call (its name or arguments) cannot be escaped{NO_ESCAPE}")
     out = []
     for message in messages:
         copy = dict(message)
@@ -188,12 +191,12 @@ def plain_ids(tokenizer: Any, text: str, escaped: tuple[str, ...], last_chars: A
     """
     back = restored(text, escaped)
     if back is None:
-        raise CannotEscape(f"special-token text that the chat template changes cannot be escaped{FIX}")
+        raise CannotEscape(f"special-token text that the chat template changes cannot be escaped{NO_ESCAPE}")
     try:
         return tokenized_in_pieces(tokenizer, *back, last_chars)
     except (NotImplementedError, ValueError, KeyError, TypeError):
         raise CannotEscape("this tokenizer cannot tokenize special-token text as plain text (no offsets or "
-                           f"split_special_tokens){FIX}") from None
+                           f"split_special_tokens){NO_ESCAPE}") from None
 
 
 def rows_with_special_text(rows: list[dict[str, Any]], specials: Specials

@@ -9,7 +9,7 @@ from conftest import char_id
 
 from finetune.data import apply_template, build_dataset
 from finetune.data.build import prepare
-from finetune.data.encode import encode_messages
+from finetune.data.encode import EncodeError, encode_messages
 from finetune.data.preview import preview_lines
 from finetune.errors import FinetuneError
 
@@ -74,6 +74,16 @@ def test_escape_covers_user_reasoning_and_tool_text(cfg, tok, write):
     sample = encode_messages(tok, row["messages"], "assistant", template, special="escape")
     assert sample.input_ids.count(tok.convert_tokens_to_ids(S)) == 2  # the user turn's and the assistant turn's
     assert sample.stats["special_text"] == 1
+
+
+def test_escape_refuses_what_it_cannot_escape(cfg, tok, write):
+    """A tool call's arguments are rendered as JSON by the template: refused rather than left as control tokens."""
+    call = {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": {"q": f"x{E}"}}}]}
+    template = apply_template(tok, cfg(write("d.jsonl", [CLEAN])))
+    with pytest.raises(EncodeError, match="special-token text in a tool call .* cannot be escaped; remove it from the "
+                                          "data, or set data.special_tokens_in_content: allow"):
+        encode_messages(tok, [{"role": "user", "content": "hi"}, call], "assistant", template, special="escape")
 
 
 def test_preview_counts_rows_with_special_text(cfg, tok, write):
