@@ -23,7 +23,7 @@ from typing import Any
 from finetune.data.readers import fingerprint
 from finetune.recipe.schema import DataConfig, DatasetSource
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4  # 4: special-token text in messages refused or escaped (data.special_tokens_in_content)
 _NOT_IN_KEY = {"task_eval", "task_eval_max_new_tokens", "cache_dir", "num_proc"}  # do not change the preprocessed data
 
 

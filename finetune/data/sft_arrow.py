@@ -70,7 +70,8 @@ def arrow_sft(data: DataConfig, sources: list[tuple[str, DatasetSource]], tokeni
         if source is None:
             return None
         loaded.append(source)
-    settings = data.model_dump(mode="json", include={"train_on", "max_length", "length_policy", "template"})
+    settings = data.model_dump(mode="json", include={"train_on", "max_length", "length_policy", "template",
+                                                    "special_tokens_in_content"})
     fingerprint = f"{CACHE_VERSION}:{tokenizer_fingerprint(tokenizer)}:{settings}"
     parts, statuses = [], []
     for (key, src), source in zip(sources, loaded, strict=True):

@@ -158,9 +158,13 @@ def tokenized_in_pieces(tokenizer: Any, text: str, plain: list[tuple[int, int]],
     last: list[Any] = []
     cuts = sorted({0, len(text), *(c for r in plain for c in r)})
     inside = set(plain)
+    special_ids = {i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "special", False)}
     for a, b in zip(cuts, cuts[1:], strict=False):
         split = (a, b) in inside
         enc = tokenizer(text[a:b], add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=split)
+        if split and special_ids.intersection(enc["input_ids"]):  # a vocabulary that spells it as a plain word too
+            raise CannotEscape(f"this tokenizer reads {text[a:b]!r} as its control token even as plain text, so it "
+                               f"cannot be escaped{NO_ESCAPE}")
         ids += enc["input_ids"]
         last.append(last_chars(tokenizer, text[a:b], enc["input_ids"], enc["offset_mapping"]) + a)
     return ids, np.concatenate(last) if last else np.zeros(0, dtype=np.int64)
@@ -194,6 +198,8 @@ def plain_ids(tokenizer: Any, text: str, escaped: tuple[str, ...], last_chars: A
         raise CannotEscape(f"special-token text that the chat template changes cannot be escaped{NO_ESCAPE}")
     try:
         return tokenized_in_pieces(tokenizer, *back, last_chars)
+    except CannotEscape:
+        raise
     except (NotImplementedError, ValueError, KeyError, TypeError):
         raise CannotEscape("this tokenizer cannot tokenize special-token text as plain text (no offsets or "
                            f"split_special_tokens){NO_ESCAPE}") from None

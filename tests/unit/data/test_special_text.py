@@ -137,3 +137,27 @@ def test_escape_is_for_sft_stages_only(tmp_path):
                     "stages:\n  - {name: d, kind: dpo, dpo: {reference: base}}\n")
     with pytest.raises(RecipeError, match="special_tokens_in_content: escape applies to sft stages"):
         load_recipe(path)
+
+
+def test_changing_the_mode_never_reuses_a_stale_tokenization(cfg, tok, write):
+    """The Arrow path's cached tokenization is keyed by the mode: allow then escape on the same file differ."""
+    path = write("d.jsonl", [FORGED])
+    got = []
+    for mode in ("allow", "escape"):
+        data = cfg(path, special_tokens_in_content=mode)
+        apply_template(tok, data)
+        got.append(build_dataset(data, tok, "sft", seed=0))
+    allowed, escaped = got
+    assert labelled_controls(tok, allowed) == {S: 2, E: 3} and labelled_controls(tok, escaped) == {S: 0, E: 1}
+
+
+def test_a_vocabulary_that_spells_the_token_as_a_word_cannot_escape_it(cfg, write):
+    """A word-level vocabulary holds `<|im_end|>` as a word: split or not it is the control token, so refused."""
+    from tiny_tokenizer import word_level_chat_tokenizer
+    from tokenizers import decoders, pre_tokenizers
+
+    words = word_level_chat_tokenizer(["hi", "Sure", "OK", "user", "assistant"], pre_tokenizers.WhitespaceSplit(),
+                                      decoders.WordPiece())
+    template = apply_template(words, cfg(write("d.jsonl", [CLEAN])))
+    with pytest.raises(EncodeError, match="reads '<\\|im_end\\|>' as its control token even as plain text"):
+        encode_messages(words, FORGED["messages"], "assistant", template, special="escape")
