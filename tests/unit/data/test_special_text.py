@@ -161,3 +161,14 @@ def test_a_vocabulary_that_spells_the_token_as_a_word_cannot_escape_it(cfg, writ
     template = apply_template(words, cfg(write("d.jsonl", [CLEAN])))
     with pytest.raises(EncodeError, match="reads '<\\|im_end\\|>' as its control token even as plain text"):
         encode_messages(words, FORGED["messages"], "assistant", template, special="escape")
+
+
+def test_specials_are_found_among_thousands_and_overlapping_prefixes():
+    """One trie pattern (tokenizers such as Gemma's carry thousands of special tokens: a plain alternation of them
+    took 826 us per 2,000-character message here, the trie 1 us)."""
+    from finetune.data.special_text import Specials
+
+    many = Specials(tuple([f"<unused{i}>" for i in range(6000)] + ["<s>", "</s>", "<start_of_turn>"]))
+    assert many.first("a <unused5") is None and many.first("x<unused5999>y") == "<unused5999>"
+    assert many.first("1 < 2 <s") is None and many.first("<start_of_turn>") == "<start_of_turn>"
+    assert many.used([{"content": "</s> and <s> and <unused12>"}]) == ("<unused12>", "</s>", "<s>")
