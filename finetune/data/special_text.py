@@ -75,9 +75,11 @@ class Specials:
                 folder / "tokenizer_config.json").is_file() else {}
         except (OSError, UnicodeDecodeError, ValueError, AttributeError):
             return None
+        config = config if isinstance(config, dict) else {}
         found = {str(a.get("content")) for a in added if isinstance(a, dict) and a.get("special")}
+        more = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
         named = [config.get(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token",
-                                         "mask_token")] + list(config.get("extra_special_tokens") or [])
+                                         "mask_token")] + list(more.values() if isinstance(more, dict) else more)
         found |= {str(t.get("content") if isinstance(t, dict) else t) for t in named if t}
         found |= set(extra)
         return cls(found)
