@@ -112,8 +112,12 @@ def run_recipe(recipe: Recipe, *, recipe_path: str | Path | None = None, from_st
     when the recipe names `hub.repo_id`, exports the last stage and uploads it (the export stays on disk if the
     upload fails).
     """
+    from finetune.recipe.loading import RecipeError
     from finetune.stages.preflight import refuse_finished_run
+    from finetune.stages.reward_code import reward_code_problems
 
+    if problems := reward_code_problems(recipe):  # user code runs only when the recipe (or --allow-code) says so
+        raise RecipeError(str(recipe_path or "recipe"), problems)
     if nproc is not None and nproc > 1:
         extra = (["--resume-from", resume_from] if resume_from else []) + (
             ["--allow-changed-data"] if allow_changed_data else [])

@@ -30,10 +30,15 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a recipe key: --set training.learning_rate=1e-4 (repeatable)."),
 ]
+AllowCodeOpt = Annotated[bool, typer.Option(
+    "--allow-code", help="Let the GRPO stages import and run their `kind: python` reward modules (your code) in this "
+    "run: every stage's grpo.allow_reward_code.")]
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    typer.secho(message, fg=typer.colors.RED, err=True)
+    from finetune.run.records import redact_text  # every failure printed goes through the one redaction rule
+
+    typer.secho(redact_text(message), fg=typer.colors.RED, err=True)
     return typer.Exit(code)
 
 
@@ -49,21 +54,32 @@ def _user_errors() -> Iterator[None]:
         who = f"[rank {rank()}] " if world_size() > 1 else ""
         code = getattr(e, "exit_code", 1)  # RunInterrupted: 128 + signal number, like a shell reports it
         if code != 1:
-            typer.secho(f"{who}{e}", fg=typer.colors.YELLOW, err=True)
+            from finetune.run.records import redact_text
+
+            typer.secho(redact_text(f"{who}{e}"), fg=typer.colors.YELLOW, err=True)
             raise typer.Exit(code) from None
         raise _fail(f"{who}error: {e}", 1) from None
 
 
-def _load(recipe_path: Path, overrides: list[str] | None, check_paths: bool = True, full_stream: bool = False):
+def _load(recipe_path: Path, overrides: list[str] | None, check_paths: bool = True, full_stream: bool = False,
+          allow_code: bool | None = None):
+    """The recipe loaded and checked; `allow_code` (not None: a command that may run reward code) also checks that the
+    python rewards it would run are allowed, after `--allow-code` (True) allowed them all. `full_stream`: the checks
+    read streamed training files whole."""
     from finetune.recipe.loading import RecipeError
     from finetune.recipe.schema import load_recipe
     from finetune.stages.preflight import check_recipe_paths
+    from finetune.stages.reward_code import allow_reward_code, reward_code_problems
 
     try:
         recipe = load_recipe(recipe_path, overrides or [])
     except RecipeError as e:
         raise _fail(str(e)) from None
-    if check_paths and (problems := check_recipe_paths(recipe, full_stream)):
+    if allow_code:
+        allow_reward_code(recipe)
+    problems = check_recipe_paths(recipe, full_stream) if check_paths else []
+    problems += reward_code_problems(recipe) if allow_code is not None else []
+    if problems:
         raise _fail(str(RecipeError(str(recipe_path), problems)))
     return recipe
 
@@ -75,16 +91,18 @@ def validate(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing when the recipe is valid.")] = False,
     full: Annotated[bool, typer.Option(
         "--full", help="Read streamed training files whole (by default only their first rows are read).")] = False,
+    allow_code: AllowCodeOpt = False,
 ) -> None:
     """Check a recipe without loading any model (types, ranges, cross-field rules, paths) and print it resolved.
 
-    Exit code 0 when valid, 2 when not.
+    Runs none of the recipe's code: python rewards are found and read, not imported (a recipe that would run them
+    without grpo.allow_reward_code or --allow-code is invalid). Exit code 0 when valid, 2 when not.
     """
     from finetune.export.support import family_lines
     from finetune.recipe.loading import dump_recipe
     from finetune.stages.preflight import data_checked
 
-    resolved = _load(recipe, set_, full_stream=full)
+    resolved = _load(recipe, set_, full_stream=full, allow_code=allow_code)
     if not quiet:
         typer.echo(f"# {recipe}: valid; {data_checked(resolved, full)}.")
         typer.echo("\n".join(family_lines(resolved)))
@@ -111,6 +129,7 @@ def train(
     max_length_search: Annotated[str | None, typer.Option(
         metavar="CAP", help="With --dry-run: the longest sample length whose training step fits CAP (e.g. 8GB, "
         "24GiB) by the memory estimate, per stage.")] = None,
+    allow_code: AllowCodeOpt = False,
 ) -> None:
     """Run every stage of a recipe (SFT, then DPO if asked) into one run folder."""
     cap = None
@@ -126,7 +145,7 @@ def train(
     run_folder = recipe if recipe.is_dir() and (recipe / "recipe.yaml").exists() else None
     if run_folder is not None:  # `ft train RUN_DIR --resume`: the recipe the run was started with
         recipe = run_folder / "recipe.yaml"
-    loaded = _load(recipe, set_)
+    loaded = _load(recipe, set_, allow_code=allow_code)
     if run_folder is not None:
         loaded.output.dir = str(run_folder)
     if overwrite and (resume or resume_from):

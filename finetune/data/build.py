@@ -52,6 +52,7 @@ class DataReport:
     end_of_turn: str | None = None
     cache: str = "off"
     stats: dict[str, int] = field(default_factory=dict)  # tool calls, tool results, reasoning turns (encode.Encoded)
+    special_tokens: str = "refuse"  # data.special_tokens_in_content, for the preview's line about stats["special_text"]
 
     def summary(self) -> str:
         """One line for the console."""
@@ -106,6 +107,7 @@ def prepare(data: DataConfig, tokenizer: Any, kind: str, seed: int, split: str =
 
         report = DataReport(kind=kind, split=split, template=template.source, end_of_turn=template.end_of_turn,
                             cache="off (streamed)")
+        report.special_tokens = data.special_tokens_in_content
         return Prepared(stream_head(data, tokenizer, seed, report), report)
     key = root = None
     if data.cache_dir:
@@ -114,7 +116,7 @@ def prepare(data: DataConfig, tokenizer: Any, kind: str, seed: int, split: str =
         hit = cache.load(root, key)
         if hit is not None:
             report = DataReport(**hit[1])
-            report.cache = f"hit {root / key}"
+            report.cache, report.special_tokens = f"hit {root / key}", data.special_tokens_in_content
             return Prepared(hit[0], report)
     report = DataReport(kind=kind, split=split, template=template.source, end_of_turn=template.end_of_turn)
     dataset = None
@@ -127,6 +129,7 @@ def prepare(data: DataConfig, tokenizer: Any, kind: str, seed: int, split: str =
         if kind != "sft":  # the alignment trainers tokenize conversations themselves
             from datasets import Dataset
 
+            _check_special_text(examples, template, data, report)
             dataset = Dataset.from_list([ex for _, _, ex in examples])
             report.samples = report.rows = len(dataset)
         else:
@@ -136,7 +139,27 @@ def prepare(data: DataConfig, tokenizer: Any, kind: str, seed: int, split: str =
         report.cache = f"miss, saved to {entry}"
         reloaded = cache.load(root, key)
         dataset = reloaded[0] if reloaded is not None else dataset
+    report.special_tokens = data.special_tokens_in_content
     return Prepared(dataset, report)
+
+
+def _check_special_text(examples: list, template: TemplateInfo, data: DataConfig, report: DataReport) -> None:
+    """Rows of a pair, kto or grpo split whose messages hold special-token text: refused (naming file and line) or
+    counted (`data.special_tokens_in_content`; trl tokenizes these rows, so `escape` is for sft stages only)."""
+    from finetune.data.messages import Problem
+    from finetune.data.special_text import problem, rows_with_special_text
+
+    found = rows_with_special_text([ex for _, _, ex in examples], template.specials)
+    if found:
+        report.stats["special_text"] = len(found)
+    if data.special_tokens_in_content != "refuse":
+        return
+    problems: dict[int, formats.Problems] = {}
+    for k, what in found:
+        table, i, _ = examples[k]
+        problems.setdefault(id(table), formats.Problems(table)).add(Problem(problem(what)), i)
+    for p in problems.values():
+        p.raise_if_any("rows with special-token text in their messages")
 
 
 def normalised_rows(table: Table, fmt: str, kind: str, key: str, src: DatasetSource

@@ -23,7 +23,7 @@ from typing import Any
 from finetune.data.readers import fingerprint
 from finetune.recipe.schema import DataConfig, DatasetSource
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4  # 4: special-token text in messages refused or escaped (data.special_tokens_in_content)
 _NOT_IN_KEY = {"task_eval", "task_eval_max_new_tokens", "cache_dir", "num_proc"}  # do not change the preprocessed data
 
 
@@ -94,16 +94,18 @@ def save(root: Path, key: str, dataset: Any, report: dict[str, Any]) -> Path:
     return entry
 
 
-_CHECKS_VERSION = 1  # bump when check_data_files checks more: files that passed an older version are read again
+_CHECKS_VERSION = 2  # bump when check_data_files checks more: files that passed an older version are read again
 
 
-def checked_marker(data: Any, src: Any, kind: str, key: str) -> Path | None:
+def checked_marker(data: Any, src: Any, kind: str, key: str, specials: Any = None) -> Path | None:
     """Where the record that this source passed preflight's `check_data_files` lives: in the data cache, named by the
-    file's content hash, the source settings, the stage kind and the checks' version; None without a cache. A warm
-    start on a large corpus then hashes the file (fast) instead of parsing every row in Python again."""
+    file's content hash, the source settings, the stage kind, the special-token strings looked for (and what to do
+    with them) and the checks' version; None without a cache. A warm start on a large corpus then hashes the file
+    (fast) instead of parsing every row in Python again."""
     if not data.cache_dir:
         return None
-    parts = [_CHECKS_VERSION, kind, fingerprint(src, key), src.model_dump(mode="json")]
+    parts = [_CHECKS_VERSION, kind, fingerprint(src, key), src.model_dump(mode="json"),
+             data.special_tokens_in_content, specials]
     digest = hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=20).hexdigest()
     return Path(data.cache_dir) / "checked" / digest
 

@@ -12,6 +12,8 @@ template drops trains without it. With `train_on_reasoning` off, a turn's span s
 template's closing marker (`</think>`), so the reasoning is context, not target. The text is tokenized once and a
 token carries a label when its last character falls inside a trained span.
 
+Special-token text inside a message (a forged `<|im_end|>`) is refused, escaped or allowed: `special_text`.
+
 `encode_example` is the per-row entry point (a normalised row in, ids and labels out); `encode_many` encodes a batch
 of rows with one tokenizer call per kind (the same ids and labels).
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from finetune.data import special_text
 from finetune.data.messages import for_template, tools_for_template
 from finetune.data.templates import TemplateInfo, render
 
@@ -137,7 +140,7 @@ def _reasoning_stats(text: str, spans: list[tuple[int, int]], reasoning: list[st
 
 
 def encode_messages(tokenizer: Any, messages: list[dict[str, Any]], train_on: str, template: TemplateInfo,
-                    tools: Any = None, train_on_reasoning: bool = True) -> Encoded:
+                    tools: Any = None, train_on_reasoning: bool = True, special: str = "refuse") -> Encoded:
     """Ids and labels of a conversation: assistant turns (with their end-of-turn token) trained, or everything.
 
     Args:
@@ -147,11 +150,13 @@ def encode_messages(tokenizer: Any, messages: list[dict[str, Any]], train_on: st
         template: What `apply_template` reported (the end-of-turn token).
         tools: The row's tool schemas (a list, or its JSON text), passed to the template.
         train_on_reasoning: Whether the reasoning of assistant turns carries labels (`assistant` only).
+        special: `data.special_tokens_in_content`: `refuse`, `escape` or `allow` special-token text in messages.
 
     Raises:
-        EncodeError: The template refuses the conversation, drops its tools or calls, or rewrites earlier turns.
+        EncodeError: The template refuses the conversation, drops its tools or calls, or rewrites earlier turns; a
+            message holds special-token text and `special` is `refuse`.
     """
-    prepared = prepared_messages(tokenizer, messages, train_on, template, tools, train_on_reasoning)
+    prepared = prepared_messages(tokenizer, messages, train_on, template, tools, train_on_reasoning, special)
     if isinstance(prepared, Encoded):
         return prepared
     text, spans, turns, stats = prepared
@@ -160,14 +165,33 @@ def encode_messages(tokenizer: Any, messages: list[dict[str, Any]], train_on: st
 
 
 def prepared_messages(tokenizer: Any, messages: list[dict[str, Any]], train_on: str, template: TemplateInfo,
-                      tools: Any = None, train_on_reasoning: bool = True
+                      tools: Any = None, train_on_reasoning: bool = True, special: str = "refuse"
                       ) -> Encoded | tuple[str, list[tuple[int, int]], int, dict[str, int]]:
     """What `encode_messages` does before tokenizing: the rendered text, the trained character spans, the assistant
-    turn count and the counts (or, for `train_on: all`, the finished sample). Lets callers tokenize many at once.
+    turn count and the counts (or, for `train_on: all` and rows with escaped special-token text, the finished
+    sample). Lets callers tokenize many at once.
 
     Raises:
         EncodeError: as `encode_messages`.
     """
+    try:  # escaped: rendered with stand-ins of the same length, tokenized as text once put back (special_text)
+        shown, escaped, found = special_text.screened(messages, template.specials or tokenizer, special)
+        prepared = _prepared(tokenizer, shown, train_on, template, tools, train_on_reasoning)
+        prepared[-1]["special_text"] = int(found)
+        if not escaped:
+            return prepared[0] if prepared[0] is not None else prepared[1:]
+        _, text, spans, turns, stats = prepared
+        ids, last = special_text.plain_ids(tokenizer, text, escaped, last_chars)
+    except special_text.CannotEscape as e:  # or refused
+        raise EncodeError(str(e)) from None
+    if train_on == "all":
+        return Encoded(ids, list(ids), turns, max(0, turns - ids.count(template.end_of_turn_id)), stats)
+    return labelled(ids, last, spans, turns, template.end_of_turn_id, stats)
+
+
+def _prepared(tokenizer: Any, messages: list[dict[str, Any]], train_on: str, template: TemplateInfo, tools: Any,
+              train_on_reasoning: bool) -> tuple[Encoded | None, str, list[tuple[int, int]], int, dict[str, int]]:
+    """(the finished sample for `train_on: all` or None, rendered text, trained spans, assistant turns, counts)."""
     eot, eot_id = template.end_of_turn, template.end_of_turn_id
     turns = sum(m["role"] == "assistant" for m in messages)
     reasoning = [m.get("reasoning_content") or "" for m in messages if m["role"] == "assistant"]
@@ -181,13 +205,13 @@ def prepared_messages(tokenizer: Any, messages: list[dict[str, Any]], train_on: 
             raise EncodeError(f"refused by the chat template ({e})") from None
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         stats.update(trained_all=1, reasoning_turns=sum(bool(r) for r in reasoning))  # results trained too
-        return Encoded(ids, list(ids), turns, max(0, turns - ids.count(eot_id)), stats)
+        return Encoded(ids, list(ids), turns, max(0, turns - ids.count(eot_id)), stats), text, [], turns, stats
     if found is not None:
         messages = _dropping_as_the_template(tokenizer, messages, schemas, found)
     text, spans = assistant_spans(tokenizer, messages, eot, schemas)
     spans, more = _reasoning_stats(text, spans, reasoning, found, train_on_reasoning)
     stats.update(more)
-    return text, spans, turns, stats
+    return None, text, spans, turns, stats
 
 
 def labelled(ids: list[int], last: Any, spans: list[tuple[int, int]], turns: int, eot_id: int | None,
@@ -216,7 +240,7 @@ def encode_example(tokenizer: Any, example: dict[str, Any], data: Any, template:
     if example.get("messages") is None:
         return encode_text(tokenizer, example["text"])
     return encode_messages(tokenizer, example["messages"], data.train_on, template, tools=example.get("tools"),
-                           train_on_reasoning=data.train_on_reasoning)
+                           train_on_reasoning=data.train_on_reasoning, special=data.special_tokens_in_content)
 
 
 def ids_and_last_chars(tokenizer: Any, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], Any]:

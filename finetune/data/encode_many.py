@@ -24,11 +24,11 @@ def encode_many(tokenizer: Any, examples: list[dict[str, Any]], data: Any, templ
             continue
         try:
             prepared = prepared_messages(tokenizer, ex["messages"], data.train_on, template, ex.get("tools"),
-                                         data.train_on_reasoning)
+                                         data.train_on_reasoning, data.special_tokens_in_content)
         except EncodeError as e:
             out[k] = e
             continue
-        if isinstance(prepared, Encoded):  # train_on: all
+        if isinstance(prepared, Encoded):  # train_on: all, or special-token text escaped
             out[k] = prepared
         else:
             chats.append((k, *prepared))

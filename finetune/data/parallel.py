@@ -29,7 +29,9 @@ ROWS_PER_PROCESS = 2000  # fewer rows than this per process: starting processes 
 NO_ANSWER = "no assistant turn, so nothing to train on (add the answer, or remove these rows)"
 ENCODE, UNTRAINABLE_HEADER = "rows the chat template cannot encode", "rows with nothing to train on"
 # the counts of tool use and reasoning a sample carries (encode.Encoded.stats), summed into DataReport.stats
-STATS = ("tool_calls", "tool_results", "trained_all", "reasoning_turns", "reasoning_rendered", "reasoning_trained")
+STATS = ("tool_calls", "tool_results", "trained_all", "reasoning_turns", "reasoning_rendered", "reasoning_trained",
+         "special_text")  # special_text: rows whose messages hold special-token text (escaped or allowed)
+SOMETIMES = ("trained_all", "special_text")  # in the report only when not 0
 
 
 def count(report: Any, r: dict[str, Any], times: int = 1) -> None:
@@ -42,8 +44,8 @@ def count(report: Any, r: dict[str, Any], times: int = 1) -> None:
     report.dropped_fully_masked += (r["status"] == MASKED) * times
     report.tokens += r["tokens"] * times
     report.trained_tokens += r["trained"] * times
-    for name in STATS:  # every count, as encode gives them ("trained_all" only when set)
-        if r.get(name) or name != "trained_all":
+    for name in STATS:  # every count, as encode gives them (SOMETIMES only when set)
+        if r.get(name) or name not in SOMETIMES:
             report.stats[name] = report.stats.get(name, 0) + r.get(name, 0) * times
 
 

@@ -2,7 +2,9 @@
 
 Shows rendered samples with trained tokens marked apart from masked ones (colour on a terminal, «guillemets»
 otherwise), token counts, the share of trained tokens, a length histogram, truncation counts, and checks that fail
-the command: end-of-turn tokens carry labels, pad differs from eos. Rows with no assistant turn are refused
+the command: end-of-turn tokens carry labels, pad differs from eos. Rows whose messages hold special-token text are
+counted (refused when the data is prepared, unless `data.special_tokens_in_content` escapes or allows them). Rows
+with no assistant turn are refused
 (naming their lines) when the data is prepared; samples masked entirely by truncation are counted and left out.
 Data with tool calls, tool results or reasoning also gets what the chat template does with them (found by rendering
 with and without each: `probe`), how many were trained and masked, and which reasoning the template dropped; rows
@@ -88,6 +90,10 @@ def checks(report: DataReport, tokenizer: Any, template: TemplateInfo) -> list[t
     out.append((pad is not None and pad != eos and pad != template.end_of_turn_id,
                 f"pad token {tokenizer.pad_token} ({pad}) differs from eos {tokenizer.eos_token} ({eos}) and the "
                 "end-of-turn token"))
+    n, mode = report.stats.get("special_text", 0), getattr(report, "special_tokens", "refuse")
+    out.append((True, f"{n} rows hold special-token text in messages, tokenized as "
+                      f"{'plain text' if mode == 'escape' else 'control tokens'} ({mode})" if n else
+                "no message holds special-token text (data.special_tokens_in_content: refuse names such rows)"))
     if report.kind == "sft":  # rows without an assistant turn are refused earlier, naming their lines
         n = report.dropped_fully_masked
         out.append((True, "no sample is fully masked" if n == 0 else

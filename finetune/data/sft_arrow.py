@@ -17,6 +17,7 @@ from finetune.data.parallel import (
     MASKED,
     NO_ANSWER,
     OK,
+    SOMETIMES,
     STATS,
     TOO_LONG,
     UNTRAINABLE,
@@ -69,7 +70,8 @@ def arrow_sft(data: DataConfig, sources: list[tuple[str, DatasetSource]], tokeni
         if source is None:
             return None
         loaded.append(source)
-    settings = data.model_dump(mode="json", include={"train_on", "max_length", "length_policy", "template"})
+    settings = data.model_dump(mode="json", include={"train_on", "max_length", "length_policy", "template",
+                                                    "special_tokens_in_content"})
     fingerprint = f"{CACHE_VERSION}:{tokenizer_fingerprint(tokenizer)}:{settings}"
     parts, statuses = [], []
     for (key, src), source in zip(sources, loaded, strict=True):
@@ -147,5 +149,5 @@ def _fill_report(report: Any, parts: list, flat: np.ndarray, status: np.ndarray)
     report.tokens += int(pick("tokens")[st == OK].sum())
     report.trained_tokens += int(pick("trained")[st == OK].sum())
     for name in STATS:  # tool use and reasoning, as the list path counts them (parallel.count)
-        if (total := int(pick(name).sum())) or name != "trained_all":
+        if (total := int(pick(name).sum())) or name not in SOMETIMES:
             report.stats[name] = report.stats.get(name, 0) + total

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune.data.special_text import Specials
 from finetune.errors import FinetuneError
 from finetune.recipe.schema import DataConfig
 
@@ -93,6 +94,11 @@ REGISTRY: dict[str, RegistryTemplate] = {
 TEMPLATE_NAMES = {"tokenizer", *REGISTRY}
 
 
+def template_tokens(name: str) -> tuple[str, ...]:
+    """The special tokens a registry template adds to a tokenizer that lacks them (none for other templates)."""
+    return REGISTRY[name].tokens if name in REGISTRY else ()
+
+
 @dataclass
 class TemplateInfo:
     """What `apply_template` did: which template is on the tokenizer and which token ends an assistant turn."""
@@ -101,6 +107,7 @@ class TemplateInfo:
     end_of_turn: str | None
     end_of_turn_id: int | None
     notices: list[str] = field(default_factory=list)
+    specials: Any = None  # special_text.Specials of the tokenizer (found once here, not per row)
 
 
 def _vocab_has(tokenizer: Any, token: str) -> bool:
@@ -178,7 +185,8 @@ def apply_template(tokenizer: Any, data: DataConfig | str) -> TemplateInfo:
     for notice in notices:
         print(f"data: {notice}", flush=True)
     eot_id = tokenizer.convert_tokens_to_ids(eot) if eot is not None else None
-    return TemplateInfo(source=source, end_of_turn=eot, end_of_turn_id=eot_id, notices=notices)
+    return TemplateInfo(source=source, end_of_turn=eot, end_of_turn_id=eot_id, notices=notices,
+                        specials=Specials.of(tokenizer))
 
 
 def render(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool = False,
@@ -243,6 +251,7 @@ def applied_template(tokenizer: Any, data: DataConfig) -> TemplateInfo:
         source, text, _, _ = _requested(tokenizer, data.template)
         if tokenizer.chat_template == text:
             eot = find_end_of_turn(tokenizer, source)
-            return TemplateInfo(source, eot, tokenizer.convert_tokens_to_ids(eot) if eot is not None else None)
+            return TemplateInfo(source, eot, tokenizer.convert_tokens_to_ids(eot) if eot is not None else None,
+                                specials=Specials.of(tokenizer))
     raise FinetuneError(f"the tokenizer does not carry the chat template data.template '{data.template}' asks for; "
                         "call finetune.data.apply_template(tokenizer, data) before building the dataset")

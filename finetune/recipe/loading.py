@@ -245,11 +245,14 @@ def read(path: str | Path, overrides: list[str] | None = None) -> tuple[dict[str
     return data, lines
 
 
-def dump_recipe(recipe: Any) -> str:
-    """The fully resolved recipe as YAML (every default written out), which loads back into the same recipe."""
+def dump_recipe(recipe: Any, clean: Any = None) -> str:
+    """The fully resolved recipe as YAML (every default written out), which loads back into the same recipe.
+
+    `clean`, a function of the recipe's JSON-like data, is applied before writing (the run folder's copy passes
+    `finetune.run.records.redact`: a secret in a value is not written, and loads back as `<redacted>`)."""
     data = recipe.model_dump(mode="json", exclude={"extends"})
     # A stage's `training` holds overrides: only the keys it sets (None included) are written, or reading the file
     # back would override every shared training key with None.
     for stage, out in zip(recipe.stages, data["stages"], strict=True):
         out["training"] = stage.training.model_dump(mode="json", exclude_unset=True)
-    return yaml.safe_dump(data, sort_keys=False)
+    return yaml.safe_dump(clean(data) if clean is not None else data, sort_keys=False)

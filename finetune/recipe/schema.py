@@ -176,6 +176,12 @@ class DataConfig(Section):
     """Train on the reasoning of assistant turns (`reasoning_content` / `thinking` fields, or `<think>...</think>` in
     the content) as the chat template renders it. False: the reasoning and its closing marker carry no label, so the
     model learns the answer and tool calls given the reasoning. Needs `train_on: assistant`."""
+    special_tokens_in_content: Literal["refuse", "escape", "allow"] = "refuse"
+    """Text of the tokenizer's special tokens (`<|im_end|>`, `</s>`...) inside a message's content, reasoning or tool
+    call, which the tokenizer would read as the control token itself (a forged turn). `refuse`: such rows are refused,
+    naming file and line (by `ft validate`, `ft data preview` and `ft train`). `escape` (sft stages): tokenized as
+    plain text; rows without it keep the very same ids. `allow`: tokenized as control tokens (counted in the
+    preview). Plain `text` rows are not checked."""
     max_length: Annotated[int, Field(ge=8)] = 1024
     """Longest sample in tokens (and the length of a packed row with `packing`)."""
     length_policy: Literal["truncate", "drop"] = "truncate"
@@ -493,7 +499,8 @@ class RewardSpec(Section):
     max_words: Annotated[int, Field(ge=1)] | None = None
     """Allowed words (length kind); each word beyond costs 1 (times `weight`)."""
     function: Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")] | None = None
-    """`module.path:function` (python kind), importable from the current directory. Called as
+    """`module.path:function` (python kind), importable from the current directory; runs only with
+    grpo.allow_reward_code. Called as
     `function(prompts, completions, answers, **columns) -> list[float]` with one float per completion."""
 
     @model_validator(mode="after")
@@ -521,6 +528,10 @@ class GRPOConfig(Section):
 
     rewards: list[RewardSpec] = Field(default_factory=list)
     """Reward functions, summed with their weights. A grpo stage needs at least one."""
+    allow_reward_code: bool = False
+    """Let `ft train` import and run the `python` rewards' modules (your code, or code that came with someone else's
+    recipe), like model.trust_remote_code. Off: such a recipe is refused before anything loads (`ft train
+    --allow-code` turns it on for one run). `ft validate` and `ft data preview` never import them either way."""
     num_generations: Annotated[int, Field(ge=2)] = 4
     """Completions sampled per prompt (the group). The micro batch (completions per forward) must be a multiple of it:
     micro_batch_size x gradient_accumulation_steps counts completions, not prompts."""
@@ -822,6 +833,9 @@ class Recipe(Section):
                 if data.packing:
                     problems.append(f"{where}: packing applies to SFT only; set data.packing: false for dpo stages")
             problems += _alignment_problems(i, stage, where, data)
+            if stage.kind != "sft" and data.special_tokens_in_content == "escape":
+                problems.append(f"{where}: special_tokens_in_content: escape applies to sft stages (trl tokenizes "
+                                f"{stage.kind} rows itself); use refuse (the default) or allow")
             if stage.kind in ("grpo", "kto"):
                 problems += _batch_problems(i, stage, self)
             try:

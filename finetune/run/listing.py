@@ -15,6 +15,7 @@ from typing import Any
 from finetune.errors import FinetuneError
 from finetune.run.files import read_json
 from finetune.run.lock import is_locked
+from finetune.run.records import redact_text
 
 
 def _rows(path: Path) -> list[dict[str, Any]]:
@@ -51,7 +52,7 @@ def run_info(run_dir: Path) -> dict[str, Any]:
 
     info["forgetting"] = forgetting_marks(run_dir, summary)
     if summary.get("error") and status in ("failed", "interrupted"):
-        info["error"] = summary["error"].splitlines()[0]
+        info["error"] = redact_text(summary["error"].splitlines()[0])  # runs recorded before the rule knew a shape
     return info
 
 

@@ -190,6 +190,16 @@ def build_manifest(recipe: Recipe, recipe_path: str | Path | None = None) -> dic
     }
 
 
+def write_recipe(recipe: Recipe, run_dir: Path) -> Path:
+    """Write `<run>/recipe.yaml`, the resolved recipe, redacted by the rule of manifest.json (`records.redact`)."""
+    from finetune.recipe.loading import dump_recipe
+    from finetune.run.files import write_text_atomic
+
+    path = Path(run_dir) / "recipe.yaml"
+    write_text_atomic(path, dump_recipe(recipe, clean=redact))
+    return path
+
+
 def write_manifest(recipe: Recipe, run_dir: Path, recipe_path: str | Path | None = None,
                    manifest: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write `<run>/manifest.json` (main process only); `manifest`: one already built for this run.

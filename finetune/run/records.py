@@ -1,9 +1,13 @@
 """The run folder's record files, readable without torch: metrics.jsonl rows, and redaction of secrets.
 
 `redact` is applied to every string that leaves the process about a run (the W&B config, run name, tags and entity;
-manifest.json with its command line; the exported model card): a key named like *token*, *secret*, *password*,
-*api_key* or *credential*, or a value shaped like a Hugging Face, OpenAI or W&B key (`wandb_v1_...` or 40 hex
-digits), becomes `<redacted>`. 40 hex digits are also a git commit: they are kept under a key naming a revision or
+manifest.json with its command line; the run folder's recipe.yaml; the exported model card), and `redact_text` to
+every failure text we print or persist (summary.json's `error`, `ft runs`, `ft report`, the CLI's error line, a
+reward function's exception): a key named like *token*, *secret*, *password*, *api_key* or *credential*, or a value
+shaped like a Hugging Face, OpenAI, W&B (`wandb_v1_...` or 40 hex digits), GitHub (`ghp_...`, `github_pat_...`),
+Slack (`xoxb-...`, `xoxp-...`) or AWS access key (`AKIA...`), a bearer token, or the value of a `...key=`,
+`...token=`, `...secret=`, `password=`, `...signature=` or `...credential=` assignment (URL query strings, command
+lines), becomes `<redacted>`. 40 hex digits are also a git commit: they are kept under a key naming a revision or
 commit (`model.revision`, `code.commit`) and after `revision=` / `commit=` in a command line.
 """
 
@@ -21,8 +25,21 @@ from finetune.run.files import write_text_atomic
 SECRET_KEY = re.compile(
     r"^(?:(?:hf|hub|access|auth|api|wandb|bearer|github)_)?token$|secret|passw|api_?key|credential", re.IGNORECASE
 )
-# A Hugging Face token wherever it stands (inside a longer word or URL too); OpenAI and W&B keys as whole words.
-SECRET_VALUE = re.compile(r"hf_[A-Za-z0-9]{20,}|\b(?:sk-[A-Za-z0-9_-]{20,}|wandb_v1_[A-Za-z0-9_]{20,})\b")
+# A Hugging Face token wherever it stands (inside a longer word or URL too); OpenAI, W&B, GitHub, Slack and AWS
+# access keys and bearer tokens as whole words.
+SECRET_VALUE = re.compile(
+    r"hf_[A-Za-z0-9]{20,}"
+    r"|\b(?:sk-[A-Za-z0-9_-]{20,}|wandb_v1_[A-Za-z0-9_]{20,})\b"
+    r"|\b(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{20,})\b"
+    r"|\bxox[abposr]-[A-Za-z0-9-]{10,}"
+    r"|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"
+    r"|(?<=\bBearer )[A-Za-z0-9._~+/-]{16,}=*"
+)
+# `api_key=VALUE`, `token=...`, `X-Amz-Signature=...` (query strings, command lines, environment assignments): the
+# value goes, the name stays. Values of 6 characters or more without `<`, so `pad_token=<pad>` stays readable.
+SECRET_ASSIGNMENT = re.compile(
+    r"(?i)\b([\w.-]*(?:key|token|secret|passw(?:or)?d|signature|sig|credential|auth))=([^\s&#'\"<>;,)]{6,})"
+)
 HEX_KEY = re.compile(r"(?<![0-9A-Za-z])[0-9a-fA-F]{40}(?![0-9A-Za-z])")  # classic W&B API key; or a git commit
 COMMIT_KEY = re.compile(r"revision|commit", re.IGNORECASE)
 _COMMIT_BEFORE = re.compile(r"(?:revision|commit)\w*\s*[=:]\s*['\"]?$", re.IGNORECASE)
@@ -30,7 +47,7 @@ _COMMIT_BEFORE = re.compile(r"(?:revision|commit)\w*\s*[=:]\s*['\"]?$", re.IGNOR
 
 def redact_text(text: str, commit: bool = False) -> str:
     """`text` with token-shaped substrings replaced by `<redacted>`; `commit`: 40-hex values are commits here."""
-    text = SECRET_VALUE.sub("<redacted>", text)
+    text = SECRET_ASSIGNMENT.sub(r"\1=<redacted>", SECRET_VALUE.sub("<redacted>", text))
     if commit:
         return text
     return HEX_KEY.sub(lambda m: m.group(0) if _COMMIT_BEFORE.search(text[: m.start()]) else "<redacted>", text)

@@ -15,7 +15,7 @@ from typing import Any
 
 from finetune.errors import FinetuneError
 from finetune.run.files import read_json, write_dir_atomic
-from finetune.run.records import read_metrics
+from finetune.run.records import read_metrics, redact_text
 
 Series = dict[str, tuple[list[int], list[float]]]
 
@@ -161,7 +161,7 @@ def page(run_dir: Path, rows: list[dict[str, Any]], charts: dict[str, list[tuple
         f"{len(rows)} metrics rows</p>",
     ]
     if summary.get("error"):
-        parts.append(f"<p class='error'>{inline_html(summary['error'])}</p>")
+        parts.append(f"<p class='error'>{inline_html(redact_text(summary['error']))}</p>")
     stage_results = summary.get("stages") or {}
     if stage_results:
         parts.append("<h2>Stages</h2><table><tr><th>stage</th><th>kind</th><th>result</th></tr>")

@@ -36,7 +36,7 @@ from finetune.run.guards import (
 )
 from finetune.run.guards import divergence_message as _divergence_message
 from finetune.run.lock import is_locked, lock_pid
-from finetune.run.records import read_metrics, trim_metrics
+from finetune.run.records import read_metrics, redact_text, trim_metrics
 from finetune.run.tracking import RunLogger
 
 
@@ -184,7 +184,7 @@ def record_stop(run_dir: Path, summary: dict[str, Any], stage: str, error: BaseE
     interrupted = isinstance(error, (RunInterrupted, KeyboardInterrupt))
     summary["status"] = "interrupted" if interrupted else "failed"
     summary["stopped_in"] = stage
-    summary["error"] = str(error) or error.__class__.__name__
+    summary["error"] = redact_text(str(error)) or error.__class__.__name__  # an exception may quote a URL's key
     try:
         write_json_atomic(Path(run_dir) / "summary.json", summary)
     except OSError:  # e.g. the disk is still full: the error itself is what the user must see

@@ -25,6 +25,7 @@ from finetune.run.resume import guarded_train
 from finetune.stages.alignment import patch_policy, policy_model, save_policy
 from finetune.stages.common import StageContext, StageResult, build_stage_trainer, load_task_rows, trainer_kwargs
 from finetune.stages.dpo import install_reference, reference_folder
+from finetune.stages.reward_code import module_file
 from finetune.stages.rewards import build_rewards, check_reward_data
 
 
@@ -56,6 +57,10 @@ def run_grpo(ctx: StageContext, tokenizer=None) -> StageResult:
           f"ratios, rewards scaled by {grpo.scale_rewards}); rewards "
           + ", ".join(f"{f.__name__} x {w}" for f, w in zip(rewards, weights, strict=True))
           + f"; {len(train_ds)} prompts; generation with {'vLLM' if grpo.use_vllm else 'transformers'}", flush=True)
+    code = [f"{spec.function} ({module_file(spec.function.partition(':')[0])})" for spec in grpo.rewards
+            if spec.kind == "python"]
+    if code:
+        print(f"[{name}] runs your Python code (grpo.allow_reward_code): {', '.join(code)}", flush=True)
     model = policy_model(ctx, tokenizer)
     config = TrlGRPOConfig(
         **trainer_kwargs(ctx, has_eval=False),  # held-out generation is measured below, not by trl's eval loop

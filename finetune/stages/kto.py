@@ -40,6 +40,8 @@ def run_kto(ctx: StageContext, tokenizer=None) -> StageResult:
     desirable = sum(train_ds["label"])
     print(f"[{name}] kto (beta {kto.beta}): {desirable} desirable and {len(train_ds) - desirable} undesirable answers, "
           f"weights {kto.desirable_weight} / {kto.undesirable_weight}", flush=True)
+    if (warning := label_balance_warning(train_ds, kto)) is not None:
+        print(f"[{name}] warning: {warning}", flush=True)
     model = policy_model(ctx, tokenizer)
     config = TrlKTOConfig(**trainer_kwargs(ctx, has_eval=eval_ds is not None), beta=kto.beta,
                           desirable_weight=kto.desirable_weight, undesirable_weight=kto.undesirable_weight,
@@ -61,3 +63,27 @@ def run_kto(ctx: StageContext, tokenizer=None) -> StageResult:
     # --- held-out loss terms, save the policy adapter, then measure the held-out change
     adapter = evaluate_and_save(ctx, trainer, tokenizer, EVAL_KEYS, eval_ds is not None, before, metrics, "KTO")
     return StageResult(name=name, kind="kto", adapter=adapter, metrics=metrics, patches=patches)
+
+
+def label_balance_warning(rows: Any, kto: Any) -> str | None:
+    """What is off with the balance of the rows' labels (None when nothing): one kind of label only, or counts whose
+    weighted sizes break the KTO paper's rule (desirable_weight x desirable between 1 and 4/3 of undesirable_weight x
+    undesirable), with the weights that would keep it, as trl computes them. `rows`: a dataset with a `label` column
+    or a list of labels."""
+    labels = rows["label"] if hasattr(rows, "column_names") else rows
+    desirable = sum(bool(x) for x in labels)
+    undesirable = len(labels) - desirable
+    if not desirable or not undesirable:
+        have, lack = ("desirable", "undesirable (label: false)") if desirable else (
+            "undesirable", "desirable (label: true)")
+        return (f"all {desirable + undesirable} answers are {have} and none {lack}: KTO weighs each kind against "
+                f"the other and against the reference, so this trains on one side only (trl's weights cannot balance "
+                f"it). Add {lack.split(' ')[0]} answers, or train these with an sft stage instead")
+    low, u_high = undesirable * kto.undesirable_weight / desirable, desirable * kto.desirable_weight / undesirable
+    high, u_low = low * 1.33, u_high / 1.33  # trl's bounds (KTOTrainer), from Eq. 8 of the KTO paper
+    if low <= kto.desirable_weight <= high or u_low <= kto.undesirable_weight <= u_high:
+        return None
+    return (f"{desirable} desirable and {undesirable} undesirable answers with weights {kto.desirable_weight} / "
+            f"{kto.undesirable_weight} break the KTO paper's balance; set kto.desirable_weight in [{low:.2f}, "
+            f"{high:.2f}] or kto.undesirable_weight in [{u_low:.2f}, {u_high:.2f}] (not both)")
+

@@ -25,10 +25,9 @@ from finetune.errors import FinetuneError
 from finetune.model.attention import attention_calls
 from finetune.model.loading import free_stage_memory
 from finetune.model.tiled_mlp import tiled_calls
-from finetune.recipe.loading import dump_recipe
 from finetune.recipe.schema import Recipe, StageConfig
-from finetune.run.files import read_json, write_json_atomic, write_text_atomic
-from finetune.run.manifest import write_manifest
+from finetune.run.files import read_json, write_json_atomic
+from finetune.run.manifest import write_manifest, write_recipe
 from finetune.run.opening import check_inputs, open_run_dir
 from finetune.run.resume import record_stop, resume_point, stop_message
 from finetune.run.tracking import Tracker, open_tracker
@@ -142,7 +141,7 @@ def _run_stages(recipe: Recipe, stages: list[StageConfig], run_dir: Path, recipe
         manifest = check_inputs(recipe, run_dir, recipe_path, resume, allow_changed_data)
     wait_for_everyone()  # the others look into the folder only once the main process has (re)made it
     if main:
-        write_text_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
+        write_recipe(recipe, run_dir)  # redacted as manifest.json is
         write_manifest(recipe, run_dir, recipe_path, manifest)
     tracker = open_tracker(recipe, run_dir) if main else Tracker()
     run = RunResult(run_dir=run_dir)

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from finetune.data.stream import check_streamed, streamed_read
-from finetune.data.templates import TEMPLATE_NAMES
+from finetune.data.templates import TEMPLATE_NAMES, template_tokens
 from finetune.distributed.plan import environment_problems
+from finetune.errors import FinetuneError
 from finetune.eval.taskrows import eval_section_problems, task_file_problems
 from finetune.recipe.checks import check_hub, hub_offline_reason, looks_like_hub_id
 from finetune.recipe.gguf_source import gguf_path, gguf_problems
@@ -80,20 +81,19 @@ def check_recipe_paths(recipe: Recipe, full_stream: bool = False) -> list[str]:
 
 
 def _alignment_paths(i: int, stage: Any) -> list[str]:
-    """kto/grpo reference adapters exist; grpo's python rewards import (their errors name the function)."""
+    """kto/grpo reference adapters exist; grpo's python rewards exist (found and read, not imported)."""
     problems = []
     reference = getattr(getattr(stage, stage.kind, None), "reference", None) if stage.kind in ("kto", "grpo") else None
     if reference not in (None, "sft", "base") and not (Path(reference) / "adapter_config.json").exists():
         problems.append(f"stages[{i}].{stage.kind}.reference: '{reference}' is not 'sft', 'base' or an adapter folder "
                         "with adapter_config.json")
     if stage.kind == "grpo":
-        from finetune.errors import FinetuneError
-        from finetune.stages.rewards import load_function
+        from finetune.stages.reward_code import check_function
 
         for j, spec in enumerate(stage.grpo.rewards):
             if spec.kind == "python":
                 try:
-                    load_function(spec.function)
+                    check_function(spec.function)  # found and read, never imported: validation runs no user code
                 except FinetuneError as e:
                     problems.append(f"stages[{i}].grpo.rewards[{j}].function: {e}")
     return problems
@@ -142,16 +142,19 @@ def check_data_files(recipe: Recipe, full_stream: bool = False) -> list[str]:
     """Every stage's local data files read, parsed and normalised to the stage's format, without a tokenizer.
 
     Catches unreadable files, bad encodings, parse errors, empty files, columns that fit no format (or not the
-    stage's) and identical preference answers. Hub and save_to_disk sources are left to training."""
+    stage's), preference pairs whose answers are identical, and messages holding the text of a special token of a
+    local model's tokenizer (`data.special_tokens_in_content`). Hub and save_to_disk sources are left to training.
+    """
     from finetune.data import formats
     from finetune.data.build import normalised_rows
     from finetune.data.cache import checked_marker, mark_checked
     from finetune.data.readers import is_saved_dataset, read_source
-    from finetune.errors import FinetuneError
+    from finetune.data.special_text import Specials, special_text_rows
 
     problems: list[str] = []
     seen: set[tuple[int, str]] = set()
     for stage, data, prefix in _stage_sources(recipe):
+        specials = Specials.from_files(recipe.model.name_or_path, template_tokens(data.template))  # None: no files
         if (id(data), stage.kind) in seen:
             continue
         seen.add((id(data), stage.kind))
@@ -164,7 +167,7 @@ def check_data_files(recipe: Recipe, full_stream: bool = False) -> list[str]:
                     continue
                 key = f"{prefix}.{group}[{j}]"
                 try:
-                    marker = checked_marker(data, src, stage.kind, key)
+                    marker = checked_marker(data, src, stage.kind, key, specials.strings if specials else None)
                     if marker is not None and marker.exists():
                         print(f"[preflight] {key} ({src.path}): unchanged since it last passed these checks "
                               "(same content hash), not read again", flush=True)
@@ -172,7 +175,7 @@ def check_data_files(recipe: Recipe, full_stream: bool = False) -> list[str]:
                     table = read_source(src, key)
                     formats.apply_columns(table, src.columns)
                     fmt, _ = formats.resolve_format(table, src.format)
-                    normalised_rows(table, fmt, stage.kind, key, src)
+                    special_text_rows(table, normalised_rows(table, fmt, stage.kind, key, src)[0], data, specials)
                 except FinetuneError as e:
                     problems.append(f"stage {stage.name}: {e}")
                     continue
@@ -188,8 +191,9 @@ def data_checked(recipe: Recipe, full_stream: bool = False) -> str:
     stages = recipe.effective_stages()
     return (f"the data of {len(stages)} stage{'s' * (len(stages) > 1)} ({len(files)} local source"
             f"{'s' * (len(files) != 1)}) read and checked without a tokenizer: readable, parsed, the columns of its "
-            "format, not empty, preference answers that differ; tokens, templates and masks are checked by "
-            "`ft train` before the first step and by `ft data preview`" + streamed_read(recipe, full_stream))
+            "format, not empty, preference answers that differ, no special-token text in messages; tokens, templates "
+            "and masks are checked by `ft train` before the first step and by `ft data preview`"
+            + streamed_read(recipe, full_stream))
 
 
 def check_stage_data(recipe: Recipe, tokenizer: Any, stages: list[Any]) -> list[str]:
@@ -205,7 +209,7 @@ def check_stage_data(recipe: Recipe, tokenizer: Any, stages: list[Any]) -> list[
     from finetune.data.build import prepare
     from finetune.data.preview import checks
     from finetune.data.templates import apply_template
-    from finetune.errors import FinetuneError
+    from finetune.stages.kto import label_balance_warning
 
     problems: list[str] = []
     for stage in stages:
@@ -225,6 +229,8 @@ def check_stage_data(recipe: Recipe, tokenizer: Any, stages: list[Any]) -> list[
             print(f"[preflight] stage {stage.name}, {split} data: {prepared.report.samples} "
                   f"{'pairs' if stage.kind == 'dpo' else 'samples'}, {'FAILED' if failed else 'checks passed'}",
                   flush=True)
+            if stage.kind == "kto" and split == "train" and (say := label_balance_warning(prepared.dataset, stage.kto)):
+                print(f"[preflight] stage {stage.name}: warning: {say}", flush=True)  # before any stage trains
     return problems
 
 
@@ -237,7 +243,6 @@ def refuse_finished_run(recipe: Recipe, from_stage: str | None = None) -> None:
     """
     import json
 
-    from finetune.errors import FinetuneError
 
     run_dir = recipe.output_dir()
     try:
@@ -275,7 +280,6 @@ def run_preview(recipe: Any, n: int = 3, stage: str | None = None, split: str = 
     from finetune.data.build import prepare
     from finetune.data.preview import preview_lines
     from finetune.data.templates import apply_template
-    from finetune.errors import FinetuneError
     from finetune.model.loading import load_tokenizer
 
     stages = recipe.effective_stages()

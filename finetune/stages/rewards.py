@@ -11,29 +11,34 @@ Built-in kinds (`grpo.rewards[].kind`):
     format       1.0 when the whole completion, stripped, matches `pattern` (re.fullmatch), else 0.0
     length       -(words beyond `max_words`): 0.0 for a short enough completion, -1.0 per extra word
 
-A user's reward (`kind: python`, `function: my_rewards:brevity`) is imported from the current directory and called as
+A user's reward (`kind: python`, `function: my_rewards:brevity`) is Python code that runs in this process, so it runs
+only when asked: the stage's `grpo.allow_reward_code: true` (or `ft train --allow-code`). `ft validate` and `ft data
+preview` never import it (`finetune.stages.reward_code`: the module's file is found and its source read for the
+function's name). At train time it is imported from the current directory (on `sys.path` for the import only) and
+called as
 
     function(prompts: list[list[dict]], completions: list[str], answers: list[str | None], **columns) -> list[float]
 
 with one entry per completion: `prompts` the conversations (lists of {role, content}), `completions` the sampled
 answers as text, `answers` the rows' reference answers, and `columns` the rows' other plain columns, each a list
-aligned with `completions`. It must return one finite float (or int) per completion. An exception, a wrong length, a
-non-number or a NaN stops training at that step with a FinetuneError naming the function and the sample.
+aligned with `completions`. It must return one finite number per completion (Python or numpy floats and ints; a numpy
+array or a list). An exception, a wrong length, a non-number or a NaN stops training at that step with a FinetuneError
+naming the function and the sample; an exception's text is redacted (`finetune.run.records.redact_text`) first.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
+import numbers
 import re
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from finetune.errors import FinetuneError
 from finetune.eval.tasks import normalize_answer
 from finetune.recipe.schema import GRPOConfig, RewardSpec
+from finetune.run.records import redact_text
+from finetune.stages.reward_code import code_opt_in_problem, load_function
 
 # trl passes these to every reward function beside the dataset's columns; user functions do not see them
 _TRL_KWARGS = ("completion_ids", "trainer_state", "log_extra", "log_metric", "environments")
@@ -59,22 +64,6 @@ def format_match(pattern: str) -> Callable[..., list[float]]:
 def length_penalty(max_words: int) -> Callable[..., list[float]]:
     """A reward: minus the number of words beyond `max_words`."""
     return lambda completions, **_: [-float(max(0, len(c.split()) - max_words)) for c in completions]
-
-
-def load_function(target: str) -> Callable[..., Any]:
-    """The function named `module.path:function`, imported with the current directory on the path."""
-    module_name, _, attr = target.partition(":")
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # noqa: BLE001 - any import failure is the user's module's, reported as such
-        raise FinetuneError(f"reward function {target}: cannot import module '{module_name}' ({type(e).__name__}: "
-                            f"{e}); it must be importable from {Path.cwd()}") from e
-    func = getattr(module, attr, None)
-    if not callable(func):
-        raise FinetuneError(f"reward function {target}: module '{module_name}' has no function '{attr}'")
-    return func
 
 
 def reward_name(spec: RewardSpec) -> str:
@@ -103,8 +92,8 @@ def make_reward(spec: RewardSpec) -> Callable[..., list[float]]:
         try:
             values = func(prompts=prompts, completions=texts, answers=answers, **columns)
         except Exception as e:  # noqa: BLE001 - the user's code: name it and the sample, whatever it raised
-            raise FinetuneError(f"reward function {name} raised {type(e).__name__}: {e}\n  on the batch starting with "
-                                f"{_sample(prompts, texts, 0)}") from e
+            raise FinetuneError(redact_text(f"reward function {name} raised {type(e).__name__}: {e}\n  on the batch "
+                                            f"starting with {_sample(prompts, texts, 0)}")) from e
         return check_values(name, values, prompts, texts)
 
     reward.__name__ = name  # trl logs each reward under its function's name
@@ -112,22 +101,35 @@ def make_reward(spec: RewardSpec) -> Callable[..., list[float]]:
 
 
 def check_values(name: str, values: Any, prompts: list, texts: list[str]) -> list[float]:
-    """`values` as floats, one per completion; a FinetuneError naming the function and the sample otherwise."""
+    """`values` as floats, one per completion; a FinetuneError naming the function and the sample otherwise.
+
+    Python and numpy numbers count (`np.float32(1.0)`), in a list, a tuple or a 1-d array; bools do not."""
+    if hasattr(values, "tolist") and getattr(values, "ndim", None) == 1:  # a numpy array (or a torch tensor)
+        values = values.tolist()
     if not isinstance(values, list | tuple) or len(values) != len(texts):
         got = f"{len(values)} values" if isinstance(values, list | tuple) else f"a {type(values).__name__}"
         raise FinetuneError(f"reward function {name} returned {got} for {len(texts)} completions; it must return a "
                             f"list with one float per completion (batch starting with {_sample(prompts, texts, 0)})")
     out = []
     for i, v in enumerate(values):
-        if isinstance(v, bool) or not isinstance(v, int | float) or math.isnan(v) or math.isinf(v):
-            raise FinetuneError(f"reward function {name} returned {v!r} for completion {i} of the batch; rewards must "
-                                f"be finite numbers ({_sample(prompts, texts, i)})")
+        number = isinstance(v, numbers.Real) and not isinstance(v, bool)  # numpy floats and ints are Real; np.bool_ not
+        if not number or math.isnan(v) or math.isinf(v):
+            kind = "" if number else f" (a {type(v).__name__})"
+            raise FinetuneError(f"reward function {name} returned {v!r}{kind} for completion {i} of the batch; rewards "
+                                f"must be finite numbers ({_sample(prompts, texts, i)})")
         out.append(float(v))
     return out
 
 
 def build_rewards(grpo: GRPOConfig) -> tuple[list[Callable[..., list[float]]], list[float]]:
-    """The stage's reward functions and their weights (user functions are imported here, before the model loads)."""
+    """The stage's reward functions and their weights (user functions are imported here, before the model loads).
+
+    Raises:
+        FinetuneError: A python reward without `grpo.allow_reward_code`.
+    """
+    for j, spec in enumerate(grpo.rewards):
+        if (problem := code_opt_in_problem(f"grpo.rewards[{j}].function", spec, grpo.allow_reward_code)) is not None:
+            raise FinetuneError(problem)
     return [make_reward(spec) for spec in grpo.rewards], [spec.weight for spec in grpo.rewards]
 
 

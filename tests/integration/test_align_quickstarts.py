@@ -101,7 +101,8 @@ def test_grpo_reward_that_fails_is_named_at_the_first_step(tmp_path, in_root, mo
     monkeypatch.syspath_prepend(str(tmp_path))
     result = quickstart("grpo", tmp_path / "run", "stages.grpo.training.micro_batch_size=8",
                         "stages.grpo.grpo.max_completion_length=4",
-                        "stages.grpo.grpo.rewards=[{kind: python, function: 'badreward:score'}]")
+                        "stages.grpo.grpo.rewards=[{kind: python, function: 'badreward:score'}]",
+                        "stages.grpo.grpo.allow_reward_code=true")
     assert result.exit_code != 0
     text = result.output + repr(result.exception)
     assert "reward function badreward.score returned nan for completion 0" in text

@@ -97,6 +97,40 @@ def test_python_reward_that_cannot_be_imported_is_named_by_preflight(tmp_path, m
              "        - {kind: python, function: 'nosuchmodule_xyz:f'}\n")
     found = [p for p in check_recipe_paths(r) if "rewards" in p]
     assert len(found) == 2
-    assert "rewards[1].function: reward function myrewards:missing: module 'myrewards' has no function 'missing'" \
-        in found[0]
-    assert "cannot import module 'nosuchmodule_xyz'" in found[1]
+    assert (f"rewards[1].function: reward function myrewards:missing: {tmp_path / 'myrewards.py'} defines no "
+            "function 'missing' at its top level") in found[0]
+    assert "no module 'nosuchmodule_xyz'" in found[1]
+    assert "myrewards" not in __import__("sys").modules  # found and read, never imported (issue 33 item 5)
+
+
+@pytest.mark.parametrize("desirable, undesirable, weights, words", [
+    (40, 0, (1.0, 1.0), "all 40 answers are desirable and none undesirable (label: false)"),
+    (0, 12, (1.0, 1.0), "all 12 answers are undesirable and none desirable (label: true)"),
+    (30, 10, (1.0, 1.0), "set kto.desirable_weight in [0.33, 0.44] or kto.undesirable_weight in [2.26, 3.00]"),
+    (30, 10, (0.4, 1.0), None),
+    (20, 20, (1.0, 1.0), None),
+])
+def test_kto_label_balance_is_said(desirable, undesirable, weights, words):
+    """Issue 33 item 14: one kind of label only is a clear warning; an imbalance says trl's weight range."""
+    from finetune.recipe.schema import KTOConfig
+    from finetune.stages.kto import label_balance_warning
+
+    got = label_balance_warning([True] * desirable + [False] * undesirable,
+                                KTOConfig(desirable_weight=weights[0], undesirable_weight=weights[1]))
+    assert (got is None) if words is None else (words in got)
+
+
+def test_kto_with_desirable_labels_only_is_warned_before_training(tmp_path, tiny_model, capsys):
+    """`ft train` tokenizes every stage's data first (check_stage_data): the warning comes before any stage trains."""
+    from finetune.model.loading import load_tokenizer
+    from finetune.stages.preflight import check_stage_data
+
+    rows = tmp_path / "kto.jsonl"
+    rows.write_text('{"prompt": "1+1=", "completion": "2", "label": true}\n' * 6)
+    path = tmp_path / "r.yaml"
+    path.write_text(f"model: {{name_or_path: {tiny_model}}}\ndata: {{train: [{{path: {rows}}}]}}\n"
+                    "stages:\n  - {name: k, kind: kto, kto: {reference: base}}\n")
+    recipe = load_recipe(path)
+    assert check_stage_data(recipe, load_tokenizer(recipe.model), recipe.stages) == []
+    out = capsys.readouterr().out
+    assert "[preflight] stage k: warning: all 6 answers are desirable and none undesirable (label: false)" in out

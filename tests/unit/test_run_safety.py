@@ -307,3 +307,61 @@ def test_checkpoints_come_by_the_clock_at_epoch_ends_and_at_the_last_step(tmp_pa
     assert checkpoints.next_checkpoint_step(training, 0, 40, 100) == 40
     assert "every 30 min of training, at the end of each epoch (every 40 steps) and at the last step (100)" in (
         checkpoints.schedule_text(training, 40, 100))
+
+
+# Issue 33 item 6: more token shapes, in every failure text we persist or print, and the run folder's recipe.yaml
+MORE_TOKENS = {"github": "ghp_" + "k2" * 18, "github_pat": "github_pat_11ABCDEF0" + "x_Y9" * 10,
+               "slack": "xoxb-1234567890-abcdefghijKL", "aws": "AKIA" + "IOSFODNN7EXAMPLE"}
+
+
+def test_more_token_shapes_and_key_values_are_redacted():
+    from finetune.run.records import redact_text
+
+    for kind, token in MORE_TOKENS.items():
+        assert redact_text(f"failed with {token}.") == "failed with <redacted>.", kind
+    url = "GET https://x.example/v1?q=cats&api_key=Zk29dkd02kdk&token=abcdef123456#top failed; sig=0a9b8c7d6e5f"
+    assert redact_text(url) == ("GET https://x.example/v1?q=cats&api_key=<redacted>&token=<redacted>#top failed; "
+                                "sig=<redacted>")
+    assert redact_text("aws_secret_access_key=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY") == (
+        "aws_secret_access_key=<redacted>")
+    assert redact_text("Authorization: Bearer abcdefghijklmnop1234") == "Authorization: Bearer <redacted>"
+    kept = "pad_token=<|endoftext|>, max_new_tokens=128, eos_token=</s>, revision=main, learning_rate=0.0002"
+    assert redact_text(kept) == kept  # tokenizer fields and counters are not secrets
+
+
+def test_failure_texts_in_summary_runs_and_cli_are_redacted(tmp_path, capsys):
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+    from finetune.run.listing import list_runs
+    from finetune.run.resume import record_stop
+
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    (run_dir / "recipe.yaml").write_text("name: r\n")
+    leak = f"HTTPError: 401 for https://api.x.com/score?key=s3cr3tVALUE99 ({MORE_TOKENS['github']})"
+    summary = {"name": "r", "status": "running", "stages": {}}
+    record_stop(run_dir, summary, "grpo", FinetuneError(leak))
+    written = (run_dir / "summary.json").read_text()
+    assert "s3cr3tVALUE99" not in written and MORE_TOKENS["github"] not in written and "key=<redacted>" in written
+    # a run recorded before the rule knew these shapes is shown redacted by `ft runs`
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "error": leak}))
+    listed = list_runs(tmp_path / "runs")
+    assert "s3cr3tVALUE99" not in listed and MORE_TOKENS["github"] not in listed and "HTTPError: 401" in listed
+    # the CLI's error line: a data path that quotes a token
+    out = CliRunner().invoke(app, ["validate", str(tmp_path / f"r-{MORE_TOKENS['slack']}.yaml")])
+    assert out.exit_code == 2 and MORE_TOKENS["slack"] not in out.output and "<redacted>" in out.output
+
+
+def test_the_run_folders_recipe_is_redacted(tmp_path):
+    from finetune.run.manifest import write_recipe
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("{}\n")
+    recipe = recipe_for(tmp_path, data, tracking={"wandb": {
+        "name": f"run-{TOKENS['hf']}", "tags": [MORE_TOKENS["github"], "plain"], "project": "p", "mode": "offline"}})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    text = write_recipe(recipe, run_dir).read_text()
+    assert TOKENS["hf"] not in text and MORE_TOKENS["github"] not in text and "plain" in text
+    assert load_recipe(run_dir / "recipe.yaml").tracking.wandb.tags == ["<redacted>", "plain"]  # still a recipe

@@ -60,10 +60,12 @@ def test_train_on_all_labels_every_token(cfg, tok, expect, write):
 
 
 def test_assistant_turn_containing_eot_text_is_still_masked_right(cfg, tok, expect, write):
-    # The answer itself spells the end-of-turn token: masks come from template spans, not from searching tokens.
+    # The answer itself spells the end-of-turn token: masks come from template spans, not from searching tokens
+    # (with data.special_tokens_in_content: allow; the default refuses the row, tests/unit/data/test_special_text.py).
     row = {"messages": [{"role": "user", "content": "say <|im_end|>"},
                         {"role": "assistant", "content": "A<|im_end|>B"}]}
-    assert one(cfg, tok, row, "d.jsonl", write) == expect(f"{S}user\nsay {E}{E}{S}assistant\n«A{E}B{E}»")
+    assert one(cfg, tok, row, "d.jsonl", write, special_tokens_in_content="allow") == expect(
+        f"{S}user\nsay {E}{E}{S}assistant\n«A{E}B{E}»")
 
 
 CONV = [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
