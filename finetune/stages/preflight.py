@@ -142,9 +142,8 @@ def check_data_files(recipe: Recipe, full_stream: bool = False) -> list[str]:
     """Every stage's local data files read, parsed and normalised to the stage's format, without a tokenizer.
 
     Catches unreadable files, bad encodings, parse errors, empty files, columns that fit no format (or not the
-    stage's), preference pairs whose answers are identical, and messages holding the text of a special token of a
-    local model's tokenizer (`data.special_tokens_in_content`). Hub and save_to_disk sources are left to training.
-    """
+    stage's), identical preference answers, and messages holding the text of a special token of a local model's
+    tokenizer (`data.special_tokens_in_content`). Hub and save_to_disk sources are left to training."""
     from finetune.data import formats
     from finetune.data.build import normalised_rows
     from finetune.data.cache import checked_marker, mark_checked
@@ -192,8 +191,8 @@ def data_checked(recipe: Recipe, full_stream: bool = False) -> str:
     return (f"the data of {len(stages)} stage{'s' * (len(stages) > 1)} ({len(files)} local source"
             f"{'s' * (len(files) != 1)}) read and checked without a tokenizer: readable, parsed, the columns of its "
             "format, not empty, preference answers that differ, no special-token text in messages; tokens, templates "
-            "and masks are checked by `ft train` before the first step and by `ft data preview`"
-            + streamed_read(recipe, full_stream))
+            "and masks are checked by `ft train` before the first step and by `ft data preview`" + streamed_read(
+                recipe, full_stream))
 
 
 def check_stage_data(recipe: Recipe, tokenizer: Any, stages: list[Any]) -> list[str]:
@@ -201,8 +200,7 @@ def check_stage_data(recipe: Recipe, tokenizer: Any, stages: list[Any]) -> list[
     (end-of-turn tokens trained, pad distinct, rows that cannot be encoded or trained on, named by file and line).
 
     Returns the problems (empty when fine); prints one line per split checked. The tokenizer keeps the chat template
-    of the last stage checked: apply the one you need afterwards.
-    """
+    of the last stage checked: apply the one you need afterwards."""
     import contextlib
     import io
 
@@ -236,11 +234,8 @@ def check_stage_data(recipe: Recipe, tokenizer: Any, stages: list[Any]) -> list[
 
 def refuse_finished_run(recipe: Recipe, from_stage: str | None = None) -> None:
     """Refuse to start over a finished run without `--overwrite` or `--from-stage`: decided from summary.json alone,
-    before torch is imported, so the refusal is immediate.
-
-    Raises:
-        FinetuneError: The run folder holds a finished run and the recipe does not say to overwrite it.
-    """
+    before torch is imported, so the refusal is immediate (FinetuneError: the run folder holds a finished run and
+    the recipe does not say to overwrite it)."""
     import json
 
 
