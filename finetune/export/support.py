@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.errors import FinetuneError
-from finetune.model.families import model_type, traits
-from finetune.recipe.schema import Recipe
+from finetune.model.families import dequantized_merge_refusal, model_type
+from finetune.recipe.schema import LoraConfig, Recipe
 
 
 @dataclass(frozen=True)
@@ -30,17 +30,18 @@ class Refusal:
         return f"{self.step}: refused, {self.reason}; instead: {self.instead}"
 
 
-def refusals(kind: str | None, quantized: bool = False) -> list[Refusal]:
-    """The steps refused for the family `kind` (a transformers model_type); `quantized`: a QLoRA recipe."""
+def refusals(kind: str | None, quantized: bool = False, lora: LoraConfig | None = None) -> list[Refusal]:
+    """The steps refused for the family `kind` (a transformers model_type); `quantized`: a QLoRA recipe; `lora`: the
+    recipe's adapter settings (None: LoRA on the experts, as peft adapts them when left to itself)."""
     from finetune.export.gguf_arch import ARCHS
 
     out = []
     if kind not in ARCHS:
         out.append(Refusal("ft export --format gguf", f"this toolkit does not write the '{kind}' architecture for "
                            f"llama.cpp (it writes {', '.join(sorted(ARCHS))})", GGUF_INSTEAD))
-    if traits(kind).fused_experts and quantized:
-        out.append(Refusal("ft export --format merged --merge-into dequantized (the QLoRA default)", "LoRA adapts "
-                           "the experts as raw 3D parameters, which only peft's merge into the original weights knows",
+    why = dequantized_merge_refusal(kind, quantized, lora or LoraConfig(experts="per_expert"))
+    if why:
+        out.append(Refusal("ft export --format merged --merge-into dequantized (the QLoRA default)", why,
                            "ft export --format merged --merge-into original, or --format adapter"))
     return out
 
@@ -88,7 +89,7 @@ def family_lines(recipe: Recipe) -> list[str]:
     if kind is None:
         return ["# model family: unknown until the model loads (no config.json at hand)"]
     quantized = recipe.quantization.mode != "none"
-    found = refusals(kind, quantized)
+    found = refusals(kind, quantized, recipe.lora)
     if not any(r.step == "ft export --format gguf" for r in found):
         found += tokenizer_refusals(recipe)
     return [f"# model family: {kind}"] + [f"#   {r.line()}" for r in found]

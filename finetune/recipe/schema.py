@@ -127,6 +127,19 @@ class LoraConfig(Section):
     init_weights: Literal["default", "gaussian", "pissa", "olora"] | bool = True
     """Adapter initialisation passed to peft (`true` is peft's default: B = 0, so training starts at the base).
     Ignored when the stage starts from a saved adapter (see `r`)."""
+    experts: Literal["none", "per_expert"] = "none"
+    """Mixture-of-Experts models (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE): LoRA on the experts. `none`: the experts stay
+    frozen and the other linear layers get adapters (attention; the MLP-named linear layers of a MoE model, such as
+    Qwen2-MoE's shared expert, get none), the smallest adapter: 13M trainable parameters for Qwen3-30B-A3B at r=16.
+    `per_expert`: every expert of every layer gets its own rank-`r` update of its fused gate/up and down weights
+    (peft's `target_parameters`): r x (2 x hidden + 3 x expert size) weights per expert, 629M more for Qwen3-30B-A3B
+    at r=16 (9.4 GB more of weights, gradients and AdamW state), and peft builds each layer's whole expert stack with
+    the update added, which the backward keeps (one layer's with gradient checkpointing, else every layer's); LoRA
+    dropout cannot apply to it (set `dropout: 0`), and its merged export merges into the original weights only. No
+    effect on dense models. Ignored when the stage starts from a saved adapter (see `r`)."""
+    router: bool = False
+    """Mixture-of-Experts models: LoRA on the router (the gate that picks each token's experts) too. Off: the routing
+    the model was trained with is kept. Needs `dropout: 0`, like `experts: per_expert`. No effect on dense models."""
 
 
 DataFormat = Literal["auto", "messages", "alpaca", "sharegpt", "prompt_completion", "text", "preference", "unpaired",
@@ -828,6 +841,11 @@ class Recipe(Section):
             problems += _watch_problems(training, data, f"stages[{i}] ({stage.name})" if self.stages else "training")
             if stage.kind == "dpo" and stage.dpo.label_smoothing and stage.dpo.loss_type != "sigmoid":
                 problems.append(f"stages[{i}].dpo.label_smoothing works with loss_type 'sigmoid' only")
+        if self.lora.dropout and (self.lora.experts != "none" or self.lora.router):
+            on = "lora.experts: per_expert" if self.lora.experts != "none" else "lora.router: true"
+            problems.append(f"lora.dropout: {self.lora.dropout:g} with {on}: peft adapts the experts and the router "
+                            "as raw parameters, where LoRA dropout cannot apply; set lora.dropout: 0 (or leave the "
+                            "experts and the router without adapters)")
         if self.quantization.mode != "none" and self.lora.use_dora and self.kernels.enabled():
             problems.append(
                 "kernels: the fused kernels do not support DoRA; set lora.use_dora: false or turn kernels off"

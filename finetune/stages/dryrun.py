@@ -166,7 +166,7 @@ def dry_run(recipe: Recipe, say=print) -> dict[str, Any]:
     Raises:
         FinetuneError: a data check failed, the output folder is not writable, or the data is unusable.
     """
-    from finetune.model.adapters import attach, prepare_base, trainable_summary
+    from finetune.model.adapters import attach, groups_text, prepare_base, trainable_groups, trainable_summary
     from finetune.model.loading import load_model, load_tokenizer
 
     say("dry run: nothing is trained and the run folder is not written")
@@ -183,7 +183,8 @@ def dry_run(recipe: Recipe, say=print) -> dict[str, Any]:
     model = attach(model, recipe.lora)
     params = trainable_summary(model)
     say(f"model: {recipe.model.name_or_path} (quantization {recipe.quantization.mode}), {params['total']:,} "
-        f"parameters; adapter r={recipe.lora.r}: {params['trainable']:,} trainable ({params['percent']}%)")
+        f"parameters; adapter r={recipe.lora.r}: {params['trainable']:,} trainable ({params['percent']}%: "
+        f"{groups_text(trainable_groups(model))})")
     where, free = _available_memory()
     say(f"device: {where}")
     plans = {}

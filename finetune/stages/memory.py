@@ -5,11 +5,17 @@ The parts, in bytes, at the longest micro-batch (`tokens` = sequences x their le
 - `quantized_weights`: 4-bit NF4 linear weights, half a byte each, plus their block scales (blocks of 64: a float32
   scale each, or with double quantization an 8-bit one and a float32 per 256 blocks);
 - `frozen_weights`: frozen floating weights in the dtype they were loaded in: embeddings, LM head (unless tied),
-  norms, and every linear weight of a base that is not quantized;
+  norms, MoE routers, and every linear weight of a base that is not quantized;
+- `expert_weights` (Mixture-of-Experts models): the experts' fused 3D weights (experts x 3 x hidden x expert size per
+  MoE layer, sized by the config's `num_experts`/`num_local_experts` and `moe_intermediate_size`), in the dtype they
+  were loaded in: bitsandbytes quantizes `nn.Linear` layers only, so a QLoRA recipe keeps its experts unquantized;
 - `adapter`: trainable weights (float32), their gradients (float32) and the optimizer state;
 - `kept_activations`: what the forward keeps for backward. With gradient checkpointing each layer's input; without
   it every layer's activations (`layer_activation_bytes`: norm inputs in float32, q/k/v/attention output, the MLP's
-  gate, up, activation and product, LoRA dropout outputs and masks, eager attention's score matrices);
+  gate, up, activation and product, LoRA dropout outputs and masks, eager attention's score matrices; a MoE layer
+  keeps its router logits and, per routed expert and token, the expert's input, gate/up output and product, and
+  with `lora.experts: per_expert` the copy of the layer's whole expert stack with the update added that peft builds
+  and the backward reads);
 - `recomputed_layer`: with checkpointing, the one layer recomputed in backward, and the gradients flowing through it;
 - `loss`: the loss head. The label-positions loss (`finetune.model.loss_heads`) keeps the final norm's output, the
   labelled positions' hidden states and their float32 gradient, and one chunk of logits at a time (rows from
@@ -32,6 +38,7 @@ from typing import Any
 NF4_BLOCK = 64
 RECIPE_MARGIN = 0.85  # a recipe's estimate stays under this share of its stated GPU (see the module docstring)
 _LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,13 @@ class ModelShape:
     heads: int
     vocab: int
     tied: bool  # LM head shares the embedding matrix
+    # Mixture-of-Experts (0 for dense models): experts per MoE layer, each expert's intermediate size, experts per
+    # token, layers whose MLP is the experts (the others are dense), the shared expert's intermediate size (Qwen2-MoE)
+    experts: int = 0
+    expert_intermediate: int = 0
+    top_k: int = 0
+    moe_layers: int = 0
+    shared_intermediate: int = 0
 
     @classmethod
     def of(cls, config: Any) -> ModelShape:
@@ -54,31 +68,61 @@ class ModelShape:
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        return cls(hidden=cfg.hidden_size, layers=cfg.num_hidden_layers,
-                   intermediate=getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size,
+        intermediate = getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size
+        experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None) or 0
+        moe: dict[str, int] = {}
+        if experts:  # Qwen-MoE's rule for which layers are sparse (Mixtral and OLMoE: all of them)
+            dense = set(getattr(cfg, "mlp_only_layers", None) or [])
+            step = getattr(cfg, "decoder_sparse_step", None) or 1
+            moe = {"experts": experts, "top_k": getattr(cfg, "num_experts_per_tok", None) or 1,
+                   "expert_intermediate": getattr(cfg, "moe_intermediate_size", None) or intermediate,
+                   "moe_layers": sum(1 for i in range(cfg.num_hidden_layers) if i not in dense and (i + 1) % step == 0),
+                   "shared_intermediate": getattr(cfg, "shared_expert_intermediate_size", None) or 0}
+        return cls(hidden=cfg.hidden_size, layers=cfg.num_hidden_layers, intermediate=intermediate,
                    q_dim=heads * head_dim, kv_dim=kv_heads * head_dim, heads=heads, vocab=cfg.vocab_size,
-                   tied=bool(getattr(cfg, "tie_word_embeddings", False)))
+                   tied=bool(getattr(cfg, "tie_word_embeddings", False)), **moe)
 
-    def linear_dims(self) -> dict[str, tuple[int, int]]:
-        """(in, out) of each projection of one layer."""
-        h, i = self.hidden, self.intermediate
+    def linear_dims(self, intermediate: int | None = None) -> dict[str, tuple[int, int]]:
+        """(in, out) of each projection of one dense layer (of an MLP of `intermediate`, by default the config's)."""
+        h, i = self.hidden, self.intermediate if intermediate is None else intermediate
         return {"q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim),
                 "o_proj": (self.q_dim, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
     @property
+    def dense_layers(self) -> int:
+        return self.layers - self.moe_layers
+
+    @property
     def linear_params(self) -> int:
-        return self.layers * sum(a * b for a, b in self.linear_dims().values())
+        """Weights of the `nn.Linear` layers (what bitsandbytes quantizes): attention, dense MLPs, shared experts."""
+        dense = sum(a * b for a, b in self.linear_dims().values())
+        moe = sum(a * b for a, b in self.linear_dims(self.shared_intermediate).values())
+        return self.dense_layers * dense + self.moe_layers * (moe + (self.hidden if self.shared_intermediate else 0))
+
+    @property
+    def expert_params(self) -> int:
+        """The experts' fused gate/up [E, 2I, H] and down [E, H, I] weights of every MoE layer."""
+        return self.moe_layers * self.experts * 3 * self.hidden * self.expert_intermediate
 
     @property
     def floating_params(self) -> int:
-        """Embeddings, LM head (when not tied) and norms (two per layer and the final one)."""
-        return self.vocab * self.hidden * (1 if self.tied else 2) + (2 * self.layers + 1) * self.hidden
+        """Embeddings, LM head (when not tied), norms (two per layer and the final one) and MoE routers."""
+        return (self.vocab * self.hidden * (1 if self.tied else 2) + (2 * self.layers + 1) * self.hidden
+                + self.moe_layers * self.experts * self.hidden)
 
-    def lora_params(self, r: int, targets: str | list[str]) -> int:
-        """Trainable LoRA weights for rank `r` on `targets` (`all-linear` or projection names)."""
+    def lora_params(self, r: int, targets: str | list[str], experts: str = "none", router: bool = False) -> int:
+        """Trainable LoRA weights for rank `r` on `targets` (`all-linear` or projection names), and on a MoE model's
+        experts and router as `lora.experts` and `lora.router` ask (its MLP-named linear layers get none:
+        `finetune.model.adapters.moe_targets`)."""
         names = _LORA_TARGETS if targets == "all-linear" else [t for t in targets if t in _LORA_TARGETS]
         dims = self.linear_dims()
-        return self.layers * sum(r * (dims[n][0] + dims[n][1]) for n in names)
+        attention = sum(r * (dims[n][0] + dims[n][1]) for n in names if n in _ATTENTION)
+        if not self.experts:
+            return self.layers * sum(r * (dims[n][0] + dims[n][1]) for n in names)
+        h, ei = self.hidden, self.expert_intermediate
+        per_expert = r * (h + 2 * ei) + r * (ei + h) if experts == "per_expert" else 0
+        return (self.layers * attention + self.moe_layers * self.experts * per_expert
+                + (self.moe_layers * r * (h + self.experts) if router else 0))
 
 
 @dataclass
@@ -92,11 +136,12 @@ class Memory:
     recomputed_layer: int
     loss: int
     generation_cache: int = 0
+    expert_weights: int = 0
 
     @property
     def total(self) -> int:
         """The weights and optimizer state, plus the larger of the training step's buffers and sampling's cache."""
-        static = self.quantized_weights + self.frozen_weights + self.adapter
+        static = self.quantized_weights + self.frozen_weights + self.expert_weights + self.adapter
         return static + max(self.kept_activations + self.recomputed_layer + self.loss, self.generation_cache)
 
     def line(self) -> str:
@@ -124,7 +169,8 @@ def optimizer_bytes_per_param(optimizer: str) -> int:
 
 
 def layer_activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, dropout: bool = False,
-                           lora_r: int = 0, eager: tuple[int, int] | None = None) -> int:
+                           lora_r: int = 0, eager: tuple[int, int] | None = None, moe: bool = False,
+                           expert_copy_bytes: int = 0) -> int:
     """What one decoder layer with LoRA on every projection keeps for backward over `tokens` tokens.
 
     Per token (measured with saved-tensor hooks on the tiny model, `tests/integration/test_dry_run.py`): each RMSNorm
@@ -134,13 +180,24 @@ def layer_activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, dropo
     a bf16 copy per adapter (5 x hidden + q + intermediate), in float32 one per distinct input (2 x hidden + q +
     intermediate); with LoRA dropout each adapter also keeps its float32 mask. Each branch keeps its rank-r output.
     `eager` (sequences, length): eager attention's score and probability matrices.
+
+    `moe`: a Mixture-of-Experts layer, whose linear adapters are on attention only; its MLP keeps the router's float32
+    logits and probabilities and, for each of the token's `top_k` experts, the expert's input, gate/up output,
+    activation and product. `expert_copy_bytes`: the layer's expert stack with the LoRA update added, which peft
+    materializes for the forward and the backward keeps (`lora.experts: per_expert`).
     """
     h, q, kv, i = shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate
-    per_adapter = 5 * h + q + i
-    lora_inputs = per_adapter if act_bytes < 4 or dropout else 2 * h + q + i
-    per_token = (8 * h + 8 + 4 * shape.heads + act_bytes * (2 * q + 2 * kv + 3 * i + lora_inputs + 7 * lora_r)
+    if moe:  # adapters on q, k, v (input: hidden) and o (input: q); the MLP's experts, see the docstring
+        hidden_inputs, mlp_input, distinct_hidden, adapters = 3, 0, 1, 4
+        mlp = act_bytes * shape.top_k * (h + 4 * shape.expert_intermediate) + 8 * shape.experts
+    else:
+        hidden_inputs, mlp_input, distinct_hidden, adapters = 5, i, 2, 7
+        mlp = act_bytes * 3 * i
+    per_adapter = hidden_inputs * h + q + mlp_input
+    lora_inputs = per_adapter if act_bytes < 4 or dropout else distinct_hidden * h + q + mlp_input
+    per_token = (8 * h + 8 + 4 * shape.heads + act_bytes * (2 * q + 2 * kv + lora_inputs + adapters * lora_r) + mlp
                  + (4 * per_adapter if dropout else 0))
-    total = tokens * per_token
+    total = tokens * per_token + expert_copy_bytes
     if eager is not None:
         sequences, length = eager
         total += 2 * sequences * shape.heads * length * length * act_bytes
@@ -197,19 +254,24 @@ def estimate(shape: ModelShape, *, recipe: Any, training: Any, kind: str, sequen
     quantized = recipe.quantization.mode != "none"
     frozen = shape.floating_params * dtype_bytes + (0 if quantized else shape.linear_params * dtype_bytes)
     q_bytes = nf4_bytes(shape.linear_params, recipe.quantization.double_quant) if quantized else 0
+    lora = recipe.lora
     if trainable is None:
-        trainable = shape.lora_params(recipe.lora.r, recipe.lora.target_modules)
+        trainable = shape.lora_params(lora.r, lora.target_modules, lora.experts, lora.router)
     adapter = trainable * (8 + optimizer_bytes_per_param(training.optimizer))
-    layer = layer_activation_bytes(shape, tokens, act_bytes, dropout=recipe.lora.dropout > 0, lora_r=recipe.lora.r,
-                                   eager=(sequences, seq_len) if eager else None)
+    kwargs = {"dropout": lora.dropout > 0, "lora_r": lora.r, "eager": (sequences, seq_len) if eager else None}
+    dense_layer = layer_activation_bytes(shape, tokens, act_bytes, **kwargs) if shape.dense_layers else 0
+    copy = shape.expert_params // max(shape.moe_layers, 1) * dtype_bytes if lora.experts == "per_expert" else 0
+    moe_layer = layer_activation_bytes(shape, tokens, act_bytes, moe=True, expert_copy_bytes=copy,
+                                       **kwargs) if shape.moe_layers else 0
     if training.gradient_checkpointing:
         kept = shape.layers * tokens * shape.hidden * act_bytes
-        recomputed = layer + 2 * tokens * shape.hidden * act_bytes  # and the gradients in and out of it
+        recomputed = max(dense_layer, moe_layer) + 2 * tokens * shape.hidden * act_bytes  # and the gradients in/out
     else:
-        kept, recomputed = shape.layers * layer, 0
+        kept, recomputed = shape.dense_layers * dense_layer + shape.moe_layers * moe_layer, 0
     return Memory(quantized_weights=q_bytes, frozen_weights=frozen, adapter=adapter, kept_activations=kept,
                   recomputed_layer=recomputed, loss=loss_bytes(shape, tokens, labelled, act_bytes, label_loss, kind),
-                  generation_cache=generation_cache_bytes(shape, *generation, act_bytes) if generation else 0)
+                  generation_cache=generation_cache_bytes(shape, *generation, act_bytes) if generation else 0,
+                  expert_weights=shape.expert_params * dtype_bytes)
 
 
 def sequences_per_micro_batch(kind: str, micro_batch_size: int) -> int:

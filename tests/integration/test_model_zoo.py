@@ -67,10 +67,11 @@ def zoo(request, tmp_path_factory) -> dict:
                                           for q, a, _ in task_rows(8, 5)])
     quant = MATRIX[family][0]
     recipe = folder / "recipe.yaml"
+    experts = ", experts: per_expert" if "moe" in family or family == "mixtral" else ""  # LoRA on every expert too
     recipe.write_text(f"""name: zoo-{family}
 model: {{name_or_path: {model}, dtype: float32}}
 quantization: {{mode: {quant}{', compute_dtype: float32' if quant != 'none' else ''}}}
-lora: {{r: 8, alpha: 16}}
+lora: {{r: 8, alpha: 16{experts}}}
 data: {{train: [{{path: {train}}}], eval: [{{path: {held}}}], max_length: 64, task_eval: {task},
         task_eval_max_new_tokens: 4}}
 training: {{max_steps: {SFT_STEPS}, micro_batch_size: 8, learning_rate: 2.0e-2, logging_steps: 1, seed: 0}}
@@ -272,16 +273,17 @@ output: {{dir: {tmp_path / 'run'}}}
 
 
 def test_qlora_moe_merge_is_refused_up_front_and_merges_into_the_original_weights(tmp_path):
-    """QLoRA on Qwen3-MoE (the experts' quantization is issue 30): it trains; `ft validate` says before training that
-    the default merge into dequantized weights is refused and what to do, `ft export` refuses it in one line, and
-    `--merge-into original` is verified (its KL is the 4-bit error of the attention layers the adapter saw)."""
+    """QLoRA on Qwen3-MoE with LoRA on every expert (`lora.experts: per_expert`; the experts' quantization is issue
+    30): it trains; `ft validate` says before training that the default merge into dequantized weights is refused and
+    what to do, `ft export` refuses it in one line, and `--merge-into original` is verified (its KL is the 4-bit error
+    of the attention layers the adapter saw)."""
     model = build("qwen3-moe", tmp_path / "model")
     data = _write(tmp_path / "train.jsonl", _rows(True, 32))
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"""name: zoo-moe-qlora
 model: {{name_or_path: {model}, dtype: float32}}
 quantization: {{mode: nf4, compute_dtype: float32}}
-lora: {{r: 8, alpha: 16}}
+lora: {{r: 8, alpha: 16, experts: per_expert}}
 data: {{train: [{{path: {data}}}], max_length: 64}}
 training: {{max_steps: 4, micro_batch_size: 8, learning_rate: 2.0e-2, logging_steps: 1, seed: 0}}
 output: {{dir: {tmp_path / 'run'}}}

@@ -1,0 +1,157 @@
+"""Mixture-of-Experts adapters and estimates (issue 30): the expert-adapter policy (`lora.experts`, `lora.router`),
+what `ft validate` refuses for it before training, peft's false warnings, trainable parameters by group, and the
+memory estimate counting the experts. Tiny Qwen3-MoE and Mixtral from `scripts/build_fixture_models.py`."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from build_fixture_models import build
+from typer.testing import CliRunner
+
+from finetune.cli import app
+from finetune.model.adapters import attach, groups_text, ignored_lora_keys, trainable_groups
+from finetune.recipe.schema import LoraConfig
+from finetune.stages.memory import ModelShape, estimate, gb
+
+runner = CliRunner()
+ROW = {"messages": [{"role": "user", "content": "What is 1 in words?"}, {"role": "assistant", "content": "one"}]}
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    out = tmp_path_factory.mktemp("moe")
+    return {name: build(name, out / name) for name in ("qwen3-moe", "mixtral")}
+
+
+def _base(folder):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _recipe(tmp_path, model, lora: str, extra: str = "") -> str:
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps(ROW) + "\n")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"name: moe\nmodel: {{name_or_path: {model}, dtype: float32}}\n"
+                    f"quantization: {{mode: nf4, compute_dtype: float32}}\nlora: {lora}\n"
+                    f"data: {{train: [{{path: {data}}}]}}\noutput: {{dir: {tmp_path / 'run'}}}\n{extra}")
+    return str(path)
+
+
+@pytest.mark.parametrize("family", ["qwen3-moe", "mixtral"])
+@pytest.mark.parametrize("experts,router", [("none", False), ("per_expert", False), ("per_expert", True),
+                                            ("none", True)])
+def test_expert_policy_adapts_what_it_says_and_the_estimate_counts_it(moe, family, experts, router):
+    """Each policy puts adapters on exactly its groups; the trainable count is the estimate's own
+    (`ModelShape.lora_params`), group by group; peft's false 'rank_pattern keys did not match' warning is gone."""
+    base = _base(moe[family])
+    shape = ModelShape.of(base.config)
+    lora = LoraConfig(r=4, alpha=8, experts=experts, router=router)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = attach(base, lora)
+    assert not [w for w in caught if "did not match" in str(w.message)], [str(w.message) for w in caught]
+    groups = trainable_groups(model)
+    attention = shape.lora_params(4, "all-linear")  # experts none, router off: attention only
+    assert groups["attention"] == attention > 0 and groups["dense MLP"] == 0 and groups["other"] == 0
+    expert_only = shape.lora_params(4, "all-linear", experts="per_expert") - attention
+    router_only = shape.lora_params(4, "all-linear", router=True) - attention
+    assert groups["experts"] == (expert_only if experts == "per_expert" else 0)
+    assert groups["router"] == (router_only if router else 0)
+    assert sum(groups.values()) == shape.lora_params(4, "all-linear", experts, router)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(groups.values())
+    assert f"attention {attention:,}" in groups_text(groups)
+
+
+def test_per_expert_gradients_reach_every_expert_adapter(moe):
+    model = attach(_base(moe["qwen3-moe"]), LoraConfig(r=4, experts="per_expert"))
+    ids = torch.randint(0, 300, (2, 12))
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and ".mlp.experts." in n}
+    assert grads and all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "lora_A" not in n)
+
+
+def test_saved_expert_adapter_is_not_reported_as_ignored(moe, tmp_path):
+    """DPO after SFT starts from the saved adapter: the same `lora` section is not reported as ignored, a different
+    expert policy is (by name)."""
+    lora = LoraConfig(r=4, experts="per_expert")
+    attach(_base(moe["mixtral"]), lora).save_pretrained(str(tmp_path / "adapter"))
+    assert ignored_lora_keys(_base(moe["mixtral"]), lora, tmp_path / "adapter") == []
+    other = ignored_lora_keys(_base(moe["mixtral"]), LoraConfig(r=4), tmp_path / "adapter")
+    assert len(other) == 1 and other[0].startswith("lora.experts: 'none'"), other
+
+
+@pytest.mark.parametrize("lora,key", [("{dropout: 0.05, experts: per_expert}", "lora.experts: per_expert"),
+                                      ("{dropout: 0.05, router: true}", "lora.router: true")])
+def test_dropout_with_raw_parameter_adapters_is_refused_by_validate(moe, tmp_path, lora, key):
+    """peft raises a raw ValueError after loading (`ParamWrapper does not work with lora_dropout != 0`)."""
+    out = runner.invoke(app, ["validate", _recipe(tmp_path, moe["qwen3-moe"], lora)])
+    assert out.exit_code == 2 and f"lora.dropout: 0.05 with {key}" in out.output and "set lora.dropout: 0" in \
+        out.output and "Traceback" not in out.output, out.output
+    # the shipped base recipes' dropout stays fine with the default policy (experts without adapters)
+    assert runner.invoke(app, ["validate", "-q", _recipe(tmp_path, moe["qwen3-moe"], "{dropout: 0.05}")]).exit_code == 0
+
+
+def test_hub_merged_upload_that_cannot_be_made_is_refused_before_training(moe, tmp_path):
+    hub = "hub: {repo_id: me/moe, format: merged}\n"
+    out = runner.invoke(app, ["validate", _recipe(tmp_path, moe["qwen3-moe"], "{experts: per_expert}", hub)])
+    assert out.exit_code == 2 and "hub.format: merged cannot be made for this run" in out.output, out.output
+    assert "set hub.format: adapter" in out.output
+    out = runner.invoke(app, ["validate", _recipe(tmp_path, moe["qwen3-moe"], "{r: 8}", hub)])
+    assert out.exit_code == 0, out.output  # attention-only adapters merge into the dequantized weights
+    assert "--merge-into dequantized" not in out.output
+
+
+def test_estimate_counts_the_experts_as_the_loaded_model_holds_them(moe):
+    """The dry run's weights: expert bytes are the loaded model's fused 3D parameters (not quantized by
+    bitsandbytes), the rest split as before; the parts add up to the model's parameters."""
+    from finetune.recipe.schema import Recipe
+
+    base = _base(moe["qwen3-moe"])
+    shape = ModelShape.of(base.config)
+    experts = sum(p.numel() for n, p in base.named_parameters() if ".mlp.experts." in n)
+    assert shape.expert_params == experts > 0
+    counted = shape.linear_params + shape.expert_params + shape.floating_params
+    assert 0 <= sum(p.numel() for p in base.parameters()) - counted < 0.001 * counted  # Qwen3's q/k norms left out
+    recipe = Recipe(model={"name_or_path": "m", "dtype": "float32"}, data={"train": [{"path": "x.jsonl"}]})
+    mem = estimate(shape, recipe=recipe, training=recipe.training, kind="sft", sequences=1, seq_len=8)
+    assert mem.expert_weights == 4 * experts and "expert weights" in mem.line()
+
+
+QWEN3_30B_A3B = {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768,
+                 "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+                 "num_experts": 128, "num_experts_per_tok": 8, "tie_word_embeddings": False}
+
+
+def test_qwen3_30b_a3b_costs_per_policy(capsys):
+    """What each expert policy costs at Qwen3-30B-A3B's shape (QLoRA, r=16, bf16, AdamW, 1 x 2048 tokens,
+    checkpointing), printed (`pytest -s`); the model's 30.5B parameters are all accounted for."""
+    import transformers
+
+    from finetune.recipe.schema import Recipe
+
+    shape = ModelShape.of(transformers.Qwen3MoeConfig(**QWEN3_30B_A3B))
+    assert abs(shape.linear_params + shape.expert_params + shape.floating_params - 30.53e9) < 0.01e9
+    rows = {}
+    for experts, router in (("none", False), ("per_expert", False), ("per_expert", True)):
+        recipe = Recipe(model={"name_or_path": "m", "dtype": "bfloat16"}, data={"train": [{"path": "x.jsonl"}]},
+                        quantization={"mode": "nf4"}, lora={"r": 16, "experts": experts, "router": router},
+                        training={"gradient_checkpointing": True})
+        mem = estimate(shape, recipe=recipe, training=recipe.training, kind="sft", sequences=1, seq_len=2048)
+        rows[experts, router] = (shape.lora_params(16, "all-linear", experts, router), mem)
+        print(f"experts {experts}, router {router}: {rows[experts, router][0] / 1e6:,.0f}M trainable; {mem.line()}")
+    none, per_expert, with_router = (rows[k] for k in rows)
+    assert none[0] == 48 * 16 * (4 * 2048 + 2 * 4096 + 2 * 512)  # q, k, v, o at r=16
+    assert per_expert[0] - none[0] == 48 * 128 * 16 * (2 * 2048 + 3 * 768)
+    assert with_router[0] - per_expert[0] == 48 * 16 * (2048 + 128)
+    # bitsandbytes leaves the experts in bf16: 58 GB of the weights whatever the adapter policy
+    assert none[1].expert_weights == 2 * 48 * 128 * 3 * 2048 * 768
+    assert gb(none[1].expert_weights) == "54.00 GB"
