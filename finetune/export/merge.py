@@ -90,6 +90,9 @@ def plain_config(reference):
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.use_cache = True
+    from finetune.model.moe_experts import plain_experts_implementation
+
+    plain_experts_implementation(config)  # 4-bit experts' forward: the model's own again
     return config
 
 
@@ -144,7 +147,10 @@ def to_conv1d_layout(state: dict[str, torch.Tensor], reference, trust_remote_cod
 
 
 def _full_precision(tensor: torch.Tensor) -> torch.Tensor:
-    """A weight in float32 as the forward pass sees it: 4-bit weights dequantized by bitsandbytes."""
+    """A weight in float32 as the forward pass sees it: 4-bit weights (and 4-bit experts) dequantized by
+    bitsandbytes."""
+    if type(tensor).__name__ == "NF4Experts":
+        return tensor.dequantize().float()
     if type(tensor).__name__ == "Params4bit":
         from bitsandbytes.functional import dequantize_4bit
 
@@ -202,6 +208,7 @@ def _original_merge(recipe: Recipe, adapter: Path, tokenizer, keys: list[str], d
 
     full = recipe.model_copy(deep=True)
     full.quantization.mode = "none"
+    full.quantization.experts = False
     full.model.dtype = "float32"
     base = load_model(full, tokenizer=tokenizer)
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()

@@ -177,8 +177,12 @@ def adapters_in_float32(model, init_from: str | Path | None = None) -> bool:
 
 
 def trainable_summary(model) -> dict[str, int | float]:
-    """Counts of trainable and total parameters (4-bit weights counted as their logical size)."""
+    """Counts of trainable and total parameters (4-bit weights, 4-bit experts included, counted as their logical
+    size)."""
+    from finetune.model.moe_experts import quantized_expert_numel
+
     trainable, total = model.get_nb_trainable_parameters()
+    total += quantized_expert_numel(model)  # buffers, which peft does not count
     return {"trainable": int(trainable), "total": int(total), "percent": round(100 * trainable / max(total, 1), 4)}
 
 

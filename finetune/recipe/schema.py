@@ -97,6 +97,13 @@ class QuantizationConfig(Section):
     """Dtype the 4-bit weights are dequantized to for each matmul. `auto`: the model dtype."""
     quant_storage: DType = "auto"
     """Storage dtype of the packed 4-bit weights. FSDP needs it equal to the compute dtype; `auto` keeps uint8."""
+    experts: bool = False
+    """Mixture-of-Experts models: quantize the experts too (bitsandbytes converts `nn.Linear` layers only, and
+    transformers 5 keeps the experts as fused 3D weights, most of such a model: 54 of Qwen3-30B-A3B's 57 GB in bf16).
+    Each expert's weight becomes NF4 on its own (bitsandbytes' `quantize_4bit`, blocks of 64, `double_quant` as set),
+    and the forward runs only the experts each token is routed to, dequantizing them inside the matmul
+    (`finetune/model/moe_experts.py`). Needs `mode: nf4` and frozen experts (`lora.experts: none`); merged export
+    merges into the original weights (`--merge-into original`). No effect on dense models."""
 
 
 class LoraConfig(Section):
@@ -841,6 +848,11 @@ class Recipe(Section):
             problems += _watch_problems(training, data, f"stages[{i}] ({stage.name})" if self.stages else "training")
             if stage.kind == "dpo" and stage.dpo.label_smoothing and stage.dpo.loss_type != "sigmoid":
                 problems.append(f"stages[{i}].dpo.label_smoothing works with loss_type 'sigmoid' only")
+        if self.quantization.experts and self.quantization.mode != "nf4":
+            problems.append("quantization.experts: true quantizes the experts to NF4; set quantization.mode: nf4")
+        if self.quantization.experts and self.lora.experts != "none":
+            problems.append("quantization.experts: true keeps the experts frozen in 4-bit, where peft cannot add "
+                            "per-expert adapters; set lora.experts: none, or quantization.experts: false")
         if self.lora.dropout and (self.lora.experts != "none" or self.lora.router):
             on = "lora.experts: per_expert" if self.lora.experts != "none" else "lora.router: true"
             problems.append(f"lora.dropout: {self.lora.dropout:g} with {on}: peft adapts the experts and the router "

@@ -182,7 +182,12 @@ def dry_run(recipe: Recipe, say=print) -> dict[str, Any]:
     model = prepare_base(model, first.gradient_checkpointing)
     model = attach(model, recipe.lora)
     params = trainable_summary(model)
-    say(f"model: {recipe.model.name_or_path} (quantization {recipe.quantization.mode}), {params['total']:,} "
+    from finetune.model.adapters import family_traits
+
+    experts = ""
+    if family_traits(model).fused_experts and recipe.quantization.mode != "none":
+        experts = ", experts in NF4" if recipe.quantization.experts else ", experts not quantized"
+    say(f"model: {recipe.model.name_or_path} (quantization {recipe.quantization.mode}{experts}), {params['total']:,} "
         f"parameters; adapter r={recipe.lora.r}: {params['trainable']:,} trainable ({params['percent']}%: "
         f"{groups_text(trainable_groups(model))})")
     where, free = _available_memory()

@@ -8,7 +8,7 @@ The parts, in bytes, at the longest micro-batch (`tokens` = sequences x their le
   norms, MoE routers, and every linear weight of a base that is not quantized;
 - `expert_weights` (Mixture-of-Experts models): the experts' fused 3D weights (experts x 3 x hidden x expert size per
   MoE layer, sized by the config's `num_experts`/`num_local_experts` and `moe_intermediate_size`), in the dtype they
-  were loaded in: bitsandbytes quantizes `nn.Linear` layers only, so a QLoRA recipe keeps its experts unquantized;
+  were loaded in (bitsandbytes quantizes `nn.Linear` layers only), or in NF4 with `quantization.experts`;
 - `adapter`: trainable weights (float32), their gradients (float32) and the optimizer state;
 - `kept_activations`: what the forward keeps for backward. With gradient checkpointing each layer's input; without
   it every layer's activations (`layer_activation_bytes`: norm inputs in float32, q/k/v/attention output, the MLP's
@@ -88,9 +88,7 @@ class ModelShape:
         return {"q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim),
                 "o_proj": (self.q_dim, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
-    @property
-    def dense_layers(self) -> int:
-        return self.layers - self.moe_layers
+    dense_layers = property(lambda self: self.layers - self.moe_layers)
 
     @property
     def linear_params(self) -> int:
@@ -119,8 +117,8 @@ class ModelShape:
         attention = sum(r * (dims[n][0] + dims[n][1]) for n in names if n in _ATTENTION)
         if not self.experts:
             return self.layers * sum(r * (dims[n][0] + dims[n][1]) for n in names)
-        h, ei = self.hidden, self.expert_intermediate
-        per_expert = r * (h + 2 * ei) + r * (ei + h) if experts == "per_expert" else 0
+        h, ei = self.hidden, self.expert_intermediate  # gate/up: h -> 2 ei, down: ei -> h
+        per_expert = r * (2 * h + 3 * ei) if experts == "per_expert" else 0
         return (self.layers * attention + self.moe_layers * self.experts * per_expert
                 + (self.moe_layers * r * (h + self.experts) if router else 0))
 
@@ -271,7 +269,8 @@ def estimate(shape: ModelShape, *, recipe: Any, training: Any, kind: str, sequen
     return Memory(quantized_weights=q_bytes, frozen_weights=frozen, adapter=adapter, kept_activations=kept,
                   recomputed_layer=recomputed, loss=loss_bytes(shape, tokens, labelled, act_bytes, label_loss, kind),
                   generation_cache=generation_cache_bytes(shape, *generation, act_bytes) if generation else 0,
-                  expert_weights=shape.expert_params * dtype_bytes)
+                  expert_weights=nf4_bytes(shape.expert_params, recipe.quantization.double_quant)
+                  if quantized and recipe.quantization.experts else shape.expert_params * dtype_bytes)
 
 
 def sequences_per_micro_batch(kind: str, micro_batch_size: int) -> int:

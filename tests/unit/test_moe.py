@@ -155,3 +155,90 @@ def test_qwen3_30b_a3b_costs_per_policy(capsys):
     # bitsandbytes leaves the experts in bf16: 58 GB of the weights whatever the adapter policy
     assert none[1].expert_weights == 2 * 48 * 128 * 3 * 2048 * 768
     assert gb(none[1].expert_weights) == "54.00 GB"
+    # 4-bit experts (`quantization.experts`): what fits a 24 GB GPU with the recipes' margin
+    from finetune.stages.memory import RECIPE_MARGIN, nf4_bytes
+
+    recipe = Recipe(model={"name_or_path": "m", "dtype": "bfloat16"}, data={"train": [{"path": "x.jsonl"}]},
+                    quantization={"mode": "nf4", "experts": True}, lora={"r": 16},
+                    training={"gradient_checkpointing": True})
+    mem = estimate(shape, recipe=recipe, training=recipe.training, kind="sft", sequences=1, seq_len=2048)
+    print(f"experts none, 4-bit experts: {mem.line()}")
+    assert mem.expert_weights == nf4_bytes(48 * 128 * 3 * 2048 * 768, True)
+    assert mem.total < RECIPE_MARGIN * 24e9 < none[1].total
+
+
+@pytest.mark.parametrize("family", ["qwen3-moe", "mixtral"])
+def test_nf4_experts_forward_equals_the_dequantized_reference(moe, family):
+    """`quantization.experts`: the experts' fused weights become NF4 (bitsandbytes' quantize_4bit per expert); the
+    model's output equals the same model running transformers' own experts forward on the dequantized weights, the
+    4-bit weights are not the original ones; the backward through them is the reference's and reaches the adapters."""
+    import copy
+
+    from finetune.model.families import traits
+    from finetune.model.moe_experts import NF4Experts, quantize_experts, quantized_expert_numel
+
+    model = _base(moe[family])
+    original, reference = copy.deepcopy(model), copy.deepcopy(model)
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
+    assert quantize_experts(model, traits(model.config.model_type).expert_parameters, torch.float32) == 4
+    assert quantized_expert_numel(model) == experts
+    assert not [n for n, _ in model.named_parameters() if ".mlp.experts." in n]
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, NF4Experts):
+                reference.get_parameter(name).copy_(module.dequantize())
+                assert module.packed.dtype == torch.uint8 and module.packed.numel() * 2 == module.numel()
+    ids = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        out, ref, orig = (m(input_ids=ids).logits for m in (model, reference, original))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert (out - orig).abs().max() > 1e-3  # the 4-bit weights really are not the float ones
+    # the backward through the 4-bit experts is the dequantized reference's
+    grads = []
+    for m in (model, reference):
+        x = torch.randn(2, 5, m.config.hidden_size, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        m.model.layers[0].mlp(x).square().sum().backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+    assert grads[0].abs().sum() > 0
+    peft_model = attach(model, LoraConfig(r=4))
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for n, p in peft_model.named_parameters() if "layers.0.self_attn" in n and ".lora_B." in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_nf4_experts_only_run_the_routed_experts(moe, monkeypatch):
+    """One token routed to top-k experts: exactly k experts' weights go through the 4-bit matmul (twice each: gate/up
+    and down), grouped by expert, never the others."""
+    from finetune.model.families import traits
+    from finetune.model.moe_experts import NF4Experts, quantize_experts
+
+    model = _base(moe["qwen3-moe"])
+    quantize_experts(model, traits("qwen3_moe").expert_parameters, torch.float32)
+    calls = []
+    original = NF4Experts.linear
+    monkeypatch.setattr(NF4Experts, "linear", lambda self, x, e: calls.append((e, x.shape[0])) or original(self, x, e))
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[5]]))
+    k = model.config.num_experts_per_tok
+    assert len(calls) == 2 * k * model.config.num_hidden_layers and all(n == 1 for _, n in calls)
+
+
+def test_nf4_experts_recipe_rules(moe, tmp_path):
+    out = runner.invoke(app, ["validate", _recipe(tmp_path, moe["qwen3-moe"], "{experts: per_expert}"), "--set",
+                              "quantization.experts=true"])
+    assert out.exit_code == 2 and "quantization.experts: true keeps the experts frozen" in out.output, out.output
+    out = runner.invoke(app, ["validate", _recipe(tmp_path, moe["qwen3-moe"], "{r: 4}"), "--set",
+                              "quantization.experts=true", "--set", "quantization.mode=none"])
+    assert out.exit_code == 2 and "set quantization.mode: nf4" in out.output, out.output
+
+
+def test_estimate_counts_4bit_experts_as_nf4(moe):
+    from finetune.recipe.schema import Recipe
+    from finetune.stages.memory import nf4_bytes
+
+    shape = ModelShape.of(_base(moe["qwen3-moe"]).config)
+    recipe = Recipe(model={"name_or_path": "m", "dtype": "float32"}, data={"train": [{"path": "x.jsonl"}]},
+                    quantization={"mode": "nf4", "experts": True})
+    mem = estimate(shape, recipe=recipe, training=recipe.training, kind="sft", sequences=1, seq_len=8)
+    assert mem.expert_weights == nf4_bytes(shape.expert_params, True) < shape.expert_params
