@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.errors import FinetuneError
-from finetune.model.families import dequantized_merge_refusal, model_type
-from finetune.recipe.schema import LoraConfig, Recipe
+from finetune.model.families import model_type
+from finetune.recipe.schema import Recipe
 
 
 @dataclass(frozen=True)
@@ -30,19 +30,14 @@ class Refusal:
         return f"{self.step}: refused, {self.reason}; instead: {self.instead}"
 
 
-def refusals(kind: str | None, quantized: bool = False, lora: LoraConfig | None = None) -> list[Refusal]:
-    """The steps refused for the family `kind` (a transformers model_type); `quantized`: a QLoRA recipe; `lora`: the
-    recipe's adapter settings (None: LoRA on the experts, as peft adapts them when left to itself)."""
+def refusals(kind: str | None) -> list[Refusal]:
+    """The steps refused for the family `kind` (a transformers model_type)."""
     from finetune.export.gguf_arch import ARCHS
 
     out = []
     if kind not in ARCHS:
         out.append(Refusal("ft export --format gguf", f"this toolkit does not write the '{kind}' architecture for "
                            f"llama.cpp (it writes {', '.join(sorted(ARCHS))})", GGUF_INSTEAD))
-    why = dequantized_merge_refusal(kind, quantized, lora or LoraConfig(experts="per_expert"))
-    if why:
-        out.append(Refusal("ft export --format merged --merge-into dequantized (the QLoRA default)", why,
-                           "ft export --format merged --merge-into original, or --format adapter"))
     return out
 
 
@@ -88,8 +83,7 @@ def family_lines(recipe: Recipe) -> list[str]:
     kind = model_type(recipe.model)
     if kind is None:
         return ["# model family: unknown until the model loads (no config.json at hand)"]
-    quantized = recipe.quantization.mode != "none"
-    found = refusals(kind, quantized, recipe.lora)
+    found = refusals(kind)
     if not any(r.step == "ft export --format gguf" for r in found):
         found += tokenizer_refusals(recipe)
     return [f"# model family: {kind}"] + [f"#   {r.line()}" for r in found]

@@ -102,8 +102,8 @@ class QuantizationConfig(Section):
     transformers 5 keeps the experts as fused 3D weights, most of such a model: 54 of Qwen3-30B-A3B's 57 GB in bf16).
     Each expert's weight becomes NF4 on its own (bitsandbytes' `quantize_4bit`, blocks of 64, `double_quant` as set),
     and the forward runs only the experts each token is routed to, dequantizing them inside the matmul
-    (`finetune/model/moe_experts.py`). Needs `mode: nf4` and frozen experts (`lora.experts: none`); merged export
-    merges into the original weights (`--merge-into original`). No effect on dense models."""
+    (`finetune/model/moe_experts.py`). Needs `mode: nf4` and frozen experts (`lora.experts: none`). No effect on
+    dense models."""
 
 
 class LoraConfig(Section):
@@ -142,8 +142,7 @@ class LoraConfig(Section):
     (peft's `target_parameters`): r x (2 x hidden + 3 x expert size) weights per expert, 629M more for Qwen3-30B-A3B
     at r=16 (9.4 GB more of weights, gradients and AdamW state), and peft builds each layer's whole expert stack with
     the update added, which the backward keeps (one layer's with gradient checkpointing, else every layer's); LoRA
-    dropout cannot apply to it (set `dropout: 0`), and its merged export merges into the original weights only. No
-    effect on dense models. Ignored when the stage starts from a saved adapter (see `r`)."""
+    dropout cannot apply to it (set `dropout: 0`). No effect on dense models. Ignored when the stage starts from a saved adapter (see `r`)."""
     router: bool = False
     """Mixture-of-Experts models: LoRA on the router (the gate that picks each token's experts) too. Off: the routing
     the model was trained with is kept. Needs `dropout: 0`, like `experts: per_expert`. No effect on dense models."""

@@ -14,7 +14,6 @@ from typing import Any
 
 from finetune.data.templates import TEMPLATE_NAMES
 from finetune.distributed.plan import environment_problems
-from finetune.model.families import hub_problems
 from finetune.recipe.checks import check_hub, hub_offline_reason, looks_like_hub_id
 from finetune.recipe.gguf_source import gguf_path, gguf_problems
 from finetune.recipe.kernel_support import recipe_kernel_problems
@@ -74,7 +73,6 @@ def check_recipe_paths(recipe: Recipe) -> list[str]:
         problems += _alignment_paths(i, stage)
     problems += recipe_kernel_problems(recipe)
     problems += environment_problems(recipe)
-    problems += hub_problems(recipe)  # an upload this run's adapter could not make
     problems += check_data_files(recipe)  # read every stage's data (no tokenizer) before anything loads
     return problems
 

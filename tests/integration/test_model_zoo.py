@@ -272,30 +272,32 @@ output: {{dir: {tmp_path / 'run'}}}
     assert meta["verification"]["original"]["mean_kl"] < 1e-4
 
 
-def test_qlora_moe_merge_is_refused_up_front_and_merges_into_the_original_weights(tmp_path):
-    """QLoRA on Qwen3-MoE with LoRA on every expert (`lora.experts: per_expert`; the experts' quantization is issue
-    30): it trains; `ft validate` says before training that the default merge into dequantized weights is refused and
-    what to do, `ft export` refuses it in one line, and `--merge-into original` is verified (its KL is the 4-bit error
-    of the attention layers the adapter saw)."""
+def test_qlora_moe_with_expert_adapters_merges_either_way(tmp_path):
+    """QLoRA on Qwen3-MoE with LoRA on every expert and the router (`lora.experts: per_expert`, `lora.router`): it
+    trains; the default merge (into the weights training ran: dequantized attention, the experts as loaded) is verified
+    like a dense one, and `--merge-into original` too (its KL is the 4-bit error of the attention layers)."""
     model = build("qwen3-moe", tmp_path / "model")
     data = _write(tmp_path / "train.jsonl", _rows(True, 32))
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"""name: zoo-moe-qlora
 model: {{name_or_path: {model}, dtype: float32}}
 quantization: {{mode: nf4, compute_dtype: float32}}
-lora: {{r: 8, alpha: 16, experts: per_expert}}
+lora: {{r: 8, alpha: 16, experts: per_expert, router: true}}
 data: {{train: [{{path: {data}}}], max_length: 64}}
 training: {{max_steps: 4, micro_batch_size: 8, learning_rate: 2.0e-2, logging_steps: 1, seed: 0}}
 output: {{dir: {tmp_path / 'run'}}}
 """)
     validated = runner.invoke(app, ["validate", str(recipe)]).output
-    assert "ft export --format merged --merge-into dequantized (the QLoRA default): refused" in validated
-    assert "instead: ft export --format merged --merge-into original, or --format adapter" in validated
+    assert validated.count(": refused,") == 1 and "gguf: refused" in validated  # GGUF only: the merge is made
     out = runner.invoke(app, ["train", str(recipe)])
     assert out.exit_code == 0, out.output
+    assert re.search(r"attention [1-9][\d,]*, dense MLP 0, experts [1-9][\d,]*, router [1-9]", out.output), out.output
     out = runner.invoke(app, ["export", str(tmp_path / "run"), "--format", "merged"])
-    assert out.exit_code == 1 and out.output.count("\n") == 1 and "pass --merge-into original" in out.output
-    out = runner.invoke(app, ["export", str(tmp_path / "run"), "--format", "merged", "--merge-into", "original"])
+    assert out.exit_code == 0, out.output
+    meta = json.loads((tmp_path / "run" / "export" / "sft-merged" / "export.json").read_text())
+    assert meta["verification"]["dequantized"]["mean_kl"] < 1e-4, meta["verification"]
+    out = runner.invoke(app, ["export", str(tmp_path / "run"), "--format", "merged", "--merge-into", "original",
+                              "--overwrite"])
     assert out.exit_code == 0, out.output
     meta = json.loads((tmp_path / "run" / "export" / "sft-merged" / "export.json").read_text())
     assert meta["verification"]["original"]["mean_kl"] < 0.01

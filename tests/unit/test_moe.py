@@ -100,14 +100,32 @@ def test_dropout_with_raw_parameter_adapters_is_refused_by_validate(moe, tmp_pat
     assert runner.invoke(app, ["validate", "-q", _recipe(tmp_path, moe["qwen3-moe"], "{dropout: 0.05}")]).exit_code == 0
 
 
-def test_hub_merged_upload_that_cannot_be_made_is_refused_before_training(moe, tmp_path):
-    hub = "hub: {repo_id: me/moe, format: merged}\n"
-    out = runner.invoke(app, ["validate", _recipe(tmp_path, moe["qwen3-moe"], "{experts: per_expert}", hub)])
-    assert out.exit_code == 2 and "hub.format: merged cannot be made for this run" in out.output, out.output
-    assert "set hub.format: adapter" in out.output
-    out = runner.invoke(app, ["validate", _recipe(tmp_path, moe["qwen3-moe"], "{r: 8}", hub)])
-    assert out.exit_code == 0, out.output  # attention-only adapters merge into the dequantized weights
-    assert "--merge-into dequantized" not in out.output
+@pytest.mark.parametrize("family", ["qwen3-moe", "mixtral"])
+def test_dequantized_merge_adds_each_experts_update(moe, family):
+    """The merge into the weights training ran (the QLoRA default) adds peft's own update to each expert and the
+    router: a plain model loaded with the merged weights gives the adapted model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune.export.merge import _dequantized_merge, plain_config, plain_keys
+
+    model = attach(_base(moe[family]), LoraConfig(r=4, experts="per_expert", router=True, init_weights=False)).eval()
+    keys, _ = plain_keys(plain_config(model))
+    state = _dequantized_merge(model, keys, torch.float32)
+    for key in ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj",
+                "model.layers.0.mlp.gate.weight"):  # the update is in
+        assert not torch.equal(state[key], _raw(model, key)), key
+    plain = AutoModelForCausalLM.from_config(plain_config(model))
+    plain.load_state_dict(state)
+    ids = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4,
+                                   atol=1e-4)
+
+
+def _raw(model, key: str) -> torch.Tensor:
+    """The base weight under `key` as loaded, before any adapter."""
+    module, _, attr = key.rpartition(".")
+    return getattr(model.get_base_model().get_submodule(module).get_base_layer(), attr)
 
 
 def test_estimate_counts_the_experts_as_the_loaded_model_holds_them(moe):
