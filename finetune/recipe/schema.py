@@ -142,7 +142,8 @@ class LoraConfig(Section):
     (peft's `target_parameters`): r x (2 x hidden + 3 x expert size) weights per expert, 629M more for Qwen3-30B-A3B
     at r=16 (9.4 GB more of weights, gradients and AdamW state), and peft builds each layer's whole expert stack with
     the update added, which the backward keeps (one layer's with gradient checkpointing, else every layer's); LoRA
-    dropout cannot apply to it (set `dropout: 0`). No effect on dense models. Ignored when the stage starts from a saved adapter (see `r`)."""
+    dropout cannot apply to it (set `dropout: 0`). No effect on dense models. Ignored when the stage starts from a
+    saved adapter (see `r`)."""
     router: bool = False
     """Mixture-of-Experts models: LoRA on the router (the gate that picks each token's experts) too. Off: the routing
     the model was trained with is kept. Needs `dropout: 0`, like `experts: per_expert`. No effect on dense models."""

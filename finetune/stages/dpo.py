@@ -22,8 +22,14 @@ from typing import Any
 from finetune.data import apply_template, build_dataset
 from finetune.distributed.process import gathered_state_dict, is_main_process
 from finetune.errors import FinetuneError
-from finetune.model.adapters import (adapters_in_float32, attach, groups_text, prepare_base, trainable_groups,
-                                     trainable_summary)
+from finetune.model.adapters import (
+    adapters_in_float32,
+    attach,
+    groups_text,
+    prepare_base,
+    trainable_groups,
+    trainable_summary,
+)
 from finetune.model.loading import load_model, load_tokenizer
 from finetune.model.patches import applied, apply_patches
 from finetune.recipe.schema import DPOConfig

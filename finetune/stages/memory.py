@@ -6,9 +6,8 @@ The parts, in bytes, at the longest micro-batch (`tokens` = sequences x their le
   scale each, or with double quantization an 8-bit one and a float32 per 256 blocks);
 - `frozen_weights`: frozen floating weights in the dtype they were loaded in: embeddings, LM head (unless tied),
   norms, MoE routers, and every linear weight of a base that is not quantized;
-- `expert_weights` (Mixture-of-Experts models): the experts' fused 3D weights (experts x 3 x hidden x expert size per
-  MoE layer, sized by the config's `num_experts`/`num_local_experts` and `moe_intermediate_size`), in the dtype they
-  were loaded in (bitsandbytes quantizes `nn.Linear` layers only), or in NF4 with `quantization.experts`;
+- `expert_weights` (MoE models): the experts' fused weights (experts x 3 x hidden x expert size per MoE layer, from
+  the config), in their loaded dtype (bitsandbytes quantizes `nn.Linear` only), or NF4 (`quantization.experts`);
 - `adapter`: trainable weights (float32), their gradients (float32) and the optimizer state;
 - `kept_activations`: what the forward keeps for backward. With gradient checkpointing each layer's input; without
   it every layer's activations (`layer_activation_bytes`: norm inputs in float32, q/k/v/attention output, the MLP's
@@ -168,7 +167,7 @@ def optimizer_bytes_per_param(optimizer: str) -> int:
 
 def layer_activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, dropout: bool = False,
                            lora_r: int = 0, eager: tuple[int, int] | None = None, moe: bool = False,
-                           expert_copy_bytes: int = 0) -> int:
+                           expert_copy_bytes: int = 0, expert_inputs: int = 1) -> int:
     """What one decoder layer with LoRA on every projection keeps for backward over `tokens` tokens.
 
     Per token (measured with saved-tensor hooks on the tiny model, `tests/integration/test_dry_run.py`): each RMSNorm
@@ -180,14 +179,15 @@ def layer_activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, dropo
     `eager` (sequences, length): eager attention's score and probability matrices.
 
     `moe`: a Mixture-of-Experts layer, whose linear adapters are on attention only; its MLP keeps the router's float32
-    logits and probabilities and, for each of the token's `top_k` experts, the expert's input, gate/up output,
-    activation and product. `expert_copy_bytes`: the layer's expert stack with the LoRA update added, which peft
-    materializes for the forward and the backward keeps (`lora.experts: per_expert`).
+    logits and probabilities and, for each of the token's `top_k` experts, the expert's input, gate/up output and
+    product; `expert_inputs` copies of the input (2 when bitsandbytes' 4-bit matmul or peft's parametrized weight
+    keeps one more). `expert_copy_bytes`: what peft materializes per layer for `lora.experts: per_expert` and the
+    backward keeps: the expert stack with the update added and the update itself (measured: two stacks).
     """
     h, q, kv, i = shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate
     if moe:  # adapters on q, k, v (input: hidden) and o (input: q); the MLP's experts, see the docstring
         hidden_inputs, mlp_input, distinct_hidden, adapters = 3, 0, 1, 4
-        mlp = act_bytes * shape.top_k * (h + 4 * shape.expert_intermediate) + 8 * shape.experts
+        mlp = act_bytes * shape.top_k * (expert_inputs * h + 3 * shape.expert_intermediate) + 8 * shape.experts
     else:
         hidden_inputs, mlp_input, distinct_hidden, adapters = 5, i, 2, 7
         mlp = act_bytes * 3 * i
@@ -258,9 +258,10 @@ def estimate(shape: ModelShape, *, recipe: Any, training: Any, kind: str, sequen
     adapter = trainable * (8 + optimizer_bytes_per_param(training.optimizer))
     kwargs = {"dropout": lora.dropout > 0, "lora_r": lora.r, "eager": (sequences, seq_len) if eager else None}
     dense_layer = layer_activation_bytes(shape, tokens, act_bytes, **kwargs) if shape.dense_layers else 0
-    copy = shape.expert_params // max(shape.moe_layers, 1) * dtype_bytes if lora.experts == "per_expert" else 0
-    moe_layer = layer_activation_bytes(shape, tokens, act_bytes, moe=True, expert_copy_bytes=copy,
-                                       **kwargs) if shape.moe_layers else 0
+    per_expert, nf4_experts = lora.experts == "per_expert", quantized and recipe.quantization.experts
+    copy = 2 * shape.expert_params // max(shape.moe_layers, 1) * dtype_bytes if per_expert else 0
+    moe_layer = shape.moe_layers and layer_activation_bytes(shape, tokens, act_bytes, moe=True, expert_copy_bytes=copy,
+                                                            expert_inputs=1 + (per_expert or nf4_experts), **kwargs)
     if training.gradient_checkpointing:
         kept = shape.layers * tokens * shape.hidden * act_bytes
         recomputed = max(dense_layer, moe_layer) + 2 * tokens * shape.hidden * act_bytes  # and the gradients in/out
