@@ -112,6 +112,8 @@ def _stage_plan(recipe: Recipe, stage: StageConfig, tokenizer, model, say) -> di
                 plan["tokens"] = sum(lengths) * (stage.grpo.num_generations if stage.kind == "grpo" else 1)
     if "rows" not in plan:
         raise FinetuneError(f"stage {stage.name}: no training data")
+    if stage.kind == "sft" and lengths:
+        _routing(model, ds["input_ids"][:16], plan, say)
     # grpo: the batch counts completions, num_generations per prompt row
     samples = plan["rows"] * (stage.grpo.num_generations if stage.kind == "grpo" else 1)
     steps = total_steps(samples, training)
@@ -143,6 +145,21 @@ def _stage_plan(recipe: Recipe, stage: StageConfig, tokenizer, model, say) -> di
     clock = f" or after {training.save_minutes:g} min of training, whichever is first" if training.save_minutes else ""
     say(f"  checkpoints: {schedule_text(training, per_epoch, steps)}; the first at step {first}{clock}")
     return plan
+
+
+def _routing(model, rows: list[list[int]], plan: dict[str, Any], say) -> None:
+    """A MoE model's expert load on the first training rows (`finetune.eval.routing`), one forward per row."""
+    import torch
+
+    from finetune.eval.routing import expert_load, load_line
+    from finetune.model.adapters import family_traits
+
+    if not family_traits(model).fused_experts:
+        return
+    device = next(model.parameters()).device
+    shares = expert_load(model, [{"input_ids": torch.tensor([ids], device=device)} for ids in rows])
+    plan["expert_load"] = shares.tolist()
+    say(f"  {load_line(shares, len(rows))}")
 
 
 def _output_status(recipe: Recipe) -> str:

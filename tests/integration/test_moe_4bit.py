@@ -1,6 +1,7 @@
 """4-bit experts end to end (issue 30): a tiny Qwen3-MoE and a tiny Mixtral trained as QLoRA with
 `quantization.experts: true`: the dry run and the banner count the experts as 4-bit and the trainable parameters by
-group, the loss falls, and the merged export (into the dequantized weights, experts included) is verified."""
+group, the dry run prints the expert load, the loss falls, and the merged export (into the dequantized weights,
+experts included) is verified."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ output: {{dir: {tmp_path / 'run'}}}
     assert "--merge-into dequantized" not in validated, validated  # attention-only adapters: the default merge
     dry = runner.invoke(app, ["train", str(recipe), "--dry-run"])
     assert dry.exit_code == 0, dry.output
-    assert "experts 0, router 0" in dry.output
+    assert "experts 0, router 0" in dry.output and "expert load on 16 training rows" in dry.output
     from finetune.stages.memory import gb, nf4_bytes
 
     experts = 2 * 4 * 3 * 64 * (32 if family == "qwen3-moe" else 128)  # layers x experts x 3 x hidden x expert size

@@ -296,3 +296,27 @@ def test_moe_activation_estimate_against_what_autograd_keeps(moe, family, expert
     kept = memory.kept_activations + 4 * 96 * model.config.hidden_size * 4  # and the final norm's float32 input
     measured = sum(saved.values())
     assert 0.85 * measured <= kept <= 1.15 * measured, (kept, measured)
+
+
+@pytest.mark.parametrize("family", ["qwen3-moe", "mixtral"])
+def test_expert_load_counts_the_routers_own_choices(moe, family):
+    """The shares are the experts each layer's router hands its tokens to (as the experts module receives them,
+    recorded by a hook), padded positions left out; the line names the most used expert."""
+    from finetune.eval.routing import expert_load, load_line
+
+    model = _base(moe[family])
+    ids = torch.randint(5, 300, (3, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[:, 6:] = 0
+    seen = []
+    hooks = [layer.mlp.experts.register_forward_hook(lambda m, args, out: seen.append(args[1]))
+             for layer in model.model.layers]
+    shares = expert_load(model, [{"input_ids": ids, "attention_mask": mask}])
+    for h in hooks:
+        h.remove()
+    keep = mask.reshape(-1).bool()
+    expected = torch.stack([torch.bincount(idx[keep].reshape(-1), minlength=4) for idx in seen]).double()
+    torch.testing.assert_close(shares, expected / expected.sum(-1, keepdim=True))
+    assert (shares > 0).sum() > 4 and shares.shape == (2, 4)
+    line = load_line(shares, 3)
+    assert line.startswith("expert load on 3 training rows") and f"most {shares.max():.3f}" in line
