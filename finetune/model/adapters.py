@@ -54,8 +54,9 @@ def moe_targets(model, lora: LoraConfig) -> tuple[list[str], list[str]]:
     """(target_modules, target_parameters) of a Mixture-of-Experts model under `lora.experts` and `lora.router`.
 
     Linear layers as the recipe names them (`all-linear` resolved here, as peft would); the experts' fused weights
-    and the router's weight as raw parameters when asked. Linear layers named like transformers 4's experts (Qwen2-MoE's
-    shared expert) are left out, with a notice: peft 0.21 would move their adapters onto every expert.
+    and the router's weight as raw parameters when asked. In the families whose targets peft 0.21 rewrites
+    (`Traits.peft_moves_mlp_names`), linear layers named like transformers 4's experts (the dense MLP layers of a
+    Qwen3-MoE with `mlp_only_layers`) are left out, with a notice: peft would move their adapters onto every expert.
     """
     import copy
 
@@ -66,7 +67,8 @@ def moe_targets(model, lora: LoraConfig) -> tuple[list[str], list[str]]:
     names = lora.target_modules
     if isinstance(names, str):
         names = {n.rsplit(".", 1)[-1] for n in _maybe_include_all_linear_layers(cfg, model).target_modules}
-    kept = sorted(n for n in names if n.rsplit(".", 1)[-1] not in _V4_EXPERT_NAMES)
+    moved = _V4_EXPERT_NAMES if traits.peft_moves_mlp_names else set()
+    kept = sorted(n for n in names if n.rsplit(".", 1)[-1] not in moved)
     if len(kept) < len(names):
         left = ", ".join(sorted(set(names) - set(kept)))
         print(f"note: lora.target_modules: {left} get no adapter on this Mixture-of-Experts model (peft would move "

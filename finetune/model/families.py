@@ -22,15 +22,23 @@ class Traits:
     expert_parameters: tuple[str, ...] = ()
     # the router's weight (a raw parameter of a router module that is not an nn.Linear in transformers 5)
     router_parameter: str | None = None
+    # peft 0.21 rewrites adapter targets named like transformers 4's experts (gate_proj, up_proj, down_proj, w1-w3,
+    # gate) into LoRA on the fused experts, whatever module they name (its v4 -> v5 conversion of this family)
+    peft_moves_mlp_names: bool = False
 
     @property
     def fused_experts(self) -> bool:
         return bool(self.expert_parameters)
 
 
-_FUSED = Traits(expert_parameters=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
-                router_parameter="mlp.gate.weight")
-TRAITS: dict[str, Traits] = {"qwen3_moe": _FUSED, "qwen2_moe": _FUSED, "mixtral": _FUSED, "olmoe": _FUSED}
+_FUSED = {"expert_parameters": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+          "router_parameter": "mlp.gate.weight"}
+TRAITS: dict[str, Traits] = {
+    "qwen3_moe": Traits(**_FUSED, peft_moves_mlp_names=True),
+    "qwen2_moe": Traits(**_FUSED),  # its shared expert's gate_proj/up_proj/down_proj stay what they are
+    "mixtral": Traits(**_FUSED, peft_moves_mlp_names=True),
+    "olmoe": Traits(**_FUSED, peft_moves_mlp_names=True),
+}
 
 
 def traits(model_type: str | None) -> Traits:

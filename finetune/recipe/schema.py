@@ -136,8 +136,9 @@ class LoraConfig(Section):
     Ignored when the stage starts from a saved adapter (see `r`)."""
     experts: Literal["none", "per_expert"] = "none"
     """Mixture-of-Experts models (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE): LoRA on the experts. `none`: the experts stay
-    frozen and the other linear layers get adapters (attention; the MLP-named linear layers of a MoE model, such as
-    Qwen2-MoE's shared expert, get none), the smallest adapter: 13M trainable parameters for Qwen3-30B-A3B at r=16.
+    frozen and the other linear layers get adapters (attention, Qwen2-MoE's shared expert; not the dense MLP layers of
+    a Qwen3-MoE with `mlp_only_layers`, whose names peft 0.21 would move onto the experts), the smallest adapter: 13M
+    trainable parameters for Qwen3-30B-A3B at r=16.
     `per_expert`: every expert of every layer gets its own rank-`r` update of its fused gate/up and down weights
     (peft's `target_parameters`): r x (2 x hidden + 3 x expert size) weights per expert, 629M more for Qwen3-30B-A3B
     at r=16 (9.4 GB more of weights, gradients and AdamW state), and peft builds each layer's whole expert stack with

@@ -320,3 +320,39 @@ def test_expert_load_counts_the_routers_own_choices(moe, family):
     assert (shares > 0).sum() > 4 and shares.shape == (2, 4)
     line = load_line(shares, 3)
     assert line.startswith("expert load on 3 training rows") and f"most {shares.max():.3f}" in line
+
+
+def _tiny(name: str, **sizes):
+    import transformers
+
+    config = transformers.AutoConfig.for_model(name, hidden_size=64, intermediate_size=64, num_attention_heads=4,
+                                               num_key_value_heads=2, num_experts=4, moe_intermediate_size=32,
+                                               vocab_size=128, **sizes)
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(config)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    return base
+
+
+def test_dense_mlp_adapters_are_never_moved_onto_every_expert(capsys):
+    """Qwen2-MoE's shared expert keeps its adapters (peft leaves that family's names alone); the dense MLP layers of a
+    Qwen3-MoE (`mlp_only_layers`) get none, with a note, where peft 0.21 would turn them into LoRA on every expert."""
+    groups = trainable_groups(attach(_tiny("qwen2_moe", num_hidden_layers=1, shared_expert_intermediate_size=32),
+                                     LoraConfig(r=4)))
+    assert groups["experts"] == 0 and groups["router"] == 0 and groups["attention"] > 0
+    assert groups["dense MLP"] == 4 * (3 * (64 + 32) + 64 + 1)  # shared expert's gate, up, down; shared_expert_gate
+    assert "get no adapter" not in capsys.readouterr().out
+    groups = trainable_groups(attach(_tiny("qwen3_moe", num_hidden_layers=2, mlp_only_layers=[0]), LoraConfig(r=4)))
+    assert groups["experts"] == 0 and groups["dense MLP"] == 0 and groups["attention"] > 0
+    assert "down_proj, gate_proj, up_proj get no adapter on this Mixture-of-Experts model" in capsys.readouterr().out
+
+
+def test_families_peft_rewrites_are_peft_own():
+    """`Traits.peft_moves_mlp_names` is what peft's v4 -> v5 conversion table says (an upgrade fails here)."""
+    from peft.utils.transformers_weight_conversion import _MODEL_TO_CONVERSION_PATTERN
+
+    from finetune.model.families import TRAITS
+
+    for kind, row in TRAITS.items():
+        assert row.peft_moves_mlp_names == (kind in _MODEL_TO_CONVERSION_PATTERN), kind
