@@ -12,9 +12,8 @@ The parts, in bytes, at the longest micro-batch (`tokens` = sequences x their le
 - `kept_activations`: what the forward keeps for backward. With gradient checkpointing each layer's input; without
   it every layer's activations (`layer_activation_bytes`: norm inputs in float32, q/k/v/attention output, the MLP's
   gate, up, activation and product, LoRA dropout outputs and masks, eager attention's score matrices; a MoE layer
-  keeps its router logits and, per routed expert and token, the expert's input, gate/up output and product, and
-  with `lora.experts: per_expert` the copy of the layer's whole expert stack with the update added that peft builds
-  and the backward reads);
+  its router logits, per routed expert and token the expert's input, gate/up output and product, and peft's expert
+  stacks with `lora.experts: per_expert`);
 - `recomputed_layer`: with checkpointing, the one layer recomputed in backward, and the gradients flowing through it;
 - `loss`: the loss head. The label-positions loss (`finetune.model.loss_heads`) keeps the final norm's output, the
   labelled positions' hidden states and their float32 gradient, and one chunk of logits at a time (rows from
@@ -36,8 +35,7 @@ from typing import Any
 
 NF4_BLOCK = 64
 RECIPE_MARGIN = 0.85  # a recipe's estimate stays under this share of its stated GPU (see the module docstring)
-_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # attention: [:4]
 
 
 @dataclass(frozen=True)
@@ -109,17 +107,20 @@ class ModelShape:
 
     def lora_params(self, r: int, targets: str | list[str], experts: str = "none", router: bool = False) -> int:
         """Trainable LoRA weights for rank `r` on `targets` (`all-linear` or projection names), and on a MoE model's
-        experts and router as `lora.experts` and `lora.router` ask (its MLP-named linear layers get none:
-        `finetune.model.adapters.moe_targets`)."""
+        experts and router as `lora.experts` and `lora.router` ask (a shared expert as a dense MLP with its gate;
+        dense MLP layers of a MoE model get none: `finetune.model.adapters.moe_targets`)."""
         names = _LORA_TARGETS if targets == "all-linear" else [t for t in targets if t in _LORA_TARGETS]
         dims = self.linear_dims()
-        attention = sum(r * (dims[n][0] + dims[n][1]) for n in names if n in _ATTENTION)
         if not self.experts:
             return self.layers * sum(r * (dims[n][0] + dims[n][1]) for n in names)
+        shared = self.linear_dims(self.shared_intermediate)
+        attention = sum(r * (dims[n][0] + dims[n][1]) for n in names if n in _LORA_TARGETS[:4])
+        shared_mlp = sum(r * (shared[n][0] + shared[n][1]) for n in names if n not in _LORA_TARGETS[:4])
+        shared_mlp += r * (self.hidden + 1) if targets == "all-linear" else 0  # and the shared expert's gate
         h, ei = self.hidden, self.expert_intermediate  # gate/up: h -> 2 ei, down: ei -> h
         per_expert = r * (2 * h + 3 * ei) if experts == "per_expert" else 0
-        return (self.layers * attention + self.moe_layers * self.experts * per_expert
-                + (self.moe_layers * r * (h + self.experts) if router else 0))
+        moe = self.experts * per_expert + shared_mlp * bool(self.shared_intermediate) + r * (h + self.experts) * router
+        return self.layers * attention + self.moe_layers * moe
 
 
 @dataclass
@@ -178,11 +179,10 @@ def layer_activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, dropo
     intermediate); with LoRA dropout each adapter also keeps its float32 mask. Each branch keeps its rank-r output.
     `eager` (sequences, length): eager attention's score and probability matrices.
 
-    `moe`: a Mixture-of-Experts layer, whose linear adapters are on attention only; its MLP keeps the router's float32
-    logits and probabilities and, for each of the token's `top_k` experts, the expert's input, gate/up output and
-    product; `expert_inputs` copies of the input (2 when bitsandbytes' 4-bit matmul or peft's parametrized weight
-    keeps one more). `expert_copy_bytes`: what peft materializes per layer for `lora.experts: per_expert` and the
-    backward keeps: the expert stack with the update added and the update itself (measured: two stacks).
+    `moe`: a MoE layer (linear adapters on attention only): the router's float32 logits and probabilities and, for
+    each of the token's `top_k` experts, `expert_inputs` copies of its input (2 when bitsandbytes' 4-bit matmul or
+    peft's parametrized weight keeps one more), its gate/up output and product. `expert_copy_bytes`: what peft builds
+    per layer for `lora.experts: per_expert` and the backward keeps (measured: two expert stacks).
     """
     h, q, kv, i = shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate
     if moe:  # adapters on q, k, v (input: hidden) and o (input: q); the MLP's experts, see the docstring

@@ -338,8 +338,10 @@ def _tiny(name: str, **sizes):
 def test_dense_mlp_adapters_are_never_moved_onto_every_expert(capsys):
     """Qwen2-MoE's shared expert keeps its adapters (peft leaves that family's names alone); the dense MLP layers of a
     Qwen3-MoE (`mlp_only_layers`) get none, with a note, where peft 0.21 would turn them into LoRA on every expert."""
-    groups = trainable_groups(attach(_tiny("qwen2_moe", num_hidden_layers=1, shared_expert_intermediate_size=32),
-                                     LoraConfig(r=4)))
+    base = _tiny("qwen2_moe", num_hidden_layers=1, shared_expert_intermediate_size=32)
+    shape = ModelShape.of(base.config)
+    groups = trainable_groups(attach(base, LoraConfig(r=4)))
+    assert sum(groups.values()) == shape.lora_params(4, "all-linear")  # the estimate counts the shared expert too
     assert groups["experts"] == 0 and groups["router"] == 0 and groups["attention"] > 0
     assert groups["dense MLP"] == 4 * (3 * (64 + 32) + 64 + 1)  # shared expert's gate, up, down; shared_expert_gate
     assert "get no adapter" not in capsys.readouterr().out
