@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.recipe.schema import ModelConfig
+from finetune.recipe.schema import ModelConfig, Recipe
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,15 @@ TRAITS: dict[str, Traits] = {
 def traits(model_type: str | None) -> Traits:
     """The family's row (a plain Linear-layer decoder when not listed)."""
     return TRAITS.get(model_type or "", Traits())
+
+
+def experts_note(recipe: Recipe) -> str:
+    """What a QLoRA recipe does with a Mixture-of-Experts base's experts, for the model card ('' for dense models)."""
+    if not traits(model_type(recipe.model)).fused_experts:
+        return ""
+    if recipe.quantization.experts:
+        return ", the experts in NF4 too: finetune's quantization.experts"
+    return ", the experts unquantized: bitsandbytes quantizes linear layers only"
 
 
 def model_type(cfg: ModelConfig) -> str | None:

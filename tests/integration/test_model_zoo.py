@@ -296,6 +296,8 @@ output: {{dir: {tmp_path / 'run'}}}
     assert out.exit_code == 0, out.output
     meta = json.loads((tmp_path / "run" / "export" / "sft-merged" / "export.json").read_text())
     assert meta["verification"]["dequantized"]["mean_kl"] < 1e-4, meta["verification"]
+    card = (tmp_path / "run" / "export" / "sft-merged" / "README.md").read_text()
+    assert "4-bit base (QLoRA, the experts unquantized: bitsandbytes quantizes linear layers only)" in card
     out = runner.invoke(app, ["export", str(tmp_path / "run"), "--format", "merged", "--merge-into", "original",
                               "--overwrite"])
     assert out.exit_code == 0, out.output
