@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.errors import FinetuneError
-from finetune.model.families import model_type
+from finetune.model.families import model_type, traits
 from finetune.recipe.schema import Recipe
 
 
@@ -86,4 +86,8 @@ def family_lines(recipe: Recipe) -> list[str]:
     found = refusals(kind)
     if not any(r.step == "ft export --format gguf" for r in found):
         found += tokenizer_refusals(recipe)
-    return [f"# model family: {kind}"] + [f"#   {r.line()}" for r in found]
+    notes = []
+    if traits(kind).fused_experts and recipe.quantization.mode != "none" and not recipe.quantization.experts:
+        notes.append("#   note: bitsandbytes quantizes linear layers only, so the experts (most of this model's "
+                     "weight) stay in the model dtype; quantization.experts: true puts them in NF4 too")
+    return [f"# model family: {kind}"] + [f"#   {r.line()}" for r in found] + notes

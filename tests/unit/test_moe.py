@@ -89,6 +89,14 @@ def test_saved_expert_adapter_is_not_reported_as_ignored(moe, tmp_path):
     assert len(other) == 1 and other[0].startswith("lora.experts: 'none'"), other
 
 
+def test_validate_says_when_a_qlora_recipe_leaves_the_experts_unquantized(moe, tmp_path):
+    out = runner.invoke(app, ["validate", _recipe(tmp_path, moe["mixtral"], "{r: 4}")])
+    assert out.exit_code == 0 and "the experts (most of this model's weight) stay in the model dtype" in out.output
+    out = runner.invoke(app, ["validate", _recipe(tmp_path, moe["mixtral"], "{r: 4}"), "--set",
+                              "quantization.experts=true"])
+    assert out.exit_code == 0 and "stay in the model dtype" not in out.output, out.output
+
+
 @pytest.mark.parametrize("lora,key", [("{dropout: 0.05, experts: per_expert}", "lora.experts: per_expert"),
                                       ("{dropout: 0.05, router: true}", "lora.router: true")])
 def test_dropout_with_raw_parameter_adapters_is_refused_by_validate(moe, tmp_path, lora, key):
