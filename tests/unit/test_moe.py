@@ -1,6 +1,7 @@
-"""Mixture-of-Experts adapters and estimates (issue 30): the expert-adapter policy (`lora.experts`, `lora.router`),
-what `ft validate` refuses for it before training, peft's false warnings, trainable parameters by group, and the
-memory estimate counting the experts. Tiny Qwen3-MoE and Mixtral from `scripts/build_fixture_models.py`."""
+"""Mixture-of-Experts (issue 30): the expert-adapter policy (`lora.experts`, `lora.router`) and what `ft validate`
+says or refuses for it, peft's false warnings, trainable parameters by group, the merge of expert adapters, 4-bit
+experts (`quantization.experts`), the memory estimate counting the experts (and checked against autograd), and the
+expert load. Tiny Qwen3-MoE and Mixtral from `scripts/build_fixture_models.py`, tiny Qwen2-MoE from its config."""
 
 from __future__ import annotations
 
