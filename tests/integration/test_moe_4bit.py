@@ -48,6 +48,7 @@ output: {{dir: {tmp_path / 'run'}}}
     assert "experts: 4 fused expert weights in NF4" in out.output and "experts 0, router 0" in out.output
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
+    assert any("aux_loss" in r for r in rows), rows[0]  # the router's load-balancing loss, logged by trl
     assert sum(losses[-3:]) / 3 < losses[0] - 0.3, losses
     out = runner.invoke(app, ["export", str(tmp_path / "run"), "--format", "merged"])
     assert out.exit_code == 0, out.output
