@@ -81,7 +81,7 @@ output: {{dir: {folder / 'run'}}}
     assert out.exit_code == 0, out.output
     TIMES[family] = time.perf_counter() - started
     return {"family": family, "model": model, "recipe": recipe, "run": folder / "run", "chat": chat,
-            "train_output": out.output, "folder": folder}
+            "train_output": out.output, "folder": folder, "experts": experts}
 
 
 def test_validate(zoo):
@@ -186,7 +186,8 @@ def test_generate_chat_and_raw(zoo):
 
 
 def test_dpo_moves_the_rewards_the_preferred_way(zoo):
-    """DPO from the SFT adapter (chat families; a text run has no pairs): held-out margins start at 0 and grow."""
+    """DPO from the SFT adapter (chat families; a text run has no pairs): held-out margins start at 0 and grow; the
+    same `lora` section as the adapter's (MoE: LoRA on every expert) is not reported as ignored."""
     if not zoo["chat"]:
         pytest.skip("a base family trains on text; DPO needs chat pairs")
     folder = zoo["folder"]
@@ -197,7 +198,7 @@ def test_dpo_moves_the_rewards_the_preferred_way(zoo):
     recipe.write_text(f"""name: zoo-dpo
 model: {{name_or_path: {zoo['model']}, dtype: float32}}
 quantization: {{mode: none}}
-lora: {{r: 8, alpha: 16}}
+lora: {{r: 8, alpha: 16{zoo['experts']}}}
 data: {{train: [{{path: {train}}}], eval: [{{path: {held}}}], max_length: 64}}
 training: {{max_steps: 30, micro_batch_size: 8, learning_rate: 1.0e-2, logging_steps: 1, seed: 0}}
 stages: [{{name: dpo, kind: dpo, init_from: {zoo['run'] / 'sft' / 'adapter'}}}]
@@ -205,6 +206,7 @@ output: {{dir: {folder / 'dpo-run'}}}
 """)
     out = runner.invoke(app, ["train", str(recipe)])
     assert out.exit_code == 0, out.output
+    assert "lora keys are ignored" not in out.output, out.output  # the recipe's lora is the adapter's own
     m = json.loads((folder / "dpo-run" / "dpo" / "summary.json").read_text())["metrics"]
     assert abs(m["eval_before"]["rewards/margins"]) < 1e-5
     assert m["eval_after"]["rewards/margins"] > 0.05 and m["eval_after"]["rewards/accuracies"] >= 0.75, m
