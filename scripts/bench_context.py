@@ -262,8 +262,10 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.work)
     assets = build_assets(work / f"assets-sft-{args.preset}", args.preset, train_samples=4)
     if args.preset in ("full", "tiny"):
-        vocab = json.loads((Path(assets["model"]) / "tokenizer.json").read_text())["model"]["vocab"]
-        assets["words"] = [w for w in vocab if not w.startswith("<|")]
+        from bench_assets import ROLES, _words
+        from tiny_tokenizer import SPECIAL
+
+        assets["words"] = _words(PRESETS[args.preset].vocab - len(SPECIAL) - len(ROLES))  # the tokenizer's words
     probe_dir = write_probe_hook(work)
     runs, failed = [], set()
     for n in lengths:

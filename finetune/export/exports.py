@@ -74,8 +74,8 @@ def _name_public_base(run: RunStage, config_path: Path, result: ExportResult) ->
 def check_mergeable(adapter_dir: Path, merge_into: str = "dequantized") -> None:
     """Refuse adapters a merged export cannot reproduce exactly, saying why and what to do instead.
 
-    LoRA on raw parameters (peft's `target_parameters`: the fused 3D experts of MoE families) is merged by peft
-    itself, into the original weights; our merge into the dequantized 4-bit weights does not know those layers.
+    LoRA on raw parameters (peft's `target_parameters`: the fused 3D experts and the routers of MoE families) is
+    merged either way: peft's own delta per expert (`finetune.export.merge`).
     """
     cfg = read_json(adapter_dir / "adapter_config.json", {})
     hint = "Export it with --format adapter instead (load it on the base with peft)."
@@ -86,13 +86,6 @@ def check_mergeable(adapter_dir: Path, merge_into: str = "dequantized") -> None:
             f"{adapter_dir}: merged export of DoRA adapters is refused. DoRA rescales each weight column by a norm "
             "computed from the base weight, so a merge into NF4-dequantized weights would not reproduce training "
             f"faithfully and we do not ship a merge we cannot verify. {hint}"
-        )
-    if cfg.get("target_parameters") and merge_into != "original":
-        names = ", ".join(cfg["target_parameters"])
-        raise FinetuneError(
-            f"{adapter_dir}: adapters with LoRA on raw parameters (target_parameters: {names}, the experts of a "
-            "Mixture-of-Experts model) are merged into the original weights only; pass --merge-into original "
-            f"(verified like any merged export), or {hint[0].lower()}{hint[1:]}"
         )
     for key, what in (("lora_bias", "LoRA biases"), ("trainable_token_indices", "trainable token rows")):
         if cfg.get(key):

@@ -90,6 +90,9 @@ def plain_config(reference):
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.use_cache = True
+    from finetune.model.moe_experts import plain_experts_implementation
+
+    plain_experts_implementation(config)  # 4-bit experts' forward: the model's own again
     return config
 
 
@@ -144,7 +147,10 @@ def to_conv1d_layout(state: dict[str, torch.Tensor], reference, trust_remote_cod
 
 
 def _full_precision(tensor: torch.Tensor) -> torch.Tensor:
-    """A weight in float32 as the forward pass sees it: 4-bit weights dequantized by bitsandbytes."""
+    """A weight in float32 as the forward pass sees it: 4-bit weights (and 4-bit experts) dequantized by
+    bitsandbytes."""
+    if type(tensor).__name__ == "NF4Experts":
+        return tensor.dequantize().float()
     if type(tensor).__name__ == "Params4bit":
         from bitsandbytes.functional import dequantize_4bit
 
@@ -166,6 +172,24 @@ def _lora_delta(layer, adapter: str) -> torch.Tensor:
     return delta.T if getattr(layer, "fan_in_fan_out", False) else delta
 
 
+def _param_wrapper(module, attr: str):
+    """The peft `ParamWrapper` that adapts the raw parameter `attr` (the fused experts' `gate_up_proj`, `down_proj`,
+    a router's `weight`): peft nests one wrapper per parameter of a module. None when no wrapper adapts it."""
+    while type(module).__name__ == "ParamWrapper":
+        if module.parameter_name == attr:
+            return module
+        module = module.base_layer
+    return None
+
+
+def _delta(layer, adapter: str) -> torch.Tensor:
+    """The update of one adapter in float32: B @ A * scale for a linear layer; peft's own `get_delta_weight` for a raw
+    parameter (per expert for a 3D expert stack, in the layout of the parameter)."""
+    if type(layer).__name__ == "ParamWrapper":
+        return layer.get_delta_weight(adapter).float()
+    return _lora_delta(layer, adapter)
+
+
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(dtype).contiguous() if tensor.is_floating_point() else tensor
 
@@ -183,10 +207,14 @@ def _dequantized_merge(reference, keys: list[str], dtype: torch.dtype) -> dict[s
             module = module.modules_to_save[module.active_adapters[0]]
         if isinstance(module, LoraLayer):
             tensor = _full_precision(getattr(module.get_base_layer(), attr))
-            if attr == "weight":
-                for adapter in module.active_adapters:
-                    if adapter in module.lora_A:
-                        tensor = tensor + _lora_delta(module, adapter).to(tensor.device)
+            if type(module).__name__ == "ParamWrapper":  # LoRA on raw parameters (MoE experts, routers)
+                layer = _param_wrapper(module, attr)
+            else:
+                layer = module if attr == "weight" else None
+            if layer is not None:
+                for adapter in layer.active_adapters:
+                    if adapter in layer.lora_A:
+                        tensor = tensor + _delta(layer, adapter).to(tensor.device)
         else:
             tensor = _full_precision(getattr(module, attr))
         state[key] = _cast(tensor, dtype).cpu()  # summed in float32, cast per tensor: peak memory ~ the export
@@ -202,6 +230,7 @@ def _original_merge(recipe: Recipe, adapter: Path, tokenizer, keys: list[str], d
 
     full = recipe.model_copy(deep=True)
     full.quantization.mode = "none"
+    full.quantization.experts = False
     full.model.dtype = "float32"
     base = load_model(full, tokenizer=tokenizer)
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from finetune.model.families import experts_note
 from finetune.recipe.checks import looks_like_hub_id
 from finetune.run.records import redact
 
@@ -166,8 +167,8 @@ def _data_lines(run: RunStage) -> list[str]:
 def _merge_section(run: RunStage, result: ExportResult, max_kl: float | None) -> list[str]:
     if result.format == "adapter":
         quant = run.recipe.quantization.mode
-        note = (f" It was trained on the {quant.upper()} 4-bit base: load the base in 4-bit ({quant}) to reproduce the "
-                "trained model exactly." if quant != "none" else "")
+        note = (f" It was trained on the {quant.upper()} 4-bit base{experts_note(run.recipe)}: load the base in "
+                f"4-bit ({quant}) to reproduce the trained model exactly." if quant != "none" else "")
         return [f"LoRA adapter of stage `{result.stage}`, exactly as trained (not merged).{note}"]
     how = {
         "dequantized": "into the base weights as the adapter saw them in training: each 4-bit weight dequantized "
@@ -262,8 +263,8 @@ def render_card(run: RunStage, result: ExportResult, repo_id: str | None = None,
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
         f"# {run.recipe.name} ({result.format})", "",
         f"Fine-tuned from `{base}` (revision: {revision}) with LoRA"
-        + (f" on a {run.recipe.quantization.mode.upper()} 4-bit base (QLoRA)" if run.recipe.quantization.mode != "none"
-           else "")
+        + (f" on a {run.recipe.quantization.mode.upper()} 4-bit base (QLoRA{experts_note(run.recipe)})"
+           if run.recipe.quantization.mode != "none" else "")
         + f"; stages: {', '.join(f'{s.name} ({s.kind})' for s in run.recipe.effective_stages())}. "
         f"This export holds stage `{result.stage}`.", "",
         "## Use", "", *_usage(result, where, base), "",

@@ -30,18 +30,14 @@ class Refusal:
         return f"{self.step}: refused, {self.reason}; instead: {self.instead}"
 
 
-def refusals(kind: str | None, quantized: bool = False) -> list[Refusal]:
-    """The steps refused for the family `kind` (a transformers model_type); `quantized`: a QLoRA recipe."""
+def refusals(kind: str | None) -> list[Refusal]:
+    """The steps refused for the family `kind` (a transformers model_type)."""
     from finetune.export.gguf_arch import ARCHS
 
     out = []
     if kind not in ARCHS:
         out.append(Refusal("ft export --format gguf", f"this toolkit does not write the '{kind}' architecture for "
                            f"llama.cpp (it writes {', '.join(sorted(ARCHS))})", GGUF_INSTEAD))
-    if traits(kind).fused_experts and quantized:
-        out.append(Refusal("ft export --format merged --merge-into dequantized (the QLoRA default)", "LoRA adapts "
-                           "the experts as raw 3D parameters, which only peft's merge into the original weights knows",
-                           "ft export --format merged --merge-into original, or --format adapter"))
     return out
 
 
@@ -87,8 +83,11 @@ def family_lines(recipe: Recipe) -> list[str]:
     kind = model_type(recipe.model)
     if kind is None:
         return ["# model family: unknown until the model loads (no config.json at hand)"]
-    quantized = recipe.quantization.mode != "none"
-    found = refusals(kind, quantized)
+    found = refusals(kind)
     if not any(r.step == "ft export --format gguf" for r in found):
         found += tokenizer_refusals(recipe)
-    return [f"# model family: {kind}"] + [f"#   {r.line()}" for r in found]
+    notes = []
+    if traits(kind).fused_experts and recipe.quantization.mode != "none" and not recipe.quantization.experts:
+        notes.append("#   note: bitsandbytes quantizes linear layers only, so the experts (most of this model's "
+                     "weight) stay in the model dtype; quantization.experts: true puts them in NF4 too")
+    return [f"# model family: {kind}"] + [f"#   {r.line()}" for r in found] + notes

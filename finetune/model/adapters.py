@@ -12,15 +12,23 @@ from finetune.errors import FinetuneError
 from finetune.recipe.schema import LoraConfig
 
 
-def to_peft(lora: LoraConfig):
-    """`Recipe.lora` -> `peft.LoraConfig`, every field passed by name."""
+def to_peft(lora: LoraConfig, model=None):
+    """`Recipe.lora` -> `peft.LoraConfig`, every field passed by name.
+
+    On a Mixture-of-Experts `model` (a family with fused experts, `finetune.model.families`) the targets are spelled
+    out (`moe_targets`): left to itself, peft 0.21 turns `all-linear` into LoRA on every expert and the router.
+    """
     import peft
 
+    target_modules, target_parameters = lora.target_modules, None
+    if model is not None and family_traits(model).fused_experts:
+        target_modules, target_parameters = moe_targets(model, lora)
     return peft.LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
+        target_modules=target_modules,
+        target_parameters=target_parameters,
         use_rslora=lora.use_rslora,
         use_dora=lora.use_dora,
         modules_to_save=lora.modules_to_save or None,
@@ -28,6 +36,47 @@ def to_peft(lora: LoraConfig):
         init_lora_weights=lora.init_weights,
         task_type="CAUSAL_LM",
     )
+
+
+def family_traits(model):
+    """The family row of a loaded model (`finetune.model.families`)."""
+    from finetune.model.families import traits
+
+    return traits(getattr(getattr(model, "config", None), "model_type", None))
+
+
+# names of transformers 4's expert and router linear layers: peft 0.21 maps a target module of one of these names onto
+# the fused 3D experts of transformers 5 (`target_parameters`), whatever module it really names
+_V4_EXPERT_NAMES = {"gate", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"}
+
+
+def moe_targets(model, lora: LoraConfig) -> tuple[list[str], list[str]]:
+    """(target_modules, target_parameters) of a Mixture-of-Experts model under `lora.experts` and `lora.router`.
+
+    Linear layers as the recipe names them (`all-linear` resolved here, as peft would); the experts' fused weights
+    and the router's weight as raw parameters when asked. In the families whose targets peft 0.21 rewrites
+    (`Traits.peft_moves_mlp_names`), linear layers named like transformers 4's experts (the dense MLP layers of a
+    Qwen3-MoE with `mlp_only_layers`) are left out, with a notice: peft would move their adapters onto every expert.
+    """
+    import copy
+
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers  # listed in finetune/model/private_api.py
+
+    traits = family_traits(model)
+    cfg = copy.copy(to_peft(lora))
+    names = lora.target_modules
+    if isinstance(names, str):
+        names = {n.rsplit(".", 1)[-1] for n in _maybe_include_all_linear_layers(cfg, model).target_modules}
+    moved = _V4_EXPERT_NAMES if traits.peft_moves_mlp_names else set()
+    kept = sorted(n for n in names if n.rsplit(".", 1)[-1] not in moved)
+    if len(kept) < len(names):
+        left = ", ".join(sorted(set(names) - set(kept)))
+        print(f"note: lora.target_modules: {left} get no adapter on this Mixture-of-Experts model (peft would move "
+              "them onto every expert); lora.experts decides the experts", flush=True)
+    params = list(traits.expert_parameters) if lora.experts == "per_expert" else []
+    if lora.router and traits.router_parameter:
+        params.append(traits.router_parameter)
+    return kept, params
 
 
 def prepare_base(model, gradient_checkpointing: bool):
@@ -57,7 +106,7 @@ def attach(model, lora: LoraConfig, init_from: str | Path | None = None, adapter
     from peft import PeftModel, get_peft_model
 
     if init_from is None:
-        return get_peft_model(model, to_peft(lora), adapter_name=adapter_name)
+        return get_peft_model(model, to_peft(lora, model), adapter_name=adapter_name)
     init_from = Path(init_from)
     if not (init_from / "adapter_config.json").exists():
         raise FinetuneError(f"no adapter at {init_from} (adapter_config.json missing)")
@@ -80,7 +129,7 @@ def ignored_lora_keys(base, lora: LoraConfig, folder: Path) -> list[str]:
     from peft.tuners.tuners_utils import _maybe_include_all_linear_layers  # listed in finetune/model/private_api.py
 
     saved = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    wanted = _maybe_include_all_linear_layers(to_peft(lora), base)
+    wanted = _maybe_include_all_linear_layers(to_peft(lora, base), base)
 
     def norm(value: Any, name: str) -> Any:
         if isinstance(value, (list, tuple, set)):
@@ -89,8 +138,17 @@ def ignored_lora_keys(base, lora: LoraConfig, folder: Path) -> list[str]:
             return sorted(value) or None  # [] and None: nothing
         return value
 
-    return [f"lora.{key}: {getattr(lora, key)!r} -> {saved.get(name)!r}" for key, name in _PEFT_NAMES.items()
-            if norm(getattr(wanted, name), name) != norm(saved.get(name), name)]
+    out = [f"lora.{key}: {getattr(lora, key)!r} -> {saved.get(name)!r}" for key, name in _PEFT_NAMES.items()
+           if norm(getattr(wanted, name), name) != norm(saved.get(name), name)]
+    if _raw_names(wanted.target_parameters) != _raw_names(saved.get("target_parameters")):
+        out.append(f"lora.experts: {lora.experts!r}, lora.router: {lora.router!r} -> target_parameters "
+                   f"{sorted(saved.get('target_parameters') or [])!r}")
+    return out
+
+
+def _raw_names(names) -> set[str]:
+    """Raw-parameter targets by the part that names them (`mlp.experts.down_proj` and `down_proj` alike)."""
+    return {".".join(n.split(".")[-2:]) if n.endswith(".weight") else n.rsplit(".", 1)[-1] for n in names or []}
 
 
 def adapters_in_float32(model, init_from: str | Path | None = None) -> bool:
@@ -121,6 +179,39 @@ def adapters_in_float32(model, init_from: str | Path | None = None) -> bool:
 
 
 def trainable_summary(model) -> dict[str, int | float]:
-    """Counts of trainable and total parameters (4-bit weights counted as their logical size)."""
+    """Counts of trainable and total parameters (4-bit weights, 4-bit experts included, counted as their logical
+    size)."""
+    from finetune.model.moe_experts import quantized_expert_numel
+
     trainable, total = model.get_nb_trainable_parameters()
+    total += quantized_expert_numel(model)  # buffers, which peft does not count
     return {"trainable": int(trainable), "total": int(total), "percent": round(100 * trainable / max(total, 1), 4)}
+
+
+GROUPS = ("attention", "dense MLP", "experts", "router", "other")
+
+
+def trainable_groups(model) -> dict[str, int]:
+    """Trainable parameters by where they sit: attention, dense MLP (a dense model's MLP, a MoE's shared expert),
+    experts, router, other (embeddings, LM head, norms); every group listed, zeros included."""
+    out = dict.fromkeys(GROUPS, 0)
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if ".mlp.experts." in name:
+            group = "experts"
+        elif ".mlp.gate." in name:  # the router of the MoE families (Qwen2-MoE's shared_expert_gate: dense MLP)
+            group = "router"
+        elif "attn" in name or "attention" in name:
+            group = "attention"
+        elif ".mlp." in name or ".feed_forward." in name:
+            group = "dense MLP"
+        else:
+            group = "other"
+        out[group] += param.numel()
+    return out
+
+
+def groups_text(groups: dict[str, int]) -> str:
+    """`attention 1,024, dense MLP 0, experts 2,048, router 0` (other only when it holds some)."""
+    return ", ".join(f"{k} {v:,}" for k, v in groups.items() if v or k != "other")

@@ -10,29 +10,49 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.recipe.schema import ModelConfig
+from finetune.recipe.schema import ModelConfig, Recipe
 
 
 @dataclass(frozen=True)
 class Traits:
     """How a family's weights are laid out where that matters after training."""
 
-    # MoE experts as fused 3D parameters (transformers 5): peft adapts them as raw parameters (`target_parameters`),
-    # which only peft's own merge into the original weights knows
-    fused_experts: bool = False
+    # MoE experts as fused 3D parameters (transformers 5), by their names inside the layer; peft adapts them as raw
+    # parameters (`target_parameters`), bitsandbytes does not quantize them (`finetune.model.moe_experts` does)
+    expert_parameters: tuple[str, ...] = ()
+    # the router's weight (a raw parameter of a router module that is not an nn.Linear in transformers 5)
+    router_parameter: str | None = None
+    # peft 0.21 rewrites adapter targets named like transformers 4's experts (gate_proj, up_proj, down_proj, w1-w3,
+    # gate) into LoRA on the fused experts, whatever module they name (its v4 -> v5 conversion of this family)
+    peft_moves_mlp_names: bool = False
+
+    @property
+    def fused_experts(self) -> bool:
+        return bool(self.expert_parameters)
 
 
+_FUSED = {"expert_parameters": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+          "router_parameter": "mlp.gate.weight"}
 TRAITS: dict[str, Traits] = {
-    "qwen3_moe": Traits(fused_experts=True),
-    "qwen2_moe": Traits(fused_experts=True),
-    "mixtral": Traits(fused_experts=True),
-    "olmoe": Traits(fused_experts=True),
+    "qwen3_moe": Traits(**_FUSED, peft_moves_mlp_names=True),
+    "qwen2_moe": Traits(**_FUSED),  # its shared expert's gate_proj/up_proj/down_proj stay what they are
+    "mixtral": Traits(**_FUSED, peft_moves_mlp_names=True),
+    "olmoe": Traits(**_FUSED, peft_moves_mlp_names=True),
 }
 
 
 def traits(model_type: str | None) -> Traits:
     """The family's row (a plain Linear-layer decoder when not listed)."""
     return TRAITS.get(model_type or "", Traits())
+
+
+def experts_note(recipe: Recipe) -> str:
+    """What a QLoRA recipe does with a Mixture-of-Experts base's experts, for the model card ('' for dense models)."""
+    if not traits(model_type(recipe.model)).fused_experts:
+        return ""
+    if recipe.quantization.experts:
+        return ", the experts in NF4 too: finetune's quantization.experts"
+    return ", the experts unquantized: bitsandbytes quantizes linear layers only"
 
 
 def model_type(cfg: ModelConfig) -> str | None:

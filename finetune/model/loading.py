@@ -143,6 +143,21 @@ def _fix_bitsandbytes(model) -> None:
         record(model, "bitsandbytes", f"AVX-512 bf16 repacking off on {changed} Linear4bit layers (model/bnb_cpu.py)")
 
 
+def _quantize_experts(model, recipe: Recipe) -> None:
+    """`quantization.experts`: the fused experts of a MoE model to NF4 (model/moe_experts.py), recorded."""
+    from finetune.model.families import traits
+    from finetune.model.moe_experts import quantize_experts
+    from finetune.model.patches import record
+
+    names = traits(getattr(model.config, "model_type", None)).expert_parameters
+    quant = recipe.quantization
+    compute = resolve_dtype(recipe.model.dtype if quant.compute_dtype == "auto" else quant.compute_dtype)
+    done = quantize_experts(model, names, compute, quant.double_quant)
+    if done:
+        record(model, "experts", f"{done} fused expert weights in NF4, routed experts dequantized in the matmul "
+               "(model/moe_experts.py)")
+
+
 def load_model(recipe: Recipe, training: TrainingConfig | None = None, tokenizer=None):
     """Load the base model as the recipe says (4-bit NF4 for QLoRA), ready for adapters."""
     from transformers import AutoModelForCausalLM
@@ -166,6 +181,8 @@ def load_model(recipe: Recipe, training: TrainingConfig | None = None, tokenizer
         record(model, "base", origin)  # printed with the stage banner: the weights are a dequantized GGUF
     if quant is not None:
         _fix_bitsandbytes(model)
+    if recipe.quantization.experts:
+        _quantize_experts(model, recipe)
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     if tokenizer is not None:

@@ -36,7 +36,7 @@ from finetune.recipe.schema import Recipe
 
 RECORD = "_finetune_patches"  # attribute of the *ForCausalLM instance holding the record
 # "base": where the weights came from
-ORDER = ("base", "bitsandbytes", "kernel", "tiled mlp", "attention", "loss head", "offload")
+ORDER = ("base", "bitsandbytes", "experts", "kernel", "tiled mlp", "attention", "loss head", "offload")
 
 
 def causal_lm(model: Any) -> Any:
@@ -82,7 +82,7 @@ def apply_patches(model: Any, recipe: Recipe, stage: str, kind: Literal["sft", "
     Raises:
         FinetuneError: When this model was already patched, or the recipe's kernels do not fit it.
     """
-    done = [line for line in applied(model) if not line.startswith(("base:", "bitsandbytes:"))]  # what loading did
+    done = [line for line in applied(model) if not line.startswith(("base:", "bitsandbytes:", "experts:"))]  # loading
     if done:
         raise FinetuneError(f"stage '{stage}': the model is already patched ({done[0]}, ...); patches are applied "
                             "once per loaded model")

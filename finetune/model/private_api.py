@@ -64,6 +64,12 @@ PRIVATE: tuple[Private, ...] = (
     # peft
     Private("peft.tuners.tuners_utils:_maybe_include_all_linear_layers", "import", "model/adapters.py",
             "resolves `all-linear` to compare the recipe's lora keys with a saved adapter"),
+    Private("peft.utils.transformers_weight_conversion:_MODEL_TO_CONVERSION_PATTERN", "import",
+            "tests/unit/test_moe.py", "the families whose MLP-named targets peft rewrites onto the experts "
+            "(model/families.py Traits.peft_moves_mlp_names)",
+            "tests/unit/test_moe.py::test_families_peft_rewrites_are_peft_own"),
+    Private("transformers.integrations.moe:ALL_EXPERTS_FUNCTIONS", "import", "model/moe_experts.py",
+            "registers the 4-bit experts forward under its own name (transformers' experts interface)"),
     Private("peft.tuners.lora:Linear.lora_variant", "instance", "kernels/hf_forwards.py",
             "the fused LoRA ops step aside for LoRA variants (DoRA, ...)"),
     Private("peft.tuners.lora:Linear.lora_bias", "instance", "kernels/hf_forwards.py", "no fused path with lora_bias"),

@@ -97,6 +97,13 @@ class QuantizationConfig(Section):
     """Dtype the 4-bit weights are dequantized to for each matmul. `auto`: the model dtype."""
     quant_storage: DType = "auto"
     """Storage dtype of the packed 4-bit weights. FSDP needs it equal to the compute dtype; `auto` keeps uint8."""
+    experts: bool = False
+    """Mixture-of-Experts models: quantize the experts too (bitsandbytes converts `nn.Linear` layers only, and
+    transformers 5 keeps the experts as fused 3D weights, most of such a model: 54 of Qwen3-30B-A3B's 57 GB in bf16).
+    Each expert's weight becomes NF4 on its own (bitsandbytes' `quantize_4bit`, blocks of 64, `double_quant` as set),
+    and the forward runs only the experts each token is routed to, dequantizing them inside the matmul
+    (`finetune/model/moe_experts.py`). Needs `mode: nf4` and frozen experts (`lora.experts: none`). No effect on
+    dense models."""
 
 
 class LoraConfig(Section):
@@ -127,6 +134,20 @@ class LoraConfig(Section):
     init_weights: Literal["default", "gaussian", "pissa", "olora"] | bool = True
     """Adapter initialisation passed to peft (`true` is peft's default: B = 0, so training starts at the base).
     Ignored when the stage starts from a saved adapter (see `r`)."""
+    experts: Literal["none", "per_expert"] = "none"
+    """Mixture-of-Experts models (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE): LoRA on the experts. `none`: the experts stay
+    frozen and the other linear layers get adapters (attention, Qwen2-MoE's shared expert; not the dense MLP layers of
+    a Qwen3-MoE with `mlp_only_layers`, whose names peft 0.21 would move onto the experts), the smallest adapter: 13M
+    trainable parameters for Qwen3-30B-A3B at r=16.
+    `per_expert`: every expert of every layer gets its own rank-`r` update of its fused gate/up and down weights
+    (peft's `target_parameters`): r x (2 x hidden + 3 x expert size) weights per expert, 629M more for Qwen3-30B-A3B
+    at r=16 (9.4 GB more of weights, gradients and AdamW state), and peft builds each layer's whole expert stack with
+    the update added, which the backward keeps (one layer's with gradient checkpointing, else every layer's); LoRA
+    dropout cannot apply to it (set `dropout: 0`). No effect on dense models. Ignored when the stage starts from a
+    saved adapter (see `r`)."""
+    router: bool = False
+    """Mixture-of-Experts models: LoRA on the router (the gate that picks each token's experts) too. Off: the routing
+    the model was trained with is kept. Needs `dropout: 0`, like `experts: per_expert`. No effect on dense models."""
 
 
 DataFormat = Literal["auto", "messages", "alpaca", "sharegpt", "prompt_completion", "text", "preference", "unpaired",
@@ -852,6 +873,16 @@ class Recipe(Section):
             problems += _watch_problems(training, data, f"stages[{i}] ({stage.name})" if self.stages else "training")
             if stage.kind == "dpo" and stage.dpo.label_smoothing and stage.dpo.loss_type != "sigmoid":
                 problems.append(f"stages[{i}].dpo.label_smoothing works with loss_type 'sigmoid' only")
+        if self.quantization.experts and self.quantization.mode != "nf4":
+            problems.append("quantization.experts: true quantizes the experts to NF4; set quantization.mode: nf4")
+        if self.quantization.experts and self.lora.experts != "none":
+            problems.append("quantization.experts: true keeps the experts frozen in 4-bit, where peft cannot add "
+                            "per-expert adapters; set lora.experts: none, or quantization.experts: false")
+        if self.lora.dropout and (self.lora.experts != "none" or self.lora.router):
+            on = "lora.experts: per_expert" if self.lora.experts != "none" else "lora.router: true"
+            problems.append(f"lora.dropout: {self.lora.dropout:g} with {on}: peft adapts the experts and the router "
+                            "as raw parameters, where LoRA dropout cannot apply; set lora.dropout: 0 (or leave the "
+                            "experts and the router without adapters)")
         if self.quantization.mode != "none" and self.lora.use_dora and self.kernels.enabled():
             problems.append(
                 "kernels: the fused kernels do not support DoRA; set lora.use_dora: false or turn kernels off"

@@ -22,7 +22,14 @@ from typing import Any
 from finetune.data import apply_template, build_dataset
 from finetune.distributed.process import gathered_state_dict, is_main_process
 from finetune.errors import FinetuneError
-from finetune.model.adapters import adapters_in_float32, attach, prepare_base, trainable_summary
+from finetune.model.adapters import (
+    adapters_in_float32,
+    attach,
+    groups_text,
+    prepare_base,
+    trainable_groups,
+    trainable_summary,
+)
 from finetune.model.loading import load_model, load_tokenizer
 from finetune.model.patches import applied, apply_patches
 from finetune.recipe.schema import DPOConfig
@@ -61,7 +68,8 @@ def run_dpo(ctx: StageContext, tokenizer=None) -> StageResult:
     model = trainer.model
     params = trainable_summary(model)
     print(f"[{name}] reference policy: {reference['description']}", flush=True)
-    print(f"[{name}] {describe_loss(dpo)}; adapter: {params['trainable']:,} trainable parameters; "
+    print(f"[{name}] {describe_loss(dpo)}; adapter: {params['trainable']:,} trainable parameters "
+          f"({groups_text(trainable_groups(model))}); "
           f"{len(train_ds)} training pairs", flush=True)
 
     task_rows = load_task_rows(data.task_eval, data.task_eval_max_rows)

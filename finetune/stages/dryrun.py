@@ -134,6 +134,8 @@ def _stage_plan(recipe: Recipe, stage: StageConfig, tokenizer, model, say,
                 plan["tokens"] = sum(lengths) * (stage.grpo.num_generations if stage.kind == "grpo" else 1)
     if "rows" not in plan:
         raise FinetuneError(f"stage {stage.name}: no training data")
+    if stage.kind == "sft" and lengths:
+        _routing(model, ds["input_ids"][:16], plan, say)
     # grpo: the batch counts completions, num_generations per prompt row
     samples = plan["rows"] * (stage.grpo.num_generations if stage.kind == "grpo" else 1)
     steps = total_steps(samples, training)
@@ -169,6 +171,21 @@ def _stage_plan(recipe: Recipe, stage: StageConfig, tokenizer, model, say,
     return plan
 
 
+def _routing(model, rows: list[list[int]], plan: dict[str, Any], say) -> None:
+    """A MoE model's expert load on the first training rows (`finetune.eval.routing`), one forward per row."""
+    import torch
+
+    from finetune.eval.routing import expert_load, load_line
+    from finetune.model.adapters import family_traits
+
+    if not family_traits(model).fused_experts:
+        return
+    device = next(model.parameters()).device
+    shares = expert_load(model, [{"input_ids": torch.tensor([ids], device=device)} for ids in rows])
+    plan["expert_load"] = shares.tolist()
+    say(f"  {load_line(shares, len(rows))}")
+
+
 def _output_status(recipe: Recipe) -> str:
     from finetune.run.files import read_json
     from finetune.run.resume import check_writable
@@ -193,7 +210,7 @@ def dry_run(recipe: Recipe, say=print, length_cap: int | None = None) -> dict[st
     Raises:
         FinetuneError: a data check failed, the output folder is not writable, or the data is unusable.
     """
-    from finetune.model.adapters import attach, prepare_base, trainable_summary
+    from finetune.model.adapters import attach, groups_text, prepare_base, trainable_groups, trainable_summary
     from finetune.model.loading import load_model, load_tokenizer
 
     say("dry run: nothing is trained and the run folder is not written")
@@ -209,8 +226,14 @@ def dry_run(recipe: Recipe, say=print, length_cap: int | None = None) -> dict[st
     model = prepare_base(model, first.gradient_checkpointing)
     model = attach(model, recipe.lora)
     params = trainable_summary(model)
-    say(f"model: {recipe.model.name_or_path} (quantization {recipe.quantization.mode}), {params['total']:,} "
-        f"parameters; adapter r={recipe.lora.r}: {params['trainable']:,} trainable ({params['percent']}%)")
+    from finetune.model.adapters import family_traits
+
+    experts = ""
+    if family_traits(model).fused_experts and recipe.quantization.mode != "none":
+        experts = ", experts in NF4" if recipe.quantization.experts else ", experts not quantized"
+    say(f"model: {recipe.model.name_or_path} (quantization {recipe.quantization.mode}{experts}), {params['total']:,} "
+        f"parameters; adapter r={recipe.lora.r}: {params['trainable']:,} trainable ({params['percent']}%: "
+        f"{groups_text(trainable_groups(model))})")
     where, free = _available_memory()
     say(f"device: {where}")
     plans = {}

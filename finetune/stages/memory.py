@@ -5,12 +5,16 @@ The parts, in bytes, at the longest micro-batch (`tokens` = sequences x their le
 - `quantized_weights`: 4-bit NF4 linear weights, half a byte each, plus their block scales (blocks of 64: a float32
   scale each, or with double quantization an 8-bit one and a float32 per 256 blocks);
 - `frozen_weights`: frozen floating weights in the dtype they were loaded in: embeddings, LM head (unless tied),
-  norms, and every linear weight of a base that is not quantized;
+  norms, MoE routers, and every linear weight of a base that is not quantized;
+- `expert_weights` (MoE models): the experts' fused weights (experts x 3 x hidden x expert size per MoE layer, from
+  the config), in their loaded dtype (bitsandbytes quantizes `nn.Linear` only), or NF4 (`quantization.experts`);
 - `adapter`: trainable weights (float32), their gradients (float32) and the optimizer state;
 - `kept_activations`: what the forward keeps for backward. With gradient checkpointing each layer's input; without
   it every layer's activations (`layer_activation_bytes`: norm inputs in float32, q/k/v/attention output, the MLP's
-  gate, up, activation and product, LoRA dropout outputs and masks, eager attention's score matrices); none with
-  `training.offload_activations` (they wait in host memory: a GPU's estimate);
+  gate, up, activation and product, LoRA dropout outputs and masks, eager attention's score matrices; a MoE layer
+  its router logits, per routed expert and token the expert's input, gate/up output and product, and peft's expert
+  stacks with `lora.experts: per_expert`); none with `training.offload_activations` (they wait in host memory: a
+  GPU's estimate);
 - `recomputed_layer`: with checkpointing, the one layer recomputed in backward, and the gradients flowing through it;
   with a tiled MLP (`training.tiled_mlp`, `finetune.model.tiled_mlp`) no layer keeps its MLP's intermediates (gate,
   activation, up, the down projection's input, the LoRA outputs and dropout masks): one tile's are alive at a time,
@@ -34,57 +38,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from finetune.model import tiled_mlp
+from finetune.stages.model_shape import ModelShape
 
 NF4_BLOCK = 64
 RECIPE_MARGIN = 0.85  # a recipe's estimate stays under this share of its stated GPU (see the module docstring)
-_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The sizes of a decoder-only transformer that memory depends on."""
-
-    hidden: int
-    layers: int
-    intermediate: int
-    q_dim: int  # attention heads x head size
-    kv_dim: int  # key/value heads x head size
-    heads: int
-    vocab: int
-    tied: bool  # LM head shares the embedding matrix
-
-    @classmethod
-    def of(cls, config: Any) -> ModelShape:
-        """From a transformers config (the text config of a multimodal one)."""
-        cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-        heads = cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        return cls(hidden=cfg.hidden_size, layers=cfg.num_hidden_layers,
-                   intermediate=getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size,
-                   q_dim=heads * head_dim, kv_dim=kv_heads * head_dim, heads=heads, vocab=cfg.vocab_size,
-                   tied=bool(getattr(cfg, "tie_word_embeddings", False)))
-
-    def linear_dims(self) -> dict[str, tuple[int, int]]:
-        """(in, out) of each projection of one layer."""
-        h, i = self.hidden, self.intermediate
-        return {"q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim),
-                "o_proj": (self.q_dim, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-
-    @property
-    def linear_params(self) -> int:
-        return self.layers * sum(a * b for a, b in self.linear_dims().values())
-
-    @property
-    def floating_params(self) -> int:
-        """Embeddings, LM head (when not tied) and norms (two per layer and the final one)."""
-        return self.vocab * self.hidden * (1 if self.tied else 2) + (2 * self.layers + 1) * self.hidden
-
-    def lora_params(self, r: int, targets: str | list[str]) -> int:
-        """Trainable LoRA weights for rank `r` on `targets` (`all-linear` or projection names)."""
-        names = _LORA_TARGETS if targets == "all-linear" else [t for t in targets if t in _LORA_TARGETS]
-        dims = self.linear_dims()
-        return self.layers * sum(r * (dims[n][0] + dims[n][1]) for n in names)
 
 
 @dataclass
@@ -98,11 +55,12 @@ class Memory:
     recomputed_layer: int
     loss: int
     generation_cache: int = 0
+    expert_weights: int = 0
 
     @property
     def total(self) -> int:
         """The weights and optimizer state, plus the larger of the training step's buffers and sampling's cache."""
-        static = self.quantized_weights + self.frozen_weights + self.adapter
+        static = self.quantized_weights + self.frozen_weights + self.expert_weights + self.adapter
         return static + max(self.kept_activations + self.recomputed_layer + self.loss, self.generation_cache)
 
     def line(self) -> str:
@@ -130,7 +88,8 @@ def optimizer_bytes_per_param(optimizer: str) -> int:
 
 
 def layer_activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, dropout: bool = False,
-                           lora_r: int = 0, eager: tuple[int, int] | None = None) -> int:
+                           lora_r: int = 0, eager: tuple[int, int] | None = None, moe: bool = False,
+                           expert_copy_bytes: int = 0, expert_inputs: int = 1) -> int:
     """What one decoder layer with LoRA on every projection keeps for backward over `tokens` tokens.
 
     Per token (measured with saved-tensor hooks on the tiny model, `tests/integration/test_dry_run.py`): each RMSNorm
@@ -140,13 +99,24 @@ def layer_activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, dropo
     a bf16 copy per adapter (5 x hidden + q + intermediate), in float32 one per distinct input (2 x hidden + q +
     intermediate); with LoRA dropout each adapter also keeps its float32 mask. Each branch keeps its rank-r output.
     `eager` (sequences, length): eager attention's score and probability matrices.
+
+    `moe`: a MoE layer (linear adapters on attention only): the router's float32 logits and probabilities and, for
+    each of the token's `top_k` experts, `expert_inputs` copies of its input (2 when bitsandbytes' 4-bit matmul or
+    peft's parametrized weight keeps one more), its gate/up output and product. `expert_copy_bytes`: what peft builds
+    per layer for `lora.experts: per_expert` and the backward keeps (measured: two expert stacks).
     """
     h, q, kv, i = shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate
-    per_adapter = 5 * h + q + i
-    lora_inputs = per_adapter if act_bytes < 4 or dropout else 2 * h + q + i
-    per_token = (8 * h + 8 + 4 * shape.heads + act_bytes * (2 * q + 2 * kv + 3 * i + lora_inputs + 7 * lora_r)
+    if moe:  # adapters on q, k, v (input: hidden) and o (input: q); the MLP's experts, see the docstring
+        hidden_inputs, mlp_input, distinct_hidden, adapters = 3, 0, 1, 4
+        mlp = act_bytes * shape.top_k * (expert_inputs * h + 3 * shape.expert_intermediate) + 8 * shape.experts
+    else:
+        hidden_inputs, mlp_input, distinct_hidden, adapters = 5, i, 2, 7
+        mlp = act_bytes * 3 * i
+    per_adapter = hidden_inputs * h + q + mlp_input
+    lora_inputs = per_adapter if act_bytes < 4 or dropout else distinct_hidden * h + q + mlp_input
+    per_token = (8 * h + 8 + 4 * shape.heads + act_bytes * (2 * q + 2 * kv + lora_inputs + adapters * lora_r) + mlp
                  + (4 * per_adapter if dropout else 0))
-    total = tokens * per_token
+    total = tokens * per_token + expert_copy_bytes
     if eager is not None:
         sequences, length = eager
         total += 2 * sequences * shape.heads * length * length * act_bytes
@@ -211,27 +181,34 @@ def estimate(shape: ModelShape, *, recipe: Any, training: Any, kind: str, sequen
     quantized = recipe.quantization.mode != "none"
     frozen = shape.floating_params * dtype_bytes + (0 if quantized else shape.linear_params * dtype_bytes)
     q_bytes = nf4_bytes(shape.linear_params, recipe.quantization.double_quant) if quantized else 0
+    lora = recipe.lora
     if trainable is None:
-        trainable = shape.lora_params(recipe.lora.r, recipe.lora.target_modules)
+        trainable = shape.lora_params(lora.r, lora.target_modules, lora.experts, lora.router)
     adapter = trainable * (8 + optimizer_bytes_per_param(training.optimizer))
-    dropout = recipe.lora.dropout > 0
-    layer = layer_activation_bytes(shape, tokens, act_bytes, dropout=dropout, lora_r=recipe.lora.r,
-                                   eager=(sequences, seq_len) if eager else None)
-    tile = 0  # a tiled MLP: no layer keeps its MLP intermediates, one tile's are alive in backward
+    kwargs = {"dropout": lora.dropout > 0, "lora_r": lora.r, "eager": (sequences, seq_len) if eager else None}
+    dense_layer = layer_activation_bytes(shape, tokens, act_bytes, **kwargs) if shape.dense_layers else 0
+    tile = 0  # a tiled MLP (dense layers): no layer keeps its MLP intermediates, one tile's are alive in backward
     tiles = tiled_mlp.tile_count(getattr(training, "tiled_mlp", "off"), seq_len)
-    if tiles > 1:
-        layer -= mlp_activation_bytes(shape, tokens, act_bytes, dropout, recipe.lora.r)
-        tile = mlp_activation_bytes(shape, sequences * -(-seq_len // tiles), act_bytes, dropout, recipe.lora.r)
+    if tiles > 1 and shape.dense_layers:
+        dense_layer -= mlp_activation_bytes(shape, tokens, act_bytes, lora.dropout > 0, lora.r)
+        tile = mlp_activation_bytes(shape, sequences * -(-seq_len // tiles), act_bytes, lora.dropout > 0, lora.r)
+    per_expert, nf4_experts = lora.experts == "per_expert", quantized and recipe.quantization.experts
+    copy = 2 * shape.expert_params // max(shape.moe_layers, 1) * dtype_bytes if per_expert else 0
+    moe_layer = shape.moe_layers and layer_activation_bytes(shape, tokens, act_bytes, moe=True, expert_copy_bytes=copy,
+                                                            expert_inputs=1 + (per_expert or nf4_experts), **kwargs)
     if training.gradient_checkpointing:
         kept = shape.layers * tokens * shape.hidden * act_bytes
-        recomputed = layer + tile + 2 * tokens * shape.hidden * act_bytes  # and the gradients in and out of it
+        recomputed = max(dense_layer + tile, moe_layer) + 2 * tokens * shape.hidden * act_bytes  # and grads in/out
     else:
-        kept, recomputed = shape.layers * layer, tile
+        kept = shape.dense_layers * dense_layer + shape.moe_layers * moe_layer
+        recomputed = tile
     if getattr(training, "offload_activations", False):
         kept = 0  # in host memory (a GPU's estimate; on the CPU nothing is moved)
     return Memory(quantized_weights=q_bytes, frozen_weights=frozen, adapter=adapter, kept_activations=kept,
                   recomputed_layer=recomputed, loss=loss_bytes(shape, tokens, labelled, act_bytes, label_loss, kind),
-                  generation_cache=generation_cache_bytes(shape, *generation, act_bytes) if generation else 0)
+                  generation_cache=generation_cache_bytes(shape, *generation, act_bytes) if generation else 0,
+                  expert_weights=nf4_bytes(shape.expert_params, recipe.quantization.double_quant)
+                  if quantized and recipe.quantization.experts else shape.expert_params * dtype_bytes)
 
 
 def sequences_per_micro_batch(kind: str, micro_batch_size: int) -> int:

@@ -8,7 +8,7 @@ from finetune.data import apply_template, build_dataset
 from finetune.data.textonly import invented_template, trains_on_text_only, without_template
 from finetune.distributed.process import gathered_state_dict, is_main_process
 from finetune.model import loss_heads
-from finetune.model.adapters import attach, prepare_base, trainable_summary
+from finetune.model.adapters import attach, groups_text, prepare_base, trainable_groups, trainable_summary
 from finetune.model.loading import load_model, load_tokenizer
 from finetune.model.patches import apply_patches
 from finetune.run.files import write_dir_atomic
@@ -57,7 +57,8 @@ def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
     model = attach(model, recipe.lora, ctx.init_adapter, stage=ctx.stage.name)
     params = trainable_summary(model)
     print(f"[{ctx.stage.name}] adapter: {params['trainable']:,} trainable of {params['total']:,} parameters "
-          f"({params['percent']}%); {'streamed' if data.streaming else len(train_ds)} training samples", flush=True)
+          f"({params['percent']}%: {groups_text(trainable_groups(model))}); "
+          f"{'streamed' if data.streaming else len(train_ds)} training samples", flush=True)
     padding_free = data.packing or padding_free_batches(ctx)
     config = SFTConfig(
         **trainer_kwargs(ctx, has_eval=eval_ds is not None),

@@ -67,10 +67,11 @@ def zoo(request, tmp_path_factory) -> dict:
                                           for q, a, _ in task_rows(8, 5)])
     quant = MATRIX[family][0]
     recipe = folder / "recipe.yaml"
+    experts = ", experts: per_expert" if "moe" in family or family == "mixtral" else ""  # LoRA on every expert too
     recipe.write_text(f"""name: zoo-{family}
 model: {{name_or_path: {model}, dtype: float32}}
 quantization: {{mode: {quant}{', compute_dtype: float32' if quant != 'none' else ''}}}
-lora: {{r: 8, alpha: 16}}
+lora: {{r: 8, alpha: 16{experts}}}
 data: {{train: [{{path: {train}}}], eval: [{{path: {held}}}], max_length: 64, task_eval: {task},
         task_eval_max_new_tokens: 4}}
 training: {{max_steps: {SFT_STEPS}, micro_batch_size: 8, learning_rate: 2.0e-2, logging_steps: 1, seed: 0}}
@@ -80,7 +81,7 @@ output: {{dir: {folder / 'run'}}}
     assert out.exit_code == 0, out.output
     TIMES[family] = time.perf_counter() - started
     return {"family": family, "model": model, "recipe": recipe, "run": folder / "run", "chat": chat,
-            "train_output": out.output, "folder": folder}
+            "train_output": out.output, "folder": folder, "experts": experts}
 
 
 def test_validate(zoo):
@@ -185,7 +186,8 @@ def test_generate_chat_and_raw(zoo):
 
 
 def test_dpo_moves_the_rewards_the_preferred_way(zoo):
-    """DPO from the SFT adapter (chat families; a text run has no pairs): held-out margins start at 0 and grow."""
+    """DPO from the SFT adapter (chat families; a text run has no pairs): held-out margins start at 0 and grow; the
+    same `lora` section as the adapter's (MoE: LoRA on every expert) is not reported as ignored."""
     if not zoo["chat"]:
         pytest.skip("a base family trains on text; DPO needs chat pairs")
     folder = zoo["folder"]
@@ -196,7 +198,7 @@ def test_dpo_moves_the_rewards_the_preferred_way(zoo):
     recipe.write_text(f"""name: zoo-dpo
 model: {{name_or_path: {zoo['model']}, dtype: float32}}
 quantization: {{mode: none}}
-lora: {{r: 8, alpha: 16}}
+lora: {{r: 8, alpha: 16{zoo['experts']}}}
 data: {{train: [{{path: {train}}}], eval: [{{path: {held}}}], max_length: 64}}
 training: {{max_steps: 30, micro_batch_size: 8, learning_rate: 1.0e-2, logging_steps: 1, seed: 0}}
 stages: [{{name: dpo, kind: dpo, init_from: {zoo['run'] / 'sft' / 'adapter'}}}]
@@ -204,6 +206,7 @@ output: {{dir: {folder / 'dpo-run'}}}
 """)
     out = runner.invoke(app, ["train", str(recipe)])
     assert out.exit_code == 0, out.output
+    assert "lora keys are ignored" not in out.output, out.output  # the recipe's lora is the adapter's own
     m = json.loads((folder / "dpo-run" / "dpo" / "summary.json").read_text())["metrics"]
     assert abs(m["eval_before"]["rewards/margins"]) < 1e-5
     assert m["eval_after"]["rewards/margins"] > 0.05 and m["eval_after"]["rewards/accuracies"] >= 0.75, m
@@ -271,29 +274,34 @@ output: {{dir: {tmp_path / 'run'}}}
     assert meta["verification"]["original"]["mean_kl"] < 1e-4
 
 
-def test_qlora_moe_merge_is_refused_up_front_and_merges_into_the_original_weights(tmp_path):
-    """QLoRA on Qwen3-MoE (the experts' quantization is issue 30): it trains; `ft validate` says before training that
-    the default merge into dequantized weights is refused and what to do, `ft export` refuses it in one line, and
-    `--merge-into original` is verified (its KL is the 4-bit error of the attention layers the adapter saw)."""
+def test_qlora_moe_with_expert_adapters_merges_either_way(tmp_path):
+    """QLoRA on Qwen3-MoE with LoRA on every expert and the router (`lora.experts: per_expert`, `lora.router`): it
+    trains; the default merge (into the weights training ran: dequantized attention, the experts as loaded) is verified
+    like a dense one, and `--merge-into original` too (its KL is the 4-bit error of the attention layers)."""
     model = build("qwen3-moe", tmp_path / "model")
     data = _write(tmp_path / "train.jsonl", _rows(True, 32))
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"""name: zoo-moe-qlora
 model: {{name_or_path: {model}, dtype: float32}}
 quantization: {{mode: nf4, compute_dtype: float32}}
-lora: {{r: 8, alpha: 16}}
+lora: {{r: 8, alpha: 16, experts: per_expert, router: true}}
 data: {{train: [{{path: {data}}}], max_length: 64}}
 training: {{max_steps: 4, micro_batch_size: 8, learning_rate: 2.0e-2, logging_steps: 1, seed: 0}}
 output: {{dir: {tmp_path / 'run'}}}
 """)
     validated = runner.invoke(app, ["validate", str(recipe)]).output
-    assert "ft export --format merged --merge-into dequantized (the QLoRA default): refused" in validated
-    assert "instead: ft export --format merged --merge-into original, or --format adapter" in validated
+    assert validated.count(": refused,") == 1 and "gguf: refused" in validated  # GGUF only: the merge is made
     out = runner.invoke(app, ["train", str(recipe)])
     assert out.exit_code == 0, out.output
+    assert re.search(r"attention [1-9][\d,]*, dense MLP 0, experts [1-9][\d,]*, router [1-9]", out.output), out.output
     out = runner.invoke(app, ["export", str(tmp_path / "run"), "--format", "merged"])
-    assert out.exit_code == 1 and out.output.count("\n") == 1 and "pass --merge-into original" in out.output
-    out = runner.invoke(app, ["export", str(tmp_path / "run"), "--format", "merged", "--merge-into", "original"])
+    assert out.exit_code == 0, out.output
+    meta = json.loads((tmp_path / "run" / "export" / "sft-merged" / "export.json").read_text())
+    assert meta["verification"]["dequantized"]["mean_kl"] < 1e-4, meta["verification"]
+    card = (tmp_path / "run" / "export" / "sft-merged" / "README.md").read_text()
+    assert "4-bit base (QLoRA, the experts unquantized: bitsandbytes quantizes linear layers only)" in card
+    out = runner.invoke(app, ["export", str(tmp_path / "run"), "--format", "merged", "--merge-into", "original",
+                              "--overwrite"])
     assert out.exit_code == 0, out.output
     meta = json.loads((tmp_path / "run" / "export" / "sft-merged" / "export.json").read_text())
     assert meta["verification"]["original"]["mean_kl"] < 0.01

@@ -99,17 +99,17 @@ def test_plain_lora_is_mergeable(tmp_path):
 
     LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]).save_pretrained(str(tmp_path))
     plain = json.loads((tmp_path / "adapter_config.json").read_text())
-    refused = {"use_dora": True, "lora_bias": True, "trainable_token_indices": [1], "target_parameters": ["w"]}
+    refused = {"use_dora": True, "lora_bias": True, "trainable_token_indices": [1]}
     assert refused.keys() <= plain.keys()
     check_mergeable(tmp_path)
     for key, value in refused.items():
         (tmp_path / "adapter_config.json").write_text(json.dumps({**plain, key: value}))
         with pytest.raises(FinetuneError, match="--format adapter"):
             check_mergeable(tmp_path)
-    # LoRA on raw parameters (MoE experts): peft merges it into the original weights (tests/integration/
-    # test_model_zoo.py verifies Qwen3-MoE and Mixtral merges), only the merge into dequantized weights is refused
-    with pytest.raises(FinetuneError, match="pass --merge-into original"):
-        check_mergeable(tmp_path, "dequantized")
+    # LoRA on raw parameters (MoE experts, routers) merges either way (tests/unit/test_moe.py, tests/integration/
+    # test_model_zoo.py verify Qwen3-MoE and Mixtral merges)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**plain, "target_parameters": ["w"]}))
+    check_mergeable(tmp_path, "dequantized")
     check_mergeable(tmp_path, "original")
 
 
