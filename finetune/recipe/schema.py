@@ -324,6 +324,11 @@ class TrainingConfig(Section):
     """On a GPU, move the tensors the forward keeps for backward to pinned host memory as they are saved, and back
     when backward needs them (with gradient checkpointing: each layer's input, the bulk of what remains at long
     context). Costs the copies over PCIe; loss and gradients stay the same. No effect on the CPU (nothing to move)."""
+    release_host_memory: Literal["auto", "on", "off"] = "auto"
+    """CPU training: have glibc map every freed block of 1 MB or more back to the system, so that the process's
+    resident memory follows the tensors alive instead of climbing with the heap's fragments (3.5x less peak memory
+    on an 8k-token row, about 15% slower). `auto`: when `data.max_length` is over 4096 tokens; `on`; `off`. No effect
+    on a GPU run."""
     precision: Precision = "auto"
     """Autocast precision. `auto`: bf16 on a GPU that supports it, fp16 on other GPUs, fp32 on CPU."""
     logging_steps: Annotated[int, Field(ge=1)] = 5

@@ -126,6 +126,12 @@ def run_pipeline(recipe: Recipe, recipe_path: str | Path | None = None, from_sta
         raise FinetuneError(f"--from-stage {from_stage}: the recipe has no such stage (stages: {', '.join(names)})")
     main = is_main_process()  # with several processes only the main one writes the run folder
     run_dir, lock = open_run_dir(recipe, from_stage, resume) if main else (recipe.output_dir(), None)
+    import torch
+
+    from finetune.stages import host_memory
+
+    if (line := host_memory.apply(recipe, torch.cuda.is_available())) and main:
+        print(f"[run] {line}", flush=True)
     try:
         return _run_stages(recipe, stages, run_dir, recipe_path, from_stage, resume, allow_changed_data,
                            resume_from)

@@ -1,0 +1,59 @@
+"""`training.release_host_memory`: glibc's mmap threshold is fixed for CPU training of long rows (auto), always (on)
+or never (off), never on a GPU run, and a C library that is not glibc is left alone with the reason."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from finetune.recipe.schema import Recipe
+from finetune.stages import host_memory
+
+
+class FakeGlibc:
+    def __init__(self, result: int = 1):
+        self.calls: list[tuple[int, int]] = []
+        self.result = result
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append((param, value))
+        return self.result
+
+    def gnu_get_libc_version(self) -> bytes:
+        return b"2.36"
+
+
+def _recipe(setting: str, max_length: int) -> Recipe:
+    return Recipe.model_validate({"model": {"name_or_path": "m"}, "data": {"train": [{"path": "x"}],
+                                                                            "max_length": max_length},
+                                  "training": {"release_host_memory": setting}})
+
+
+@pytest.mark.parametrize("setting, length, cuda, called", [
+    ("auto", 8192, False, True), ("auto", 4096, False, False), ("on", 128, False, True), ("off", 32768, False, False),
+    ("on", 32768, True, False), ("auto", 32768, True, False)])
+def test_when_the_threshold_is_fixed(setting, length, cuda, called):
+    libc = FakeGlibc()
+    line = host_memory.apply(_recipe(setting, length), cuda=cuda, libc=libc)
+    assert (libc.calls == [(host_memory.M_MMAP_THRESHOLD, 1 << 20)]) is called
+    assert (line is not None and "returned to the system" in line) is called
+
+
+def test_other_c_libraries_and_refusals_are_said():
+    class Musl:
+        def mallopt(self, *a):
+            raise AssertionError("not called")
+
+    assert "not glibc" in host_memory.apply(_recipe("on", 128), cuda=False, libc=Musl())
+    assert "refused" in host_memory.apply(_recipe("on", 128), cuda=False, libc=FakeGlibc(result=0))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc")
+def test_this_machines_glibc_takes_it():
+    code = ("from finetune.recipe.schema import Recipe; from finetune.stages import host_memory as h; "
+            "r = Recipe.model_validate({'model': {'name_or_path': 'm'}, 'data': {'train': [{'path': 'x'}]}, "
+            "'training': {'release_host_memory': 'on'}}); print(h.apply(r, cuda=False))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "returned to the system" in out, out
