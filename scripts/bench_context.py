@@ -28,16 +28,13 @@ import json
 import os
 import random
 import shutil
-import signal
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_assets import PRESETS, build_assets, make_rows, write_jsonl  # noqa: E402
-from bench_proc import child_env, write_probe_hook  # noqa: E402
+from bench_proc import child_env, run_measured, write_probe_hook  # noqa: E402
 from bench_train import ours_command, trl_command  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,45 +78,6 @@ def long_rows(preset: str, words: list[str] | None, length: int, n: int, seed: i
     return rows
 
 
-def run_capped(cmd: list[str], env: dict, log: Path, cap: int, poll: float = 0.1) -> dict:
-    """Run a command; its wall time, exit code and peak RSS (wait4: its largest process). Stopped (SIGKILL to its
-    process group) as soon as its process tree's resident memory passes `cap` bytes."""
-    import psutil
-
-    over = [False]
-    tree_peak = [0]
-    with log.open("w") as out:
-        t0 = time.time()
-        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-        def watch() -> None:
-            try:
-                root = psutil.Process(proc.pid)
-                while proc.returncode is None:
-                    total = 0
-                    for p in [root, *root.children(recursive=True)]:
-                        try:
-                            total += p.memory_info().rss
-                        except psutil.Error:
-                            pass
-                    tree_peak[0] = max(tree_peak[0], total)
-                    if total > cap:
-                        over[0] = True
-                        os.killpg(proc.pid, signal.SIGKILL)
-                        return
-                    time.sleep(poll)
-            except (psutil.Error, ProcessLookupError):
-                pass
-
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        watcher.join(timeout=2)
-    return {"wall_seconds": time.time() - t0, "exit_code": proc.returncode, "over_cap": over[0],
-            "peak_rss_mb": usage.ru_maxrss / 1024, "tree_peak_rss_mb": tree_peak[0] / 2**20}
-
-
 def run_one(side: str, length: int, args: argparse.Namespace, assets: dict, probe_dir: Path) -> dict:
     run = Path(args.work) / "runs" / f"{args.preset}-{side}-{length}"
     shutil.rmtree(run, ignore_errors=True)
@@ -133,7 +91,7 @@ def run_one(side: str, length: int, args: argparse.Namespace, assets: dict, prob
     cmd = (ours_command(run, here, w, args.steps, OURS_SET[side]) if side.startswith("ours")
            else trl_command(side, run, here, w, args.steps))
     print(f"[context] {side} at {length} tokens: {' '.join(cmd)}", flush=True)
-    m = run_capped(cmd, child_env(run, args.threads, probe_dir), run / "log.txt", args.cap_bytes)
+    m = run_measured(cmd, child_env(run, args.threads, probe_dir), run / "log.txt", poll=0.1, cap=args.cap_bytes)
     probe = json.loads((run / "probe.json").read_text()) if (run / "probe.json").exists() else {}
     result = {"side": side, "length": length, **m}
     steps = probe.get("steps") or []

@@ -4,6 +4,7 @@ run, running it with its wall time and peak memory, and the `sitecustomize` hook
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -26,14 +27,19 @@ def child_env(run: Path, threads: int, probe_dir: Path) -> dict:
     return env
 
 
-def run_measured(cmd: list[str], env: dict, log: Path, poll: float = 0.2) -> dict:
-    """Run a command; wall time, exit code, peak RSS of its largest process (wait4) and of its tree (sampled)."""
+def run_measured(cmd: list[str], env: dict, log: Path, poll: float = 0.2, cap: int | None = None) -> dict:
+    """Run a command; wall time, exit code, peak RSS of its largest process (wait4) and of its tree (sampled).
+
+    With `cap` (bytes) the command's process group is killed as soon as its tree's resident memory passes it
+    (`over_cap` says so)."""
     import psutil
 
     tree_peak = [0]
+    over = [False]
     with log.open("w") as out:
         t0 = time.time()
-        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=cap is not None)
 
         def sample() -> None:
             try:
@@ -46,8 +52,12 @@ def run_measured(cmd: list[str], env: dict, log: Path, poll: float = 0.2) -> dic
                         except psutil.Error:
                             pass
                     tree_peak[0] = max(tree_peak[0], total)
+                    if cap is not None and total > cap:
+                        over[0] = True
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        return
                     time.sleep(poll)
-            except psutil.Error:
+            except (psutil.Error, ProcessLookupError):
                 pass
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -56,7 +66,7 @@ def run_measured(cmd: list[str], env: dict, log: Path, poll: float = 0.2) -> dic
         proc.returncode = os.waitstatus_to_exitcode(status)
         wall = time.time() - t0
         sampler.join(timeout=2)
-    return {"t_launch": t0, "wall_seconds": wall, "exit_code": proc.returncode,
+    return {"t_launch": t0, "wall_seconds": wall, "exit_code": proc.returncode, "over_cap": over[0],
             "peak_rss_mb": usage.ru_maxrss / 1024, "tree_peak_rss_mb": tree_peak[0] / 2**20}
 
 

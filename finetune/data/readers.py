@@ -123,16 +123,18 @@ def _read_file(file: Path, key: str) -> tuple[list[Any], list[str]]:
         except json.JSONDecodeError as e:
             if e.msg != "Extra data":
                 raise FinetuneError(f"{key}: {file} line {e.lineno} is not valid JSON ({e.msg})") from None
-            return _json_lines(text, file, key)  # a JSON Lines file named .json
+            return json_lines(text, file, key)  # a JSON Lines file named .json
         if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
             data = next(iter(data.values()))  # {"data": [...]}
         if not isinstance(data, list):
             raise FinetuneError(f"{key}: {file} holds a JSON {type(data).__name__}; expected a list of rows")
         return data, [f"row {i + 1}" for i in range(len(data))]
-    return _json_lines(text, file, key)
+    return json_lines(text, file, key)
 
 
-def _json_lines(text: str, file: Path, key: str) -> tuple[list[Any], list[str]]:
+def json_lines(text: str, file: Path | str, key: str) -> tuple[list[Any], list[str]]:
+    """The rows of JSON Lines text and where each was (`line N`); a bad line raises a FinetuneError naming `key`,
+    the file and the line."""
     rows, positions = [], []
     for n, line in enumerate(text.splitlines(), 1):
         if line.strip():

@@ -9,7 +9,6 @@ turn) are refused by `finetune.eval.metrics.check_task_rows`, naming the file, t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +33,9 @@ def read_text(path: str, key: str) -> str:
 def read_jsonl(path: str, key: str) -> list[Any]:
     """The rows of a JSON Lines file; a missing file, bytes that are not UTF-8 or a line that is not JSON raise a
     FinetuneError naming `key`, the file and the line."""
-    rows = []
-    for n, line in enumerate(read_text(path, key).splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise FinetuneError(f"{key}: {path} line {n} is not JSON ({e.msg})") from None
-            except RecursionError:
-                raise FinetuneError(f"{key}: {path} line {n} nests JSON too deeply to read; flatten the row") from None
-    return rows
+    from finetune.data.readers import json_lines
+
+    return json_lines(read_text(path, key), path, key)[0]
 
 
 def read_general_text(path: str, limit: int | None) -> list[str]:

@@ -39,28 +39,33 @@ def end_rows(run_dir, stage: str = "sft") -> list[dict]:
     return [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("stage") == stage and "train_runtime" in r]
 
 
-def test_ctrl_c_in_the_final_evaluation_resumes_at_the_evaluation(tiny_model, addition_data, tmp_path, monkeypatch,
-                                                                   capsys):
-    path = write_recipe(tmp_path, tiny_model, addition_data["train"])  # no save_steps: the defaults
-    text = path.read_text().replace(f"{{path: {addition_data['train']}}}]",
-                                    f"{{path: {addition_data['train']}}}], eval: [{{path: {addition_data['eval']}}}]")
-    path.write_text(text)
-    run_dir = tmp_path / "runs" / "run"
-    evaluate = transformers.Trainer.evaluate
+def _interrupt_the_final_evaluation(path, addition_data, monkeypatch) -> None:
+    """Give the recipe at `path` an eval set, run it with Ctrl-C in the evaluation after its last step; the real
+    evaluation is back afterwards (for the resume)."""
+    path.write_text(path.read_text().replace(f"{{path: {addition_data['train']}}}]",
+                                             f"{{path: {addition_data['train']}}}], "
+                                             f"eval: [{{path: {addition_data['eval']}}}]"))
 
     def interrupted(self, *args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(transformers.Trainer, "evaluate", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run_pipeline(load_recipe(path))
+    with monkeypatch.context() as patch:
+        patch.setattr(transformers.Trainer, "evaluate", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run_pipeline(load_recipe(path))
+
+
+def test_ctrl_c_in_the_final_evaluation_resumes_at_the_evaluation(tiny_model, addition_data, tmp_path, monkeypatch,
+                                                                   capsys):
+    path = write_recipe(tmp_path, tiny_model, addition_data["train"])  # no save_steps: the defaults
+    run_dir = tmp_path / "runs" / "run"
+    _interrupt_the_final_evaluation(path, addition_data, monkeypatch)
     output = capsys.readouterr().out
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
     assert "checkpoints every 30 min of training, at the end of each epoch (every 16 steps) and at the last " \
            "step (16); the newest 2 are kept; the next at step 16 or at" in output
     assert (run_dir / "sft" / "adapter" / "adapter_model.safetensors").exists()  # saved before the evaluation
     assert [p.name for p in checkpoints.list_checkpoints(run_dir / "sft" / "checkpoints")] == ["checkpoint-16"]
-    monkeypatch.setattr(transformers.Trainer, "evaluate", evaluate)
     resumed = train_here(str(path), "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert "resuming from" in resumed.output and "checkpoint-16" in resumed.output
@@ -76,21 +81,10 @@ def test_ctrl_c_in_the_final_evaluation_of_a_max_steps_stage_trains_no_extra_ste
     """max_steps ends the stage inside an epoch: the trainer, resumed at its last step, would train one more step
     before it checks the end (issue 33, item 2: `step 5/4`, a checkpoint-5 and another train_loss)."""
     path = write_recipe(tmp_path, tiny_model, addition_data["train"], max_steps=4)  # 16 steps make an epoch
-    path.write_text(path.read_text().replace(f"{{path: {addition_data['train']}}}]",
-                                             f"{{path: {addition_data['train']}}}], "
-                                             f"eval: [{{path: {addition_data['eval']}}}]"))
     run_dir = tmp_path / "runs" / "run"
-    evaluate = transformers.Trainer.evaluate
-
-    def interrupted(self, *args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(transformers.Trainer, "evaluate", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run_pipeline(load_recipe(path))
+    _interrupt_the_final_evaluation(path, addition_data, monkeypatch)
     curve = losses(run_dir)
     assert sorted(curve) == [1, 2, 3, 4]
-    monkeypatch.setattr(transformers.Trainer, "evaluate", evaluate)
     resumed = train_here(str(path), "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert "checkpoint-4" in resumed.output and "step 5/4" not in resumed.output
