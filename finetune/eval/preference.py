@@ -33,33 +33,17 @@ def answer_logps(model: torch.nn.Module, tokenizer: Any, prompts: list[list[dict
     Returns:
         One (sum of log-probs, number of answer tokens) per answer.
     """
-    device = next(model.parameters()).device
-    seqs = []
+    from finetune.eval import scoring
+
+    samples = []
     end_of_turn = find_end_of_turn(tokenizer, "the chat template") or tokenizer.eos_token
     for prompt, answer in zip(prompts, answers, strict=True):
         head_text, answer_part = answer_text(tokenizer, prompt, answer, end_of_turn)
         head = tokenizer(head_text, add_special_tokens=False)["input_ids"]
         full = tokenizer(head_text + answer_part, add_special_tokens=False)["input_ids"]
-        seqs.append((full, len(head)))
+        samples.append((full, [scoring.IGNORE] * len(head) + full[len(head):]))  # the answer's tokens carry labels
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out: list[tuple[float, int]] = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(seqs), batch_size):
-                chunk = seqs[start : start + batch_size]
-                width = max(len(ids) for ids, _ in chunk)
-                ids = torch.tensor([s + [pad] * (width - len(s)) for s, _ in chunk], device=device)
-                mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s, _ in chunk], device=device)
-                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-                logps = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
-                for row, (s, n_prompt) in enumerate(chunk):
-                    answer = logps[row, n_prompt - 1 : len(s) - 1]
-                    out.append((answer.sum().item(), answer.numel()))
-    finally:
-        model.train(was_training)
-    return out
+    return scoring.label_logprobs(scoring.forward(model), samples, pad, batch_size)
 
 
 def preference_accuracy(model: torch.nn.Module, tokenizer: Any, rows: list[dict], batch_size: int = 16

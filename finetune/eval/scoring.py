@@ -1,8 +1,12 @@
 """Likelihood figures of a model: held-out loss, forgetting against a base, preference margins, choice scores.
 
-A model enters here as a `Forward`: a function of `(input_ids, attention_mask)` returning next-token logits. `forward`
-makes one of a model; `adapter_off` makes the base model's of a peft model (its adapter disabled for the call), so
-forgetting needs no second copy of the base in memory. Batches are right-padded; padding never counts.
+A model enters here as a `Forward`: a function of `(input_ids, attention_mask)` returning next-token scores: a
+`Scores` (the last hidden states and the LM head, whose logits are formed for the positions asked, a chunk at a time)
+or, for models whose logits are more than `hidden @ head` (soft-capping, scaled or adapted heads) and for a caller's
+own function, the logits tensor itself. So a batch never holds `tokens x vocabulary` logits at once (a 32k-token row
+of a 152k vocabulary would be 19 GB in float32): at most `CHUNK_LOGITS` of them. `forward` makes one of a model;
+`adapter_off` makes the base model's of a peft model (its adapter disabled for the call), so forgetting needs no
+second copy of the base in memory. Batches are right-padded; padding never counts.
 """
 
 from __future__ import annotations
@@ -17,7 +21,24 @@ import torch
 from finetune.data.encode import IGNORE
 from finetune.errors import FinetuneError
 
-Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+CHUNK_LOGITS = 2**24  # logits formed at once (64 MB in float32)
+
+
+class Scores:
+    """A batch's next-token scores: its last hidden states and the LM head, logits formed only where asked."""
+
+    def __init__(self, hidden: torch.Tensor, head: torch.nn.Module):
+        self.hidden, self.head = hidden, head
+        self.vocab = head.weight.shape[0]
+
+    @torch.no_grad()
+    def at(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """float32 logits `[n, vocab]` at positions (rows[i], cols[i])."""
+        picked = self.hidden[rows.to(self.hidden.device), cols.to(self.hidden.device)]
+        return self.head(picked.to(self.head.weight.dtype)).float().cpu()
+
+
+Forward = Callable[[torch.Tensor, torch.Tensor], "Scores | torch.Tensor"]
 Sample = tuple[list[int], list[int]]  # token ids, labels (IGNORE where no loss)
 
 
@@ -26,20 +47,43 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 def forward(model: torch.nn.Module, adapter: bool = True) -> Forward:
-    """The logits function of `model`; with `adapter=False` a peft model's adapter is disabled during the call."""
+    """The scores function of `model`; with `adapter=False` a peft model's adapter is disabled during the call."""
+    from finetune.model.loss_heads import logit_transform
+
     device = _device(model)
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # the logits are exactly `hidden @ head` (+ bias): a plain Linear head (not adapted), no transform after it
+    by_position = type(lm.get_output_embeddings()) is torch.nn.Linear and logit_transform(lm.config) is None
 
     @torch.no_grad()
-    def run(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def run(ids: torch.Tensor, mask: torch.Tensor) -> Scores | torch.Tensor:
         was_training = model.training
         model.eval()
         try:
             with nullcontext() if adapter else model.disable_adapter():
+                if by_position:
+                    hidden = lm.base_model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                           use_cache=False).last_hidden_state
+                    return Scores(hidden, lm.get_output_embeddings())
                 return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
         finally:
             model.train(was_training)
 
     return run
+
+
+def _vocab(out: Scores | torch.Tensor) -> int:
+    return out.vocab if isinstance(out, Scores) else out.shape[-1]
+
+
+def _chunks(out: Scores | torch.Tensor, where: torch.Tensor, columns: int | None = None):
+    """(rows, cols, float32 logits [n, vocab or `columns`]) at the labelled positions `where`, a chunk at a time."""
+    rows, cols = where.nonzero(as_tuple=True)
+    step = max(1, CHUNK_LOGITS // _vocab(out))
+    for start in range(0, len(rows), step):
+        r, c = rows[start:start + step], cols[start:start + step]
+        logits = out.at(r, c) if isinstance(out, Scores) else out[r, c].float()
+        yield r, c, logits if columns is None else logits[:, :columns]
 
 
 def adapter_off(model: torch.nn.Module) -> Forward | None:
@@ -67,12 +111,14 @@ def _batches(samples: list[Sample], batch_size: int, pad_id: int) -> Iterator[tu
         yield ids, labels, mask
 
 
-def _token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability of each next label under `logits`, and where a label is (both [batch, length - 1])."""
+def _token_logprobs(out: Scores | torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each next label under `out`, and where a label is (both [batch, length - 1])."""
     target = labels[:, 1:]
     where = target != IGNORE
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return torch.where(where, logp, torch.zeros_like(logp)), where
+    logp = torch.zeros(where.shape)
+    for r, c, logits in _chunks(out, where):
+        logp[r, c] = torch.log_softmax(logits, dim=-1).gather(-1, target[r, c].unsqueeze(-1)).squeeze(-1)
+    return logp, where
 
 
 def label_logprobs(fwd: Forward, samples: list[Sample], pad_id: int, batch_size: int = 16) -> list[tuple[float, int]]:
@@ -103,20 +149,22 @@ def compare(tuned: Forward, base: Forward, samples: list[Sample], pad_id: int,
     sums = {"tuned": 0.0, "base": 0.0, "kl": 0.0}
     tokens, common = 0, None
     for ids, labels, mask in _batches(samples, batch_size, pad_id):
-        logits_t, logits_b = tuned(ids, mask), base(ids, mask)
-        if logits_t.shape[-1] != logits_b.shape[-1]:
-            common = min(logits_t.shape[-1], logits_b.shape[-1])
+        out_t, out_b = tuned(ids, mask), base(ids, mask)
+        columns = None
+        if _vocab(out_t) != _vocab(out_b):
+            common = columns = min(_vocab(out_t), _vocab(out_b))
             if int(labels.max()) >= common:
                 raise FinetuneError(f"the two models share only the first {common} vocabulary rows, and the text "
                                     f"holds token {int(labels.max())}; they cannot be compared token by token")
-            logits_t, logits_b = logits_t[..., :common], logits_b[..., :common]
-        lt, lb = torch.log_softmax(logits_t.float(), -1), torch.log_softmax(logits_b.float(), -1)
-        where = labels[:, 1:] != IGNORE
-        target = labels[:, 1:].clamp(min=0).unsqueeze(-1)
-        sums["tuned"] -= lt[:, :-1].gather(-1, target).squeeze(-1)[where].sum().item()
-        sums["base"] -= lb[:, :-1].gather(-1, target).squeeze(-1)[where].sum().item()
-        kl = (lb.exp() * (lb - lt)).sum(-1)[:, :-1]
-        sums["kl"] += kl[where].sum().item()
+        target = labels[:, 1:]
+        where = target != IGNORE
+        for (r, c, logits_t), (_, _, logits_b) in zip(_chunks(out_t, where, columns), _chunks(out_b, where, columns),
+                                                      strict=True):
+            lt, lb = torch.log_softmax(logits_t, -1), torch.log_softmax(logits_b, -1)
+            picked = target[r, c].unsqueeze(-1)
+            sums["tuned"] -= lt.gather(-1, picked).sum().item()
+            sums["base"] -= lb.gather(-1, picked).sum().item()
+            sums["kl"] += (lb.exp() * (lb - lt)).sum().item()
         tokens += int(where.sum())
     if not tokens:
         return {"tokens": 0}

@@ -59,13 +59,21 @@ def unsupported_reason(model: Any) -> str | None:
     return config_unsupported_reason(lm.config)
 
 
-def config_unsupported_reason(config: Any) -> str | None:
-    """What in a model's config rules the label-positions loss out (see `unsupported_reason`), or None."""
+def logit_transform(config: Any) -> str | None:
+    """The transform a model's config applies to `hidden @ head` (soft-capping, a scale), or None when none."""
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     for name in _LOGIT_TRANSFORMS:
         value = getattr(cfg, name, None)
         if value not in (None, 1, 1.0):
             return f"the model transforms its logits ({name}={value})"
+    return None
+
+
+def config_unsupported_reason(config: Any) -> str | None:
+    """What in a model's config rules the label-positions loss out (see `unsupported_reason`), or None."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if transform := logit_transform(config):
+        return transform
     if getattr(cfg, "output_router_logits", False) or getattr(cfg, "num_experts_per_tok", None):
         return "mixture-of-experts models add a router loss"
     if config is not cfg:
