@@ -24,6 +24,9 @@ trl 1.16 has no padding-free DPO (its flag is switched off); with `padding_free=
 right-padded chosen/rejected batch as one padding-free row (samples back to back, positions restarting, sample
 boundaries for per-sample attention) and maps the hidden states back to the batch's positions: no compute and no
 attention mask on padding, same log-probs.
+
+Over 300 lines: both heads, their trainer and the rules they share (which models qualify, chunk sizes, gathering
+the head) stay in one module, so that a change to one rule is seen by both heads.
 """
 
 from __future__ import annotations
