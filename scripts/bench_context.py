@@ -165,7 +165,17 @@ def report(summary: dict, out: Path, tag: str) -> None:
     fig.savefig(out / f"{tag}.png", dpi=110)
 
 
-def findings(runs: list[dict], sides: list[str], longest: dict) -> list[str]:
+def _longest_under(runs: list[dict], side: str, cap: int) -> int | None:
+    """The longest length of `side` whose run, and every shorter one, completed under `cap` bytes of peak RSS."""
+    best = None
+    for r in sorted((r for r in runs if r["side"] == side), key=lambda r: r["length"]):
+        if not r["ok"] or r["peak_rss_mb"] * 2**20 > cap:
+            break
+        best = r["length"]
+    return best
+
+
+def findings(runs: list[dict], sides: list[str], longest: dict, cap_bytes: int) -> list[str]:
     """The issue's three comparisons, as measured (whatever they are)."""
     ok = {(r["side"], r["length"]): r for r in runs if r["ok"]}
     out = []
@@ -181,6 +191,14 @@ def findings(runs: list[dict], sides: list[str], longest: dict) -> list[str]:
             out.append(f"- Longest length within the cap: ours {longest['ours']:,}, {trl} {longest[trl]:,} "
                        f"({longest['ours'] / longest[trl]:.1f}x; ours may fit more: lengths past the list were "
                        "not tried).")
+    caps = [c for c in (2, 4) if c * 2**30 < cap_bytes]
+    if caps:
+        words = []
+        for c in caps:
+            fits = {s: _longest_under(runs, s, c * 2**30) for s in sides}
+            words.append(f"{c} GB: " + ", ".join(f"{s} {fits[s]:,}" if fits[s] else f"{s} none" for s in sides))
+        out.append("- Longest length under smaller caps, from the same measured peaks (lengths past the list not "
+                   "tried): " + "; ".join(words) + ".")
     ours = sorted(n for (s, n) in ok if s == "ours")
     if len(ours) >= 2:
         lo = next((n for n in ours if n >= 2048), ours[0])
@@ -210,7 +228,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--work", default=str(ROOT / "bench" / "work"))
     ap.add_argument("--out", default=str(ROOT / "bench"))
     ap.add_argument("--tag", default="context")
+    ap.add_argument("--report", metavar="JSON", help="only write the report again from a saved CONTEXT.json")
     args = ap.parse_args(argv)
+    if args.report:
+        summary = json.loads(Path(args.report).read_text())
+        summary["findings"] = findings(summary["runs"], summary["sides"], summary["longest"], summary["cap_bytes"])
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        report(summary, Path(args.out), args.tag)
+        print("\n".join(summary["findings"]))
+        return summary
     args.cap_bytes = parse_size(args.cap)
     sides = [s for s in args.sides.split(",") if s]
     bad = [s for s in sides if s not in SIDES]
@@ -241,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
                "steps": args.steps, "cap": args.cap, "cap_bytes": args.cap_bytes, "sides": sides,
                "lengths": lengths, "runs": runs, "longest": longest,
                "load_average": os.getloadavg(), "cpus": os.cpu_count()}
-    summary["findings"] = findings(runs, sides, longest)
+    summary["findings"] = findings(runs, sides, longest, args.cap_bytes)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report(summary, out, args.tag)
