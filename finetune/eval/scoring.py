@@ -53,7 +53,8 @@ def forward(model: torch.nn.Module, adapter: bool = True) -> Forward:
     device = _device(model)
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     # the logits are exactly `hidden @ head` (+ bias): a plain Linear head (not adapted), no transform after it
-    by_position = type(lm.get_output_embeddings()) is torch.nn.Linear and logit_transform(lm.config) is None
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    by_position = type(head) is torch.nn.Linear and hasattr(lm, "base_model") and logit_transform(lm.config) is None
 
     @torch.no_grad()
     def run(ids: torch.Tensor, mask: torch.Tensor) -> Scores | torch.Tensor:
@@ -64,7 +65,7 @@ def forward(model: torch.nn.Module, adapter: bool = True) -> Forward:
                 if by_position:
                     hidden = lm.base_model(input_ids=ids.to(device), attention_mask=mask.to(device),
                                            use_cache=False).last_hidden_state
-                    return Scores(hidden, lm.get_output_embeddings())
+                    return Scores(hidden, head)
                 return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
         finally:
             model.train(was_training)
