@@ -124,8 +124,9 @@ def report(summary: dict, out: Path, tag: str) -> None:
              f"one sample per run, memory cap {summary['cap']}. Peak RSS of the training process in MB; seconds "
              "per optimizer step (the fastest step); `-`: not run (a shorter length already failed or passed the "
              "cap).", "",
-             "| length | " + " | ".join(f"{s} peak MB | {s} s/step" for s in sides) + " |",
-             "| --- | " + " | ".join("--- | ---" for _ in sides) + " |"]
+             "| length | " + " | ".join(f"{s} peak MB | {s} s/step" for s in sides) + " | memory, time: "
+             f"{sides[0]} / {sides[-1]} |",
+             "| --- | " + " | ".join("--- | ---" for _ in sides) + " | --- |"]
     for n in lengths:
         cells = []
         for s in sides:
@@ -136,7 +137,11 @@ def report(summary: dict, out: Path, tag: str) -> None:
                 cells += [("over cap" if r["over_cap"] else "failed"), "-"]
             else:
                 cells += [_mb(r["peak_rss_mb"]), f"{r['seconds_per_step']:.3g}"]
-        lines.append(f"| {n:,} | " + " | ".join(cells) + " |")
+        a, b = by.get((sides[0], n)), by.get((sides[-1], n))
+        both = a is not None and b is not None and a["ok"] and b["ok"] and len(sides) > 1
+        ratio = (f"{a['peak_rss_mb'] / b['peak_rss_mb']:.2f}x, {a['seconds_per_step'] / b['seconds_per_step']:.2f}x"
+                 if both else "-")
+        lines.append(f"| {n:,} | " + " | ".join(cells) + f" | {ratio} |")
     lines += ["", "| side | longest length within the cap (measured) |", "| --- | --- |"]
     for s in sides:
         lines.append(f"| {s} | {summary['longest'].get(s) or 'none'} |")
