@@ -130,3 +130,23 @@ def test_trl_alignment_configs_parse(bench, tmp_path, mode, side):
         assert script.reward_funcs == ["bench_align.trl_exact_match"]
         assert bench_align.trl_exact_match([[{"role": "assistant", "content": "cat"}], "dog"], ["cat", "cat"]) == [
             1.0, 0.0]
+
+
+def test_context_benchmark_ours_side_and_its_cap(tmp_path):
+    """`scripts/bench_context.py` on the tiny preset: the ours side trains one sample of each length, the report
+    holds every row, and a side past the memory cap is stopped and reported as such, longer lengths not tried."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        context = importlib.import_module("bench_context")
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    common = ["--preset", "tiny", "--sides", "ours", "--steps", "1", "--threads", "1", "--work", str(tmp_path / "w")]
+    summary = context.main([*common, "--lengths", "64,128", "--cap", "8GB", "--out", str(tmp_path / "a")])
+    runs = {r["length"]: r for r in summary["runs"]}
+    assert all(r["ok"] and r["peak_rss_mb"] > 0 and r["seconds_per_step"] > 0 for r in runs.values()), runs
+    assert summary["longest"] == {"ours": 128}
+    table = (tmp_path / "a" / "context.md").read_text()
+    assert "| 64 |" in table and "| 128 |" in table
+    capped = context.main([*common, "--lengths", "64,128", "--cap", "50MB", "--out", str(tmp_path / "b")])
+    assert [(r["length"], r["ok"], r["over_cap"]) for r in capped["runs"]] == [(64, False, True)]
+    assert capped["longest"] == {"ours": None}
