@@ -77,10 +77,13 @@ def _vocab(out: Scores | torch.Tensor) -> int:
     return out.vocab if isinstance(out, Scores) else out.shape[-1]
 
 
-def _chunks(out: Scores | torch.Tensor, where: torch.Tensor, columns: int | None = None):
-    """(rows, cols, float32 logits [n, vocab or `columns`]) at the labelled positions `where`, a chunk at a time."""
+def _chunks(out: Scores | torch.Tensor, where: torch.Tensor, columns: int | None = None, vocab: int | None = None):
+    """(rows, cols, float32 logits [n, vocab or `columns`]) at the labelled positions `where`, a chunk at a time.
+
+    `vocab` sizes the chunks (default: `out`'s); two models compared position by position pass the larger of theirs,
+    so that both are cut at the same positions."""
     rows, cols = where.nonzero(as_tuple=True)
-    step = max(1, CHUNK_LOGITS // _vocab(out))
+    step = max(1, CHUNK_LOGITS // (vocab or _vocab(out)))
     for start in range(0, len(rows), step):
         r, c = rows[start:start + step], cols[start:start + step]
         logits = out.at(r, c) if isinstance(out, Scores) else out[r, c].float()
@@ -159,8 +162,9 @@ def compare(tuned: Forward, base: Forward, samples: list[Sample], pad_id: int,
                                     f"holds token {int(labels.max())}; they cannot be compared token by token")
         target = labels[:, 1:]
         where = target != IGNORE
-        for (r, c, logits_t), (_, _, logits_b) in zip(_chunks(out_t, where, columns), _chunks(out_b, where, columns),
-                                                      strict=True):
+        widest = max(_vocab(out_t), _vocab(out_b))
+        for (r, c, logits_t), (_, _, logits_b) in zip(_chunks(out_t, where, columns, widest),
+                                                      _chunks(out_b, where, columns, widest), strict=True):
             lt, lb = torch.log_softmax(logits_t, -1), torch.log_softmax(logits_b, -1)
             picked = target[r, c].unsqueeze(-1)
             sums["tuned"] -= lt.gather(-1, picked).sum().item()

@@ -59,3 +59,23 @@ def test_models_whose_logits_are_more_than_hidden_times_head_keep_the_full_logit
     ids, _, mask = next(scoring._batches(_samples(2), 16, 0))
     out = scoring.forward(model)(ids, mask)
     assert isinstance(out, torch.Tensor) and out.shape == (*ids.shape, model.config.vocab_size)
+
+
+def test_models_with_different_vocabularies_are_cut_at_the_same_positions(monkeypatch):
+    """A padded vocabulary against the plain one: both models' chunks cover the same positions, so the figures equal
+    those of one chunk (the chunk size is the wider vocabulary's)."""
+    g = torch.Generator().manual_seed(1)
+    vocab, padded = 100, 164
+    base_logits = torch.randn(2, 30, vocab, generator=g)
+    tuned_logits = torch.cat([base_logits + 0.1 * torch.randn(2, 30, vocab, generator=g),
+                              torch.randn(2, 30, padded - vocab, generator=g)], -1)
+    samples = _samples(2, 30)
+    samples = [([t % vocab for t in ids], [t % vocab if t != IGNORE else t for t in lab]) for ids, lab in samples]
+    tuned = lambda ids, mask: tuned_logits[:, :ids.shape[1]]  # noqa: E731
+    base = lambda ids, mask: base_logits[:, :ids.shape[1]]  # noqa: E731
+    whole = scoring.compare(tuned, base, samples, 0)
+    monkeypatch.setattr(scoring, "CHUNK_LOGITS", 8 * vocab)  # 8 positions of the plain vocabulary, 4 of the padded
+    chunked = scoring.compare(tuned, base, samples, 0)
+    assert chunked["common_vocab"] == vocab and chunked["tokens"] == whole["tokens"]
+    for key in ("loss", "base_loss", "mean_kl"):
+        assert abs(chunked[key] - whole[key]) < 1e-5, key
