@@ -9,16 +9,19 @@ stage summary keeps. The order, bottom of the `*ForCausalLM.forward` stack first
    (trl's trainer constructor then adds its own fused LM head, `trl.trainer.utils.add_fused_lm_head`, on the forward.)
 1. `kernel`: the fused kernels the recipe switches on (`kernels:`), on module instances below the causal LM
    (`finetune.model.kernels`: norms, attention, MLP, LoRA linears); none of them wraps `*ForCausalLM.forward`.
-2. `tiled mlp`: `training.tiled_mlp`, each decoder layer's MLP run over sequence tiles in training
+2. `lean saves`: `training.lean_saves`, RMSNorm outputs and gated-MLP activations recreated in backward instead of
+   kept (`finetune.model.lean_saves`): norm forward hooks, the gated MLPs' forward (where it is their class's own),
+   saved-tensor hooks around the causal LM's training forwards.
+3. `tiled mlp`: `training.tiled_mlp`, each decoder layer's MLP run over sequence tiles in training
    (`finetune.model.tiled_mlp`), wrapping whatever forward the MLP has (a fused kernel's included).
-3. `attention`: the padding-free rows' attention, chosen for the device (`finetune.model.attention`: flash-attention 2
+4. `attention`: the padding-free rows' attention, chosen for the device (`finetune.model.attention`: flash-attention 2
    or torch's varlen kernel on CUDA in fp16/bf16, per-sample sdpa elsewhere), printed with the stage banner.
-4. `loss head`: the SFT label-positions loss or the DPO compact fused head (`finetune.model.loss_heads`), the
+5. `loss head`: the SFT label-positions loss or the DPO compact fused head (`finetune.model.loss_heads`), the
    outermost forward and the only finetune wrapper of `*ForCausalLM.forward`: it answers the trainer's calls before
    trl's fused head does. It owns `kernels.fused_ce` too: SFT's head always computes its loss with the chunked
    cross-entropy (`finetune.kernels.cross_entropy`); DPO's head does with `fused_ce` on, else with trl's kernel.
    Stages without our head (trl's own loss) record that `fused_ce` is not used there.
-5. `offload`: `training.offload_activations`, saved-tensor hooks around the causal LM's training forwards
+6. `offload`: `training.offload_activations`, saved-tensor hooks around the causal LM's training forwards
    (`finetune.model.offload`): forward hooks, no forward replaced.
 
 `apply_patches` runs once per model, after the trainer is built (so that the loss head sits above trl's head) and
@@ -30,13 +33,13 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from finetune.errors import FinetuneError
-from finetune.model import loss_heads, tiled_mlp
+from finetune.model import lean_saves, loss_heads, tiled_mlp
 from finetune.model.attention import use_padding_free_attention
 from finetune.recipe.schema import Recipe
 
 RECORD = "_finetune_patches"  # attribute of the *ForCausalLM instance holding the record
 # "base": where the weights came from
-ORDER = ("base", "bitsandbytes", "experts", "kernel", "tiled mlp", "attention", "loss head", "offload")
+ORDER = ("base", "bitsandbytes", "experts", "kernel", "lean saves", "tiled mlp", "attention", "loss head", "offload")
 
 
 def causal_lm(model: Any) -> Any:
@@ -90,6 +93,10 @@ def apply_patches(model: Any, recipe: Recipe, stage: str, kind: Literal["sft", "
         record(model, "kernel", line)
     ours = [s for s in recipe.effective_stages() if s.name == stage]
     training = recipe.stage_training(ours[0]) if ours else recipe.training
+    if training.lean_saves and not training.offload_activations:
+        lean = lean_saves.install(causal_lm(model))
+        if lean:
+            record(model, "lean saves", lean)
     tiled = tiled_mlp.install(causal_lm(model), training.tiled_mlp)
     if tiled:
         record(model, "tiled mlp", tiled)

@@ -131,6 +131,16 @@ def mlp_activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, dropout
     return tokens * (act_bytes * (4 * i + 3 * lora_r) + (4 * (2 * h + i) if dropout else 0))
 
 
+def lean_dropped_bytes(shape: ModelShape, tokens: int, act_bytes: int, dropout: bool, tiled: bool) -> int:
+    """What `training.lean_saves` keeps out of one dense layer's `layer_activation_bytes`: in float32 without LoRA
+    dropout the two norm outputs (the LoRA branches' inputs) and the MLP's activation and product (its down
+    projection's LoRA input); with dropout or under autocast the branches keep their own copies, so only the
+    activation. A tiled MLP keeps none of its intermediates anyway."""
+    plain = act_bytes == 4 and not dropout
+    return tokens * act_bytes * ((2 * shape.hidden if plain else 0)
+                                 + (0 if tiled else (2 if plain else 1) * shape.intermediate))
+
+
 def loss_bytes(shape: ModelShape, tokens: int, labelled: int, act_bytes: int, label_loss: bool, kind: str) -> int:
     """The loss head's buffers (see the module docstring); `label_loss`: the label-positions path runs."""
     from finetune.model import loss_heads
@@ -192,6 +202,10 @@ def estimate(shape: ModelShape, *, recipe: Any, training: Any, kind: str, sequen
     if tiles > 1 and shape.dense_layers:
         dense_layer -= mlp_activation_bytes(shape, tokens, act_bytes, lora.dropout > 0, lora.r)
         tile = mlp_activation_bytes(shape, sequences * -(-seq_len // tiles), act_bytes, lora.dropout > 0, lora.r)
+    lean = (getattr(training, "lean_saves", False) and not training.gradient_checkpointing
+            and not getattr(training, "offload_activations", False))
+    if lean and shape.dense_layers:
+        dense_layer -= lean_dropped_bytes(shape, tokens, act_bytes, lora.dropout > 0, tiles > 1)
     per_expert, nf4_experts = lora.experts == "per_expert", quantized and recipe.quantization.experts
     copy = 2 * shape.expert_params // max(shape.moe_layers, 1) * dtype_bytes if per_expert else 0
     moe_layer = shape.moe_layers and layer_activation_bytes(shape, tokens, act_bytes, moe=True, expert_copy_bytes=copy,

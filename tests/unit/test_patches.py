@@ -47,7 +47,7 @@ def test_sft_patches_in_order_recorded_once(tiny_model, tmp_path):
     trl_forward = lm.forward  # trl's fused LM head, added by the trainer's constructor
     lines = apply_patches(trainer.model, _recipe(tiny_model, KERNELS), "sft", "sft", padding_free=True)
     kinds = [line.split(":", 1)[0] for line in lines]
-    assert kinds == ["kernel"] * 2 + ["tiled mlp", "attention", "loss head"], lines
+    assert kinds == ["kernel"] * 2 + ["lean saves", "tiled mlp", "attention", "loss head"], lines
     assert lines == applied(trainer.model)
     assert "fused_ce" in lines[-1] and not any("fused_ce" in line for line in lines[:-1])
     # the stack, outermost first: our loss head (the one owner of the forward, fused_ce included) -> trl's fused head
@@ -60,7 +60,7 @@ def test_sft_patches_in_order_recorded_once(tiny_model, tmp_path):
     with pytest.raises(FinetuneError, match="already patched"):
         apply_patches(trainer.model, _recipe(tiny_model, KERNELS), "sft", "sft", padding_free=True)
     assert applied(trainer.model) == lines  # the refused call changed nothing
-    with pytest.raises(FinetuneError, match="must come before 'tiled mlp"):
+    with pytest.raises(FinetuneError, match="must come before 'lean saves"):
         record(trainer.model, "kernel", "late")
 
 
@@ -81,8 +81,8 @@ def test_sft_without_a_label_head_keeps_trls_loss(tiny_model, tmp_path):
     trainer = _sft_trainer(tiny_model, tmp_path)
     trainer.model.get_base_model().config.final_logit_softcapping = 30.0
     lines = apply_patches(trainer.model, _recipe(tiny_model), "sft", "sft", padding_free=False)
-    assert lines[0].startswith("tiled mlp: ")
-    assert lines[1:] == ["loss head: none, trl's own loss and fused LM head (the model transforms its logits "
+    assert lines[0].startswith("lean saves: ") and lines[1].startswith("tiled mlp: ")
+    assert lines[2:] == ["loss head: none, trl's own loss and fused LM head (the model transforms its logits "
                          "(final_logit_softcapping=30.0))"]
     assert loss_heads.head_of(trainer.model) is None
     batch = trainer.data_collator([{"input_ids": [1, 5, 6, 7]}, {"input_ids": [1, 8, 9]}])
@@ -109,7 +109,7 @@ def test_dpo_compact_head_with_padding_free_rows(tiny_model, tmp_path):
                          args=DPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[]),
                          train_dataset=Dataset.from_list(rows), processing_class=tok)
     lines = apply_patches(trainer.model, _recipe(tiny_model), "dpo", "dpo", padding_free=True)
-    assert [line.split(":", 1)[0] for line in lines] == ["tiled mlp", "attention", "loss head"]
+    assert [line.split(":", 1)[0] for line in lines] == ["lean saves", "tiled mlp", "attention", "loss head"]
     assert "padding-free rows" in lines[-1] and loss_heads.head_of(trainer.model) == "compact_fused_head"
 
 
