@@ -252,9 +252,20 @@ def test_nf4_experts_only_run_the_routed_experts(moe, monkeypatch):
 
 
 def test_nf4_experts_recipe_rules(moe, tmp_path):
-    out = runner.invoke(app, ["validate", _recipe(tmp_path, moe["qwen3-moe"], "{experts: per_expert}"), "--set",
-                              "quantization.experts=true"])
-    assert out.exit_code == 2 and "quantization.experts: true keeps the experts frozen" in out.output, out.output
+    """Per-expert and shared adapters on 4-bit experts are finetune's own (sft stages only); ranks by routing need
+    per-expert adapters."""
+    for experts in ("per_expert", "shared"):
+        out = runner.invoke(app, ["validate", _recipe(tmp_path, moe["qwen3-moe"], f"{{experts: {experts}}}"),
+                                  "--set", "quantization.experts=true"])
+        assert out.exit_code == 0, out.output
+    dpo = "stages: [{name: sft, kind: sft}, {name: dpo, kind: dpo, data: {train: [{path: x.jsonl}]}}]"
+    out = runner.invoke(app, ["validate", _recipe(tmp_path, moe["qwen3-moe"], "{experts: shared}", dpo)])
+    assert out.exit_code == 2 and "lora.experts: shared trains finetune's own expert adapters, supported in sft " \
+        "stages only (not dpo" in out.output and "Traceback" not in out.output, out.output
+    out = runner.invoke(app, ["validate", _recipe(tmp_path, moe["qwen3-moe"], "{experts: shared, expert_rank: "
+                                                  "by_routing}")])
+    assert out.exit_code == 2 and "lora.expert_rank: by_routing sets a rank per expert; it needs lora.experts: " \
+        "per_expert (here shared)" in out.output, out.output
     out = runner.invoke(app, ["validate", _recipe(tmp_path, moe["qwen3-moe"], "{r: 4}"), "--set",
                               "quantization.experts=true", "--set", "quantization.mode=none"])
     assert out.exit_code == 2 and "set quantization.mode: nf4" in out.output, out.output
