@@ -104,13 +104,17 @@ def layer_activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, dropo
     each of the token's `top_k` experts, `expert_inputs` copies of its input (2 when bitsandbytes' 4-bit matmul or
     peft's parametrized weight keeps one more), its gate/up output and product. `expert_copy_bytes`: what peft builds
     per layer for `lora.experts: per_expert` and the backward keeps (measured: two expert stacks). `expert_lora_r`:
-    finetune's own expert adapters (`shared`, `per_expert` on 4-bit experts), which keep their rank-r outputs of the
-    gate/up and the down update per routed token (their inputs are the ones the expert's matmuls keep).
+    finetune's own expert adapters (`shared`, `per_expert` on 4-bit experts), which keep, per routed token, the inputs
+    of their A matmuls (the expert's input unless the 4-bit matmul keeps it already, and the down projection's input)
+    and their two rank-r outputs.
     """
     h, q, kv, i = shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate
     if moe:  # adapters on q, k, v (input: hidden) and o (input: q); the MLP's experts, see the docstring
         hidden_inputs, mlp_input, distinct_hidden, adapters = 3, 0, 1, 4
-        mlp = (act_bytes * shape.top_k * (expert_inputs * h + 3 * shape.expert_intermediate + 2 * expert_lora_r)
+        lora = 0
+        if expert_lora_r:  # the A matmuls keep their inputs (the 4-bit matmul keeps the expert's input already)
+            lora = (h if expert_inputs == 1 else 0) + shape.expert_intermediate + 2 * expert_lora_r
+        mlp = (act_bytes * shape.top_k * (expert_inputs * h + 3 * shape.expert_intermediate + lora)
                + 8 * shape.experts)
     else:
         hidden_inputs, mlp_input, distinct_hidden, adapters = 5, i, 2, 7

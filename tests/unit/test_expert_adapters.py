@@ -173,3 +173,9 @@ def test_only_the_shared_expert_adapters_train_and_the_loss_falls(moe):
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_the_export_names_the_same_file():
+    from finetune.export import exports
+
+    assert exports.EXPERT_FILE == expert_adapters.EXPERT_FILE

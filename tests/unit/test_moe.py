@@ -192,6 +192,21 @@ def test_qwen3_30b_a3b_costs_per_policy(capsys):
     print(f"experts none, 4-bit experts: {mem.line()}")
     assert mem.expert_weights == nf4_bytes(48 * 128 * 3 * 2048 * 768, True)
     assert mem.total < RECIPE_MARGIN * 24e9 < none[1].total
+    # finetune's own expert adapters on the 4-bit experts (model/expert_adapters.py): shared and per expert
+    own = {}
+    for experts in ("shared", "per_expert"):
+        recipe = Recipe(model={"name_or_path": "m", "dtype": "bfloat16"}, data={"train": [{"path": "x.jsonl"}]},
+                        quantization={"mode": "nf4", "experts": True}, lora={"r": 16, "experts": experts},
+                        training={"gradient_checkpointing": True})
+        own[experts] = estimate(shape, recipe=recipe, training=recipe.training, kind="sft", sequences=1,
+                                seq_len=2048)
+        print(f"experts {experts}, 4-bit experts: {shape.lora_params(16, 'all-linear', experts) / 1e6:,.0f}M "
+              f"trainable; {own[experts].line()}")
+    assert shape.lora_params(16, "all-linear", "shared") - none[0] == 48 * 16 * (2 * 2048 + 3 * 768)
+    assert own["shared"].adapter - mem.adapter == 48 * 16 * (2 * 2048 + 3 * 768) * 16  # weights, grads, AdamW
+    assert mem.total < own["shared"].total < RECIPE_MARGIN * 24e9  # a 24 GB GPU still
+    # no materialized expert stacks (peft's per_expert keeps two per layer in the recomputed layer)
+    assert own["per_expert"].recomputed_layer < per_expert[1].recomputed_layer / 4
 
 
 @pytest.mark.parametrize("family", ["qwen3-moe", "mixtral"])
@@ -283,7 +298,8 @@ def test_estimate_counts_4bit_experts_as_nf4(moe):
 
 
 @pytest.mark.parametrize("family", ["qwen3-moe", "mixtral"])
-@pytest.mark.parametrize("experts,nf4", [("none", False), ("per_expert", False), ("none", True)])
+@pytest.mark.parametrize("experts,nf4", [("none", False), ("per_expert", False), ("none", True), ("shared", True),
+                                         ("shared", False), ("per_expert", True)])
 def test_moe_activation_estimate_against_what_autograd_keeps(moe, family, experts, nf4):
     """The MoE layer's kept activations (`layer_activation_bytes(moe=True)`: router, routed experts' inputs and
     outputs, peft's materialized expert stacks for `per_expert`, the 4-bit matmul's input copies) against the tensors
