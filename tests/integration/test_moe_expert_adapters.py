@@ -92,3 +92,48 @@ def _config(folder):
     import transformers
 
     return transformers.AutoConfig.from_pretrained(str(folder))
+
+
+def test_ranks_by_routing_follow_the_measured_load_at_the_uniform_count(tmp_path, monkeypatch):
+    """`lora.expert_rank: by_routing`: the stage measures the routing of its training rows before training
+    (`finetune.eval.routing.expert_load`, recorded here and its shares skewed, so the ranks cannot come out uniform
+    by chance), gives each expert its share of the layer's experts x r, trains, and saves those ragged ranks; the
+    banner's expert count is uniform rank r's."""
+    import finetune.eval.routing as routing
+
+    model = build("qwen3-moe", tmp_path / "model")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant",
+                                                                                      "content": a}]}) + "\n"
+                            for q, a, _ in task_rows(24)))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""name: moe-ranks
+model: {{name_or_path: {model}, dtype: float32}}
+quantization: {{mode: nf4, compute_dtype: float32, experts: true}}
+lora: {{r: 4, alpha: 8, experts: per_expert, expert_rank: by_routing}}
+data: {{train: [{{path: {data}}}], max_length: 64}}
+training: {{max_steps: 4, micro_batch_size: 8, learning_rate: 2.0e-2, logging_steps: 1, seed: 0}}
+output: {{dir: {tmp_path / 'run'}}}
+""")
+    measured = []
+    load = routing.expert_load
+
+    def skewed(m, batches):
+        shares = load(m, list(batches))
+        measured.append(shares)
+        skew = shares * torch.tensor([8.0, 1.0, 1.0, 1.0])
+        return skew / skew.sum(-1, keepdim=True)
+
+    monkeypatch.setattr(routing, "expert_load", skewed)
+    out = train_here(str(recipe))
+    assert out.exit_code == 0, out.output
+    assert len(measured) == 1 and measured[0].shape == (2, 4)
+    skew = measured[0] * torch.tensor([8.0, 1.0, 1.0, 1.0])
+    want = expert_adapters.ranks_by_routing(skew / skew.sum(-1, keepdim=True), 4)
+    saved = expert_adapters.saved_ranks(tmp_path / "run" / "sft" / "adapter")
+    assert saved == want and all(sum(r) == 16 for r in saved) and any(r != [4, 4, 4, 4] for r in saved), saved
+    assert f"expert ranks by routing on 24 training rows (total 4 x experts per layer): layer 0 {want[0]}" in \
+        out.output
+    shape = ModelShape.of(_config(model))
+    assert f"experts {shape.lora_params(4, 'all-linear', 'per_expert') - shape.lora_params(4, 'all-linear'):,}, " \
+        "router 0" in out.output

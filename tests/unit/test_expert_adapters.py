@@ -154,11 +154,12 @@ def test_ranks_by_routing_keep_the_uniform_budget():
     assert ranks[0][0] > ranks[0][1] > ranks[0][2] and ranks[2] == [29, 1, 1, 1]
 
 
-def test_only_the_shared_expert_adapters_train_and_the_loss_falls(moe):
-    """A tiny training run on 4-bit experts where the shared expert adapters are the only trainable weights (peft's
+@pytest.mark.parametrize("experts", ["shared", "per_expert"])
+def test_only_the_expert_adapters_train_and_the_loss_falls(moe, experts):
+    """A tiny training run on 4-bit experts where the expert adapters are the only trainable weights (peft's
     attention adapters frozen): AdamW on a fixed batch lowers the loss; the gradients reach the 4-bit model's
     adapters, which peft's raw-parameter LoRA cannot give a 4-bit weight."""
-    model = attach(_quantized(moe["mixtral"]), LoraConfig(r=4, alpha=8, experts="shared"))
+    model = attach(_quantized(moe["mixtral"]), LoraConfig(r=4, alpha=8, experts=experts))
     for name, p in model.named_parameters():
         p.requires_grad_(".expert_lora." in name)
     params = [p for p in model.parameters() if p.requires_grad]
