@@ -180,3 +180,20 @@ def test_the_export_names_the_same_file():
     from finetune.export import exports
 
     assert exports.EXPERT_FILE == expert_adapters.EXPERT_FILE
+
+
+def test_a_later_stage_starts_from_the_saved_expert_adapters(moe, tmp_path, capsys):
+    """`attach(init_from=...)` (the next stage of a run) loads peft's adapter and ours, trainable, with the same
+    logits; a recipe asking for another expert policy is told that the saved adapter's is kept."""
+    model, _ = _adapted(moe["mixtral"], "shared", True)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    lora = LoraConfig(r=4, alpha=8, experts="shared")
+    later = attach(_quantized(moe["mixtral"]), lora, init_from=tmp_path / "adapter", stage="sft2")
+    ids = torch.randint(5, 300, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(later(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert trainable_groups(later)["experts"] == trainable_groups(model)["experts"] > 0
+    assert "lora keys are ignored" not in capsys.readouterr().out
+    attach(_quantized(moe["mixtral"]), LoraConfig(r=4, alpha=8, experts="per_expert"), init_from=tmp_path /
+           "adapter", stage="sft2")
+    assert "lora.experts: 'per_expert' -> finetune's expert adapters: shared" in capsys.readouterr().out
