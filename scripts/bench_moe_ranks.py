@@ -1,13 +1,14 @@
 """Per-expert ranks by routing against uniform ranks at the same trainable parameters (issue 30, `lora.expert_rank`).
 
 Builds a tiny character-level Qwen3-MoE (8 experts, 2 per token, 2 layers) whose router favours two experts (their
-router rows scaled up, so they take most routed slots), and addition data ("add 17 25" -> "42", held-out pairs never
-trained on). Then trains it with `ft train` (4-bit experts, `lora.experts: per_expert`, the same attention adapter in
+router rows scaled up, so they take more routed slots), and data that a token-wise map decides: rows of pairs
+"qX mD kP" (a random lowercase letter, then its image under one fixed mapping to uppercase letters), held-out rows of
+other random letters. Then trains it with `ft train` (4-bit experts, `lora.experts: per_expert`, the same attention adapter in
 every run) once per seed with `lora.expert_rank: uniform` and once with `by_routing`, and writes the held-out loss of
 each, the trainable parameters the banner counted, the measured expert load and the ranks to `bench/moe-ranks.md`
 (and `.json`).
 
-    .venv/bin/python scripts/bench_moe_ranks.py                # 3 seeds, 80 steps each (about 1 min per run here)
+    .venv/bin/python scripts/bench_moe_ranks.py --seeds 5      # 80 steps each (about 30 s per run here)
     .venv/bin/python scripts/bench_moe_ranks.py --seeds 1 --steps 10 --out /tmp/ranks   # a smoke run
 """
 
@@ -59,19 +60,27 @@ def build_model(out: Path, seed: int = 0) -> Path:
     return out
 
 
-def write_data(folder: Path) -> tuple[Path, Path]:
-    """Addition questions: 400 training pairs, 100 held-out pairs (disjoint)."""
+def write_data(folder: Path, pairs: int = 8) -> tuple[Path, Path]:
+    """Rows of letter pairs "qX mD kP ...": a random lowercase letter, then its image under one fixed random mapping
+    to uppercase letters (the same in every row), so the model must learn the mapping token by token (the MLP's,
+    that is the experts', job); 400 training rows, 100 held-out rows of other random letters."""
     import random
+    import string
 
-    pairs = [(a, b) for a in range(50) for b in range(50)]
-    random.Random(0).shuffle(pairs)
+    rng = random.Random(0)
+    images = list(string.ascii_uppercase)
+    rng.shuffle(images)
+    mapping = dict(zip(string.ascii_lowercase, images, strict=True))
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, chunk in (("train", pairs[:400]), ("eval", pairs[400:500])):
+    for name, count in (("train", 400), ("eval", 100)):
         path = folder / f"{name}.jsonl"
-        path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"add {a} {b}"},
-                                                         {"role": "assistant", "content": str(a + b)}]}) + "\n"
-                                for a, b in chunk))
+        rows = []
+        for _ in range(count):
+            letters = [rng.choice(string.ascii_lowercase) for _ in range(pairs)]
+            rows.append({"messages": [{"role": "user", "content": "pairs"},
+                                      {"role": "assistant", "content": " ".join(c + mapping[c] for c in letters)}]})
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         paths.append(path)
     return paths[0], paths[1]
 
@@ -124,9 +133,12 @@ def report(results: list[dict], load: list[list[float]], steps: int) -> str:
              "`scripts/bench_moe_ranks.py`: a tiny character-level Qwen3-MoE (hidden 64, 2 layers, 8 experts, 2 per "
              f"token; the router rows of experts {FAVOURED[0]} and {FAVOURED[1]} scaled by {SCALE:g} so that they "
              "take most routed slots), 4-bit experts (`quantization.experts: true`), per-expert adapters r=4 "
-             "(`lora.experts: per_expert`) and the same attention adapter (o_proj, r=4) in every run; addition "
-             f"questions, 400 training pairs, 100 held-out pairs; {steps} steps of 16 rows at lr 1e-2. Held-out loss "
-             "= the stage's eval loss on the held-out pairs.", "",
+             "(`lora.experts: per_expert`) and the same attention adapter (o_proj, r=4) in every run; rows of 8 "
+             "letter pairs \"qX mD kP ...\" (a random lowercase letter, then its image under one fixed random "
+             "mapping to uppercase), 400 training rows, 100 held-out rows of other random letters; "
+             f"{steps} steps of 16 rows at lr 1e-2. Held-out loss = the stage's eval loss on the held-out rows "
+             "(its floor is not 0: a third of the labelled tokens are the random letters, ln 26 = 3.26 each at "
+             "best).", "",
              "Expert load of the float base on the first 64 training rows (share of routed slots; even: "
              f"{1 / EXPERTS:.3f}; each `by_routing` run measures its own 4-bit base the same way, and its ranks "
              "below are the ones it trained):", ""]
@@ -139,9 +151,12 @@ def report(results: list[dict], load: list[list[float]], steps: int) -> str:
         lines.append(f"| {r['rank']} | {r['seed']} | {r['trainable']:,} | {r['experts']:,} | {ranks} | "
                      f"{r['eval_loss']:.4f} |")
     means = {k: statistics.mean(r["eval_loss"] for r in results if r["rank"] == k) for k in ("uniform", "by_routing")}
+    by_seed = {(r["rank"], r["seed"]): r["eval_loss"] for r in results}
+    diffs = [by_seed["by_routing", s] - by_seed["uniform", s] for s in sorted({r["seed"] for r in results})]
     lines += ["", f"Mean held-out loss: uniform {means['uniform']:.4f}, by_routing {means['by_routing']:.4f} "
-              f"({'no worse' if means['by_routing'] <= means['uniform'] else 'worse'} at equal trainable parameters).",
-              ""]
+              f"({'no worse' if means['by_routing'] <= means['uniform'] else 'worse'} at equal trainable parameters); "
+              f"by_routing minus uniform, seed by seed: {', '.join(f'{d:+.4f}' for d in diffs)} (lower or equal in "
+              f"{sum(d <= 0 for d in diffs)} of {len(diffs)} seeds).", ""]
     return "\n".join(lines)
 
 
@@ -150,7 +165,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the table from OUT/moe-ranks.json")
     args = parser.parse_args(argv)
+    if args.report_only:
+        summary = json.loads((args.out / "moe-ranks.json").read_text())
+        (args.out / "moe-ranks.md").write_text(report(summary["runs"], summary["load"], summary["steps"]))
+        return summary
     work = args.out / "moe-ranks"
     model = build_model(work / "model")
     train, held_out = write_data(work / "data")
@@ -163,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     assert len({r["trainable"] for r in results}) == 1, "the trainable parameters differ between runs"
     text = report(results, load, args.steps)
     (args.out / "moe-ranks.md").write_text(text)
-    summary = {"load": load, "runs": results}
+    summary = {"load": load, "runs": results, "steps": args.steps}
     (args.out / "moe-ranks.json").write_text(json.dumps(summary, indent=1))
     print(text)
     return summary

@@ -149,8 +149,14 @@ def carry_expert_adapters(peft_model):
     adapter, every checkpoint, the best adapter), load them back (`load_adapter`: `--resume` through the Trainer) and
     switch them off with its own (`disable_adapter`: the base model of forgetting and of export checks). Per
     instance; nothing changes for a model without them."""
-    if not expert_adapters.held(peft_model) or getattr(peft_model, "_carries_expert_adapters", False):
+    held = expert_adapters.held(peft_model)
+    if not held or getattr(peft_model, "_carries_expert_adapters", False):
         return peft_model
+    from finetune.model.patches import record
+
+    kind = "one shared by the experts of each layer" if next(iter(held.values())).shared else "one per expert"
+    record(peft_model, "experts", f"LoRA on {len(held)} fused expert weights ({kind}) in finetune's experts forward, "
+           f"saved as {expert_adapters.EXPERT_FILE} (model/expert_adapters.py)")
     save, load, disable = peft_model.save_pretrained, peft_model.load_adapter, peft_model.disable_adapter
 
     def save_pretrained(save_directory, *args, **kwargs):

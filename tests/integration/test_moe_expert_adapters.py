@@ -66,6 +66,7 @@ output: {{dir: {run}}}
     shape = ModelShape.of(_config(model))
     counted = shape.lora_params(4, "all-linear", experts) - shape.lora_params(4, "all-linear")
     assert f"experts {counted:,}, router 0" in out.output, out.output
+    assert "experts: LoRA on 4 fused expert weights (one " in out.output  # the banner's patch record
     adapter = run / "sft" / "adapter"
     assert (adapter / expert_adapters.EXPERT_FILE).exists()
     manifest = json.loads((run / "manifest.json").read_text())
