@@ -1,6 +1,6 @@
 """finetune's own expert adapters end to end (issue 30): a tiny Qwen3-MoE trained with `lora.experts: shared` on 4-bit
-experts and a tiny Mixtral with `per_expert` on 4-bit experts, through `ft train` (interrupted and resumed), the
-banner's count, the manifest, the merged export (verified), the adapter export (the file and its note) and
+experts and a tiny Mixtral with `per_expert` on 4-bit experts, through `ft train` (interrupted and resumed: the same
+expert adapters as a run never stopped), the banner's count, the manifest, the merged export (verified), the adapter export (the file and its note) and
 `ft generate` on both."""
 
 from __future__ import annotations
@@ -63,6 +63,15 @@ output: {{dir: {run}}}
     assert out.exit_code == 0, out.output
     assert str(checkpoint) in loaded  # --resume loaded them back through the Trainer's load_adapter
     monkeypatch.undo()
+    whole = train_here(str(recipe), "--set", f"output.dir={tmp_path / 'whole'}")  # the same run, never stopped
+    assert whole.exit_code == 0, whole.output
+    from safetensors.torch import load_file
+
+    resumed, straight = (load_file(str(d / "sft" / "adapter" / expert_adapters.EXPERT_FILE)) for d in (
+        run, tmp_path / "whole"))
+    assert resumed.keys() == straight.keys()
+    for key in resumed:  # the resumed run continued from the saved expert adapters and their optimizer state
+        torch.testing.assert_close(resumed[key], straight[key], rtol=1e-4, atol=1e-5)
     shape = ModelShape.of(_config(model))
     counted = shape.lora_params(4, "all-linear", experts) - shape.lora_params(4, "all-linear")
     assert f"experts {counted:,}, router 0" in out.output, out.output

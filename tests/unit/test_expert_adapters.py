@@ -197,3 +197,32 @@ def test_a_later_stage_starts_from_the_saved_expert_adapters(moe, tmp_path, caps
     attach(_quantized(moe["mixtral"]), LoraConfig(r=4, alpha=8, experts="per_expert"), init_from=tmp_path /
            "adapter", stage="sft2")
     assert "lora.experts: 'per_expert' -> finetune's expert adapters: shared" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode", ["dequantized", "original"])
+def test_both_merges_fold_the_update_into_every_expert(moe, tmp_path, mode):
+    """A plain transformers model loaded with the merged weights gives the adapted model's logits: the merge into the
+    weights training ran (4-bit experts dequantized) against the model with 4-bit experts, the merge into the original
+    weights (`--merge-into original`: the base loaded again in float32) against plain experts."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune.export.merge import _dequantized_merge, _original_merge, plain_config, plain_keys
+    from finetune.recipe.schema import Recipe
+
+    model, reference = _adapted(moe["qwen3-moe"], "shared", nf4=mode == "dequantized")
+    model.save_pretrained(str(tmp_path / "adapter"))
+    keys, _ = plain_keys(plain_config(model))
+    if mode == "dequantized":
+        state = _dequantized_merge(model, keys, torch.float32)
+    else:
+        recipe = Recipe(model={"name_or_path": str(moe["qwen3-moe"]), "dtype": "float32"},
+                        data={"train": [{"path": "x.jsonl"}]}, lora={"r": 4, "alpha": 8, "experts": "shared"})
+        state = _original_merge(recipe, tmp_path / "adapter", None, keys, torch.float32)
+    key = "model.layers.1.mlp.experts.down_proj"
+    assert not torch.allclose(state[key], reference.get_parameter(key))  # the update is in
+    plain = AutoModelForCausalLM.from_config(plain_config(model))
+    plain.load_state_dict(state)
+    ids = torch.randint(5, 300, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-4)
