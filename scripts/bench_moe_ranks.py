@@ -3,10 +3,10 @@
 Builds a tiny character-level Qwen3-MoE (8 experts, 2 per token, 2 layers) whose router favours two experts (their
 router rows scaled up, so they take more routed slots), and data that a token-wise map decides: rows of pairs
 "qX mD kP" (a random lowercase letter, then its image under one fixed mapping to uppercase letters), held-out rows of
-other random letters. Then trains it with `ft train` (4-bit experts, `lora.experts: per_expert`, the same attention adapter in
-every run) once per seed with `lora.expert_rank: uniform` and once with `by_routing`, and writes the held-out loss of
-each, the trainable parameters the banner counted, the measured expert load and the ranks to `bench/moe-ranks.md`
-(and `.json`).
+other random letters. Then trains it with `ft train` (4-bit experts, `lora.experts: per_expert`, the same attention
+adapter in every run) once per seed with `lora.expert_rank: uniform` and once with `by_routing`, and writes the
+held-out loss of each, the trainable parameters the banner counted, the measured expert load and the ranks to
+`bench/moe-ranks.md` (and `.json`).
 
     .venv/bin/python scripts/bench_moe_ranks.py --seeds 5      # 80 steps each (about 30 s per run here)
     .venv/bin/python scripts/bench_moe_ranks.py --seeds 1 --steps 10 --out /tmp/ranks   # a smoke run

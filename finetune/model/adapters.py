@@ -115,7 +115,7 @@ def attach(model, lora: LoraConfig, init_from: str | Path | None = None, adapter
     adapters (`lora.experts: shared`, `per_expert` on 4-bit experts or ranked by routing: `expert_ranks`, per MoE
     layer one rank per expert) are added beside peft's and travel with it (`carry_expert_adapters`).
     """
-    from peft import PeftModel, get_peft_model
+    from peft import get_peft_model
 
     if init_from is None:
         peft_model = get_peft_model(model, to_peft(lora, model), adapter_name=adapter_name)

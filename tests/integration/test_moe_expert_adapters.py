@@ -1,7 +1,7 @@
 """finetune's own expert adapters end to end (issue 30): a tiny Qwen3-MoE trained with `lora.experts: shared` on 4-bit
 experts and a tiny Mixtral with `per_expert` on 4-bit experts, through `ft train` (interrupted and resumed: the same
-expert adapters as a run never stopped), the banner's count, the manifest, the merged export (verified), the adapter export (the file and its note) and
-`ft generate` on both."""
+expert adapters as a run never stopped), the banner's count, the manifest, the merged export (verified), the adapter
+export (the file and its note) and `ft generate` on both; ranks by routing follow the measured load."""
 
 from __future__ import annotations
 
