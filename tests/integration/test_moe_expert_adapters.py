@@ -1,7 +1,7 @@
 """finetune's own expert adapters end to end (issue 30): a tiny Qwen3-MoE trained with `lora.experts: shared` on 4-bit
 experts and a tiny Mixtral with `per_expert` on 4-bit experts, through `ft train` (interrupted and resumed: the same
-expert adapters as a run never stopped), the banner's count, the manifest, the merged export (verified), the adapter
-export (the file and its note) and `ft generate` on both; ranks by routing follow the measured load."""
+expert adapters as a run never stopped), the banner's count, the manifest, `ft eval`, the merged export (verified), the
+adapter export (the file and its note) and `ft generate` on both; ranks by routing follow the measured load."""
 
 from __future__ import annotations
 
@@ -37,13 +37,17 @@ def test_expert_adapters_on_4bit_experts_train_resume_and_export(tmp_path, monke
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant",
                                                                                       "content": a}]}) + "\n"
                             for q, a, _ in task_rows(32)))
+    held_out = tmp_path / "eval.jsonl"
+    held_out.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant",
+                                                                                          "content": a}]}) + "\n"
+                                for q, a, _ in task_rows(8, offset=32)))
     recipe = tmp_path / "recipe.yaml"
     run = tmp_path / "run"
     recipe.write_text(f"""name: moe-expert-lora
 model: {{name_or_path: {model}, dtype: float32}}
 quantization: {{mode: nf4, compute_dtype: float32, experts: true}}
 lora: {{r: 4, alpha: 8, experts: {experts}}}
-data: {{train: [{{path: {data}}}], max_length: 64}}
+data: {{train: [{{path: {data}}}], eval: [{{path: {held_out}}}], max_length: 64}}
 training: {{max_steps: 12, micro_batch_size: 8, learning_rate: 2.0e-2, logging_steps: 1, seed: 0, save_steps: 4}}
 output: {{dir: {run}}}
 """)
@@ -83,6 +87,18 @@ output: {{dir: {run}}}
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert sum(losses[-3:]) / 3 < losses[0] - 0.3, losses
+    # ft eval loads the run's stage as trained: its held-out loss is the one the stage measured at its end (which
+    # adds the router's load-balancing loss, 0.001 x about 2 here), far from the loss without the expert adapters
+    trained = json.loads((run / "sft" / "summary.json").read_text())["metrics"]["eval_loss"]
+    scored = {}
+    for name, skip in (("as trained", False), ("without expert adapters", True)):
+        with monkeypatch.context() as patch:
+            if skip:
+                patch.setattr(expert_adapters, "load", lambda *a, **k: 0)
+            out = runner.invoke(app, ["eval", str(run), "--json"])
+        assert out.exit_code == 0, out.output
+        scored[name] = json.loads((run / "eval" / "sft.json").read_text())["target"]["heldout"]["loss"]
+    assert abs(scored["as trained"] - trained) < 0.005 < 10 * 0.005 < abs(scored["without expert adapters"] - trained)
     # the merged export folds B A into every (dequantized) expert, verified against the trained model
     out = runner.invoke(app, ["export", str(run), "--format", "merged"])
     assert out.exit_code == 0, out.output
