@@ -210,9 +210,7 @@ def ignored_lora_keys(base, lora: LoraConfig, folder: Path) -> list[str]:
     own = family_traits(base).fused_experts and expert_adapters.uses_own_adapters(lora, has_nf4_experts(base))
     layouts = expert_adapters.saved_layouts(folder) or {}
     held = "none" if not layouts else "shared" if next(iter(layouts.values()))["shared"] else "per_expert"
-    if own and held != lora.experts:
-        out.append(f"lora.experts: {lora.experts!r} -> finetune's expert adapters: {held}")
-    elif layouts and not own:
+    if (own and held != lora.experts) or (layouts and not own):  # the saved expert adapters are the ones loaded
         out.append(f"lora.experts: {lora.experts!r} -> finetune's expert adapters: {held}")
     return out
 
