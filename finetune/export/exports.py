@@ -23,13 +23,14 @@ from finetune.export.verify import DEFAULT_MAX_KL, Figures
 from finetune.run.files import read_json, write_json_atomic, write_text_atomic
 
 MergeInto = Literal["dequantized", "original"]
+EXPERT_FILE = "expert_adapter.safetensors"  # finetune.model.expert_adapters.EXPERT_FILE (torch-free import here)
 ExportDType = Literal["auto", "bf16", "fp16", "fp32"]
 _DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def _copy_tokenizer(run: RunStage, dest: Path) -> None:
     """The stage's tokenizer files (with its chat template and pad token) into an export."""
-    adapter_files = {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+    adapter_files = {"adapter_config.json", "adapter_model.safetensors", "README.md", EXPERT_FILE}
     for f in run.tokenizer_dir.iterdir():
         if f.is_file() and f.name not in adapter_files:
             shutil.copy2(f, dest / f.name)
@@ -51,6 +52,13 @@ def export_adapter(run: RunStage, out: Path | None = None, overwrite: bool = Fal
             shutil.copy2(run.adapter / name, tmp / name)
         _copy_tokenizer(run, tmp)
         result = ExportResult(out=out, format="adapter", stage=run.stage.name)
+        if (run.adapter / EXPERT_FILE).exists():  # finetune's own expert adapters: ours to load, not peft's
+            shutil.copy2(run.adapter / EXPERT_FILE, tmp / EXPERT_FILE)
+            result.notes.append(
+                f"{EXPERT_FILE} holds finetune's own expert adapters (lora.experts: shared, or per_expert on 4-bit "
+                "experts), which finetune loads (ft generate, ft eval, ft export on this folder's run) and peft does "
+                "not: peft.PeftModel.from_pretrained loads adapter_model.safetensors alone, the model without its "
+                "expert updates. For a model that runs without finetune, export with --format merged")
         _name_public_base(run, tmp / "adapter_config.json", result)
         write_card(run, result, tmp, repo_id)
     return result

@@ -111,11 +111,11 @@ def _load_run(run_dir: Path, stage: str | None) -> Loaded:
 
 
 def _load_adapter(path: Path, base: str | None) -> Loaded:
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from finetune.export.merge import restore_adapter_dtype
     from finetune.model import bnb_cpu
+    from finetune.model.adapters import load_trained
     from finetune.model.loading import bnb_config, load_tokenizer, resolve_dtype
     from finetune.recipe.schema import QuantizationConfig
 
@@ -139,9 +139,15 @@ def _load_adapter(path: Path, base: str | None) -> Loaded:
     tokenizer = load_tokenizer(None, str(path))
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     bnb_cpu.fix_model(model)
+    if quant is not None and quant.mode != "none" and quant.experts:  # the experts in NF4 too, as trained
+        from finetune.model.families import traits
+        from finetune.model.moe_experts import quantize_experts
+
+        compute = dtype if quant.compute_dtype == "auto" else resolve_dtype(quant.compute_dtype)
+        quantize_experts(model, traits(model.config.model_type).expert_parameters, compute, quant.double_quant)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
-    model = restore_adapter_dtype(PeftModel.from_pretrained(model, str(path)).eval(), path)
+    model = restore_adapter_dtype(load_trained(model, path).eval(), path)  # with finetune's expert adapters
     how = f"{quant.mode} base" if quant is not None and quant.mode != "none" else "base"
     return Loaded(model, tokenizer, f"adapter {path} on {how} {base}", _text_only(path))
 

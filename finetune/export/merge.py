@@ -7,7 +7,8 @@ Two merge modes (see `finetune.export.exports`):
 - `original`: the base is loaded again without quantization, in float32, and peft's `merge_and_unload` merges the
   adapter into it.
 Either way each weight is summed in float32 and only then cast to the export dtype, under the key names of a plain
-transformers model.
+transformers model. finetune's own expert adapters (`lora.experts: shared`, `per_expert` on 4-bit experts) are folded
+the same way: s B_e A_e added to every expert e's fused weight.
 """
 
 from __future__ import annotations
@@ -43,15 +44,13 @@ def export_torch_dtype(recipe: Recipe, dtype: str) -> torch.dtype:
 
 def build_reference(recipe: Recipe, adapter: Path, tokenizer):
     """The trained model as training ran it: the base loaded as the recipe says (4-bit for QLoRA) + the adapter."""
-    from peft import PeftModel
-
-    from finetune.model.adapters import prepare_base
+    from finetune.model.adapters import load_trained, prepare_base
     from finetune.model.loading import load_model
 
     base = load_model(recipe, tokenizer=tokenizer)
     # prepare_base does what training did to the base (frozen, every weight in the dtype it was loaded in).
     base = prepare_base(base, gradient_checkpointing=False)
-    return restore_adapter_dtype(PeftModel.from_pretrained(base, str(adapter)).eval(), adapter)
+    return restore_adapter_dtype(load_trained(base, adapter).eval(), adapter)  # with finetune's expert adapters
 
 
 def restore_adapter_dtype(model, adapter: Path):
@@ -198,7 +197,10 @@ def _dequantized_merge(reference, keys: list[str], dtype: torch.dtype) -> dict[s
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
 
+    from finetune.model import expert_adapters
+
     model = reference.get_base_model()
+    own = {key: lora for key, lora in expert_adapters.held(reference).items() if lora.enabled}
     state = {}
     for key in keys:
         module_name, _, attr = key.rpartition(".")
@@ -217,6 +219,8 @@ def _dequantized_merge(reference, keys: list[str], dtype: torch.dtype) -> dict[s
                         tensor = tensor + _delta(layer, adapter).to(tensor.device)
         else:
             tensor = _full_precision(getattr(module, attr))
+            if key in own:  # finetune's expert adapters: s B_e A_e into every expert e (model/expert_adapters.py)
+                tensor = tensor + own[key].delta().to(tensor.device)
         state[key] = _cast(tensor, dtype).cpu()  # summed in float32, cast per tensor: peak memory ~ the export
     return state
 
@@ -233,11 +237,16 @@ def _original_merge(recipe: Recipe, adapter: Path, tokenizer, keys: list[str], d
     full.quantization.experts = False
     full.model.dtype = "float32"
     base = load_model(full, tokenizer=tokenizer)
-    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
-    state = merged.state_dict()
+    from finetune.model import expert_adapters
+
+    model = PeftModel.from_pretrained(base, str(adapter))
+    own = expert_adapters.load(model, adapter) and expert_adapters.held(model)  # finetune's expert adapters
+    state = model.merge_and_unload().state_dict()
     missing = [k for k in keys if k not in state]
     if missing:
         raise FinetuneError(f"merge: the merged model lacks {missing[:3]}; this model type is not supported")
+    for key, lora in (own or {}).items():  # s B_e A_e into every expert e of the original weights
+        state[key] = state[key].detach().float() + lora.delta()
     return {k: _cast(state[k].detach(), dtype).cpu() for k in keys}
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from finetune.errors import FinetuneError
+from finetune.model import expert_adapters
 from finetune.recipe.schema import LoraConfig
 
 
@@ -73,7 +75,8 @@ def moe_targets(model, lora: LoraConfig) -> tuple[list[str], list[str]]:
         left = ", ".join(sorted(set(names) - set(kept)))
         print(f"note: lora.target_modules: {left} get no adapter on this Mixture-of-Experts model (peft would move "
               "them onto every expert); lora.experts decides the experts", flush=True)
-    params = list(traits.expert_parameters) if lora.experts == "per_expert" else []
+    own = expert_adapters.uses_own_adapters(lora, has_nf4_experts(model))  # finetune's, not peft's
+    params = list(traits.expert_parameters) if lora.experts == "per_expert" and not own else []
     if lora.router and traits.router_parameter:
         params.append(traits.router_parameter)
     return kept, params
@@ -96,17 +99,32 @@ def prepare_base(model, gradient_checkpointing: bool):
     return model
 
 
+def has_nf4_experts(model) -> bool:
+    """Whether `model` holds 4-bit experts (`quantization.experts`)."""
+    from finetune.model.moe_experts import NF4Experts
+
+    return any(isinstance(m, NF4Experts) for m in model.modules())
+
+
 def attach(model, lora: LoraConfig, init_from: str | Path | None = None, adapter_name: str = "default",
-           stage: str | None = None):
+           stage: str | None = None, expert_ranks: list[list[int]] | None = None):
     """A fresh adapter from the recipe, or a saved one (trainable) when `init_from` is a folder.
 
     A saved adapter keeps its own settings: the recipe's `lora` keys that differ from its adapter_config.json are
-    ignored, and said once (a warning line, prefixed with the `stage` name when given).
+    ignored, and said once (a warning line, prefixed with the `stage` name when given). finetune's own expert
+    adapters (`lora.experts: shared`, `per_expert` on 4-bit experts or ranked by routing: `expert_ranks`, per MoE
+    layer one rank per expert) are added beside peft's and travel with it (`carry_expert_adapters`).
     """
-    from peft import PeftModel, get_peft_model
+    from peft import get_peft_model
 
     if init_from is None:
-        return get_peft_model(model, to_peft(lora, model), adapter_name=adapter_name)
+        peft_model = get_peft_model(model, to_peft(lora, model), adapter_name=adapter_name)
+        traits = family_traits(model)
+        if traits.fused_experts and expert_adapters.uses_own_adapters(lora, has_nf4_experts(model)):
+            expert_adapters.add(peft_model, traits.expert_parameters, lora.r, lora.alpha,
+                                shared=lora.experts == "shared", ranks=expert_ranks, use_rslora=lora.use_rslora,
+                                init_b=lora.init_weights is False)
+        return carry_expert_adapters(peft_model)
     init_from = Path(init_from)
     if not (init_from / "adapter_config.json").exists():
         raise FinetuneError(f"no adapter at {init_from} (adapter_config.json missing)")
@@ -114,7 +132,53 @@ def attach(model, lora: LoraConfig, init_from: str | Path | None = None, adapter
     if ignored:
         print(f"{f'[{stage}] ' if stage else ''}warning: the stage starts from the adapter in {init_from}, which keeps "
               f"its own settings; these lora keys are ignored: {'; '.join(ignored)}", flush=True)
-    return PeftModel.from_pretrained(model, str(init_from), adapter_name=adapter_name, is_trainable=True)
+    return load_trained(model, init_from, adapter_name, trainable=True)
+
+
+def load_trained(base, folder: str | Path, adapter_name: str = "default", trainable: bool = False):
+    """A saved adapter on `base`: peft's, then finetune's own expert adapters when the folder holds them."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base, str(folder), adapter_name=adapter_name, is_trainable=trainable)
+    expert_adapters.load(model, folder, trainable=trainable)
+    return carry_expert_adapters(model)
+
+
+def carry_expert_adapters(peft_model):
+    """Make this peft model instance save finetune's expert adapters beside its own (`save_pretrained`: the stage's
+    adapter, every checkpoint, the best adapter), load them back (`load_adapter`: `--resume` through the Trainer) and
+    switch them off with its own (`disable_adapter`: the base model of forgetting and of export checks). Per
+    instance; nothing changes for a model without them."""
+    held = expert_adapters.held(peft_model)
+    if not held or getattr(peft_model, "_carries_expert_adapters", False):
+        return peft_model
+    from finetune.model.patches import record
+
+    kind = "one shared by the experts of each layer" if next(iter(held.values())).shared else "one per expert"
+    record(peft_model, "experts", f"LoRA on {len(held)} fused expert weights ({kind}) in finetune's experts forward, "
+           f"saved as {expert_adapters.EXPERT_FILE} (model/expert_adapters.py)")
+    save, load, disable = peft_model.save_pretrained, peft_model.load_adapter, peft_model.disable_adapter
+
+    def save_pretrained(save_directory, *args, **kwargs):
+        save(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            expert_adapters.save(peft_model, save_directory)
+
+    def load_adapter(model_id, adapter_name, *args, **kwargs):
+        out = load(model_id, adapter_name, *args, **kwargs)
+        if adapter_name == "default":
+            expert_adapters.load(peft_model, model_id, trainable=bool(kwargs.get("is_trainable", False)))
+        return out
+
+    @contextmanager
+    def disable_adapter():
+        with disable(), expert_adapters.disabled(peft_model):
+            yield
+
+    peft_model.save_pretrained, peft_model.load_adapter = save_pretrained, load_adapter
+    peft_model.disable_adapter = disable_adapter
+    peft_model._carries_expert_adapters = True
+    return peft_model
 
 
 # recipe `lora` key -> its name in peft's LoraConfig / adapter_config.json
@@ -143,6 +207,11 @@ def ignored_lora_keys(base, lora: LoraConfig, folder: Path) -> list[str]:
     if _raw_names(wanted.target_parameters) != _raw_names(saved.get("target_parameters")):
         out.append(f"lora.experts: {lora.experts!r}, lora.router: {lora.router!r} -> target_parameters "
                    f"{sorted(saved.get('target_parameters') or [])!r}")
+    own = family_traits(base).fused_experts and expert_adapters.uses_own_adapters(lora, has_nf4_experts(base))
+    layouts = expert_adapters.saved_layouts(folder) or {}
+    held = "none" if not layouts else "shared" if next(iter(layouts.values()))["shared"] else "per_expert"
+    if (own and held != lora.experts) or (layouts and not own):  # the saved expert adapters are the ones loaded
+        out.append(f"lora.experts: {lora.experts!r} -> finetune's expert adapters: {held}")
     return out
 
 

@@ -102,8 +102,8 @@ class QuantizationConfig(Section):
     transformers 5 keeps the experts as fused 3D weights, most of such a model: 54 of Qwen3-30B-A3B's 57 GB in bf16).
     Each expert's weight becomes NF4 on its own (bitsandbytes' `quantize_4bit`, blocks of 64, `double_quant` as set),
     and the forward runs only the experts each token is routed to, dequantizing them inside the matmul
-    (`finetune/model/moe_experts.py`). Needs `mode: nf4` and frozen experts (`lora.experts: none`). No effect on
-    dense models."""
+    (`finetune/model/moe_experts.py`). Needs `mode: nf4`. The 4-bit experts stay frozen; `lora.experts: shared` or
+    `per_expert` trains low-rank updates beside them in finetune's own experts forward. No effect on dense models."""
 
 
 class LoraConfig(Section):
@@ -134,7 +134,7 @@ class LoraConfig(Section):
     init_weights: Literal["default", "gaussian", "pissa", "olora"] | bool = True
     """Adapter initialisation passed to peft (`true` is peft's default: B = 0, so training starts at the base).
     Ignored when the stage starts from a saved adapter (see `r`)."""
-    experts: Literal["none", "per_expert"] = "none"
+    experts: Literal["none", "shared", "per_expert"] = "none"
     """Mixture-of-Experts models (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE): LoRA on the experts. `none`: the experts stay
     frozen and the other linear layers get adapters (attention, Qwen2-MoE's shared expert; not the dense MLP layers of
     a Qwen3-MoE with `mlp_only_layers`, whose names peft 0.21 would move onto the experts), the smallest adapter: 13M
@@ -143,8 +143,21 @@ class LoraConfig(Section):
     (peft's `target_parameters`): r x (2 x hidden + 3 x expert size) weights per expert, 629M more for Qwen3-30B-A3B
     at r=16 (9.4 GB more of weights, gradients and AdamW state), and peft builds each layer's whole expert stack with
     the update added, which the backward keeps (one layer's with gradient checkpointing, else every layer's); LoRA
-    dropout cannot apply to it (set `dropout: 0`). No effect on dense models. Ignored when the stage starts from a
-    saved adapter (see `r`)."""
+    dropout cannot apply to it (set `dropout: 0`). With `quantization.experts: true` the update is finetune's own
+    (A [experts, r, in], B [experts, out, r] per fused weight, added inside each expert's 4-bit computation), as with
+    `expert_rank: by_routing`.
+    `shared`: one rank-`r` update per fused weight and layer, added to every expert of that layer inside its
+    computation (before the activation): r x (2 x hidden + 3 x expert size) weights per layer, on 4-bit or plain
+    experts. finetune's own adapters (`finetune/model/expert_adapters.py`), saved beside peft's as
+    `expert_adapter.safetensors`, which finetune loads again (later stages, --resume, ft eval, ft generate, merged
+    export) and peft alone does not; sft stages only.
+    No effect on dense models. Ignored when the stage starts from a saved adapter (see `r`)."""
+    expert_rank: Literal["uniform", "by_routing"] = "uniform"
+    """`lora.experts: per_expert` only: `uniform` gives every expert rank `r`; `by_routing` measures how often each
+    expert is routed to on the first training batches (a short forward before training) and gives each expert of a
+    layer a rank proportional to its share (at least 1), the layer's ranks summing to experts x `r`: the same
+    trainable parameters as `uniform`, held as one A and B per expert of its own rank (finetune's own adapters, as
+    with `shared`; sft stages only)."""
     router: bool = False
     """Mixture-of-Experts models: LoRA on the router (the gate that picks each token's experts) too. Off: the routing
     the model was trained with is kept. Needs `dropout: 0`, like `experts: per_expert`. No effect on dense models."""
@@ -885,14 +898,26 @@ class Recipe(Section):
                 problems.append(f"stages[{i}].dpo.label_smoothing works with loss_type 'sigmoid' only")
         if self.quantization.experts and self.quantization.mode != "nf4":
             problems.append("quantization.experts: true quantizes the experts to NF4; set quantization.mode: nf4")
-        if self.quantization.experts and self.lora.experts != "none":
-            problems.append("quantization.experts: true keeps the experts frozen in 4-bit, where peft cannot add "
-                            "per-expert adapters; set lora.experts: none, or quantization.experts: false")
+        if self.lora.expert_rank == "by_routing" and self.lora.experts != "per_expert":
+            problems.append(f"lora.expert_rank: by_routing sets a rank per expert; it needs lora.experts: per_expert "
+                            f"(here {self.lora.experts})")
+        if self.lora.expert_rank == "by_routing" and any(
+                self.stage_data(s).streaming for s in self.effective_stages()):
+            problems.append("lora.expert_rank: by_routing measures the routing on the first training rows before "
+                            "training; set data.streaming: false (or lora.expert_rank: uniform)")
+        own = self.own_expert_adapters()
+        others = sorted({s.kind for s in self.effective_stages() if s.kind != "sft"})
+        if own and others:
+            what = ("lora.experts: shared" if self.lora.experts == "shared" else "lora.expert_rank: by_routing"
+                    if self.lora.expert_rank == "by_routing" else "lora.experts: per_expert with quantization.experts")
+            problems.append(f"{what} trains finetune's own expert adapters, supported in sft stages only (not "
+                            f"{', '.join(others)}: their reference model switches peft adapters); use sft stages, or "
+                            "lora.experts: none")
         if self.lora.dropout and (self.lora.experts != "none" or self.lora.router):
-            on = "lora.experts: per_expert" if self.lora.experts != "none" else "lora.router: true"
-            problems.append(f"lora.dropout: {self.lora.dropout:g} with {on}: peft adapts the experts and the router "
-                            "as raw parameters, where LoRA dropout cannot apply; set lora.dropout: 0 (or leave the "
-                            "experts and the router without adapters)")
+            on = f"lora.experts: {self.lora.experts}" if self.lora.experts != "none" else "lora.router: true"
+            problems.append(f"lora.dropout: {self.lora.dropout:g} with {on}: the expert and router adapters take "
+                            "no LoRA dropout (peft adapts them as raw parameters, finetune's own expert adapters "
+                            "have none); set lora.dropout: 0 (or leave the experts and the router without adapters)")
         if self.quantization.mode != "none" and self.lora.use_dora and self.kernels.enabled():
             problems.append(
                 "kernels: the fused kernels do not support DoRA; set lora.use_dora: false or turn kernels off"
@@ -901,6 +926,12 @@ class Recipe(Section):
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def own_expert_adapters(self) -> bool:
+        """Whether a MoE base gets finetune's own expert adapters (`finetune/model/expert_adapters.py`), not peft's:
+        `lora.experts: shared`, or `per_expert` on 4-bit experts or with ranks by routing."""
+        return self.lora.experts == "shared" or (self.lora.experts == "per_expert" and (
+            (self.quantization.experts and self.quantization.mode == "nf4") or self.lora.expert_rank == "by_routing"))
 
     def effective_stages(self) -> list[StageConfig]:
         """The stages to run: the recipe's list, or a single `sft` stage when it has none."""

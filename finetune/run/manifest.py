@@ -187,7 +187,19 @@ def build_manifest(recipe: Recipe, recipe_path: str | Path | None = None) -> dic
         "hardware": hardware(),
         "command": [Path(sys.argv[0]).name, *redact(sys.argv[1:])],
         "written": written_entries([s.name for s in recipe.effective_stages()]),  # what --overwrite may delete
+        "adapter_files": adapter_files(recipe),
     }
+
+
+def adapter_files(recipe: Recipe) -> list[str]:
+    """The files of each stage's `adapter/` folder: peft's, and finetune's own expert adapters on a MoE base
+    (`lora.experts: shared`, `per_expert` on 4-bit experts: not loadable by peft alone)."""
+    from finetune.model.families import model_type, traits
+
+    files = ["adapter_config.json", "adapter_model.safetensors"]
+    if recipe.own_expert_adapters() and traits(model_type(recipe.model)).fused_experts:
+        files.append("expert_adapter.safetensors")  # finetune.model.expert_adapters.EXPERT_FILE
+    return files
 
 
 def write_recipe(recipe: Recipe, run_dir: Path) -> Path:

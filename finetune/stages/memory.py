@@ -89,7 +89,7 @@ def optimizer_bytes_per_param(optimizer: str) -> int:
 
 def layer_activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, dropout: bool = False,
                            lora_r: int = 0, eager: tuple[int, int] | None = None, moe: bool = False,
-                           expert_copy_bytes: int = 0, expert_inputs: int = 1) -> int:
+                           expert_copy_bytes: int = 0, expert_inputs: int = 1, expert_lora_r: int = 0) -> int:
     """What one decoder layer with LoRA on every projection keeps for backward over `tokens` tokens.
 
     Per token (measured with saved-tensor hooks on the tiny model, `tests/integration/test_dry_run.py`): each RMSNorm
@@ -103,12 +103,19 @@ def layer_activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, dropo
     `moe`: a MoE layer (linear adapters on attention only): the router's float32 logits and probabilities and, for
     each of the token's `top_k` experts, `expert_inputs` copies of its input (2 when bitsandbytes' 4-bit matmul or
     peft's parametrized weight keeps one more), its gate/up output and product. `expert_copy_bytes`: what peft builds
-    per layer for `lora.experts: per_expert` and the backward keeps (measured: two expert stacks).
+    per layer for `lora.experts: per_expert` and the backward keeps (measured: two expert stacks). `expert_lora_r`:
+    finetune's own expert adapters (`shared`, `per_expert` on 4-bit experts), which keep, per routed token, the inputs
+    of their A matmuls (the expert's input unless the 4-bit matmul keeps it already, and the down projection's input)
+    and their two rank-r outputs.
     """
     h, q, kv, i = shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate
     if moe:  # adapters on q, k, v (input: hidden) and o (input: q); the MLP's experts, see the docstring
         hidden_inputs, mlp_input, distinct_hidden, adapters = 3, 0, 1, 4
-        mlp = act_bytes * shape.top_k * (expert_inputs * h + 3 * shape.expert_intermediate) + 8 * shape.experts
+        lora = 0
+        if expert_lora_r:  # the A matmuls keep their inputs (the 4-bit matmul keeps the expert's input already)
+            lora = (h if expert_inputs == 1 else 0) + shape.expert_intermediate + 2 * expert_lora_r
+        mlp = (act_bytes * shape.top_k * (expert_inputs * h + 3 * shape.expert_intermediate + lora)
+               + 8 * shape.experts)
     else:
         hidden_inputs, mlp_input, distinct_hidden, adapters = 5, i, 2, 7
         mlp = act_bytes * 3 * i
@@ -206,10 +213,13 @@ def estimate(shape: ModelShape, *, recipe: Any, training: Any, kind: str, sequen
             and not getattr(training, "offload_activations", False))
     if lean and shape.dense_layers:
         dense_layer -= lean_dropped_bytes(shape, tokens, act_bytes, lora.dropout > 0, tiles > 1)
-    per_expert, nf4_experts = lora.experts == "per_expert", quantized and recipe.quantization.experts
+    nf4_experts = quantized and recipe.quantization.experts
+    own = recipe.own_expert_adapters()  # finetune's expert adapters (model/expert_adapters.py)
+    per_expert = lora.experts == "per_expert" and not own  # peft's: it materializes each layer's adapted stack
     copy = 2 * shape.expert_params // max(shape.moe_layers, 1) * dtype_bytes if per_expert else 0
-    moe_layer = shape.moe_layers and layer_activation_bytes(shape, tokens, act_bytes, moe=True, expert_copy_bytes=copy,
-                                                            expert_inputs=1 + (per_expert or nf4_experts), **kwargs)
+    moe_layer = shape.moe_layers and layer_activation_bytes(
+        shape, tokens, act_bytes, moe=True, expert_copy_bytes=copy, expert_inputs=1 + (per_expert or nf4_experts),
+        expert_lora_r=lora.r if own else 0, **kwargs)
     if training.gradient_checkpointing:
         kept = shape.layers * tokens * shape.hidden * act_bytes
         recomputed = max(dense_layer + tile, moe_layer) + 2 * tokens * shape.hidden * act_bytes  # and grads in/out

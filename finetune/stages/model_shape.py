@@ -89,5 +89,7 @@ class ModelShape:
         shared_mlp += r * (self.hidden + 1) if targets == "all-linear" else 0  # and the shared expert's gate
         h, ei = self.hidden, self.expert_intermediate  # gate/up: h -> 2 ei, down: ei -> h
         per_expert = r * (2 * h + 3 * ei) if experts == "per_expert" else 0
-        moe = self.experts * per_expert + shared_mlp * bool(self.shared_intermediate) + r * (h + self.experts) * router
+        shared_experts = r * (2 * h + 3 * ei) if experts == "shared" else 0  # one update for all of a layer's experts
+        moe = (self.experts * per_expert + shared_experts + shared_mlp * bool(self.shared_intermediate)
+               + r * (h + self.experts) * router)
         return self.layers * attention + self.moe_layers * moe

@@ -54,7 +54,8 @@ def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
     model = load_model(recipe, training, tokenizer)
     phases.done("model" + (" + 4-bit quantization" if recipe.quantization.mode != "none" else ""))
     model = prepare_base(model, training.gradient_checkpointing)
-    model = attach(model, recipe.lora, ctx.init_adapter, stage=ctx.stage.name)
+    ranks = expert_ranks(ctx, model, train_ds)  # lora.expert_rank: by_routing
+    model = attach(model, recipe.lora, ctx.init_adapter, stage=ctx.stage.name, expert_ranks=ranks)
     params = trainable_summary(model)
     print(f"[{ctx.stage.name}] adapter: {params['trainable']:,} trainable of {params['total']:,} parameters "
           f"({params['percent']}%: {groups_text(trainable_groups(model))}); "
@@ -119,3 +120,30 @@ def run_sft(ctx: StageContext, tokenizer=None) -> StageResult:
         metrics["task_before"], metrics["task_after"] = before, after
         print(f"[{ctx.stage.name}] held-out task after training: {after}", flush=True)
     return StageResult(name=ctx.stage.name, kind="sft", adapter=str(adapter_dir), metrics=metrics, patches=patches)
+
+
+ROUTING_ROWS = 64  # training rows whose routing sets the ranks of `lora.expert_rank: by_routing`
+
+
+def expert_ranks(ctx: StageContext, model, train_ds) -> list[list[int]] | None:
+    """`lora.expert_rank: by_routing` on a fresh adapter: each expert's share of the routed slots on the first
+    `ROUTING_ROWS` training rows (the base model, one forward per row) -> its rank (`expert_adapters.ranks_by_routing`,
+    the uniform total kept). A resumed stage takes the ranks its checkpoint was saved with."""
+    import torch
+
+    from finetune.eval.routing import expert_load
+    from finetune.model import expert_adapters
+    from finetune.model.adapters import family_traits
+
+    lora = ctx.recipe.lora
+    if lora.expert_rank != "by_routing" or ctx.init_adapter is not None or not family_traits(model).fused_experts:
+        return None
+    if ctx.resume_from is not None and (ranks := expert_adapters.saved_ranks(ctx.resume_from)) is not None:
+        return ranks
+    device = next(model.parameters()).device
+    rows = train_ds[:ROUTING_ROWS]["input_ids"]
+    shares = expert_load(model, [{"input_ids": torch.tensor([ids], device=device)} for ids in rows])
+    ranks = expert_adapters.ranks_by_routing(shares, lora.r)
+    print(f"[{ctx.stage.name}] expert ranks by routing on {len(rows)} training rows (total {lora.r} x experts per "
+          f"layer): " + "; ".join(f"layer {i} {r}" for i, r in enumerate(ranks)), flush=True)
+    return ranks

@@ -128,7 +128,10 @@ def finish_watch(watch: EvalWatch | None, model, tokenizer, ctx) -> dict[str, An
             from peft import set_peft_model_state_dict
             from peft.utils import load_peft_weights
 
+            from finetune.model import expert_adapters
+
             set_peft_model_state_dict(model, load_peft_weights(str(watch.best_dir)), adapter_name="default")
+            expert_adapters.load(model, watch.best_dir, trainable=True)  # finetune's own expert adapters, if any
             out["best"] = dict(watch.best)
             print(f"[{ctx.stage.name}] keep_best: the adapter of step {watch.best['step']} "
                   f"({watch.best['metric']} {watch.best['value']:.4g})", flush=True)

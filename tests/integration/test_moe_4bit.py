@@ -55,6 +55,6 @@ output: {{dir: {tmp_path / 'run'}}}
     meta = json.loads((tmp_path / "run" / "export" / "sft-merged" / "export.json").read_text())
     assert meta["verification"]["dequantized"]["mean_kl"] < 1e-4, meta["verification"]
     config = json.loads((tmp_path / "run" / "export" / "sft-merged" / "config.json").read_text())
-    assert "finetune_nf4" not in json.dumps(config)
+    assert "finetune_experts" not in json.dumps(config)
     card = (tmp_path / "run" / "export" / "sft-merged" / "README.md").read_text()
     assert "on a NF4 4-bit base (QLoRA, the experts in NF4 too: finetune's quantization.experts)" in card

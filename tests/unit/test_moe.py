@@ -192,6 +192,21 @@ def test_qwen3_30b_a3b_costs_per_policy(capsys):
     print(f"experts none, 4-bit experts: {mem.line()}")
     assert mem.expert_weights == nf4_bytes(48 * 128 * 3 * 2048 * 768, True)
     assert mem.total < RECIPE_MARGIN * 24e9 < none[1].total
+    # finetune's own expert adapters on the 4-bit experts (model/expert_adapters.py): shared and per expert
+    own = {}
+    for experts in ("shared", "per_expert"):
+        recipe = Recipe(model={"name_or_path": "m", "dtype": "bfloat16"}, data={"train": [{"path": "x.jsonl"}]},
+                        quantization={"mode": "nf4", "experts": True}, lora={"r": 16, "experts": experts},
+                        training={"gradient_checkpointing": True})
+        own[experts] = estimate(shape, recipe=recipe, training=recipe.training, kind="sft", sequences=1,
+                                seq_len=2048)
+        print(f"experts {experts}, 4-bit experts: {shape.lora_params(16, 'all-linear', experts) / 1e6:,.0f}M "
+              f"trainable; {own[experts].line()}")
+    assert shape.lora_params(16, "all-linear", "shared") - none[0] == 48 * 16 * (2 * 2048 + 3 * 768)
+    assert own["shared"].adapter - mem.adapter == 48 * 16 * (2 * 2048 + 3 * 768) * 16  # weights, grads, AdamW
+    assert mem.total < own["shared"].total < RECIPE_MARGIN * 24e9  # a 24 GB GPU still
+    # no materialized expert stacks (peft's per_expert keeps two per layer in the recomputed layer)
+    assert own["per_expert"].recomputed_layer < per_expert[1].recomputed_layer / 4
 
 
 @pytest.mark.parametrize("family", ["qwen3-moe", "mixtral"])
@@ -252,9 +267,20 @@ def test_nf4_experts_only_run_the_routed_experts(moe, monkeypatch):
 
 
 def test_nf4_experts_recipe_rules(moe, tmp_path):
-    out = runner.invoke(app, ["validate", _recipe(tmp_path, moe["qwen3-moe"], "{experts: per_expert}"), "--set",
-                              "quantization.experts=true"])
-    assert out.exit_code == 2 and "quantization.experts: true keeps the experts frozen" in out.output, out.output
+    """Per-expert and shared adapters on 4-bit experts are finetune's own (sft stages only); ranks by routing need
+    per-expert adapters."""
+    for experts in ("per_expert", "shared"):
+        out = runner.invoke(app, ["validate", _recipe(tmp_path, moe["qwen3-moe"], f"{{experts: {experts}}}"),
+                                  "--set", "quantization.experts=true"])
+        assert out.exit_code == 0, out.output
+    dpo = "stages: [{name: sft, kind: sft}, {name: dpo, kind: dpo, data: {train: [{path: x.jsonl}]}}]"
+    out = runner.invoke(app, ["validate", _recipe(tmp_path, moe["qwen3-moe"], "{experts: shared}", dpo)])
+    assert out.exit_code == 2 and "lora.experts: shared trains finetune's own expert adapters, supported in sft " \
+        "stages only (not dpo" in out.output and "Traceback" not in out.output, out.output
+    out = runner.invoke(app, ["validate", _recipe(tmp_path, moe["qwen3-moe"], "{experts: shared, expert_rank: "
+                                                  "by_routing}")])
+    assert out.exit_code == 2 and "lora.expert_rank: by_routing sets a rank per expert; it needs lora.experts: " \
+        "per_expert (here shared)" in out.output, out.output
     out = runner.invoke(app, ["validate", _recipe(tmp_path, moe["qwen3-moe"], "{r: 4}"), "--set",
                               "quantization.experts=true", "--set", "quantization.mode=none"])
     assert out.exit_code == 2 and "set quantization.mode: nf4" in out.output, out.output
@@ -272,7 +298,8 @@ def test_estimate_counts_4bit_experts_as_nf4(moe):
 
 
 @pytest.mark.parametrize("family", ["qwen3-moe", "mixtral"])
-@pytest.mark.parametrize("experts,nf4", [("none", False), ("per_expert", False), ("none", True)])
+@pytest.mark.parametrize("experts,nf4", [("none", False), ("per_expert", False), ("none", True), ("shared", True),
+                                         ("shared", False), ("per_expert", True)])
 def test_moe_activation_estimate_against_what_autograd_keeps(moe, family, experts, nf4):
     """The MoE layer's kept activations (`layer_activation_bytes(moe=True)`: router, routed experts' inputs and
     outputs, peft's materialized expert stacks for `per_expert`, the 4-bit matmul's input copies) against the tensors
