@@ -18,12 +18,17 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from finetune.recipe import loading
 
 DType = Literal["float32", "bfloat16", "float16", "auto"]
 
+
+
+def _yaml_on_off(value: Any) -> Any:
+    """YAML reads a bare `on`/`off` (in a recipe or a `--set`) as true/false: the words meant, for on/off keys."""
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 class Section(BaseModel):
     """Base for every recipe section: unknown keys are errors, docstrings under fields are their docs."""
@@ -342,7 +347,7 @@ class TrainingConfig(Section):
     """On a GPU, move the tensors the forward keeps for backward to pinned host memory as they are saved, and back
     when backward needs them (with gradient checkpointing: each layer's input, the bulk of what remains at long
     context). Costs the copies over PCIe; loss and gradients stay the same. No effect on the CPU (nothing to move)."""
-    release_host_memory: Literal["auto", "on", "off"] = "auto"
+    release_host_memory: Annotated[Literal["auto", "on", "off"], BeforeValidator(_yaml_on_off)] = "auto"
     """CPU training: have glibc map every freed block of 1 MB or more back to the system, so that the process's
     resident memory follows the tensors alive instead of climbing with the heap's fragments (3.5x less peak memory
     on an 8k-token row, about 15% slower). `auto`: when `data.max_length` is over 4096 tokens; `on`; `off`. No effect

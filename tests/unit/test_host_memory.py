@@ -57,3 +57,18 @@ def test_this_machines_glibc_takes_it():
             "'training': {'release_host_memory': 'on'}}); print(h.apply(r, cuda=False))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "returned to the system" in out, out
+
+
+def test_bare_yaml_on_and_off_mean_the_words(tmp_path):
+    """YAML reads `on`/`off` as booleans; in a recipe file and in a `--set` they mean the settings."""
+    import yaml
+
+    from finetune.recipe.schema import load_recipe
+
+    for word in ("on", "off"):
+        path = tmp_path / f"{word}.yaml"
+        path.write_text(f"data:\n  train:\n    - path: x.jsonl\ntraining:\n  release_host_memory: {word}\n")
+        assert yaml.safe_load(path.read_text())["training"]["release_host_memory"] is (word == "on")
+        assert load_recipe(path).training.release_host_memory == word
+        assert load_recipe(tmp_path / "on.yaml", [f"training.release_host_memory={word}"]).training.release_host_memory \
+            == word
