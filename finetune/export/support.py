@@ -47,15 +47,20 @@ def refusals(kind: str | None, config: Any = None) -> list[Refusal]:
 
 
 def base_config(recipe: Recipe) -> Any:
-    """The base model's transformers config from its local config.json alone (None when there is none, or it does
-    not parse: the model checks report that)."""
+    """The base model's transformers config from its config.json alone, local or in the Hub cache (None when there
+    is none, or it does not parse: the model checks report that)."""
     path = Path(recipe.model.name_or_path) / "config.json"
     try:
+        if not path.exists():
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(recipe.model.name_or_path, "config.json", revision=recipe.model.revision)
+            path = Path(cached) if isinstance(cached, str) else path
         values = json.loads(path.read_text(encoding="utf-8"))
         from transformers import AutoConfig
 
         return AutoConfig.for_model(values.pop("model_type"), **values)
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):  # no config, or one transformers cannot build
         return None
 
 
