@@ -8,6 +8,8 @@ Everything is a pure function of the size preset and the seed, built in seconds 
 * Model: Llama architecture, random init, float32 safetensors. `full` is about 38M parameters (hidden 384, 8 layers,
   GQA 6/2 heads, MLP 1024, untied 32768-word embedding and head): the LM head is about half of the matmul FLOPs,
   as in small models with a modern vocabulary.
+* `moe`: the same, as a Qwen3-MoE (8 experts, top-2, every layer): the experts hold almost all the weights, as in
+  real MoE models, and only the two routed experts of a token run; `intermediate` is then one expert's size.
 * Data: chat rows (one user turn, one assistant turn) whose total length in tokens is log-normal, clipped to
   [min, max]; the user share of a row is uniform in [0.3, 0.7]. Words follow a Zipf law with a fixed successor
   table half the time, so there is something to learn (held-out loss goes down). DPO pairs: a prompt, a chosen
@@ -42,6 +44,8 @@ class Preset:
     sigma: float
     train_samples: int
     eval_samples: int
+    experts: int = 0  # Mixture of Experts (a Qwen3-MoE): experts per layer, 0 for a dense Llama
+    experts_per_token: int = 0
 
 
 PRESETS = {
@@ -49,6 +53,12 @@ PRESETS = {
                    max_len=1024, median_len=160, sigma=0.8, train_samples=64, eval_samples=24),
     "tiny": Preset(vocab=512, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, min_len=16,
                    max_len=96, median_len=32, sigma=0.6, train_samples=8, eval_samples=4),
+    # Qwen3-MoE-like: 8 experts of 2,048, top-2, in every layer; 604 MB of float32 experts (93% of the weights),
+    # 38M parameters active per token, so that a step of 8 samples takes seconds on one thread
+    "moe": Preset(vocab=8192, hidden=512, intermediate=2048, layers=6, heads=8, kv_heads=2, min_len=32, max_len=512,
+                  median_len=160, sigma=0.6, train_samples=32, eval_samples=8, experts=8, experts_per_token=2),
+    "moe-tiny": Preset(vocab=512, hidden=64, intermediate=64, layers=2, heads=4, kv_heads=2, min_len=16, max_len=96,
+                       median_len=32, sigma=0.6, train_samples=8, eval_samples=4, experts=4, experts_per_token=2),
     # The real SmolLM2-135M-Instruct (`make real-model`), on questions about Python's documentation answered with
     # its prose (pydoc_data.topics): lengths in characters of the answer, about 4 per token.
     "smollm2": Preset(vocab=49152, hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, min_len=200,
@@ -95,17 +105,23 @@ def build_tokenizer(out: Path, vocab_size: int):
 
 
 def build_model(out: Path, p: Preset, seed: int) -> int:
-    """A random Llama of the preset's shape saved in float32; returns its parameter count."""
+    """A random Llama (or, with experts, Qwen3-MoE) of the preset's shape saved in float32; returns its parameter
+    count."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
 
-    cfg = LlamaConfig(
-        vocab_size=p.vocab, hidden_size=p.hidden, intermediate_size=p.intermediate, num_hidden_layers=p.layers,
-        num_attention_heads=p.heads, num_key_value_heads=p.kv_heads, max_position_embeddings=max(p.max_len, 128),
-        pad_token_id=0, bos_token_id=None, eos_token_id=3, tie_word_embeddings=False,
-    )
+    shape = dict(vocab_size=p.vocab, hidden_size=p.hidden, intermediate_size=p.intermediate,
+                 num_hidden_layers=p.layers, num_attention_heads=p.heads, num_key_value_heads=p.kv_heads,
+                 max_position_embeddings=max(p.max_len, 128), pad_token_id=0, bos_token_id=None, eos_token_id=3,
+                 tie_word_embeddings=False)
+    if p.experts:  # top-k weights renormalised as in the released Qwen3-MoE models
+        cfg = Qwen3MoeConfig(**shape, head_dim=p.hidden // p.heads, num_experts=p.experts,
+                             num_experts_per_tok=p.experts_per_token, moe_intermediate_size=p.intermediate,
+                             norm_topk_prob=True)
+    else:
+        cfg = LlamaConfig(**shape)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
+    model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(str(out))
     return sum(t.numel() for t in model.parameters())
 

@@ -44,8 +44,13 @@ class FlopsPerToken:
 
 
 def linear_shapes(config: Any) -> dict[str, tuple[int, int]]:
-    """(d_in, d_out) of each linear layer of one Llama-style decoder layer, from a transformers config."""
+    """(d_in, d_out) of each linear layer of one Llama-style decoder layer, from a transformers config. Of a
+    Mixture-of-Experts layer: what one token runs, the router and its routed experts (as one MLP of top-k x the
+    expert size)."""
     h, inter = config.hidden_size, config.intermediate_size
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    if experts:
+        inter = config.num_experts_per_tok * (getattr(config, "moe_intermediate_size", None) or inter)
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or h // heads
@@ -57,6 +62,7 @@ def linear_shapes(config: Any) -> dict[str, tuple[int, int]]:
         "gate_proj": (h, inter),
         "up_proj": (h, inter),
         "down_proj": (inter, h),
+        **({"router": (h, experts)} if experts else {}),
     }
 
 

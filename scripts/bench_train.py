@@ -23,6 +23,13 @@ peaks measured here, with the same thread count, before and after the runs. The 
 and of `ours` trained with `--noise-seeds` other data orders (the sides shuffle differently) say how much of a
 held-out difference is noise.
 
+`--preset moe` (a Qwen3-MoE-like model, 8 experts, top-2): ours keeps the experts in NF4 too
+(`quantization.experts: true`), trl keeps them in float32 (bitsandbytes quantizes linear layers only); LoRA on the
+attention layers on every side (`lora.experts: none`), named explicitly, since peft's `all-linear` on trl's side would
+also adapt every expert. Its report is moe.md:
+
+    .venv/bin/python scripts/bench_train.py --preset moe --reps 1 --threads 1 --sides ours,trl-best
+
 Outputs in --out (default bench/): sft.json, sft.md, sft.png (or the --mode / --tag stem). `--mode kto` and `--mode
 grpo` run `bench_align.py` (against `trl kto` / `trl grpo`; GRPO with completions/s and its time by phase).
 """
@@ -46,6 +53,7 @@ from bench_report import summarize, write_reports  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(os.environ.get("FT_BENCH_BIN") or Path(sys.executable).parent)  # where `ft` and `trl` are
 SIDES = ("ours", "trl-default", "trl-best", "trl-packed")
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")  # the LoRA targets of the MoE presets, on every side
 TRL_FLAGS = {
     "sft": {
         "trl-default": {},
@@ -67,6 +75,9 @@ def work_settings(args: argparse.Namespace) -> dict:
          "lora_dropout": 0.0, "targets": "all-linear", "seed": 42, "epochs": 1, "optimizer": "adamw_torch"}
     if args.mode == "dpo":
         w.update(lr=5e-5, beta=0.1, loss="sigmoid", reference="base (adapter disabled)")
+    if PRESETS[args.preset].experts:
+        w.update(targets=list(ATTENTION), experts="NF4 on ours (quantization.experts), float32 on trl (bitsandbytes "
+                 "quantizes linear layers only); no adapters on the experts or the router")
     return w
 
 
@@ -79,7 +90,8 @@ def ours_command(run: Path, assets: dict, w: dict, max_steps: int | None, extra:
     recipe = {
         "name": "bench",
         "model": {"name_or_path": assets["model"], "dtype": w.get("dtype", "float32")},
-        "quantization": {"mode": "nf4", "double_quant": True, "compute_dtype": w.get("dtype", "float32")},
+        "quantization": {"mode": "nf4", "double_quant": True, "compute_dtype": w.get("dtype", "float32"),
+                         **({"experts": True} if "experts" in w else {})},
         "lora": {"r": w["lora_r"], "alpha": w["lora_alpha"], "dropout": w["lora_dropout"],
                  "target_modules": w["targets"]},
         "data": {"train": [{"path": assets["train"]}], "max_length": w["max_length"], "train_on": "assistant",
@@ -101,7 +113,8 @@ def trl_command(side: str, run: Path, assets: dict, w: dict, max_steps: int | No
         "dtype": w.get("dtype", "float32"), "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
         "use_bnb_nested_quant": True,
         "use_peft": True, "lora_r": w["lora_r"], "lora_alpha": w["lora_alpha"], "lora_dropout": w["lora_dropout"],
-        "lora_target_modules": [w["targets"]], "max_length": w["max_length"],
+        "lora_target_modules": [w["targets"]] if isinstance(w["targets"], str) else w["targets"],
+        "max_length": w["max_length"],
         "per_device_train_batch_size": w["micro_batch"], "gradient_accumulation_steps": w["grad_accum"],
         "learning_rate": w["lr"], "lr_scheduler_type": w["scheduler"], "num_train_epochs": w["epochs"],
         "seed": w["seed"], "logging_steps": 1, "save_strategy": "no", "report_to": "none", "optim": w["optimizer"],
@@ -193,7 +206,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="extra ours runs with other data-order seeds: the held-out loss spread 'no worse' allows")
     ap.add_argument("--work", default=str(ROOT / "bench" / "work"), help="assets and run folders")
     ap.add_argument("--out", default=str(ROOT / "bench"), help="where sft.json / .md / .png go")
-    ap.add_argument("--tag", default=None, help="output file stem (default: the mode)")
+    ap.add_argument("--tag", default=None, help="output file stem (default: the mode; moe for the moe presets)")
+    ap.add_argument("--note", default=None, help="a sentence for the report (e.g. what else ran on the machine)")
     args = ap.parse_args(argv)
     args.sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     unknown = [s for s in args.sides if s not in SIDES]
@@ -203,7 +217,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.once = [s.strip() for s in args.once.split(",") if s.strip()]
     args.micro_batch = args.micro_batch or {"dpo": 2, "grpo": 8}.get(args.mode, 4)  # grpo: completions
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    args.tag = args.tag or args.mode
+    args.tag = args.tag or ("moe" if PRESETS[args.preset].experts and args.mode == "sft" else args.mode)
     return args
 
 
@@ -251,7 +265,8 @@ def main(argv: list[str] | None = None) -> dict:
             "mode": args.mode, "preset": args.preset, "work": w, "threads": args.threads, "reps": args.reps,
             "sides": args.sides, "caps": args.cap, "once": args.once, "ours_set": args.ours_set, "assets": assets,
             "load_average": {"before": load_before, "after": os.getloadavg()}, "cpus": os.cpu_count(),
-            "heldout_noise": heldout_noise, "heldout_before": heldout_before}
+            "heldout_noise": heldout_noise, "heldout_before": heldout_before, "note": args.note,
+            "moe": bool(PRESETS[args.preset].experts)}
     summary = summarize(runs, peaks, assets, w, meta)
     write_reports(summary, Path(args.out), args.tag)
     return summary

@@ -109,7 +109,7 @@ FAMILIES: dict[str, Family] = {
                    {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256}, chat=False),
     "qwen3-moe": Family("Qwen3MoeConfig", QWEN_SPECIALS, {"bos": None, "eos": "<|im_end|>", "unk": None,
                                                           "pad": "<|endoftext|>"}, CHATML_TURNS,
-                        {"head_dim": 16, **MOE}),
+                        {"head_dim": 16, **MOE, "norm_topk_prob": True}),  # as the released Qwen3-MoE models
     "mixtral": Family("MixtralConfig", ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"],
                       {"bos": "<s>", "eos": "</s>", "unk": "<unk>", "pad": None}, TEMPLATES["mistral"],
                       {"num_local_experts": 4, "num_experts_per_tok": 2}, add_bos=True),

@@ -3,7 +3,9 @@
 The tensor names come from the `gguf` package (`gguf.get_tensor_name_map`); this module holds only what that map
 does not know: the hyperparameters llama.cpp reads for each architecture, and the few weights stored differently
 (Llama and Mistral keep q/k rows in the rotate-half order of transformers, llama.cpp's `llama` graph wants each
-head's two halves interleaved; Gemma stores RMSNorm weights as `w` for a `(1 + w)` scale, llama.cpp wants `1 + w`).
+head's two halves interleaved; Gemma stores RMSNorm weights as `w` for a `(1 + w)` scale, llama.cpp wants `1 + w`;
+transformers 5 fuses each MoE layer's expert gate and up projections into one [experts, 2 x expert size, hidden]
+parameter, llama.cpp reads them as two stacked 3D tensors).
 Everything here reads a transformers config and is cheap, so `ft export` checks a model before loading it.
 """
 
@@ -23,11 +25,15 @@ class Arch:
     gguf: str  # llama.cpp's architecture name (the `gguf` package's MODEL_ARCH_NAMES value)
     permute_qk: bool = False  # rotate-half q/k rows -> interleaved pairs (llama.cpp `llama` rope)
     norm_plus_one: bool = False  # RMSNorm weight w scales by (1 + w) in transformers
+    expert_count: str | None = None  # Mixture of Experts: the config field holding the number of experts
+    expert_size: str | None = None  # the config field of one expert's intermediate size, where it has its own
 
 
 ARCHS: dict[str, Arch] = {
     "llama": Arch("llama", permute_qk=True),
     "mistral": Arch("llama", permute_qk=True),  # llama.cpp runs Mistral 7B as a llama
+    "mixtral": Arch("llama", permute_qk=True, expert_count="num_local_experts"),  # a llama with experts there too
+    "qwen3_moe": Arch("qwen3moe", expert_count="num_experts", expert_size="moe_intermediate_size"),
     "qwen2": Arch("qwen2"),
     "qwen3": Arch("qwen3"),
     "gemma2": Arch("gemma2", norm_plus_one=True),
@@ -61,11 +67,33 @@ def arch_of(config: Any, where: str) -> Arch:
             f"{', '.join(sorted(ARCHS))}). Export with --format merged and convert that folder with llama.cpp's "
             "own tools if it supports the model."
         )
+    problem = experts_problem(config)
+    if problem:
+        raise FinetuneError(f"{where}: GGUF export cannot write this {model_type} model: {problem}. Export with "
+                            "--format merged instead")
     rope = _rope(config)
     if rope["rope_type"] not in ROPE_TYPES or (rope["rope_type"] == "longrope" and model_type != "phi3"):
         raise FinetuneError(f"{where}: rope type '{rope['rope_type']}' of this {model_type} model has no GGUF "
                             f"mapping here (supported: {', '.join(ROPE_TYPES)}; longrope for phi3 only)")
     return arch
+
+
+def experts_problem(config: Any) -> str | None:
+    """Why llama.cpp would compute this Mixture-of-Experts model differently from transformers (None: it would not).
+
+    llama.cpp's `qwen3moe` graph always renormalises the chosen experts' weights to sum to 1 and puts experts in every
+    layer; transformers follows `norm_topk_prob`, `mlp_only_layers` and `decoder_sparse_step`. (Mixtral always
+    renormalises, in both.)
+    """
+    if getattr(config, "model_type", None) != "qwen3_moe":
+        return None
+    if not getattr(config, "norm_topk_prob", False):
+        return ("its router does not renormalise the top-k expert weights (norm_topk_prob: false), "
+                "which llama.cpp's qwen3moe always does")
+    if getattr(config, "mlp_only_layers", None) or getattr(config, "decoder_sparse_step", 1) != 1:
+        return ("some of its layers have a dense MLP instead of experts (mlp_only_layers, decoder_sparse_step), "
+                "llama.cpp's qwen3moe has experts in every layer")
+    return None
 
 
 def head_dim(config: Any) -> int:
@@ -87,6 +115,12 @@ def write_hparams(writer: Any, config: Any) -> None:
     writer.add_key_length(dim)
     writer.add_value_length(dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    arch = ARCHS[config.model_type]
+    if arch.expert_count:
+        writer.add_expert_count(int(getattr(config, arch.expert_count)))
+        writer.add_expert_used_count(int(config.num_experts_per_tok))
+        if arch.expert_size:  # llama.cpp's `llama` takes an expert's size from feed_forward_length (Mixtral's)
+            writer.add_expert_feed_forward_length(int(getattr(config, arch.expert_size)))
     writer.add_vocab_size(config.vocab_size)
     rope = _rope(config)
     writer.add_rope_freq_base(float(rope["rope_theta"]))
@@ -138,6 +172,20 @@ def extra_tensors(config: Any) -> dict[str, Any]:
             smooth = (old_context / wavelength - low) / (high - low)
             divisors.append(1.0 / ((1 - smooth) / factor + smooth))
     return {"rope_freqs.weight": np.asarray(divisors, dtype=np.float32)}
+
+
+def split_experts(name: str, tensor: Any) -> list[tuple[str, Any]]:
+    """transformers 5's fused expert weights under the names of the per-projection stacks the `gguf` name map knows:
+    `experts.gate_up_proj` [experts, 2 x size, hidden] (gate rows first, as transformers' `chunk(2)` reads them)
+    -> `experts.gate_proj.weight` and `experts.up_proj.weight` [experts, size, hidden]; `experts.down_proj`
+    [experts, hidden, size] -> `experts.down_proj.weight`. Other weights pass unchanged."""
+    if name.endswith(".experts.gate_up_proj") and tensor.ndim == 3:
+        gate, up = tensor[:, : tensor.shape[1] // 2], tensor[:, tensor.shape[1] // 2:]
+        stem = name.removesuffix("gate_up_proj")
+        return [(stem + "gate_proj.weight", gate), (stem + "up_proj.weight", up)]
+    if name.endswith(".experts.down_proj") and tensor.ndim == 3:
+        return [(name + ".weight", tensor)]
+    return [(name, tensor)]
 
 
 def to_gguf_layout(name: str, tensor: Any, config: Any, arch: Arch) -> Any:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import FinetuneError
-from finetune.export.gguf_arch import arch_of, extra_tensors, to_gguf_layout, write_hparams
+from finetune.export.gguf_arch import arch_of, extra_tensors, split_experts, to_gguf_layout, write_hparams
 from finetune.export.gguf_vocab import Vocab, write_vocab
 
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_k_m")
@@ -92,11 +92,12 @@ def write_gguf(path: Path, state: dict[str, Any], config: Any, vocab: Vocab, qua
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         write_vocab(writer, vocab)
         for key, tensor in state.items():
-            name = names.get_name(key, try_suffixes=(".weight", ".bias"))
-            if name is None:
-                raise FinetuneError(f"GGUF export: the weight '{key}' has no llama.cpp name for architecture "
-                                    f"'{arch.gguf}'; this model variant is not supported")
-            _add(writer, name, to_gguf_layout(key, tensor.float().numpy(), config, arch), qtype, counts)
+            for part, array in split_experts(key, to_gguf_layout(key, tensor.float().numpy(), config, arch)):
+                name = names.get_name(part, try_suffixes=(".weight", ".bias"))
+                if name is None:
+                    raise FinetuneError(f"GGUF export: the weight '{key}' has no llama.cpp name for architecture "
+                                        f"'{arch.gguf}'; this model variant is not supported")
+                _add(writer, name, array, qtype, counts)
         for name, array in extra_tensors(config).items():
             _add(writer, name, array, qtype, counts)
         writer.write_header_to_file()

@@ -12,6 +12,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from finetune.errors import FinetuneError
 from finetune.model.families import model_type, traits
@@ -30,15 +31,37 @@ class Refusal:
         return f"{self.step}: refused, {self.reason}; instead: {self.instead}"
 
 
-def refusals(kind: str | None) -> list[Refusal]:
-    """The steps refused for the family `kind` (a transformers model_type)."""
-    from finetune.export.gguf_arch import ARCHS
+def refusals(kind: str | None, config: Any = None) -> list[Refusal]:
+    """The steps refused for the family `kind` (a transformers model_type), and for this model of it where its
+    `config` (a transformers config, when at hand) is one llama.cpp would run differently."""
+    from finetune.export.gguf_arch import ARCHS, experts_problem
 
     out = []
     if kind not in ARCHS:
         out.append(Refusal("ft export --format gguf", f"this toolkit does not write the '{kind}' architecture for "
                            f"llama.cpp (it writes {', '.join(sorted(ARCHS))})", GGUF_INSTEAD))
+    elif config is not None and (problem := experts_problem(config)):
+        out.append(Refusal("ft export --format gguf", f"llama.cpp would not run this {kind} model as transformers "
+                           f"does: {problem}", "ft export --format merged, and run that folder with transformers"))
     return out
+
+
+def base_config(recipe: Recipe) -> Any:
+    """The base model's transformers config from its config.json alone, local or in the Hub cache (None when there
+    is none, or it does not parse: the model checks report that)."""
+    path = Path(recipe.model.name_or_path) / "config.json"
+    try:
+        if not path.exists():
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(recipe.model.name_or_path, "config.json", revision=recipe.model.revision)
+            path = Path(cached) if isinstance(cached, str) else path
+        values = json.loads(path.read_text(encoding="utf-8"))
+        from transformers import AutoConfig
+
+        return AutoConfig.for_model(values.pop("model_type"), **values)
+    except (OSError, ValueError, KeyError, TypeError):  # no config, or one transformers cannot build
+        return None
 
 
 GGUF_INSTEAD = "ft export --format merged, then llama.cpp's convert_hf_to_gguf.py on that folder"
@@ -83,7 +106,7 @@ def family_lines(recipe: Recipe) -> list[str]:
     kind = model_type(recipe.model)
     if kind is None:
         return ["# model family: unknown until the model loads (no config.json at hand)"]
-    found = refusals(kind)
+    found = refusals(kind, base_config(recipe))
     if not any(r.step == "ft export --format gguf" for r in found):
         found += tokenizer_refusals(recipe)
     notes = []

@@ -150,3 +150,41 @@ def test_context_benchmark_ours_side_and_its_cap(tmp_path):
     capped = context.main([*common, "--lengths", "64,128", "--cap", "50MB", "--out", str(tmp_path / "b")])
     assert [(r["length"], r["ok"], r["over_cap"]) for r in capped["runs"]] == [(64, False, True)]
     assert capped["longest"] == {"ours": None}
+
+
+def test_moe_preset_ours_side_and_trl_config(bench, tmp_path):
+    """`--preset moe-tiny` (the moe preset's shape, small): ours trains a Qwen3-MoE with its experts in NF4 and LoRA
+    on the attention layers only; trl's config parses with the same explicit targets (not peft's all-linear, which
+    would adapt every expert too); the report (moe.md) checks the MoE goal against trl's fastest flags."""
+    import trl.scripts.sft
+    from bench_report import compare
+
+    out = tmp_path / "out"
+    summary = bench.main(["--preset", "moe-tiny", "--reps", "1", "--sides", "ours", "--micro-batch", "2",
+                          "--peak-budget", "1", "--noise-seeds", "0", "--no-heldout", "--note", "shared CPU",
+                          "--work", str(tmp_path / "work"), "--out", str(out)])
+    ours, data = summary["sides"]["ours"], summary["dataset"]
+    assert ours["tokens_real"] == data["tokens"] and ours["tokens_labels"] == data["label_tokens"]
+    log = Path(summary["runs"][0]["run_dir"], "log.txt").read_text()
+    assert "experts: 4 fused expert weights in NF4" in log and "experts 0, router 0" in log, log
+    report = (out / "moe.md").read_text()
+    assert "| ours |" in report and "Note: shared CPU" in report and '"experts": "NF4 on ours' in report
+    # the routed experts are counted in the FLOPs: top-2 of 4 experts of 64 = one MLP of 128, and the router
+    assert summary["flops_per_token"]["base_linear"] == 4 * 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 64 * 4)
+
+    args = bench.parse_args(["--preset", "moe-tiny", "--sides", "trl-best"])
+    run = tmp_path / "trl"
+    run.mkdir()
+    cmd = bench.trl_command("trl-best", run, {"model": "m", "train_dir": "d"}, bench.work_settings(args), None)
+    _, training, model, _ = trl.scripts.sft.make_parser().parse_args_and_config(cmd[2:])
+    assert model.lora_target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"] and model.load_in_4bit
+    sides = {"ours": {"tokens_per_second": 2.0, "peak_rss_mb": 50, "capped_steps": None},
+             "trl-best": {"tokens_per_second": 1.0, "peak_rss_mb": 100, "capped_steps": None}}
+    for side in sides.values():
+        side.update(wall_seconds=1, time_to_first_step=1, tree_peak_rss_mb=1, final_train_loss=None,
+                    heldout_loss=None, tokens_labels=1)
+    targets = compare(sides, "tokens_per_second", dpo=False, moe=True)["targets"]
+    assert targets == {"tokens/s >= 2x trl best flags (MoE)": True, "peak RSS <= 0.5x trl best flags (MoE)": True}
+    sides["ours"]["peak_rss_mb"] = 51
+    assert not compare(sides, "tokens_per_second", dpo=False, moe=True)["targets"]["peak RSS <= 0.5x trl best "
+                                                                                   "flags (MoE)"]

@@ -139,13 +139,19 @@ def _config(arch: str):
                                          attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
     if arch == "qwen3":
         return transformers.Qwen3Config(**common, head_dim=16)
+    if arch == "qwen3_moe":  # experts fused as gate_up_proj [experts, 2 x 32, 64]; llama.cpp reads two 3D stacks
+        return transformers.Qwen3MoeConfig(**common, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                           moe_intermediate_size=32, norm_topk_prob=True)
+    if arch == "mixtral":
+        return transformers.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
     return {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
             "qwen2": transformers.Qwen2Config, "phi3": transformers.Phi3Config}[arch](**common)
 
 
 # phi3 is tested in test_gguf_spm.py, with a Phi-3-shaped SentencePiece tokenizer: llama.cpp's phi3 vocabulary
 # loader looks up Phi-3's own chat tokens, which this byte-level tokenizer lacks.
-@pytest.mark.parametrize("arch", ["llama", "llama3-rope", "mistral", "qwen2", "qwen3", "gemma2"])
+@pytest.mark.parametrize("arch", ["llama", "llama3-rope", "mistral", "qwen2", "qwen3", "gemma2", "qwen3_moe",
+                                  "mixtral"])
 def test_architecture_mapping_matches_transformers(arch, tmp_path):
     """f32 GGUF of a random model: llama.cpp's logits are transformers' up to float rounding (a wrong q/k order,
     norm offset, fused layout or rope setting moves them by orders of magnitude more)."""

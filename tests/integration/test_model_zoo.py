@@ -213,7 +213,7 @@ output: {{dir: {folder / 'dpo-run'}}}
 
 
 # GGUF verified by llama.cpp; the rest is refused by `ft validate`, then by `ft export`
-GGUF = {"llama3", "qwen2.5", "mistral", "gemma2", "gemma3", "qwen3", "phi3", "olmo2"}
+GGUF = {"llama3", "qwen2.5", "mistral", "gemma2", "gemma3", "qwen3", "phi3", "olmo2", "qwen3-moe", "mixtral"}
 
 
 def test_gguf_export_verified_by_llama_cpp_or_refused_up_front(zoo):
@@ -235,7 +235,7 @@ def test_gguf_export_verified_by_llama_cpp_or_refused_up_front(zoo):
     # an Ollama Modelfile where the template wraps each message on its own (a default system prompt, Qwen2.5's,
     # becomes its SYSTEM); none where it refuses a system message (Mistral, Gemma) or renders the last answer
     # otherwise (Qwen3's <think> block)
-    untranslated = ("mistral", "gemma2", "gemma3", "qwen3")
+    untranslated = ("mistral", "gemma2", "gemma3", "qwen3", "mixtral")
     assert (meta["gguf"]["modelfile"] is None) == (zoo["family"] in untranslated), meta["gguf"]
     if zoo["family"] == "qwen2.5":
         assert 'SYSTEM """You are Qwen' in (zoo["run"] / "export" / "sft-gguf-f16" / "Modelfile").read_text()
@@ -290,7 +290,7 @@ training: {{max_steps: 4, micro_batch_size: 8, learning_rate: 2.0e-2, logging_st
 output: {{dir: {tmp_path / 'run'}}}
 """)
     validated = runner.invoke(app, ["validate", str(recipe)]).output
-    assert validated.count(": refused,") == 1 and "gguf: refused" in validated  # GGUF only: the merge is made
+    assert ": refused," not in validated, validated  # the merge is made, and GGUF written (test_moe_gguf.py)
     out = runner.invoke(app, ["train", str(recipe)])
     assert out.exit_code == 0, out.output
     assert re.search(r"attention [1-9][\d,]*, dense MLP 0, experts [1-9][\d,]*, router [1-9]", out.output), out.output

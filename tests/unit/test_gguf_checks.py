@@ -58,7 +58,8 @@ def test_unknown_architecture_refused(tmp_path, no_model_load):
     shutil.copy(TINY_CHAT / "tokenizer_config.json", model)
     (model / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(FinetuneError, match=r"does not know the architecture 'gpt2' \(supported: gemma2, gemma3_text, "
-                                            r"llama, mistral, olmo2, phi3, qwen2, qwen3\).*--format merged"):
+                                            r"llama, mistral, mixtral, olmo2, phi3, qwen2, qwen3, qwen3_moe\)"
+                                            r".*--format merged"):
         export_run(make_run(tmp_path, model), "gguf")
 
 

@@ -21,6 +21,16 @@ def test_linear_shapes_follow_gqa():
     assert shapes["o_proj"] == (8, 8) and shapes["gate_proj"] == (8, 16) and shapes["down_proj"] == (16, 8)
 
 
+def test_linear_shapes_of_a_moe_layer_are_what_one_token_runs():
+    """Qwen3-MoE (moe_intermediate_size) and Mixtral (intermediate_size is an expert's): the router, and the top-k
+    routed experts as one MLP k times an expert's size; the idle experts cost a token nothing."""
+    qwen = linear_shapes(_config(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=6))
+    assert qwen["gate_proj"] == (8, 12) and qwen["down_proj"] == (12, 8) and qwen["router"] == (8, 8)
+    mixtral = linear_shapes(_config(num_local_experts=4, num_experts_per_tok=2))
+    assert mixtral["up_proj"] == (8, 32) and mixtral["router"] == (8, 4) and mixtral["q_proj"] == (8, 8)
+    assert "router" not in linear_shapes(_config())
+
+
 def test_train_flops_per_token_by_hand():
     cfg = _config()
     # per layer: q 64 + k 32 + v 32 + o 64 + gate 128 + up 128 + down 128 = 576 weights; 3 layers
