@@ -11,13 +11,13 @@ so loss and gradients do not change; backward does the elementwise work again (a
 
 Per token and layer of a Llama-style model (hidden h, MLP intermediate i) the forward then keeps about 2h + 2i fewer
 values, `4 x intermediate + 4 x hidden` -> `2 x intermediate + 2 x hidden` of the layer's largest parts: on
-SmolLM2-135M 40% of the activations. The gated MLPs of the Llama, Qwen, Mistral and Gemma families (modules with
+SmolLM2-135M about 40% of the activations by the shapes. The gated MLPs of the Llama, Qwen, Mistral and Gemma families (modules with
 `gate_proj`, `up_proj`, `down_proj` and `act_fn`, running their class's own forward) get a forward that registers what
 they make; a fused kernel's MLP, a Mixture-of-Experts block or another shape keeps its forward, and its norms are
 still handled. A tensor changed in place after it was registered, or one whose layout the recreation cannot restore,
 is kept as usual. Not installed with `training.offload_activations` (offload moves every saved tensor to the host;
-the recreations would hold their inputs on the GPU). Inside a gradient-checkpointed region the checkpoint's own hooks take precedence (the region keeps
-only its inputs anyway). Counters: `lean_counts()`.
+the recreations would hold their inputs on the GPU). Inside a gradient-checkpointed region the checkpoint's own
+hooks take precedence (the region keeps only its inputs anyway). Counters: `lean_counts()`.
 """
 
 from __future__ import annotations
@@ -25,9 +25,12 @@ from __future__ import annotations
 import types
 import weakref
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
+
+from finetune.model.offload import around_training_forwards
 
 _counts: Counter[str] = Counter()
 MARK = "_finetune_lean_forward"  # attribute set on an MLP whose forward this module replaced
@@ -78,6 +81,13 @@ class Registry:
             _counts["dropped"] += 1
             _counts["dropped_bytes"] += t.untyped_storage().nbytes()
         return _Recreate(fn, args, t)
+
+    def entered(self, step: int) -> None:
+        """A training forward of the model entered (+1) or left (-1); the last one out forgets the forward."""
+        self.depth += step
+        if not self.depth:
+            self.entries.clear()  # what was saved holds its own references
+            self.dropped.clear()
 
     @staticmethod
     def unpack(packed: Any) -> torch.Tensor:
@@ -130,27 +140,6 @@ def install(lm: torch.nn.Module) -> str | None:
         mlp._finetune_lean_registry = registry
         mlp.forward = types.MethodType(_lean_mlp_forward, mlp)
         setattr(mlp, MARK, True)
-    active: list[Any] = []
-
-    def enter(module: torch.nn.Module, args: Any, kwargs: Any = None) -> None:
-        if torch.is_grad_enabled():
-            context = torch.autograd.graph.saved_tensors_hooks(registry.pack, registry.unpack)
-            context.__enter__()
-            registry.depth += 1
-            active.append(context)
-        else:
-            active.append(None)
-
-    def leave(module: torch.nn.Module, args: Any, output: Any) -> None:
-        context = active.pop() if active else None
-        if context is not None:
-            context.__exit__(None, None, None)
-            registry.depth -= 1
-            if not registry.depth:
-                registry.entries.clear()  # what was saved holds its own references
-                registry.dropped.clear()
-
-    lm.register_forward_pre_hook(enter)
-    lm.register_forward_hook(leave, always_call=True)
+    around_training_forwards(lm, registry.pack, registry.unpack, registry.entered)
     return (f"{len(norms)} RMSNorm outputs and {len(mlps)} MLP activations and products recreated in backward "
             "instead of kept (finetune.model.lean_saves)")

@@ -17,6 +17,7 @@ other devices (the CPU) pass through untouched, unless a test asks for them to b
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -52,10 +53,11 @@ def _hooks(devices: tuple[str, ...]):
     return pack, unpack
 
 
-def install(lm: torch.nn.Module, devices: tuple[str, ...] = ("cuda",)) -> str:
-    """Offload what the training forwards of `lm` (the causal LM instance) save for backward; returns the record
-    line."""
-    pack, unpack = _hooks(devices)
+def around_training_forwards(lm: torch.nn.Module, pack: Callable, unpack: Callable,
+                             entered: Callable[[int], None] | None = None) -> None:
+    """Have the saved-tensor hooks `pack`/`unpack` act in every training forward of `lm` (entered only when gradients
+    are being recorded; left when the forward returns or raises). `entered(+1 / -1)` is called on entering and
+    leaving."""
     active: list[Any] = []
 
     def enter(module: torch.nn.Module, args: Any) -> None:
@@ -63,6 +65,8 @@ def install(lm: torch.nn.Module, devices: tuple[str, ...] = ("cuda",)) -> str:
             context = torch.autograd.graph.saved_tensors_hooks(pack, unpack)
             context.__enter__()
             active.append(context)
+            if entered is not None:
+                entered(1)
         else:
             active.append(None)
 
@@ -70,8 +74,16 @@ def install(lm: torch.nn.Module, devices: tuple[str, ...] = ("cuda",)) -> str:
         context = active.pop() if active else None
         if context is not None:
             context.__exit__(None, None, None)
+            if entered is not None:
+                entered(-1)
 
     lm.register_forward_pre_hook(enter)
     lm.register_forward_hook(leave, always_call=True)
+
+
+def install(lm: torch.nn.Module, devices: tuple[str, ...] = ("cuda",)) -> str:
+    """Offload what the training forwards of `lm` (the causal LM instance) save for backward; returns the record
+    line."""
+    around_training_forwards(lm, *_hooks(devices))
     where = "pinned host memory" if devices == ("cuda",) else f"host memory (from {', '.join(devices)})"
     return f"tensors saved for backward in training move to {where} and back in backward (finetune.model.offload)"

@@ -70,5 +70,5 @@ def test_bare_yaml_on_and_off_mean_the_words(tmp_path):
         path.write_text(f"data:\n  train:\n    - path: x.jsonl\ntraining:\n  release_host_memory: {word}\n")
         assert yaml.safe_load(path.read_text())["training"]["release_host_memory"] is (word == "on")
         assert load_recipe(path).training.release_host_memory == word
-        assert load_recipe(tmp_path / "on.yaml", [f"training.release_host_memory={word}"]).training.release_host_memory \
-            == word
+        overridden = load_recipe(tmp_path / "on.yaml", [f"training.release_host_memory={word}"])
+        assert overridden.training.release_host_memory == word

@@ -4,34 +4,9 @@ kept; loss and gradients are bit for bit those of the plain model, and the bytes
 from __future__ import annotations
 
 import torch
+from tinylora import adapted, loss_and_grads
 
 from finetune.model import lean_saves
-from finetune.model.adapters import attach
-from finetune.recipe.schema import LoraConfig
-
-
-def _model(tiny_model, dropout: float = 0.0):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa")
-    base.requires_grad_(False)
-    model = attach(base, LoraConfig(r=4, alpha=8, dropout=dropout))
-    with torch.no_grad():  # a trained adapter: B nonzero, so that every LoRA weight gets a gradient
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.05)
-    model.train()
-    return model
-
-
-def _loss_and_grads(model, ids, seed=1):
-    torch.manual_seed(seed)
-    out = model(input_ids=ids, labels=ids)
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return out.loss.detach(), grads
 
 
 def _saved_storage_bytes(model, ids) -> int:
@@ -51,12 +26,12 @@ def _saved_storage_bytes(model, ids) -> int:
 
 def test_same_loss_and_gradients_bit_for_bit(tiny_model):
     ids = torch.randint(3, 100, (2, 48))
-    model = _model(tiny_model)
-    plain = _loss_and_grads(model, ids)
+    model = adapted(tiny_model)
+    plain = loss_and_grads(model, ids)
     line = lean_saves.install(model.get_base_model())
     assert line and "recreated in backward" in line
     lean_saves.lean_counts(reset=True)
-    loss, grads = _loss_and_grads(model, ids)
+    loss, grads = loss_and_grads(model, ids)
     assert lean_saves.lean_counts()["dropped"] > 0
     assert torch.equal(loss, plain[0])
     assert grads.keys() == plain[1].keys() and any("mlp" in n for n in grads) and any("q_proj" in n for n in grads)
@@ -67,12 +42,12 @@ def test_same_loss_and_gradients_bit_for_bit(tiny_model):
 def test_bytes_not_kept_are_the_norm_outputs_and_mlp_activations(tiny_model):
     """Per token and layer: two norm outputs (hidden) and the MLP's activation and product (intermediate)."""
     ids = torch.randint(3, 100, (1, 64))
-    model = _model(tiny_model)
+    model = adapted(tiny_model)
     cfg = model.config
     plain = _saved_storage_bytes(model, ids)
     lean_saves.install(model.get_base_model())
     lean_saves.lean_counts(reset=True)
-    _loss_and_grads(model, ids)
+    loss_and_grads(model, ids)
     counts = lean_saves.lean_counts()
     per_layer = (2 * cfg.hidden_size + 2 * cfg.intermediate_size) * ids.numel() * 4
     final_norm = cfg.hidden_size * ids.numel() * 4  # the last norm, if the LM head keeps its input
@@ -109,10 +84,10 @@ def test_recreated_view_has_the_saved_layout():
 def test_lora_dropout_is_not_recreated_and_training_still_matches(tiny_model):
     """With LoRA dropout each branch's input is a fresh tensor (kept as usual); the rest still matches bit for bit."""
     ids = torch.randint(3, 100, (1, 40))
-    model = _model(tiny_model, dropout=0.2)
-    plain = _loss_and_grads(model, ids)
+    model = adapted(tiny_model, dropout=0.2)
+    plain = loss_and_grads(model, ids)
     lean_saves.install(model.get_base_model())
-    loss, grads = _loss_and_grads(model, ids)
+    loss, grads = loss_and_grads(model, ids)
     assert torch.equal(loss, plain[0])
     for name, grad in grads.items():
         assert torch.equal(grad, plain[1][name]), name

@@ -5,34 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tinylora import adapted, loss_and_grads
 
 from finetune.model import tiled_mlp
-from finetune.model.adapters import attach
-from finetune.recipe.schema import LoraConfig
-
-
-def _model(tiny_model, dropout: float = 0.0):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa")
-    base.requires_grad_(False)
-    model = attach(base, LoraConfig(r=4, alpha=8, dropout=dropout))
-    with torch.no_grad():  # a trained adapter: B nonzero, so that every LoRA weight gets a gradient
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.05)
-    model.train()
-    return model
-
-
-def _loss_and_grads(model, ids, seed=1):
-    torch.manual_seed(seed)  # LoRA dropout masks
-    out = model(input_ids=ids, labels=ids)
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return out.loss.detach(), grads
 
 
 def _saved_bytes(model, ids) -> int:
@@ -61,12 +36,12 @@ def _assert_same(got, want):
 
 def test_tiled_mlp_same_loss_and_gradients(tiny_model):
     ids = torch.randint(3, 100, (1, 96))
-    model = _model(tiny_model)
-    whole = _loss_and_grads(model, ids)
+    model = adapted(tiny_model)
+    whole = loss_and_grads(model, ids)
     line = tiled_mlp.install(model.get_base_model(), 4)
     assert line and "in 4 tiles" in line
     tiled_mlp.tiled_calls(reset=True)
-    tiled = _loss_and_grads(model, ids)
+    tiled = loss_and_grads(model, ids)
     layers = len(tiled_mlp.decoder_mlps(model.get_base_model()))
     assert layers >= 2 and tiled_mlp.tiled_calls() == {"tiled": layers, "tiles": 4 * layers}
     _assert_same(tiled, whole)
@@ -76,19 +51,19 @@ def test_tiled_mlp_with_lora_dropout_recomputes_the_same_masks(tiny_model, monke
     """With dropout a tile draws its own masks (not the whole row's), and its recompute in backward draws the same
     ones: the gradients equal those of the same tiles run without recomputation."""
     ids = torch.randint(3, 100, (1, 96))
-    model = _model(tiny_model, dropout=0.2)
+    model = adapted(tiny_model, dropout=0.2)
     tiled_mlp.install(model.get_base_model(), 4)
-    tiled = _loss_and_grads(model, ids)
+    tiled = loss_and_grads(model, ids)
     monkeypatch.setattr(tiled_mlp, "checkpoint", lambda fn, x, use_reentrant: fn(x))  # keep, do not recompute
-    kept = _loss_and_grads(model, ids)
+    kept = loss_and_grads(model, ids)
     _assert_same(tiled, kept)
-    whole_masks = _model(tiny_model, dropout=0.2)
-    assert abs(_loss_and_grads(whole_masks, ids)[0] - kept[0]) > 1e-6  # other masks: the test can tell
+    whole_masks = adapted(tiny_model, dropout=0.2)
+    assert abs(loss_and_grads(whole_masks, ids)[0] - kept[0]) > 1e-6  # other masks: the test can tell
 
 
 def test_tiled_mlp_keeps_fewer_bytes_for_backward(tiny_model):
     ids = torch.randint(3, 100, (1, 128))
-    model = _model(tiny_model)
+    model = adapted(tiny_model)
     whole = _saved_bytes(model, ids)
     tiled_mlp.install(model.get_base_model(), 8)
     tiled = _saved_bytes(model, ids)
@@ -100,7 +75,7 @@ def test_tiled_mlp_keeps_fewer_bytes_for_backward(tiny_model):
 
 
 def test_tiled_mlp_in_no_grad_and_short_rows_is_the_plain_forward(tiny_model):
-    model = _model(tiny_model)
+    model = adapted(tiny_model)
     tiled_mlp.install(model.get_base_model(), "auto")
     tiled_mlp.tiled_calls(reset=True)
     ids = torch.randint(3, 100, (1, 64))
