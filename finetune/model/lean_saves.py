@@ -14,10 +14,10 @@ values, `4 x intermediate + 4 x hidden` -> `2 x intermediate + 2 x hidden` of th
 SmolLM2-135M about 40% of the activations by the shapes. The gated MLPs of the Llama, Qwen, Mistral and Gemma
 families (modules with `gate_proj`, `up_proj`, `down_proj` and `act_fn`, running their class's own forward) get a
 forward that registers what they make; a fused kernel's MLP, a Mixture-of-Experts block or another shape keeps its
-forward, and its norms are still handled. A tensor changed in place after it was registered, or one whose layout
-the recreation cannot restore, is kept as usual. Not installed with `training.offload_activations` (offload moves every saved tensor to the host;
-the recreations would hold their inputs on the GPU). Inside a gradient-checkpointed region the checkpoint's own
-hooks take precedence (the region keeps only its inputs anyway). Counters: `lean_counts()`.
+forward, and its norms are still handled. A tensor changed in place after it was registered, or one whose layout the
+recreation cannot restore, is kept as usual. Not installed with `training.offload_activations` (offload moves every
+saved tensor to the host; the recreations would hold their inputs on the GPU). Inside a gradient-checkpointed region
+the checkpoint's own hooks take precedence (the region keeps only its inputs anyway). Counters: `lean_counts()`.
 """
 
 from __future__ import annotations
