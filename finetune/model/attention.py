@@ -31,6 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from finetune.model import lean_saves
+
 NAME = "ft_sdpa_per_sample"
 _calls: Counter[str] = Counter()  # attention calls of this process by the path that ran (attention_calls)
 
@@ -119,8 +121,14 @@ def per_sample_sdpa(
         for s, e in zip(cuts[:-1], cuts[1:], strict=True)
         if e > s
     ]
-    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-    return out.transpose(1, 2).contiguous(), None
+    result = _to_rows(*parts)
+    lean_saves.register(result, _to_rows, *parts)  # o_proj's input, recreated from what the kernel keeps
+    return result, None
+
+
+def _to_rows(*parts: torch.Tensor) -> torch.Tensor:
+    """Per-sample attention outputs `[1, heads, t, d]` -> the row's `[1, T, heads, d]`, contiguous."""
+    return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)).transpose(1, 2).contiguous()
 
 
 VARLEN = "ft_varlen"  # torch's flash-attention varlen kernel over a whole padding-free row (CUDA, fp16/bf16)

@@ -4,7 +4,9 @@ Without gradient checkpointing a training forward keeps, per token and decoder l
 its LoRA branch and every elementwise op's inputs. Several of those are the outputs of cheap elementwise work on
 tensors kept anyway: each RMSNorm's output (recreated from its input, which the norm itself keeps), the MLP's
 activation `act(gate)` and the product `act(gate) * up` that feeds `down_proj` (recreated from `gate` and `up`, which
-the activation and the product keep). A pair of saved-tensor hooks around the causal LM's training forwards drops
+the activation and the product keep), and the per-sample attention's output that feeds `o_proj` (recreated from the
+attention kernel's outputs, which it keeps; `finetune.model.attention`, padding-free rows off CUDA). A pair of
+saved-tensor hooks around the causal LM's training forwards drops
 them: when autograd saves one of those tensors (or a view of it), the hook keeps instead how to recreate it, and
 backward recreates it when it needs it. The values are the same bits (the same elementwise ops on the same inputs),
 so loss and gradients do not change; backward does the elementwise work again (a few percent of a step).
@@ -34,6 +36,7 @@ from finetune.model.offload import around_training_forwards
 
 _counts: Counter[str] = Counter()
 MARK = "_finetune_lean_forward"  # attribute set on an MLP whose forward this module replaced
+_active: list[Registry] = []  # the registries of the training forwards running, innermost last
 
 
 def lean_counts(reset: bool = False) -> dict[str, int]:
@@ -85,6 +88,10 @@ class Registry:
     def entered(self, step: int) -> None:
         """A training forward of the model entered (+1) or left (-1); the last one out forgets the forward."""
         self.depth += step
+        if step > 0:
+            _active.append(self)
+        elif _active and _active[-1] is self:
+            _active.pop()
         if not self.depth:
             self.entries.clear()  # what was saved holds its own references
             self.dropped.clear()
@@ -96,6 +103,13 @@ class Registry:
         with torch.no_grad():
             base = packed.fn(*packed.args)
         return base.as_strided(packed.size, packed.stride, packed.offset)
+
+
+def register(base: torch.Tensor, fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> None:
+    """Code below the causal LM (the attention): `base` equals `fn(*args)` and may be recreated so in backward, if a
+    training forward with lean saves is running."""
+    if _active:
+        _active[-1].add(base, fn, *args)
 
 
 def _act_of(act: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:

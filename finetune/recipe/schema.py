@@ -334,7 +334,7 @@ class TrainingConfig(Section):
     """Recompute activations in backward to save memory (about 30% slower)."""
     lean_saves: bool = True
     """In training, do not keep for backward what cheap elementwise work recreates (each RMSNorm's output, a gated
-    MLP's activation and product): backward recreates them from tensors kept anyway, with the same values, so loss and
+    MLP's activation and product, the per-sample attention's output): backward recreates them from tensors kept anyway, with the same values, so loss and
     gradients do not change. About 40% less activation memory without gradient checkpointing (SmolLM2-135M), a few
     percent more elementwise work. Llama, Qwen, Mistral and Gemma families; not with `offload_activations`."""
     tiled_mlp: Literal["auto", "off"] | Annotated[int, Field(ge=2)] = "auto"

@@ -91,3 +91,33 @@ def test_lora_dropout_is_not_recreated_and_training_still_matches(tiny_model):
     assert torch.equal(loss, plain[0])
     for name, grad in grads.items():
         assert torch.equal(grad, plain[1][name]), name
+
+
+def test_packed_rows_attention_output_is_recreated_too(tiny_model):
+    """Padding-free rows through the per-sample attention: o_proj's input is recreated from the kernel's own outputs
+    as well; loss and gradients stay bit for bit."""
+    from finetune.model.attention import use_padding_free_attention
+
+    lengths = (20, 13, 31)
+    ids = torch.randint(3, 100, (1, sum(lengths)))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    model = adapted(tiny_model)
+    assert use_padding_free_attention(model)
+
+    def run():
+        out = model(input_ids=ids, labels=ids, position_ids=positions)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        return out.loss.detach(), grads
+
+    plain_loss, plain_grads = run()
+    lean_saves.install(model.get_base_model())
+    lean_saves.lean_counts(reset=True)
+    loss, grads = run()
+    cfg = model.config
+    per_layer = (3 * cfg.hidden_size + 2 * cfg.intermediate_size) * ids.numel() * 4  # o_proj's input: one more hidden
+    assert lean_saves.lean_counts()["dropped_bytes"] == cfg.num_hidden_layers * per_layer
+    assert torch.equal(loss, plain_loss)
+    for name, grad in grads.items():
+        assert torch.equal(grad, plain_grads[name]), name
