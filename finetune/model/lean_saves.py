@@ -3,13 +3,13 @@
 Without gradient checkpointing a training forward keeps, per token and decoder layer, every linear layer's input for
 its LoRA branch and every elementwise op's inputs. Several of those are the outputs of cheap elementwise work on
 tensors kept anyway: each RMSNorm's output (recreated from its input, which the norm itself keeps), the MLP's
-activation `act(gate)` and the product `act(gate) * up` that feeds `down_proj` (recreated from `gate` and `up`, which
-the activation and the product keep), and the per-sample attention's output that feeds `o_proj` (recreated from the
-attention kernel's outputs, which it keeps; `finetune.model.attention`, padding-free rows off CUDA). A pair of
-saved-tensor hooks around the causal LM's training forwards drops
-them: when autograd saves one of those tensors (or a view of it), the hook keeps instead how to recreate it, and
-backward recreates it when it needs it. The values are the same bits (the same elementwise ops on the same inputs),
-so loss and gradients do not change; backward does the elementwise work again (a few percent of a step).
+activation `act(gate)` and the product `act(gate) * up` that feeds `down_proj` (recreated from `gate` and `up`,
+which the activation and the product keep), and the per-sample attention's output that feeds `o_proj` (recreated
+from the attention kernel's outputs, which it keeps; `finetune.model.attention`, padding-free rows off CUDA). A pair
+of saved-tensor hooks around the causal LM's training forwards drops them: when autograd saves one of those tensors
+(or a view of it), the hook keeps instead how to recreate it, and backward recreates it when it needs it. The values
+are the same bits (the same elementwise ops on the same inputs), so loss and gradients do not change; backward does
+the elementwise work again (a few percent of a step).
 
 Per token and layer of a Llama-style model (hidden h, MLP intermediate i) the forward then keeps about 2h + 2i fewer
 values, `4 x intermediate + 4 x hidden` -> `2 x intermediate + 2 x hidden` of the layer's largest parts: on

@@ -334,9 +334,10 @@ class TrainingConfig(Section):
     """Recompute activations in backward to save memory (about 30% slower)."""
     lean_saves: bool = True
     """In training, do not keep for backward what cheap elementwise work recreates (each RMSNorm's output, a gated
-    MLP's activation and product, the per-sample attention's output): backward recreates them from tensors kept anyway, with the same values, so loss and
-    gradients do not change. About 40% less activation memory without gradient checkpointing (SmolLM2-135M), a few
-    percent more elementwise work. Llama, Qwen, Mistral and Gemma families; not with `offload_activations`."""
+    MLP's activation and product, the per-sample attention's output): backward recreates them from tensors kept
+    anyway, with the same values, so loss and gradients do not change. About 40% less activation memory without
+    gradient checkpointing (SmolLM2-135M), a few percent more elementwise work. Llama, Qwen, Mistral and Gemma
+    families; not with `offload_activations`."""
     tiled_mlp: Literal["auto", "off"] | Annotated[int, Field(ge=2)] = "auto"
     """Run each layer's MLP over tiles of the sequence in training, so that the MLP's intermediate activations (3 x
     intermediate size per token) of one tile only are alive; each tile's forward is recomputed in backward (one more
