@@ -31,13 +31,14 @@ def _recipe(setting: str, max_length: int) -> Recipe:
                                   "training": {"release_host_memory": setting}})
 
 
-@pytest.mark.parametrize("setting, length, cuda, called", [
-    ("auto", 8192, False, True), ("auto", 4096, False, False), ("on", 128, False, True), ("off", 32768, False, False),
-    ("on", 32768, True, False), ("auto", 32768, True, False)])
-def test_when_the_threshold_is_fixed(setting, length, cuda, called):
+@pytest.mark.parametrize("setting, length, cuda, threshold", [
+    ("auto", 8192, False, 1 << 20), ("auto", 4096, False, 4 << 20), ("on", 128, False, 1 << 20),
+    ("off", 32768, False, None), ("on", 32768, True, None), ("auto", 32768, True, None)])
+def test_when_the_threshold_is_fixed(setting, length, cuda, threshold):
     libc = FakeGlibc()
     line = host_memory.apply(_recipe(setting, length), cuda=cuda, libc=libc)
-    assert (libc.calls == [(host_memory.M_MMAP_THRESHOLD, 1 << 20)]) is called
+    called = threshold is not None
+    assert libc.calls == ([(host_memory.M_MMAP_THRESHOLD, threshold)] if called else [])
     assert (line is not None and "returned to the system" in line) is called
 
 
