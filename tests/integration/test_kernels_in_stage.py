@@ -131,7 +131,11 @@ def test_every_switched_on_kernel_runs_once_per_layer_per_micro_step(tiny_model,
     # fused LoRA linear and two norms; then the final norm. Q/K/V/gate/up/down never reach the per-projection op.
     per_pass = {"lora_mlp": LAYERS, "lora_qkvo": LAYERS, "rope": LAYERS, "lora_linear": LAYERS,
                 "rmsnorm": 2 * LAYERS + 1}
-    assert {op: calls[op, "forward"] for op in OPS} == {op: n * passes for op, n in per_pass.items()}
+    expected = {op: n * passes for op, n in per_pass.items()}
+    # lean saves (`training.lean_saves`, on by default) do not keep a layer's two norm outputs: backward recreates
+    # each once per micro-step through the same kernel
+    expected["rmsnorm"] += 2 * LAYERS * MICRO_STEPS
+    assert {op: calls[op, "forward"] for op in OPS} == expected
     # and each is differentiated once per training pass (nothing fell back to autograd through plain torch ops),
     # except the first norm: its input is the frozen embeddings' output, so autograd has nothing to send back there
     differentiated = {**per_pass, "rmsnorm": 2 * LAYERS}
