@@ -18,7 +18,6 @@ from pathlib import Path
 
 import yaml
 
-
 ATTENTION, MLP = {"q_proj", "k_proj", "v_proj", "o_proj"}, {"gate_proj", "up_proj", "down_proj"}
 
 
@@ -35,10 +34,11 @@ def _label(run: Path, stage: str, recipe: dict) -> str:
     lora, training = recipe.get("lora", {}), recipe.get("training", {})
     if stage != "sft":
         return stage.upper()
-    rows = sum(source.get("max_samples") or 0 for source in (recipe.get("data") or {}).get("train", []))
+    sources = (recipe.get("data") or {}).get("train", [])
+    rows = " + ".join(f"{s.get('max_samples') or 'all'} {Path(s.get('path', '?')).stem}" for s in sources)
     variant = "".join(f", {name}" for name, key in (("rsLoRA", "use_rslora"), ("DoRA", "use_dora")) if lora.get(key))
-    return (f"SFT {_targets(lora.get('target_modules'))}, r{lora.get('r')}{variant}, lr {training.get('learning_rate'):g}"
-            f", {rows:,} rows x {training.get('epochs'):g} ep")
+    return (f"SFT {_targets(lora.get('target_modules'))}, r{lora.get('r')}{variant}, "
+            f"lr {training.get('learning_rate'):g}, {rows} x {training.get('epochs'):g} ep")
 
 
 def rows_of(run: Path) -> list[dict]:
