@@ -44,6 +44,9 @@ def _label(run: Path, stage: str, recipe: dict) -> str:
 def rows_of(run: Path) -> list[dict]:
     summary = json.loads((run / "summary.json").read_text())
     recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    manifest = json.loads((run / "manifest.json").read_text()) if (run / "manifest.json").exists() else {}
+    argv = manifest.get("command") or []
+    command = " ".join(["ft" if argv[0].endswith("__main__.py") else argv[0], *argv[1:]]) if argv else ""
     out = []
     for stage, done in summary.get("stages", {}).items():
         m = done.get("metrics", {})
@@ -55,7 +58,8 @@ def rows_of(run: Path) -> list[dict]:
         out.append({"run": run.name, "stage": stage, "label": _label(run, stage, recipe),
                     "before": before.get("exact_match"), "after": after.get("exact_match"),
                     "loss_change": forgetting.get("loss_change"), "mean_kl": forgetting.get("mean_kl"),
-                    "seconds": m.get("stage_seconds"), "limit": (recipe.get("eval") or {}).get("max_forgetting")})
+                    "seconds": m.get("stage_seconds"), "limit": (recipe.get("eval") or {}).get("max_forgetting"),
+                    "command": command})
     return out
 
 
@@ -72,6 +76,10 @@ def table(rows: list[dict]) -> str:
                      if r["loss_change"] is not None else
                      f"| {r['run']} | {r['label']} | {_pct(r['before'])} -> {_pct(r['after'])} | | | "
                      f"{r['seconds'] or 0:.0f} s |")
+    commands = {r["run"]: r["command"] for r in rows if r.get("command")}
+    if commands:
+        lines += ["", "Commands (from each run's manifest.json):", ""]
+        lines += [f"- {run}: `{command}`" for run, command in commands.items()]
     return "\n".join(lines)
 
 

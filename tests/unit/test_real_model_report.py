@@ -19,6 +19,7 @@ def _run(tmp_path, name: str, targets, sources: dict[str, int], epochs: float = 
     metrics = {"task_before": {"exact_match": 0.0}, "task_after": {"exact_match": 0.52},
                "forgetting": {"loss_change": 0.041, "mean_kl": 0.06}, "stage_seconds": 700.0}
     (run / "summary.json").write_text(json.dumps({"stages": {"sft": {"metrics": metrics}}}))
+    (run / "manifest.json").write_text(json.dumps({"command": ["ft", "train", "r.yaml", "--set", f"name={name}"]}))
     return run
 
 
@@ -31,3 +32,10 @@ def test_labels_name_targets_and_rows(tmp_path):
     assert attn[0]["label"] == "SFT attention, r8, lr 0.0003, 1000 sft_train x 2 ep"
     assert every[0]["label"] == "SFT all-linear, r8, lr 0.0003, 1000 sft_train x 1 ep"
     assert (mlp[0]["after"], mlp[0]["loss_change"], mlp[0]["limit"]) == (0.52, 0.041, 0.05)
+
+
+def test_table_lists_each_runs_command(tmp_path):
+    rows = real_model_report.rows_of(_run(tmp_path, "mlp", ["gate_proj"], {"sft_train.jsonl": 1000}))
+    text = real_model_report.table(rows)
+    assert "| mlp | SFT MLP, r8, lr 0.0003, 1000 sft_train x 1 ep | 0% -> 52% | +0.041 | 0.060 | 700 s |" in text
+    assert "- mlp: `ft train r.yaml --set name=mlp`" in text
