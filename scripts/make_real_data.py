@@ -7,6 +7,8 @@ near 0%. Held-out questions use operand pairs never seen in training. Files writ
 
 * ``sft_train.jsonl`` / ``sft_eval.jsonl``: chat rows (``messages``, ``answer``, ``op``); eval rows are held out and
   double as ``task_eval`` (exact match of the greedy answer);
+* ``sft_train_more.jsonl``: more training rows of the same kind, drawn after all the others (so every other file is
+  the same with or without it), none sharing an operand pair with the held-out rows: more distinct questions for SFT;
 * ``dpo_train.jsonl`` / ``dpo_eval.jsonl``: preference pairs, chosen the right number, rejected a near miss (a
   carry dropped or added, off by one): what an SFT model still gets wrong;
 * ``grpo_train.jsonl``: prompts with their ``answer`` for GRPO's exact-match reward.
@@ -33,6 +35,7 @@ from pathlib import Path
 
 SEED = 2026
 N_TRAIN, N_EVAL, N_DPO_TRAIN, N_DPO_EVAL, N_GRPO = 2000, 200, 600, 100, 400
+N_MORE = 4000  # sft_train_more.jsonl
 N_PROSE = 120
 
 PHRASINGS = {
@@ -59,12 +62,17 @@ def _value(a: int, b: int, op: str) -> int:
     return a + b if op == "+" else a - b if op == "-" else a * b
 
 
-def make_questions(seed: int = SEED) -> tuple[list[dict], list[dict]]:
-    """Train and held-out questions; no (a, op, b) of the held-out set appears in training."""
+def make_questions(seed: int = SEED, more: int = 0) -> tuple[list[dict], list[dict]]:
+    """Train and held-out questions; no (a, op, b) of the held-out set appears in training.
+
+    `more` training questions are drawn after the held-out ones and appended to the training list: the first
+    rows, the held-out ones included, are the same whatever `more` is.
+    """
     rng = random.Random(seed)
     seen: set[tuple[int, str, int]] = set()
     rows = []
-    while len(rows) < N_TRAIN + N_EVAL + N_DPO_TRAIN + N_DPO_EVAL + N_GRPO:
+    first = N_TRAIN + N_EVAL + N_DPO_TRAIN + N_DPO_EVAL + N_GRPO
+    while len(rows) < first + more:
         op = rng.choice("+-*")
         a, b = _operands(rng, op)
         if (a, op, b) in seen:
@@ -72,7 +80,8 @@ def make_questions(seed: int = SEED) -> tuple[list[dict], list[dict]]:
         seen.add((a, op, b))
         question = rng.choice(PHRASINGS[op]).format(a=a, b=b)
         rows.append({"question": question, "answer": str(_value(a, b, op)), "op": op, "a": a, "b": b})
-    return rows[:N_TRAIN + N_DPO_TRAIN + N_GRPO], rows[N_TRAIN + N_DPO_TRAIN + N_GRPO:]
+    cut = N_TRAIN + N_DPO_TRAIN + N_GRPO
+    return rows[:cut] + rows[first:], rows[cut:first]
 
 
 def _chat(row: dict) -> dict:
@@ -99,12 +108,14 @@ def _pair(rng: random.Random, row: dict) -> dict:
 
 
 def make_files(seed: int = SEED) -> dict[str, list[dict]]:
-    train, held = make_questions(seed)
+    train, held = make_questions(seed, more=N_MORE)
     rng = random.Random(seed + 1)
-    sft, dpo, grpo = train[:N_TRAIN], train[N_TRAIN:N_TRAIN + N_DPO_TRAIN], train[N_TRAIN + N_DPO_TRAIN:]
+    cut = N_TRAIN + N_DPO_TRAIN + N_GRPO
+    sft, dpo, grpo = train[:N_TRAIN], train[N_TRAIN:N_TRAIN + N_DPO_TRAIN], train[N_TRAIN + N_DPO_TRAIN:cut]
     return {
         "sft_train.jsonl": [_chat(r) for r in sft],
         "sft_eval.jsonl": [_chat(r) for r in held[:N_EVAL]],
+        "sft_train_more.jsonl": [_chat(r) for r in train[cut:]],
         "dpo_train.jsonl": [_pair(rng, r) for r in dpo],
         "dpo_eval.jsonl": [_pair(rng, r) for r in held[N_EVAL:N_EVAL + N_DPO_EVAL]],
         "grpo_train.jsonl": [{"prompt": [{"role": "user", "content": r["question"]}], "answer": r["answer"],
