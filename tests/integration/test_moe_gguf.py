@@ -1,7 +1,8 @@
 """GGUF export of Mixture-of-Experts models (issue 30), checked by llama.cpp as the dense export is: a tiny Qwen3-MoE
 (llama.cpp's `qwen3moe`) and a tiny Mixtral (llama.cpp's `llama` with experts) trained as QLoRA, once with LoRA on
-every expert and the router (`lora.experts: per_expert`, `lora.router`) and once with the experts in 4-bit
-(`quantization.experts: true`, `lora.experts: none`), exported by `ft export --format gguf` (f16): identical token
+every expert and the router (`lora.experts: per_expert`, `lora.router`), once with the experts in 4-bit
+(`quantization.experts: true`, `lora.experts: none`), and with our own expert adapters (`shared`, `per_expert`) on
+4-bit experts, exported by `ft export --format gguf` (f16): identical token
 ids, mean KL and top-1 against the merged model, the same greedy answers ending at the stop token; the file holds
 the experts as stacked 3D tensors and the expert hyperparameters llama.cpp reads."""
 
@@ -20,7 +21,12 @@ runner = CliRunner()
 POLICIES = {"per_expert": "quantization: {mode: nf4, compute_dtype: float32}\n"
                           "lora: {r: 8, alpha: 16, experts: per_expert, router: true}",
             "4bit_experts": "quantization: {mode: nf4, compute_dtype: float32, experts: true}\n"
-                            "lora: {r: 8, alpha: 16, experts: none}"}
+                            "lora: {r: 8, alpha: 16, experts: none}",
+            # finetune's own expert adapters on 4-bit experts (model/expert_adapters.py), folded by the merge
+            "4bit_shared": "quantization: {mode: nf4, compute_dtype: float32, experts: true}\n"
+                           "lora: {r: 8, alpha: 16, experts: shared}",
+            "4bit_per_expert": "quantization: {mode: nf4, compute_dtype: float32, experts: true}\n"
+                               "lora: {r: 8, alpha: 16, experts: per_expert}"}
 ARCH = {"qwen3-moe": "qwen3moe", "mixtral": "llama"}
 
 
@@ -32,8 +38,13 @@ def models(tmp_path_factory):
 
 @pytest.mark.parametrize("policy", list(POLICIES))
 @pytest.mark.parametrize("family", list(ARCH))
-def test_moe_run_exports_gguf_that_llama_cpp_reproduces(models, tmp_path, family, policy):
+def test_moe_run_exports_gguf_that_llama_cpp_reproduces(models, tmp_path, family, policy, request):
     import gguf
+
+    if (family, policy) == ("mixtral", "4bit_per_expert"):  # a known defect, kept visible until it is fixed
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "Mixtral with per-expert adapters on 4-bit experts: the GGUF differs from the merged model (mean KL "
+            "0.0102 > 0.001 at f16); the export's check refuses it and writes nothing")))
 
     rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
             for q, a, _ in task_rows(48)]
