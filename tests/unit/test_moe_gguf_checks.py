@@ -42,8 +42,8 @@ def test_fused_experts_split_as_transformers_computes_them():
     assert gate.shape == up.shape == (4, 8, 16) and down.shape == (4, 16, 8)
     x = torch.randn(5, 16)
     for e in range(4):
-        routed = torch.full((5, 2), 4)  # the second slot routed nowhere (index == experts)
-        routed[:, 0] = e
+        routed = torch.full((5, 2), (e + 1) % 4)  # the second slot at weight 0 (transformers 5.17 has no
+        routed[:, 0] = e                            # "routed nowhere" index: one_hot needs every index < experts)
         want = experts(x, routed, torch.tensor([[1.0, 0.0]] * 5))
         got = (torch.nn.functional.silu(x @ gate[e].T) * (x @ up[e].T)) @ down[e].T
         torch.testing.assert_close(got, want.detach())
