@@ -33,6 +33,15 @@ def addition_data(tmp_path_factory) -> dict[str, Path]:
     return {"train": write_addition_data(d / "train.jsonl", 64), "eval": write_addition_data(d / "eval.jsonl", 16, 64)}
 
 
+@pytest.fixture(scope="session")
+def moe(tmp_path_factory) -> dict[str, Path]:
+    """A tiny Qwen3-MoE and a tiny Mixtral (scripts/build_fixture_models.py), saved to folders."""
+    from build_fixture_models import build
+
+    out = tmp_path_factory.mktemp("moe")
+    return {name: build(name, out / name) for name in ("qwen3-moe", "mixtral")}
+
+
 @pytest.fixture
 def in_root(monkeypatch):
     """Run the test from the project root (recipes use paths relative to it)."""

@@ -9,14 +9,23 @@ from finetune.model.adapters import attach
 from finetune.recipe.schema import LoraConfig
 
 
-def adapted(model_dir, dropout: float = 0.0):
-    """The model in `model_dir` (float32, sdpa) with LoRA r 4 on every projection, B nonzero so that every LoRA
-    weight gets a gradient, in training mode."""
+def frozen(model_dir, **kwargs):
+    """The model in `model_dir` in float32, every weight frozen (`kwargs`: more `from_pretrained` arguments)."""
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, **kwargs)
     base.requires_grad_(False)
+    return base
+
+
+def adapted(model_dir, dropout: float = 0.0, checkpointing: bool = False):
+    """The model in `model_dir` (float32, sdpa) with LoRA r 4 on every projection, B nonzero so that every LoRA
+    weight gets a gradient, in training mode; `checkpointing`: non-reentrant gradient checkpointing on."""
+    torch.manual_seed(0)
+    base = frozen(model_dir, attn_implementation="sdpa")
+    if checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
     model = attach(base, LoraConfig(r=4, alpha=8, dropout=dropout))
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from build_fixture_models import build
+from tinylora import frozen
 
 from finetune.model import expert_adapters
 from finetune.model.adapters import attach, trainable_groups
@@ -19,24 +19,9 @@ from finetune.recipe.schema import LoraConfig
 from finetune.stages.memory import ModelShape
 
 
-@pytest.fixture(scope="module")
-def moe(tmp_path_factory):
-    out = tmp_path_factory.mktemp("moe")
-    return {name: build(name, out / name) for name in ("qwen3-moe", "mixtral")}
-
-
-def _base(folder):
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
 def _adapted(folder, experts: str, nf4: bool, ranks=None):
     """(the model with our expert adapters, a plain reference copy of its base weights, 4-bit ones dequantized)."""
-    base = _base(folder)
+    base = frozen(folder)
     reference = copy.deepcopy(base)
     if nf4:
         quantize_experts(base, traits(base.config.model_type).expert_parameters, torch.float32)
@@ -103,7 +88,7 @@ def test_per_expert_ranks_by_routing_are_ragged_and_exact(moe):
     ours = model(input_ids=ids).logits
     torch.testing.assert_close(ours, _with_deltas(model, reference, ids), rtol=1e-5, atol=1e-5)
     shape = ModelShape.of(model.config)
-    uniform = attach(_base(moe["qwen3-moe"]), LoraConfig(r=4, experts="per_expert"))
+    uniform = attach(frozen(moe["qwen3-moe"]), LoraConfig(r=4, experts="per_expert"))
     assert trainable_groups(model)["experts"] == trainable_groups(uniform)["experts"] == (
         shape.lora_params(4, "all-linear", "per_expert") - shape.lora_params(4, "all-linear"))
 
@@ -128,7 +113,7 @@ def test_saved_and_loaded_again(moe, tmp_path):
     model.save_pretrained(str(tmp_path / "adapter"))
     assert (tmp_path / "adapter" / expert_adapters.EXPERT_FILE).exists()
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
-    base = _base(moe["qwen3-moe"])
+    base = frozen(moe["qwen3-moe"])
     quantize_experts(base, traits("qwen3_moe").expert_parameters, torch.float32)
     again = load_trained(base, tmp_path / "adapter")
     ids = torch.randint(5, 300, (2, 12))
@@ -137,11 +122,11 @@ def test_saved_and_loaded_again(moe, tmp_path):
     assert not any(p.requires_grad for n, p in again.named_parameters() if ".expert_lora." in n)
     trainable = load_trained(_quantized(moe["qwen3-moe"]), tmp_path / "adapter", trainable=True)
     assert all(p.requires_grad for n, p in trainable.named_parameters() if ".expert_lora." in n)
-    assert expert_adapters.load(_base(moe["qwen3-moe"]), tmp_path / "none") == 0
+    assert expert_adapters.load(frozen(moe["qwen3-moe"]), tmp_path / "none") == 0
 
 
 def _quantized(folder):
-    base = _base(folder)
+    base = frozen(folder)
     quantize_experts(base, traits(base.config.model_type).expert_parameters, torch.float32)
     return base
 

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from build_fixture_models import build
+from tinylora import frozen
 from typer.testing import CliRunner
 
 from finetune.cli import app
@@ -20,21 +20,6 @@ from finetune.stages.memory import ModelShape, estimate, gb
 
 runner = CliRunner()
 ROW = {"messages": [{"role": "user", "content": "What is 1 in words?"}, {"role": "assistant", "content": "one"}]}
-
-
-@pytest.fixture(scope="module")
-def moe(tmp_path_factory):
-    out = tmp_path_factory.mktemp("moe")
-    return {name: build(name, out / name) for name in ("qwen3-moe", "mixtral")}
-
-
-def _base(folder):
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
 
 
 def _recipe(tmp_path, model, lora: str, extra: str = "") -> str:
@@ -53,7 +38,7 @@ def _recipe(tmp_path, model, lora: str, extra: str = "") -> str:
 def test_expert_policy_adapts_what_it_says_and_the_estimate_counts_it(moe, family, experts, router):
     """Each policy puts adapters on exactly its groups; the trainable count is the estimate's own
     (`ModelShape.lora_params`), group by group; peft's false 'rank_pattern keys did not match' warning is gone."""
-    base = _base(moe[family])
+    base = frozen(moe[family])
     shape = ModelShape.of(base.config)
     lora = LoraConfig(r=4, alpha=8, experts=experts, router=router)
     with warnings.catch_warnings(record=True) as caught:
@@ -73,7 +58,7 @@ def test_expert_policy_adapts_what_it_says_and_the_estimate_counts_it(moe, famil
 
 
 def test_per_expert_gradients_reach_every_expert_adapter(moe):
-    model = attach(_base(moe["qwen3-moe"]), LoraConfig(r=4, experts="per_expert"))
+    model = attach(frozen(moe["qwen3-moe"]), LoraConfig(r=4, experts="per_expert"))
     ids = torch.randint(0, 300, (2, 12))
     model(input_ids=ids, labels=ids).loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and ".mlp.experts." in n}
@@ -84,9 +69,9 @@ def test_saved_expert_adapter_is_not_reported_as_ignored(moe, tmp_path):
     """DPO after SFT starts from the saved adapter: the same `lora` section is not reported as ignored, a different
     expert policy is (by name)."""
     lora = LoraConfig(r=4, experts="per_expert")
-    attach(_base(moe["mixtral"]), lora).save_pretrained(str(tmp_path / "adapter"))
-    assert ignored_lora_keys(_base(moe["mixtral"]), lora, tmp_path / "adapter") == []
-    other = ignored_lora_keys(_base(moe["mixtral"]), LoraConfig(r=4), tmp_path / "adapter")
+    attach(frozen(moe["mixtral"]), lora).save_pretrained(str(tmp_path / "adapter"))
+    assert ignored_lora_keys(frozen(moe["mixtral"]), lora, tmp_path / "adapter") == []
+    other = ignored_lora_keys(frozen(moe["mixtral"]), LoraConfig(r=4), tmp_path / "adapter")
     assert len(other) == 1 and other[0].startswith("lora.experts: 'none'"), other
 
 
@@ -117,7 +102,7 @@ def test_dequantized_merge_adds_each_experts_update(moe, family):
 
     from finetune.export.merge import _dequantized_merge, plain_config, plain_keys
 
-    model = attach(_base(moe[family]), LoraConfig(r=4, experts="per_expert", router=True, init_weights=False)).eval()
+    model = attach(frozen(moe[family]), LoraConfig(r=4, experts="per_expert", router=True, init_weights=False)).eval()
     keys, _ = plain_keys(plain_config(model))
     state = _dequantized_merge(model, keys, torch.float32)
     for key in ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj",
@@ -142,7 +127,7 @@ def test_estimate_counts_the_experts_as_the_loaded_model_holds_them(moe):
     bitsandbytes), the rest split as before; the parts add up to the model's parameters."""
     from finetune.recipe.schema import Recipe
 
-    base = _base(moe["qwen3-moe"])
+    base = frozen(moe["qwen3-moe"])
     shape = ModelShape.of(base.config)
     experts = sum(p.numel() for n, p in base.named_parameters() if ".mlp.experts." in n)
     assert shape.expert_params == experts > 0
@@ -219,7 +204,7 @@ def test_nf4_experts_forward_equals_the_dequantized_reference(moe, family):
     from finetune.model.families import traits
     from finetune.model.moe_experts import NF4Experts, quantize_experts, quantized_expert_numel
 
-    model = _base(moe[family])
+    model = frozen(moe[family])
     original, reference = copy.deepcopy(model), copy.deepcopy(model)
     experts = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
     assert quantize_experts(model, traits(model.config.model_type).expert_parameters, torch.float32) == 4
@@ -255,7 +240,7 @@ def test_nf4_experts_only_run_the_routed_experts(moe, monkeypatch):
     from finetune.model.families import traits
     from finetune.model.moe_experts import NF4Experts, quantize_experts
 
-    model = _base(moe["qwen3-moe"])
+    model = frozen(moe["qwen3-moe"])
     quantize_experts(model, traits("qwen3_moe").expert_parameters, torch.float32)
     calls = []
     original = NF4Experts.linear
@@ -290,7 +275,7 @@ def test_estimate_counts_4bit_experts_as_nf4(moe):
     from finetune.recipe.schema import Recipe
     from finetune.stages.memory import nf4_bytes
 
-    shape = ModelShape.of(_base(moe["qwen3-moe"]).config)
+    shape = ModelShape.of(frozen(moe["qwen3-moe"]).config)
     recipe = Recipe(model={"name_or_path": "m", "dtype": "float32"}, data={"train": [{"path": "x.jsonl"}]},
                     quantization={"mode": "nf4", "experts": True})
     mem = estimate(shape, recipe=recipe, training=recipe.training, kind="sft", sequences=1, seq_len=8)
@@ -308,7 +293,7 @@ def test_moe_activation_estimate_against_what_autograd_keeps(moe, family, expert
     from finetune.model.moe_experts import quantize_experts
     from finetune.recipe.schema import Recipe
 
-    base = _base(moe[family])
+    base = frozen(moe[family])
     if nf4:
         quantize_experts(base, traits(base.config.model_type).expert_parameters, torch.float32)
     model = attach(base, LoraConfig(r=8, experts=experts)).train()
@@ -340,7 +325,7 @@ def test_expert_load_counts_the_routers_own_choices(moe, family):
     recorded by a hook), padded positions left out; the line names the most used expert."""
     from finetune.eval.routing import expert_load, load_line
 
-    model = _base(moe[family])
+    model = frozen(moe[family])
     ids = torch.randint(5, 300, (3, 10), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[:, 6:] = 0

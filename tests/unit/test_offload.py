@@ -5,46 +5,19 @@ machine without CUDA the patch records that it did nothing."""
 from __future__ import annotations
 
 import torch
+from tinylora import adapted, loss_and_grads
 
 from finetune.model import offload
-from finetune.model.adapters import attach
-from finetune.recipe.schema import LoraConfig
-
-
-def _model(tiny_model, checkpointing: bool):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa")
-    base.requires_grad_(False)
-    if checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.enable_input_require_grads()
-    model = attach(base, LoraConfig(r=4, alpha=8))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.05)
-    model.train()
-    return model
-
-
-def _step(model, ids):
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return loss.detach(), grads
 
 
 def test_offloaded_training_step_equals_the_plain_one(tiny_model):
     ids = torch.randint(3, 100, (2, 48))
     for checkpointing in (False, True):
-        model = _model(tiny_model, checkpointing)
-        loss, grads = _step(model, ids)
+        model = adapted(tiny_model, checkpointing=checkpointing)
+        loss, grads = loss_and_grads(model, ids)
         offload.install(model.get_base_model(), devices=("cpu",))  # copy CPU tensors too: the wiring, proven here
         offload.offloaded_bytes(reset=True)
-        loss_o, grads_o = _step(model, ids)  # the same up to float rounding (a copy may be laid out otherwise)
+        loss_o, grads_o = loss_and_grads(model, ids)  # the same up to float rounding (a copy may be laid out otherwise)
         moved = offload.offloaded_bytes(reset=True)
         assert moved.get("tensors", 0) > 0 and moved["bytes"] > 0
         torch.testing.assert_close(loss_o, loss, rtol=0, atol=1e-6)
@@ -61,10 +34,10 @@ def test_with_checkpointing_only_the_layer_inputs_are_moved(tiny_model):
     ids = torch.randint(3, 100, (1, 64))
     moved = {}
     for checkpointing in (False, True):
-        model = _model(tiny_model, checkpointing)
+        model = adapted(tiny_model, checkpointing=checkpointing)
         offload.install(model.get_base_model(), devices=("cpu",))
         offload.offloaded_bytes(reset=True)
-        _step(model, ids)
+        loss_and_grads(model, ids)
         moved[checkpointing] = offload.offloaded_bytes(reset=True)["bytes"]
     assert moved[True] < moved[False] / 3, moved
 
@@ -74,7 +47,7 @@ def test_patch_records_no_effect_without_cuda(tiny_model, monkeypatch):
     from finetune.recipe.schema import Recipe
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    model = _model(tiny_model, False)
+    model = adapted(tiny_model)
     recipe = Recipe.model_validate({"model": {"name_or_path": str(tiny_model)}, "data": {"train": [{"path": "x"}]},
                                     "training": {"offload_activations": True}})
     apply_patches(model, recipe, "sft", "trl", padding_free=False)
